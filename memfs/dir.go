@@ -1,0 +1,96 @@
+package memfs
+
+import (
+	"encoding/binary"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+)
+
+// Dir is an open directory of a Layer. It holds a reference to its inode
+// until Close. A Dir is not safe for concurrent use.
+type Dir struct {
+	l   *Layer
+	ino uint64
+	fd  int
+	buf []byte
+}
+
+// DirEntry is one entry of a directory.
+type DirEntry struct {
+	Ino uint64
+	// Off is the offset of the next entry: pass it to ReadDir to continue
+	// after this one. tmpfs offsets stay valid while the directory changes.
+	Off int64
+	// Type is the entry's DT_* type.
+	Type uint8
+	Name string
+}
+
+// OpenDir opens the directory ino for reading.
+//
+// Errors: ENOTDIR.
+func (l *Layer) OpenDir(ino uint64) (*Dir, error) {
+	i, err := l.get(ino)
+	if err != nil {
+		return nil, err
+	}
+	if i.fileType != unix.S_IFDIR {
+		return nil, syscall.ENOTDIR
+	}
+	fd, err := l.openInode(i, unix.O_RDONLY|unix.O_DIRECTORY)
+	if err != nil {
+		return nil, err
+	}
+	l.mu.Lock()
+	i.refs++
+	l.mu.Unlock()
+	return &Dir{l: l, ino: ino, fd: fd, buf: make([]byte, 8192)}, nil
+}
+
+// ReadDir calls fn with the entries from offset off on ("." and ".."
+// included) until fn returns false or the directory ends.
+func (d *Dir) ReadDir(off int64, fn func(*DirEntry) bool) error {
+	if _, err := unix.Seek(d.fd, off, 0); err != nil {
+		return errnoOf(err)
+	}
+	var e DirEntry
+	for {
+		n, err := unix.Getdents(d.fd, d.buf)
+		if err != nil {
+			return errnoOf(err)
+		}
+		if n == 0 {
+			return nil
+		}
+		for b := d.buf[:n]; len(b) > 0; {
+			// struct linux_dirent64: ino u64, off s64, reclen u16, type u8, name.
+			reclen := int(binary.NativeEndian.Uint16(b[16:]))
+			e.Ino = binary.NativeEndian.Uint64(b[0:])
+			e.Off = int64(binary.NativeEndian.Uint64(b[8:]))
+			e.Type = b[18]
+			name := b[19:reclen]
+			for j, c := range name {
+				if c == 0 {
+					name = name[:j]
+					break
+				}
+			}
+			e.Name = string(name)
+			if !fn(&e) {
+				return nil
+			}
+			b = b[reclen:]
+		}
+	}
+}
+
+// Sync is fsync(2) of the directory.
+func (d *Dir) Sync() error { return errnoOf(unix.Fsync(d.fd)) }
+
+// Close closes the directory and drops its reference.
+func (d *Dir) Close() error {
+	err := unix.Close(d.fd)
+	d.l.Forget(d.ino, 1)
+	return errnoOf(err)
+}

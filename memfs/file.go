@@ -1,0 +1,358 @@
+package memfs
+
+import (
+	"syscall"
+
+	"golang.org/x/sys/unix"
+)
+
+// OpenOptions refine Open and Create.
+type OpenOptions struct {
+	// Direct asks for a File whose bytes the caller may move on Fd itself,
+	// bypassing ReadAt and WriteAt (FUSE passthrough). memfs grants it
+	// (File.Direct) unless it must see the writes: a writable file that is
+	// grow-sealed or set-ID.
+	Direct bool
+	// KillSuidGid clears set-ID bits on O_TRUNC, as for a caller without
+	// CAP_FSETID.
+	KillSuidGid bool
+}
+
+// openFlags are the open(2) flags memfs passes on; the rest are either
+// handled by the layer above (O_APPEND, O_DIRECT: the kernel computes
+// offsets and caching for the file it hands out) or meaningless here.
+const openFlags = unix.O_ACCMODE | unix.O_TRUNC
+
+// File is an open regular file of a Layer. It holds a reference to its
+// inode until Release.
+type File struct {
+	l *Layer
+	i *inode
+	// fd is the open descriptor. Immutable until Release.
+	fd int
+	// writable says fd is open for writing. Immutable.
+	writable bool
+	// direct says the caller may move bytes on fd itself. Immutable.
+	direct bool
+}
+
+// Fd returns the File's descriptor of the inode in the tmpfs instance.
+func (f *File) Fd() int { return f.fd }
+
+// Ino returns the File's inode number.
+func (f *File) Ino() uint64 { return f.i.ino }
+
+// Direct says whether the caller may read and write on Fd directly.
+func (f *File) Direct() bool { return f.direct }
+
+// Open opens the regular file ino with the access mode and O_TRUNC of flags.
+//
+// Errors: EISDIR, EINVAL (not a regular file), EPERM (write access to a
+// write-sealed file; O_TRUNC of a shrink-sealed one), ENOENT.
+func (l *Layer) Open(ino uint64, flags int, o OpenOptions) (*File, error) {
+	i, err := l.get(ino)
+	if err != nil {
+		return nil, err
+	}
+	switch i.fileType {
+	case unix.S_IFREG:
+	case unix.S_IFDIR:
+		return nil, syscall.EISDIR
+	default:
+		return nil, syscall.EINVAL
+	}
+	flags &= openFlags
+	writable := flags&unix.O_ACCMODE != unix.O_RDONLY
+	trunc := flags&unix.O_TRUNC != 0
+
+	i.mu.Lock()
+	defer i.mu.Unlock()
+	seals, err := l.sealsLocked(i)
+	if err != nil {
+		return nil, err
+	}
+	if (writable || trunc) && seals&SealWrite != 0 {
+		return nil, syscall.EPERM
+	}
+	if trunc && seals&SealShrink != 0 {
+		var st unix.Stat_t
+		if err := l.withFdLockless(i, &st); err != nil {
+			return nil, err
+		}
+		if st.Size > 0 {
+			return nil, syscall.EPERM
+		}
+	}
+	fd, err := l.openInode(i, flags&^unix.O_TRUNC)
+	if err != nil {
+		return nil, err
+	}
+	f, err := l.newFileLocked(i, fd, writable, seals, o)
+	if err != nil {
+		unix.Close(fd)
+		return nil, err
+	}
+	if trunc {
+		var st unix.Stat_t
+		err := unix.Fstat(fd, &st)
+		if err == nil && o.KillSuidGid {
+			err = killSuidGid(fd, st.Mode)
+		}
+		if err == nil && st.Size != 0 {
+			err = unix.Ftruncate(fd, 0)
+		}
+		if err != nil {
+			f.releaseLocked()
+			return nil, errnoOf(err)
+		}
+	}
+	return f, nil
+}
+
+// withFdLockless stats i through a transient or cached descriptor.
+func (l *Layer) withFdLockless(i *inode, st *unix.Stat_t) error {
+	fd, transient, err := l.pathFd(i)
+	if err != nil {
+		return err
+	}
+	err = unix.Fstatat(fd, "", st, unix.AT_EMPTY_PATH)
+	if transient {
+		unix.Close(fd)
+	}
+	return errnoOf(err)
+}
+
+// newFileLocked wraps fd, an open descriptor of i, in a File holding a
+// reference to i.
+//
+// Preconditions:
+//   - i.mu is locked.
+func (l *Layer) newFileLocked(i *inode, fd int, writable bool, seals Seals, o OpenOptions) (*File, error) {
+	direct := o.Direct
+	if direct && writable {
+		if seals&SealGrow != 0 {
+			direct = false
+		} else {
+			var st unix.Stat_t
+			if err := unix.Fstat(fd, &st); err != nil {
+				return nil, errnoOf(err)
+			}
+			direct = !hasSetID(st.Mode)
+		}
+	}
+	l.mu.Lock()
+	i.refs++
+	l.mu.Unlock()
+	if writable {
+		i.writers++
+		if direct {
+			i.directWriters++
+		}
+	}
+	return &File{l: l, i: i, fd: fd, writable: writable, direct: direct}, nil
+}
+
+// hasSetID says whether a write by an unprivileged process would have to
+// clear set-ID bits of a file with mode.
+func hasSetID(mode uint32) bool {
+	return mode&unix.S_ISUID != 0 || mode&(unix.S_ISGID|unix.S_IXGRP) == unix.S_ISGID|unix.S_IXGRP
+}
+
+// Create creates the regular file name in parent for c with mode's
+// permission bits and opens it with flags. With O_EXCL an existing name is
+// EEXIST; without, an existing regular file is opened instead. The Entry
+// and the File each hold a reference.
+//
+// Errors: as Mkdir and Open.
+func (l *Layer) Create(parent uint64, name string, flags int, mode uint32, c Caller, o OpenOptions) (Entry, *File, error) {
+	if err := checkName(name); err != nil {
+		return Entry{}, nil, err
+	}
+	var (
+		e       Entry
+		f       *File
+		existed bool
+	)
+	err := l.withFd(parent, func(_ *inode, pfd int) error {
+		acc := flags & unix.O_ACCMODE
+		fd, err := unix.Openat(pfd, name, acc|unix.O_CREAT|unix.O_EXCL|unix.O_NOFOLLOW|unix.O_CLOEXEC, mode&07777)
+		if err == unix.EEXIST && flags&unix.O_EXCL == 0 {
+			existed = true
+			e, err = l.entryAt(pfd, name)
+			return err
+		}
+		if err != nil {
+			return errnoOf(err)
+		}
+		var st unix.Stat_t
+		if err := giveTo(fd, pfd, &st, c); err != nil {
+			unix.Close(fd)
+			unix.Unlinkat(pfd, name, 0)
+			return err
+		}
+		if e, err = l.register(fd, &st); err != nil {
+			unix.Close(fd)
+			return err
+		}
+		i, err := l.get(e.Ino())
+		if err != nil {
+			unix.Close(fd)
+			return err
+		}
+		i.mu.Lock()
+		defer i.mu.Unlock()
+		f, err = l.newFileLocked(i, fd, acc != unix.O_RDONLY, 0, o)
+		if err != nil {
+			unix.Close(fd)
+		}
+		return err
+	})
+	if err != nil {
+		if e.Ino() != 0 {
+			l.Forget(e.Ino(), 1)
+		}
+		return Entry{}, nil, err
+	}
+	if existed {
+		if e.Stat.Mode&unix.S_IFMT != unix.S_IFREG {
+			l.Forget(e.Ino(), 1)
+			return Entry{}, nil, syscall.EEXIST
+		}
+		if f, err = l.Open(e.Ino(), flags, o); err != nil {
+			l.Forget(e.Ino(), 1)
+			return Entry{}, nil, err
+		}
+	}
+	return e, f, nil
+}
+
+// ReadAt reads from the file at off; a short count means end of file.
+func (f *File) ReadAt(p []byte, off int64) (int, error) {
+	n, err := unix.Pread(f.fd, p, off)
+	if err != nil {
+		return 0, errnoOf(err)
+	}
+	return n, nil
+}
+
+// WriteAt writes p at off, obeying the seals: EPERM on a write-sealed file;
+// on a grow-sealed file a write past the end of file is cut back to the
+// start of the page holding the end of file (EPERM if nothing is left).
+// An empty write succeeds whatever the seals. With kill, set-ID bits are
+// cleared first, as for a writer without CAP_FSETID. When the instance is
+// full the write is short, then ENOSPC, and nothing written is lost.
+func (f *File) WriteAt(p []byte, off int64, kill bool) (int, error) {
+	if len(p) == 0 {
+		return 0, nil
+	}
+	if !f.writable {
+		return 0, syscall.EBADF
+	}
+	i := f.i
+	i.mu.Lock()
+	defer i.mu.Unlock()
+	seals, err := f.l.sealsLocked(i)
+	if err != nil {
+		return 0, err
+	}
+	if seals&SealWrite != 0 {
+		return 0, syscall.EPERM
+	}
+	if seals&SealGrow != 0 || kill {
+		var st unix.Stat_t
+		if err := unix.Fstat(f.fd, &st); err != nil {
+			return 0, errnoOf(err)
+		}
+		if end := off + int64(len(p)); seals&SealGrow != 0 && end > st.Size {
+			pgstart := st.Size &^ (pageSize - 1)
+			if end > pgstart {
+				end = pgstart
+			}
+			if end <= off {
+				return 0, syscall.EPERM
+			}
+			p = p[:end-off]
+		}
+		if kill {
+			if err := killSuidGid(f.fd, st.Mode); err != nil {
+				return 0, err
+			}
+		}
+	}
+	n, err := unix.Pwrite(f.fd, p, off)
+	if err != nil {
+		return 0, errnoOf(err)
+	}
+	return n, nil
+}
+
+const pageSize = 4096
+
+// Allocate is fallocate(2) on the file. Seals apply: punching a hole in a
+// write-sealed file, or growing a grow-sealed one, is EPERM.
+func (f *File) Allocate(mode uint32, off, length int64) error {
+	i := f.i
+	i.mu.Lock()
+	defer i.mu.Unlock()
+	seals, err := f.l.sealsLocked(i)
+	if err != nil {
+		return err
+	}
+	if mode&unix.FALLOC_FL_PUNCH_HOLE != 0 && seals&SealWrite != 0 {
+		return syscall.EPERM
+	}
+	if mode&unix.FALLOC_FL_KEEP_SIZE == 0 && seals&SealGrow != 0 {
+		var st unix.Stat_t
+		if err := unix.Fstat(f.fd, &st); err != nil {
+			return errnoOf(err)
+		}
+		if off+length > st.Size {
+			return syscall.EPERM
+		}
+	}
+	return errnoOf(unix.Fallocate(f.fd, mode, off, length))
+}
+
+// Seek is lseek(2) for SEEK_DATA and SEEK_HOLE (and the plain whences): it
+// returns the resulting offset and does not move a position memfs uses.
+func (f *File) Seek(off int64, whence int) (int64, error) {
+	n, err := unix.Seek(f.fd, off, whence)
+	return n, errnoOf(err)
+}
+
+// Sync is fsync(2), or fdatasync(2) with dataOnly.
+func (f *File) Sync(dataOnly bool) error {
+	if dataOnly {
+		return errnoOf(unix.Fdatasync(f.fd))
+	}
+	return errnoOf(unix.Fsync(f.fd))
+}
+
+// Stat returns the attributes of the open file, even once unlinked.
+func (f *File) Stat() (unix.Stat_t, error) {
+	var st unix.Stat_t
+	err := unix.Fstat(f.fd, &st)
+	return st, errnoOf(err)
+}
+
+// Release closes the File and drops its reference.
+func (f *File) Release() {
+	f.i.mu.Lock()
+	f.releaseLocked()
+	f.i.mu.Unlock()
+}
+
+// releaseLocked is Release.
+//
+// Preconditions:
+//   - f.i.mu is locked.
+func (f *File) releaseLocked() {
+	unix.Close(f.fd)
+	if f.writable {
+		f.i.writers--
+		if f.direct {
+			f.i.directWriters--
+		}
+	}
+	f.l.Forget(f.i.ino, 1)
+}

@@ -1,0 +1,235 @@
+package memfs
+
+import (
+	"encoding/binary"
+	"fmt"
+	"sync"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+)
+
+// inode is an inode of the instance that some caller holds a reference to.
+type inode struct {
+	// ino is the tmpfs inode number. Immutable.
+	ino uint64
+	// gen is the generation from the file handle. Immutable.
+	gen uint32
+	// fileType is the S_IFMT bits of the inode's mode. Immutable.
+	fileType uint32
+	// handle reopens the inode without resolving a path. Immutable.
+	handle unix.FileHandle
+
+	// refs counts the references callers hold (lookups plus open Files).
+	// Protected by Layer.mu.
+	refs uint64
+	// pathFd is a cached O_PATH descriptor of the inode, or -1. It is set
+	// once, while the inode is registered, and closed when the last
+	// reference is dropped; callers use it only while they hold a
+	// reference, so it is never closed under them. Protected by Layer.mu
+	// for writing; read without the lock by reference holders.
+	pathFd int
+
+	// mu protects the fields below.
+	mu sync.Mutex
+	// seals are the inode's seals; valid when sealsLoaded.
+	seals       Seals
+	sealsLoaded bool
+	// writers counts open Files with write access.
+	writers int
+	// directWriters counts writable Files whose writes bypass memfs
+	// (Passthrough). Invariant: directWriters <= writers.
+	directWriters int
+}
+
+// get returns the registered inode ino.
+func (l *Layer) get(ino uint64) (*inode, error) {
+	l.mu.Lock()
+	i := l.inodes[ino]
+	l.mu.Unlock()
+	if i == nil {
+		return nil, syscall.ESTALE
+	}
+	return i, nil
+}
+
+// pathFd returns an O_PATH descriptor of i. When transient is true the
+// caller must close fd itself.
+func (l *Layer) pathFd(i *inode) (fd int, transient bool, err error) {
+	if i.pathFd >= 0 {
+		return i.pathFd, false, nil
+	}
+	fd, err = unix.OpenByHandleAt(l.rootFd, i.handle, unix.O_PATH|unix.O_CLOEXEC)
+	if err != nil {
+		return -1, false, errnoOf(err)
+	}
+	return fd, true, nil
+}
+
+// openInode opens the inode ino with flags (no O_CREAT) by its handle.
+func (l *Layer) openInode(i *inode, flags int) (int, error) {
+	fd, err := unix.OpenByHandleAt(l.rootFd, i.handle, flags|unix.O_CLOEXEC)
+	if err == unix.ESTALE {
+		// The inode was removed and its last user let go of it.
+		return -1, syscall.ENOENT
+	}
+	return fd, errnoOf(err)
+}
+
+// withFd runs fn with an O_PATH descriptor of the referenced inode ino.
+func (l *Layer) withFd(ino uint64, fn func(i *inode, fd int) error) error {
+	i, err := l.get(ino)
+	if err != nil {
+		return err
+	}
+	fd, transient, err := l.pathFd(i)
+	if err != nil {
+		return err
+	}
+	err = fn(i, fd)
+	if transient {
+		unix.Close(fd)
+	}
+	return err
+}
+
+// register adds one reference to the inode open as fd (any kind of
+// descriptor of it) with attributes st, registering it first if it is new.
+// fd is not consumed.
+func (l *Layer) register(fd int, st *unix.Stat_t) (Entry, error) {
+	l.mu.Lock()
+	if i := l.inodes[st.Ino]; i != nil {
+		i.refs++
+		l.mu.Unlock()
+		return Entry{Stat: *st, Gen: i.gen}, nil
+	}
+	l.mu.Unlock()
+
+	h, _, err := unix.NameToHandleAt(fd, "", unix.AT_EMPTY_PATH)
+	if err != nil {
+		return Entry{}, errnoOf(err)
+	}
+	i := &inode{
+		ino:      st.Ino,
+		gen:      handleGen(h),
+		fileType: st.Mode & unix.S_IFMT,
+		handle:   h,
+		refs:     1,
+		pathFd:   -1,
+	}
+
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if old := l.inodes[st.Ino]; old != nil {
+		// Registered by a concurrent caller meanwhile.
+		old.refs++
+		return Entry{Stat: *st, Gen: old.gen}, nil
+	}
+	if l.cachedFds < l.opts.MaxCachedFds {
+		if pfd, err := unix.OpenByHandleAt(l.rootFd, h, unix.O_PATH|unix.O_CLOEXEC); err == nil {
+			i.pathFd = pfd
+			l.cachedFds++
+		}
+	}
+	l.inodes[st.Ino] = i
+	return Entry{Stat: *st, Gen: i.gen}, nil
+}
+
+// handleGen extracts the generation from a tmpfs file handle, which encodes
+// {generation, ino low, ino high} as 32-bit words.
+func handleGen(h unix.FileHandle) uint32 {
+	b := h.Bytes()
+	if len(b) < 4 {
+		return 0
+	}
+	return binary.LittleEndian.Uint32(b)
+}
+
+// initRoot registers the root directory with its permanent reference.
+func (l *Layer) initRoot() error {
+	var st unix.Stat_t
+	if err := unix.Fstat(l.rootFd, &st); err != nil {
+		return err
+	}
+	if st.Ino != RootIno {
+		return fmt.Errorf("tmpfs root has inode %d, want %d", st.Ino, RootIno)
+	}
+	_, err := l.register(l.rootFd, &st)
+	return err
+}
+
+// Forget drops n references to ino. When none are left the inode leaves the
+// table; its memory is freed by the kernel once it is unlinked and closed.
+//
+// A Forget that drops the last reference must not run concurrently with
+// another call on ino.
+func (l *Layer) Forget(ino uint64, n uint64) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	i := l.inodes[ino]
+	if i == nil || ino == RootIno {
+		return
+	}
+	if n >= i.refs {
+		delete(l.inodes, ino)
+		i.closeFdLocked(l)
+		i.refs = 0
+		return
+	}
+	i.refs -= n
+}
+
+// closeFdLocked closes i's cached descriptor.
+//
+// Preconditions:
+//   - l.mu is locked.
+func (i *inode) closeFdLocked(l *Layer) {
+	if i.pathFd >= 0 {
+		unix.Close(i.pathFd)
+		i.pathFd = -1
+		l.cachedFds--
+	}
+}
+
+// Refs returns the number of references held on ino (0 if it is not
+// registered). It exists for tests and invariant checks.
+func (l *Layer) Refs(ino uint64) uint64 {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if i := l.inodes[ino]; i != nil {
+		return i.refs
+	}
+	return 0
+}
+
+// CheckInvariants verifies the inode table's invariants and returns a
+// description of the first one broken.
+func (l *Layer) CheckInvariants() error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	cached := 0
+	for ino, i := range l.inodes {
+		if i.ino != ino {
+			return fmt.Errorf("inode %d registered as %d", i.ino, ino)
+		}
+		if i.refs == 0 {
+			return fmt.Errorf("inode %d registered with no reference", ino)
+		}
+		if i.pathFd >= 0 {
+			cached++
+		}
+		i.mu.Lock()
+		w, d := i.writers, i.directWriters
+		i.mu.Unlock()
+		if d > w || w < 0 {
+			return fmt.Errorf("inode %d: %d direct writers of %d writers", ino, d, w)
+		}
+	}
+	if cached != l.cachedFds || cached > l.opts.MaxCachedFds {
+		return fmt.Errorf("%d cached descriptors, counted %d, max %d", cached, l.cachedFds, l.opts.MaxCachedFds)
+	}
+	if l.inodes[RootIno] == nil {
+		return fmt.Errorf("root is not registered")
+	}
+	return nil
+}

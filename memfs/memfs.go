@@ -1,0 +1,151 @@
+// Package memfs is the writable memory layer of a csi-memfs volume.
+//
+// A Layer owns a private kernel tmpfs instance mounted on a directory the
+// caller chooses (under the plugin's state directory; never visible to a
+// pod). File bytes, metadata, holes, ENOSPC and usage all come from the
+// kernel: memfs holds no file data in the Go heap. Because the tree lives in
+// the kernel it outlives the process that made it; Adopt picks it up again.
+//
+// # Addressing
+//
+// Inodes are named by their tmpfs inode number (Ino). The root is RootIno.
+// memfs never resolves a path: every inode it knows is reopened from a
+// kernel file handle (open_by_handle_at), and every name an operation takes
+// is a single component checked by checkName and used with an *at call that
+// does not follow symlinks. A pod that plants a symlink, a ".." entry or
+// renames directories under an operation cannot steer memfs outside the
+// instance.
+//
+// # References
+//
+// Every call that returns an Entry (Lookup, Create, Mkdir, Mknod, Symlink,
+// Link) adds one reference to that inode, exactly as FUSE counts lookups; the
+// caller drops references with Forget. An Ino may only be passed to a method
+// while the caller holds a reference to it (RootIno always has one).
+//
+// # Users, permissions and internal state
+//
+// memfs runs as root and does not check permissions: the FUSE layer above
+// mounts with default_permissions, so the kernel has already checked the
+// caller's access against the attributes memfs reports. memfs gives what it
+// creates to the Caller and clears set-user-ID and set-group-ID bits where
+// Linux would (write, truncate, chown by a caller).
+//
+// memfs keeps its own markers (seals; later the overlay's whiteouts, opaque
+// directories and copy-up records) as "trusted.memfs.*" extended attributes.
+// They are invisible to GetXattr and ListXattr and refused by SetXattr and
+// RemoveXattr; Markers gives internal users access to them.
+//
+// # Errors
+//
+// Every method returns nil or a bare syscall.Errno, so callers can compare
+// with errors.Is and hand the errno to the kernel unchanged.
+//
+// # Lock order
+//
+//	Layer.mu (the inode table)
+//	  inode.mu (seals and open-writer counts)
+//
+// No kernel call is made while Layer.mu is held except closing an evicted
+// descriptor.
+package memfs
+
+import (
+	"sync"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+)
+
+// RootIno is the inode number of the root directory of every Layer (tmpfs
+// numbers its root 1, which is also FUSE's root node id).
+const RootIno uint64 = 1
+
+// Options configure a Layer's tmpfs instance.
+type Options struct {
+	// Size is the byte limit of the instance (tmpfs size=). It must be
+	// positive; tmpfs rounds it up to whole pages.
+	Size int64
+	// Inodes is the inode limit (tmpfs nr_inodes=). Zero means one inode per
+	// 4 KiB page of Size, with a floor of 1024.
+	Inodes uint64
+	// MaxCachedFds bounds the O_PATH descriptors kept open for referenced
+	// inodes (which spares a handle lookup per operation). Zero means 4096.
+	MaxCachedFds int
+}
+
+func (o Options) withDefaults() Options {
+	if o.Inodes == 0 {
+		o.Inodes = max(uint64(o.Size)/4096, 1024)
+	}
+	if o.MaxCachedFds == 0 {
+		o.MaxCachedFds = 4096
+	}
+	return o
+}
+
+// Caller is the identity an operation acts for: the process that made the
+// file system request.
+type Caller struct {
+	Uid, Gid uint32
+}
+
+// Root is the Caller of operations memfs does for itself.
+var Root = Caller{}
+
+// Entry describes an inode returned by a namespace operation.
+type Entry struct {
+	// Stat holds the inode's attributes; Stat.Ino is its Ino.
+	Stat unix.Stat_t
+	// Gen is the inode's generation from its file handle. With Ino it names
+	// the inode uniquely for the life of the instance.
+	Gen uint32
+}
+
+// Ino returns the inode number of e.
+func (e *Entry) Ino() uint64 { return e.Stat.Ino }
+
+// Layer is one volume's memory layer: a tmpfs instance and the table of
+// inodes its users hold references to.
+type Layer struct {
+	// dir is the mountpoint of the instance. Immutable.
+	dir string
+	// rootFd is an O_RDONLY descriptor of the instance's root directory; it
+	// is the mount descriptor for open_by_handle_at. Immutable until Close.
+	rootFd int
+	// opts are the limits the instance was last mounted or resized with.
+	// Protected by mu.
+	opts Options
+
+	// mu protects the inode table and the descriptor cache count.
+	mu sync.Mutex
+	// inodes maps Ino to the inodes callers hold references to.
+	// Invariant: every inode in the table has refs > 0, except the root,
+	// which is always present.
+	inodes map[uint64]*inode
+	// cachedFds counts inodes whose pathFd is open.
+	// Invariant: cachedFds == number of inodes with pathFd >= 0 and
+	// cachedFds <= opts.MaxCachedFds.
+	cachedFds int
+}
+
+// Dir returns the directory the instance is mounted on.
+func (l *Layer) Dir() string { return l.dir }
+
+// errnoOf converts an error from the unix package or the standard library to
+// a bare syscall.Errno. Errors that carry no errno become EIO.
+func errnoOf(err error) error {
+	if err == nil {
+		return nil
+	}
+	if e, ok := err.(syscall.Errno); ok {
+		if e == 0 {
+			return nil
+		}
+		return e
+	}
+	if u, ok := err.(interface{ Unwrap() error }); ok {
+		return errnoOf(u.Unwrap())
+	}
+	return syscall.EIO
+}

@@ -1,0 +1,219 @@
+package memfs
+
+import (
+	"syscall"
+
+	"golang.org/x/sys/unix"
+)
+
+// Mkdir creates the directory name in parent, owned by c, with mode's
+// permission bits (the set-group-ID bit is inherited from parent as on
+// Linux), and returns it with one reference.
+//
+// Errors: EEXIST, ENOENT (parent was removed), ENOSPC, EINVAL, ENAMETOOLONG.
+func (l *Layer) Mkdir(parent uint64, name string, mode uint32, c Caller) (Entry, error) {
+	return l.create(parent, name, c, func(pfd int) error {
+		return unix.Mkdirat(pfd, name, mode&07777)
+	})
+}
+
+// Mknod creates a regular file, FIFO or socket. Device nodes are refused
+// with EPERM: a volume never holds a device.
+//
+// Errors: as Mkdir, and EPERM for devices and directories.
+func (l *Layer) Mknod(parent uint64, name string, mode uint32, c Caller) (Entry, error) {
+	switch mode & unix.S_IFMT {
+	case 0:
+		mode |= unix.S_IFREG
+	case unix.S_IFREG, unix.S_IFIFO, unix.S_IFSOCK:
+	case unix.S_IFCHR, unix.S_IFBLK, unix.S_IFDIR:
+		return Entry{}, syscall.EPERM
+	default:
+		return Entry{}, syscall.EINVAL
+	}
+	return l.create(parent, name, c, func(pfd int) error {
+		return unix.Mknodat(pfd, name, mode, 0)
+	})
+}
+
+// Symlink creates the symlink name in parent pointing at target. The target
+// is stored as given and never followed by memfs.
+//
+// Errors: as Mkdir, and ENOENT for an empty target.
+func (l *Layer) Symlink(parent uint64, name, target string, c Caller) (Entry, error) {
+	if target == "" {
+		return Entry{}, syscall.ENOENT
+	}
+	return l.create(parent, name, c, func(pfd int) error {
+		return unix.Symlinkat(target, pfd, name)
+	})
+}
+
+// create checks name, runs mk to create it in parent, gives the new inode
+// to c and returns it with one reference.
+func (l *Layer) create(parent uint64, name string, c Caller, mk func(pfd int) error) (Entry, error) {
+	if err := checkName(name); err != nil {
+		return Entry{}, err
+	}
+	var e Entry
+	err := l.withFd(parent, func(_ *inode, pfd int) error {
+		if err := mk(pfd); err != nil {
+			return errnoOf(err)
+		}
+		fd, err := unix.Openat(pfd, name, unix.O_PATH|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+		if err != nil {
+			return errnoOf(err)
+		}
+		defer unix.Close(fd)
+		var st unix.Stat_t
+		if err := giveTo(fd, pfd, &st, c); err != nil {
+			return err
+		}
+		e, err = l.register(fd, &st)
+		return err
+	})
+	return e, err
+}
+
+// giveTo makes the new inode open as fd (in the directory pfd) belong to c,
+// as if c had created it, and stores its final attributes in st. The group
+// is c's unless the directory is set-group-ID, in which case the kernel has
+// already given the inode the directory's group.
+func giveTo(fd, pfd int, st *unix.Stat_t, c Caller) error {
+	if err := unix.Fstat(fd, st); err != nil {
+		return errnoOf(err)
+	}
+	if c == Root {
+		return nil
+	}
+	uid, gid := c.Uid, c.Gid
+	if st.Gid != 0 {
+		// Only a set-group-ID directory gives a root-created inode a
+		// group other than 0.
+		gid = st.Gid
+	} else if gid != 0 {
+		var pst unix.Stat_t
+		if err := unix.Fstat(pfd, &pst); err != nil {
+			return errnoOf(err)
+		}
+		if pst.Mode&unix.S_ISGID != 0 {
+			gid = pst.Gid
+		}
+	}
+	if uid == st.Uid && gid == st.Gid {
+		return nil
+	}
+	mode := st.Mode
+	if err := unix.Fchownat(fd, "", int(uid), int(gid), unix.AT_EMPTY_PATH); err != nil {
+		return errnoOf(err)
+	}
+	// chown drops set-ID bits of non-directories; a new file keeps the
+	// mode it was created with.
+	if mode&(unix.S_ISUID|unix.S_ISGID) != 0 && mode&unix.S_IFMT != unix.S_IFLNK {
+		if err := fchmodEmpty(fd, mode&07777); err != nil {
+			return err
+		}
+	}
+	return errnoOf(unix.Fstat(fd, st))
+}
+
+// Link makes name in newParent a new link to ino and returns ino with one
+// more reference.
+//
+// Errors: EPERM (ino is a directory), EEXIST, ENOENT (ino was removed),
+// EMLINK, ENOSPC, EINVAL.
+func (l *Layer) Link(ino, newParent uint64, name string) (Entry, error) {
+	if err := checkName(name); err != nil {
+		return Entry{}, err
+	}
+	var e Entry
+	err := l.withFd(ino, func(i *inode, fd int) error {
+		if i.fileType == unix.S_IFDIR {
+			return syscall.EPERM
+		}
+		return l.withFd(newParent, func(_ *inode, pfd int) error {
+			if err := unix.Linkat(fd, "", pfd, name, unix.AT_EMPTY_PATH); err != nil {
+				return errnoOf(err)
+			}
+			var st unix.Stat_t
+			if err := unix.Fstat(fd, &st); err != nil {
+				return errnoOf(err)
+			}
+			var err error
+			e, err = l.register(fd, &st)
+			return err
+		})
+	})
+	return e, err
+}
+
+// Unlink removes the non-directory name from parent.
+//
+// Errors: ENOENT, EISDIR, EINVAL.
+func (l *Layer) Unlink(parent uint64, name string) error {
+	return l.remove(parent, name, 0)
+}
+
+// Rmdir removes the empty directory name from parent.
+//
+// Errors: ENOENT, ENOTDIR, ENOTEMPTY, EINVAL.
+func (l *Layer) Rmdir(parent uint64, name string) error {
+	return l.remove(parent, name, unix.AT_REMOVEDIR)
+}
+
+func (l *Layer) remove(parent uint64, name string, flags int) error {
+	if err := checkName(name); err != nil {
+		return err
+	}
+	return l.withFd(parent, func(_ *inode, pfd int) error {
+		return errnoOf(unix.Unlinkat(pfd, name, flags))
+	})
+}
+
+// Rename flags accepted by Rename.
+const (
+	RenameNoReplace = unix.RENAME_NOREPLACE
+	RenameExchange  = unix.RENAME_EXCHANGE
+)
+
+// Rename moves name in parent to newName in newParent, as renameat2 with
+// flags (0, RenameNoReplace or RenameExchange).
+//
+// Errors: as renameat2(2): ENOENT, EEXIST, ENOTEMPTY, EISDIR, ENOTDIR,
+// EINVAL (moving a directory into itself, or other flags).
+func (l *Layer) Rename(parent uint64, name string, newParent uint64, newName string, flags uint32) error {
+	if flags&^(RenameNoReplace|RenameExchange) != 0 {
+		return syscall.EINVAL
+	}
+	if err := checkName(name); err != nil {
+		return err
+	}
+	if err := checkName(newName); err != nil {
+		return err
+	}
+	return l.withFd(parent, func(_ *inode, pfd int) error {
+		return l.withFd(newParent, func(_ *inode, npfd int) error {
+			return errnoOf(unix.Renameat2(pfd, name, npfd, newName, uint(flags)))
+		})
+	})
+}
+
+// Readlink returns the target of the symlink ino.
+//
+// Errors: EINVAL (ino is not a symlink).
+func (l *Layer) Readlink(ino uint64) (string, error) {
+	var target string
+	err := l.withFd(ino, func(i *inode, fd int) error {
+		if i.fileType != unix.S_IFLNK {
+			return syscall.EINVAL
+		}
+		buf := make([]byte, unix.PathMax)
+		n, err := unix.Readlinkat(fd, "", buf)
+		if err != nil {
+			return errnoOf(err)
+		}
+		target = string(buf[:n])
+		return nil
+	})
+	return target, err
+}

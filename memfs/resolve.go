@@ -1,0 +1,73 @@
+package memfs
+
+import (
+	"strings"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+)
+
+// maxNameLen is the longest name tmpfs accepts.
+const maxNameLen = 255
+
+// checkName accepts exactly one path component that names an entry of a
+// directory: no slash, no NUL, not "." or "..", not empty.
+func checkName(name string) error {
+	switch {
+	case name == "":
+		return syscall.ENOENT
+	case name == "." || name == "..":
+		return syscall.EINVAL
+	case len(name) > maxNameLen:
+		return syscall.ENAMETOOLONG
+	case strings.ContainsAny(name, "/\x00"):
+		return syscall.EINVAL
+	}
+	return nil
+}
+
+// Lookup finds name in the directory parent and adds a reference to it.
+// It never follows a symlink: a symlink is returned as itself.
+//
+// Errors: ENOENT, ENOTDIR (parent is not a directory), EINVAL (name is not
+// one component), ENAMETOOLONG.
+func (l *Layer) Lookup(parent uint64, name string) (Entry, error) {
+	if err := checkName(name); err != nil {
+		return Entry{}, err
+	}
+	var e Entry
+	err := l.withFd(parent, func(_ *inode, pfd int) error {
+		var err error
+		e, err = l.entryAt(pfd, name)
+		return err
+	})
+	return e, err
+}
+
+// entryAt registers the entry name of the directory open as dirfd, without
+// following a symlink, and returns it with one reference added.
+func (l *Layer) entryAt(dirfd int, name string) (Entry, error) {
+	var st unix.Stat_t
+	if err := unix.Fstatat(dirfd, name, &st, unix.AT_SYMLINK_NOFOLLOW); err != nil {
+		return Entry{}, errnoOf(err)
+	}
+	l.mu.Lock()
+	if i := l.inodes[st.Ino]; i != nil {
+		i.refs++
+		l.mu.Unlock()
+		return Entry{Stat: st, Gen: i.gen}, nil
+	}
+	l.mu.Unlock()
+
+	// A new inode: pin the very inode now at name (it may have changed
+	// since the stat) and register that one.
+	fd, err := unix.Openat(dirfd, name, unix.O_PATH|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return Entry{}, errnoOf(err)
+	}
+	defer unix.Close(fd)
+	if err := unix.Fstat(fd, &st); err != nil {
+		return Entry{}, errnoOf(err)
+	}
+	return l.register(fd, &st)
+}
