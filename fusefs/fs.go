@@ -30,6 +30,8 @@ type FileSystem interface {
 
 	Create(parent uint64, name string, flags int, mode uint32, c memfs.Caller, o memfs.OpenOptions) (memfs.Entry, File, error)
 	Open(ino uint64, flags int, o memfs.OpenOptions) (File, error)
+	// Tmpfile creates an unnamed file in parent (O_TMPFILE).
+	Tmpfile(parent uint64, flags int, mode uint32, c memfs.Caller, o memfs.OpenOptions) (memfs.Entry, File, error)
 	OpenDir(ino uint64) (Dir, error)
 
 	GetXattr(ino uint64, name string, dest []byte) (int, error)
@@ -76,6 +78,14 @@ func (l layerFS) SetAttr(ino uint64, f File, a memfs.SetAttr) (unix.Stat_t, erro
 
 func (l layerFS) Create(parent uint64, name string, flags int, mode uint32, c memfs.Caller, o memfs.OpenOptions) (memfs.Entry, File, error) {
 	e, f, err := l.Layer.Create(parent, name, flags, mode, c, o)
+	if err != nil {
+		return e, nil, err
+	}
+	return e, f, nil
+}
+
+func (l layerFS) Tmpfile(parent uint64, flags int, mode uint32, c memfs.Caller, o memfs.OpenOptions) (memfs.Entry, File, error) {
+	e, f, err := l.Layer.Tmpfile(parent, flags, mode, c, o)
 	if err != nil {
 		return e, nil, err
 	}

@@ -131,7 +131,7 @@ func (l *Layer) truncate(i *inode, f *File, size int64, kill bool) error {
 		return errnoOf(err)
 	}
 	if (size > st.Size && seals&SealGrow != 0) || (size < st.Size && seals&SealShrink != 0) {
-		return syscall.EPERM
+		return l.sealDenied()
 	}
 	if kill {
 		if err := killSuidGid(fd, st.Mode); err != nil {

@@ -72,7 +72,7 @@ func (l *Layer) Open(ino uint64, flags int, o OpenOptions) (*File, error) {
 		return nil, err
 	}
 	if (writable || trunc) && seals&SealWrite != 0 {
-		return nil, syscall.EPERM
+		return nil, l.sealDenied()
 	}
 	if trunc && seals&SealShrink != 0 {
 		var st unix.Stat_t
@@ -80,7 +80,7 @@ func (l *Layer) Open(ino uint64, flags int, o OpenOptions) (*File, error) {
 			return nil, err
 		}
 		if st.Size > 0 {
-			return nil, syscall.EPERM
+			return nil, l.sealDenied()
 		}
 	}
 	fd, err := l.openInode(i, flags&^unix.O_TRUNC)
@@ -226,6 +226,50 @@ func (l *Layer) Create(parent uint64, name string, flags int, mode uint32, c Cal
 	return e, f, nil
 }
 
+// Tmpfile creates an unnamed regular file in the directory parent for c,
+// open with flags (O_TMPFILE(2)); Link can give it a name later. The Entry
+// and the File each hold a reference.
+//
+// Errors: ENOTDIR, ENOSPC, EINVAL (read-only flags).
+func (l *Layer) Tmpfile(parent uint64, flags int, mode uint32, c Caller, o OpenOptions) (Entry, *File, error) {
+	acc := flags & unix.O_ACCMODE
+	if acc == unix.O_RDONLY {
+		return Entry{}, nil, syscall.EINVAL
+	}
+	var (
+		e Entry
+		f *File
+	)
+	err := l.withFd(parent, func(_ *inode, pfd int) error {
+		fd, err := unix.Openat(pfd, ".", acc|unix.O_TMPFILE|unix.O_CLOEXEC|flags&unix.O_EXCL, mode&07777)
+		if err != nil {
+			return errnoOf(err)
+		}
+		var st unix.Stat_t
+		if err := giveTo(fd, pfd, &st, c); err != nil {
+			unix.Close(fd)
+			return err
+		}
+		if e, err = l.register(fd, &st); err != nil {
+			unix.Close(fd)
+			return err
+		}
+		i, err := l.get(e.Ino())
+		if err != nil {
+			unix.Close(fd)
+			return err
+		}
+		i.mu.Lock()
+		defer i.mu.Unlock()
+		if f, err = l.newFileLocked(i, fd, true, 0, o); err != nil {
+			unix.Close(fd)
+			l.Forget(e.Ino(), 1)
+		}
+		return err
+	})
+	return e, f, err
+}
+
 // ReadAt reads from the file at off; a short count means end of file.
 func (f *File) ReadAt(p []byte, off int64) (int, error) {
 	n, err := unix.Pread(f.fd, p, off)
@@ -256,7 +300,7 @@ func (f *File) WriteAt(p []byte, off int64, kill bool) (int, error) {
 		return 0, err
 	}
 	if seals&SealWrite != 0 {
-		return 0, syscall.EPERM
+		return 0, f.l.sealDenied()
 	}
 	if seals&SealGrow != 0 || kill {
 		var st unix.Stat_t
@@ -269,7 +313,7 @@ func (f *File) WriteAt(p []byte, off int64, kill bool) (int, error) {
 				end = pgstart
 			}
 			if end <= off {
-				return 0, syscall.EPERM
+				return 0, f.l.sealDenied()
 			}
 			p = p[:end-off]
 		}
@@ -299,7 +343,7 @@ func (f *File) Allocate(mode uint32, off, length int64) error {
 		return err
 	}
 	if mode&unix.FALLOC_FL_PUNCH_HOLE != 0 && seals&SealWrite != 0 {
-		return syscall.EPERM
+		return f.l.sealDenied()
 	}
 	if mode&unix.FALLOC_FL_KEEP_SIZE == 0 && seals&SealGrow != 0 {
 		var st unix.Stat_t
@@ -307,7 +351,7 @@ func (f *File) Allocate(mode uint32, off, length int64) error {
 			return errnoOf(err)
 		}
 		if off+length > st.Size {
-			return syscall.EPERM
+			return f.l.sealDenied()
 		}
 	}
 	return errnoOf(unix.Fallocate(f.fd, mode, off, length))

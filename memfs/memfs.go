@@ -52,6 +52,7 @@ package memfs
 
 import (
 	"sync"
+	"sync/atomic"
 	"syscall"
 
 	"golang.org/x/sys/unix"
@@ -127,6 +128,18 @@ type Layer struct {
 	// Invariant: cachedFds == number of inodes with pathFd >= 0 and
 	// cachedFds <= opts.MaxCachedFds.
 	cachedFds int
+
+	// sealViolations counts operations refused because of a seal.
+	sealViolations atomic.Uint64
+}
+
+// SealViolations returns how many operations the seals have refused.
+func (l *Layer) SealViolations() uint64 { return l.sealViolations.Load() }
+
+// sealDenied counts a seal violation and returns its error, EPERM.
+func (l *Layer) sealDenied() error {
+	l.sealViolations.Add(1)
+	return syscall.EPERM
 }
 
 // Dir returns the directory the instance is mounted on.

@@ -143,7 +143,7 @@ func (l *Layer) AddSeals(ino uint64, add Seals) error {
 		return err
 	}
 	if cur&SealSeal != 0 {
-		return syscall.EPERM
+		return l.sealDenied()
 	}
 	if add&^cur&SealWrite != 0 && i.writers > 0 {
 		return syscall.EBUSY

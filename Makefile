@@ -1,0 +1,38 @@
+# csi-memfs. Every target runs as root on Linux with /dev/fuse (tests mount
+# real tmpfs and FUSE file systems).
+
+GO       ?= go
+BIN      := bin/csi-memfs
+FUZZTIME ?= 20s
+
+.PHONY: all build demo test test-slow fuzz bench lint clean
+
+all: build
+
+build:
+	$(GO) build -trimpath -o $(BIN) ./cmd/csi-memfs
+
+# The main job: mount a memory volume on a local directory, use it, unmount.
+demo: build
+	bash hack/demo.sh $(BIN)
+
+# The tests: race detector on, fuzz seed corpora included.
+test: lint
+	$(GO) test -race -count=1 ./...
+
+# Slower suites CI also runs: every fuzz target for FUZZTIME each.
+test-slow: fuzz
+
+fuzz:
+	$(GO) test -run '^$$' -fuzz '^FuzzOps$$' -fuzztime $(FUZZTIME) ./memfs/
+
+bench: build
+	bash bench/run.sh
+
+lint:
+	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); echo 'gofmt: files above need formatting'; exit 1; }
+	$(GO) vet ./...
+	$(GO) mod tidy -diff
+
+clean:
+	rm -rf bin

@@ -1,0 +1,51 @@
+// Command csi-memfs is the csi-memfs node plugin and its tools.
+//
+//	csi-memfs mount [flags] MOUNTPOINT   serve one memory volume on a directory
+//	csi-memfs serve [flags]              the CSI node plugin
+package main
+
+import (
+	"fmt"
+	"io"
+	"os"
+)
+
+// command is one subcommand: run gets the arguments after its name and
+// returns the exit code (2 for usage errors).
+type command struct {
+	name, summary string
+	run           func(args []string) int
+}
+
+var commands = []command{
+	{"mount", "mount a memory volume on a local directory and serve it in the foreground", runMount},
+}
+
+func main() {
+	os.Exit(run(os.Args[1:], os.Stderr))
+}
+
+func run(args []string, stderr io.Writer) int {
+	if len(args) == 0 || args[0] == "-h" || args[0] == "--help" || args[0] == "help" {
+		usage(stderr)
+		if len(args) == 0 {
+			return 2
+		}
+		return 0
+	}
+	for _, c := range commands {
+		if c.name == args[0] {
+			return c.run(args[1:])
+		}
+	}
+	fmt.Fprintf(stderr, "csi-memfs: unknown command %q (try: csi-memfs --help)\n", args[0])
+	return 2
+}
+
+func usage(w io.Writer) {
+	fmt.Fprintf(w, "csi-memfs: memory volumes with a writable tmpfs layer, served over FUSE.\n\nUsage:\n")
+	for _, c := range commands {
+		fmt.Fprintf(w, "  csi-memfs %-7s %s\n", c.name, c.summary)
+	}
+	fmt.Fprintf(w, "\nRun 'csi-memfs COMMAND --help' for a command's flags.\n")
+}

@@ -1,0 +1,138 @@
+package main
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"syscall"
+
+	"k8s.io/apimachinery/pkg/api/resource"
+
+	"github.com/csi-memfs/csi-memfs/fusefs"
+	"github.com/csi-memfs/csi-memfs/memfs"
+)
+
+type mountFlags struct {
+	size          resource.Quantity
+	inodes        uint64
+	stateDir      string
+	noPassthrough bool
+	debug         bool
+	mountpoint    string
+}
+
+// parseMountFlags parses the mount command's arguments. Errors are one line,
+// fit to print after "csi-memfs mount: ".
+func parseMountFlags(args []string, out io.Writer) (*mountFlags, error) {
+	m := &mountFlags{size: resource.MustParse("64Mi")}
+	fs := flag.NewFlagSet("csi-memfs mount", flag.ContinueOnError)
+	fs.SetOutput(out)
+	fs.Func("size", "memory limit of the volume, a Kubernetes quantity such as 64Mi or 1Gi (default 64Mi)", func(s string) error {
+		q, err := resource.ParseQuantity(s)
+		if err != nil || q.Sign() <= 0 {
+			return fmt.Errorf("want a positive quantity such as 64Mi or 1Gi")
+		}
+		m.size = q
+		return nil
+	})
+	fs.Uint64Var(&m.inodes, "inodes", 0, "inode limit of the volume (default: one per 4 KiB of size, at least 1024)")
+	fs.StringVar(&m.stateDir, "state-dir", os.TempDir(), "directory under which the volume's private tmpfs instance is mounted")
+	fs.BoolVar(&m.noPassthrough, "no-passthrough", false, "serve every read and write through the daemon instead of FUSE passthrough")
+	fs.BoolVar(&m.debug, "debug", false, "log every FUSE request")
+	fs.Usage = func() {
+		fmt.Fprintf(out, `Usage: csi-memfs mount [flags] MOUNTPOINT
+
+Mounts a fresh memory volume on MOUNTPOINT (an empty directory) and serves it
+until interrupted (Ctrl-C or SIGTERM), then unmounts it and exits 0. The
+volume's bytes live in a private kernel tmpfs instance limited to --size;
+everything in it is gone after the unmount.
+
+Flags:
+`)
+		fs.PrintDefaults()
+	}
+	if err := fs.Parse(args); err != nil {
+		return nil, err
+	}
+	if fs.NArg() != 1 {
+		return nil, errors.New("want exactly one MOUNTPOINT (see --help)")
+	}
+	m.mountpoint = fs.Arg(0)
+	entries, err := os.ReadDir(m.mountpoint)
+	switch {
+	case err != nil:
+		return nil, fmt.Errorf("mountpoint %s: %v", m.mountpoint, errors.Unwrap(err))
+	case len(entries) > 0:
+		return nil, fmt.Errorf("mountpoint %s is not empty", m.mountpoint)
+	}
+	return m, nil
+}
+
+func runMount(args []string) int {
+	m, err := parseMountFlags(args, os.Stderr)
+	if errors.Is(err, flag.ErrHelp) {
+		return 0
+	}
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "csi-memfs mount: %v\n", err)
+		return 2
+	}
+	if err := serveMount(m); err != nil {
+		fmt.Fprintf(os.Stderr, "csi-memfs mount: %v\n", err)
+		return 1
+	}
+	return 0
+}
+
+// serveMount mounts the volume, serves it until a signal or an external
+// unmount, and cleans up.
+func serveMount(m *mountFlags) error {
+	private, err := os.MkdirTemp(m.stateDir, "csi-memfs-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(private)
+	layer, err := memfs.New(filepath.Join(private, "upper"), memfs.Options{Size: m.size.Value(), Inodes: m.inodes})
+	if err != nil {
+		return err
+	}
+	defer layer.Close()
+
+	srv, err := fusefs.Mount(m.mountpoint, fusefs.FromLayer(layer), fusefs.Options{
+		FsName:             "csi-memfs",
+		DisablePassthrough: m.noPassthrough,
+		Debug:              m.debug,
+	})
+	if err != nil {
+		return err
+	}
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
+	done := make(chan struct{})
+	go func() { srv.Wait(); close(done) }()
+
+	u, _ := layer.Usage()
+	fmt.Fprintf(os.Stderr, "csi-memfs: serving %s (size %s, %d inodes, passthrough %s); Ctrl-C unmounts\n",
+		m.mountpoint, &m.size, u.InodesLimit, onOff(srv.Passthrough()))
+	select {
+	case s := <-sigs:
+		fmt.Fprintf(os.Stderr, "csi-memfs: %v: unmounting %s\n", s, m.mountpoint)
+		if err := srv.Unmount(); err != nil {
+			return err
+		}
+	case <-done:
+		fmt.Fprintf(os.Stderr, "csi-memfs: %s was unmounted\n", m.mountpoint)
+	}
+	return nil
+}
+
+func onOff(b bool) string {
+	if b {
+		return "on"
+	}
+	return "off"
+}

@@ -1,0 +1,294 @@
+package fusefs
+
+import (
+	"github.com/hanwen/go-fuse/v2/fuse"
+	"k8s.io/klog/v2"
+
+	"github.com/csi-memfs/csi-memfs/memfs"
+)
+
+// addHandle registers an open File or Dir and returns its FUSE handle.
+func (r *rawFS) addHandle(h any) uint64 {
+	r.handlesMu.Lock()
+	defer r.handlesMu.Unlock()
+	r.nextFh++
+	r.handles[r.nextFh] = h
+	return r.nextFh
+}
+
+func (r *rawFS) handle(fh uint64) any {
+	r.handlesMu.Lock()
+	defer r.handlesMu.Unlock()
+	return r.handles[fh]
+}
+
+func (r *rawFS) removeHandle(fh uint64) any {
+	r.handlesMu.Lock()
+	defer r.handlesMu.Unlock()
+	h := r.handles[fh]
+	delete(r.handles, fh)
+	return h
+}
+
+// file returns the File open as fh.
+func (r *rawFS) file(fh uint64) (File, fuse.Status) {
+	if of, ok := r.handle(fh).(*openFile); ok {
+		return of.File, fuse.OK
+	}
+	return nil, fuse.EBADF
+}
+
+// openOptions are the memfs options for an open with FUSE open_flags.
+func (r *rawFS) openOptions(openFlags uint32) memfs.OpenOptions {
+	r.backingMu.Lock()
+	pt := r.passthrough
+	r.backingMu.Unlock()
+	return memfs.OpenOptions{
+		Direct:      pt,
+		KillSuidGid: openFlags&fuse.OPEN_KILL_SUIDGID != 0,
+	}
+}
+
+// opened registers f and tells the kernel how to do its I/O: through
+// passthrough to the backing tmpfs file where memfs allows it; else through
+// this server, with the page cache when passthrough is off for the whole
+// mount (the kernel forbids cached opens beside passthrough ones) and
+// direct I/O otherwise.
+func (r *rawFS) opened(ino uint64, f File, out *fuse.OpenOut) {
+	out.Fh = r.addHandle(f)
+	r.backingMu.Lock()
+	defer r.backingMu.Unlock()
+	if !r.passthrough {
+		out.OpenFlags |= fuse.FOPEN_KEEP_CACHE
+		return
+	}
+	if f.Direct() {
+		if id, ok := r.acquireBackingLocked(ino, f.Fd()); ok {
+			out.OpenFlags |= fuse.FOPEN_PASSTHROUGH
+			out.BackingID = id
+			return
+		}
+	}
+	if r.passthrough {
+		out.OpenFlags |= fuse.FOPEN_DIRECT_IO
+	} else {
+		// Registration just failed: this inode has no passthrough opens.
+		out.OpenFlags |= fuse.FOPEN_KEEP_CACHE
+	}
+}
+
+// acquireBackingLocked returns the passthrough backing id of ino,
+// registering fd as its backing file if it has none.
+//
+// Preconditions:
+//   - r.backingMu is locked.
+func (r *rawFS) acquireBackingLocked(ino uint64, fd int) (int32, bool) {
+	if b := r.backing[ino]; b != nil {
+		b.refs++
+		return b.id, true
+	}
+	id, errno := r.server.RegisterBackingFd(&fuse.BackingMap{Fd: int32(fd)})
+	if errno != 0 {
+		// The kernel refuses passthrough (no CAP_SYS_ADMIN, an old kernel,
+		// a backing file system it cannot stack on): serve I/O ourselves
+		// from now on, and say so once.
+		r.passthrough = false
+		klog.InfoS("FUSE passthrough unavailable; serving reads and writes through the daemon", "fsName", r.opts.FsName, "err", errno)
+		return 0, false
+	}
+	r.backing[ino] = &backingFile{id: id, refs: 1}
+	return id, true
+}
+
+func (r *rawFS) releaseBacking(ino uint64) {
+	r.backingMu.Lock()
+	defer r.backingMu.Unlock()
+	b := r.backing[ino]
+	if b == nil {
+		return
+	}
+	if b.refs--; b.refs == 0 {
+		delete(r.backing, ino)
+		if errno := r.server.UnregisterBackingFd(b.id); errno != 0 {
+			klog.ErrorS(errno, "Unregistering passthrough backing file", "fsName", r.opts.FsName, "ino", ino)
+		}
+	}
+}
+
+// passthroughActive says whether passthrough is in use.
+func (r *rawFS) passthroughActive() bool {
+	r.backingMu.Lock()
+	defer r.backingMu.Unlock()
+	return r.passthrough
+}
+
+type openFile struct {
+	File
+	ino uint64
+	// backed says the open holds a reference on the inode's backing file.
+	backed bool
+}
+
+func (r *rawFS) Create(_ <-chan struct{}, in *fuse.CreateIn, name string, out *fuse.CreateOut) fuse.Status {
+	start := r.now()
+	e, f, err := r.fs.Create(in.NodeId, name, int(in.Flags), in.Mode, caller(&in.InHeader), r.openOptions(in.OpenFlags))
+	s := status("CREATE", err)
+	if s == fuse.OK {
+		fillEntry(&out.EntryOut, &e)
+		r.finishOpen(e.Ino(), f, &out.OpenOut)
+	}
+	r.observe("CREATE", start, s)
+	return s
+}
+
+func (r *rawFS) Tmpfile(_ <-chan struct{}, in *fuse.CreateIn, out *fuse.CreateOut) fuse.Status {
+	start := r.now()
+	e, f, err := r.fs.Tmpfile(in.NodeId, int(in.Flags), in.Mode, caller(&in.InHeader), r.openOptions(in.OpenFlags))
+	s := status("TMPFILE", err)
+	if s == fuse.OK {
+		fillEntry(&out.EntryOut, &e)
+		r.finishOpen(e.Ino(), f, &out.OpenOut)
+	}
+	r.observe("TMPFILE", start, s)
+	return s
+}
+
+func (r *rawFS) Open(_ <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOut) fuse.Status {
+	start := r.now()
+	f, err := r.fs.Open(in.NodeId, int(in.Flags), r.openOptions(in.Mode))
+	s := status("OPEN", err)
+	if s == fuse.OK {
+		r.finishOpen(in.NodeId, f, out)
+	}
+	r.observe("OPEN", start, s)
+	return s
+}
+
+func (r *rawFS) finishOpen(ino uint64, f File, out *fuse.OpenOut) {
+	of := &openFile{File: f, ino: ino}
+	r.opened(ino, of, out)
+	of.backed = out.OpenFlags&fuse.FOPEN_PASSTHROUGH != 0
+}
+
+func (r *rawFS) Read(_ <-chan struct{}, in *fuse.ReadIn, buf []byte) (fuse.ReadResult, fuse.Status) {
+	start := r.now()
+	f, s := r.file(in.Fh)
+	if s != fuse.OK {
+		return nil, s
+	}
+	n, err := f.ReadAt(buf[:min(int(in.Size), len(buf))], int64(in.Offset))
+	s = status("READ", err)
+	r.observe("READ", start, s)
+	if s != fuse.OK {
+		return nil, s
+	}
+	return fuse.ReadResultData(buf[:n]), fuse.OK
+}
+
+func (r *rawFS) Write(_ <-chan struct{}, in *fuse.WriteIn, data []byte) (uint32, fuse.Status) {
+	start := r.now()
+	f, s := r.file(in.Fh)
+	if s != fuse.OK {
+		return 0, s
+	}
+	n, err := f.WriteAt(data, int64(in.Offset), in.WriteFlags&fuse.WRITE_KILL_SUIDGID != 0)
+	if err != nil && n > 0 {
+		// A short write: report what was written; the caller's next
+		// write gets the error.
+		err = nil
+	}
+	s = status("WRITE", err)
+	r.observe("WRITE", start, s)
+	return uint32(n), s
+}
+
+func (r *rawFS) Lseek(_ <-chan struct{}, in *fuse.LseekIn, out *fuse.LseekOut) fuse.Status {
+	start := r.now()
+	f, s := r.file(in.Fh)
+	if s != fuse.OK {
+		return s
+	}
+	off, err := f.Seek(int64(in.Offset), int(in.Whence))
+	s = status("LSEEK", err)
+	out.Offset = uint64(off)
+	r.observe("LSEEK", start, s)
+	return s
+}
+
+func (r *rawFS) Fallocate(_ <-chan struct{}, in *fuse.FallocateIn) fuse.Status {
+	start := r.now()
+	f, s := r.file(in.Fh)
+	if s != fuse.OK {
+		return s
+	}
+	s = status("FALLOCATE", f.Allocate(in.Mode, int64(in.Offset), int64(in.Length)))
+	r.observe("FALLOCATE", start, s)
+	return s
+}
+
+func (r *rawFS) Fsync(_ <-chan struct{}, in *fuse.FsyncIn) fuse.Status {
+	f, s := r.file(in.Fh)
+	if s != fuse.OK {
+		return s
+	}
+	return status("FSYNC", f.Sync(in.FsyncFlags&1 != 0))
+}
+
+func (r *rawFS) Release(_ <-chan struct{}, in *fuse.ReleaseIn) {
+	of, ok := r.removeHandle(in.Fh).(*openFile)
+	if !ok {
+		return
+	}
+	if of.backed {
+		r.releaseBacking(of.ino)
+	}
+	of.Release()
+}
+
+func (r *rawFS) OpenDir(_ <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOut) fuse.Status {
+	start := r.now()
+	d, err := r.fs.OpenDir(in.NodeId)
+	s := status("OPENDIR", err)
+	if s == fuse.OK {
+		out.Fh = r.addHandle(d)
+		// Every change to the directory goes through us, so the kernel may
+		// keep what it read across opens.
+		out.OpenFlags |= fuse.FOPEN_CACHE_DIR | fuse.FOPEN_KEEP_CACHE
+	}
+	r.observe("OPENDIR", start, s)
+	return s
+}
+
+func (r *rawFS) ReadDir(_ <-chan struct{}, in *fuse.ReadIn, out *fuse.DirEntryList) fuse.Status {
+	start := r.now()
+	d, ok := r.handle(in.Fh).(Dir)
+	if !ok {
+		return fuse.EBADF
+	}
+	err := d.ReadDir(int64(in.Offset), func(e *memfs.DirEntry) bool {
+		return out.AddDirEntry(fuse.DirEntry{
+			Name: e.Name,
+			Ino:  e.Ino,
+			Off:  uint64(e.Off),
+			// DT_* << 12 is the S_IF* type.
+			Mode: uint32(e.Type) << 12,
+		})
+	})
+	s := status("READDIR", err)
+	r.observe("READDIR", start, s)
+	return s
+}
+
+func (r *rawFS) FsyncDir(_ <-chan struct{}, in *fuse.FsyncIn) fuse.Status {
+	d, ok := r.handle(in.Fh).(Dir)
+	if !ok {
+		return fuse.EBADF
+	}
+	return status("FSYNCDIR", d.Sync())
+}
+
+func (r *rawFS) ReleaseDir(in *fuse.ReleaseIn) {
+	if d, ok := r.removeHandle(in.Fh).(Dir); ok {
+		d.Close()
+	}
+}

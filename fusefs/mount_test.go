@@ -1,0 +1,104 @@
+package fusefs
+
+import (
+	"os"
+	"path/filepath"
+	"sort"
+	"testing"
+
+	"github.com/hanwen/go-fuse/v2/posixtest"
+
+	"github.com/csi-memfs/csi-memfs/memfs"
+)
+
+// requireFUSE skips tests that need root and /dev/fuse where they are
+// missing; CI has both, so there the tests always run.
+func requireFUSE(t testing.TB) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to mount tmpfs and FUSE")
+	}
+	if _, err := os.Stat("/dev/fuse"); err != nil {
+		t.Skip("needs /dev/fuse")
+	}
+}
+
+// testMount mounts a fresh memory volume of size bytes and returns its
+// mountpoint and layer. Cleanup unmounts it and checks the layer's
+// invariants and that no reference is left behind.
+func testMount(t testing.TB, size int64, opts Options) (string, *memfs.Layer, *Server) {
+	t.Helper()
+	requireFUSE(t)
+	base := t.TempDir()
+	l, err := memfs.New(filepath.Join(base, "upper"), memfs.Options{Size: size})
+	if err != nil {
+		t.Fatal(err)
+	}
+	mnt := filepath.Join(base, "mnt")
+	if err := os.Mkdir(mnt, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	srv, err := Mount(mnt, FromLayer(l), opts)
+	if err != nil {
+		l.Close()
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := srv.Unmount(); err != nil {
+			t.Errorf("unmount: %v", err)
+		}
+		if err := l.CheckInvariants(); err != nil {
+			t.Errorf("invariants after unmount: %v", err)
+		}
+		if err := l.Close(); err != nil {
+			t.Errorf("close: %v", err)
+		}
+	})
+	return mnt, l, srv
+}
+
+// posixSkips are the posixtest cases that do not apply, with the reason.
+var posixSkips = map[string]string{
+	// The test itself is wrong: it fails on kernel tmpfs too.
+	"FcntlFlockLocksFile": "fails on kernel tmpfs as well; the test's expectation is not Linux's",
+}
+
+func runPosix(t *testing.T, opts Options) {
+	names := make([]string, 0, len(posixtest.All))
+	for n := range posixtest.All {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	for _, name := range names {
+		t.Run(name, func(t *testing.T) {
+			if why, ok := posixSkips[name]; ok {
+				t.Skip(why)
+			}
+			mnt, _, _ := testMount(t, 256<<20, opts)
+			posixtest.All[name](t, mnt)
+		})
+	}
+}
+
+func TestPosixPassthrough(t *testing.T) { runPosix(t, Options{}) }
+
+func TestPosixDaemonIO(t *testing.T) { runPosix(t, Options{DisablePassthrough: true}) }
+
+// TestPosixOnTmpfs runs the suite on kernel tmpfs, the oracle: a case that
+// fails here is the test's fault, not ours.
+func TestPosixOnTmpfs(t *testing.T) {
+	requireFUSE(t)
+	for name, fn := range posixtest.All {
+		t.Run(name, func(t *testing.T) {
+			if _, ok := posixSkips[name]; ok {
+				t.Skip("skipped on the mount too")
+			}
+			l, err := memfs.New(filepath.Join(t.TempDir(), "upper"), memfs.Options{Size: 256 << 20})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer l.Close()
+			fn(t, l.Dir())
+		})
+	}
+}

@@ -1,0 +1,326 @@
+package fusefs
+
+import (
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/hanwen/go-fuse/v2/fuse"
+	"golang.org/x/sys/unix"
+	"k8s.io/klog/v2"
+
+	"github.com/csi-memfs/csi-memfs/memfs"
+)
+
+// cacheTimeout is how long the kernel may trust entries and attributes,
+// negative entries included. Every change to a volume goes through this
+// server, which answers it with fresh attributes, so the kernel's cache is
+// never stale for long reasons; the timeout only bounds the damage of a bug.
+const cacheTimeout = time.Hour
+
+// rawFS implements fuse.RawFileSystem over a FileSystem. Node ids are the
+// FileSystem's inode numbers: nothing maps them, so a successor process can
+// serve the same kernel connection from the same tree.
+//
+// Lock order:
+//
+//	rawFS.backingMu
+//	  rawFS.handlesMu
+type rawFS struct {
+	fuse.RawFileSystem // ENOSYS for what is not implemented below
+	fs                 FileSystem
+	opts               Options
+	// server is the go-fuse server. Set once in Init, before any request.
+	server *fuse.Server
+
+	// handlesMu protects handles and nextFh.
+	handlesMu sync.Mutex
+	// handles maps FUSE file handles to the open File or Dir.
+	handles map[uint64]any
+	nextFh  uint64
+
+	// backingMu protects backing and passthrough.
+	backingMu sync.Mutex
+	// backing maps an inode to its registered passthrough backing file.
+	// The kernel allows one backing file per inode; every passthrough open
+	// of the inode shares it. Invariant: every entry has refs > 0.
+	backing map[uint64]*backingFile
+	// passthrough says passthrough may be used: the kernel offered it,
+	// the options allow it, and no registration has failed.
+	passthrough bool
+}
+
+type backingFile struct {
+	id   int32
+	refs int
+}
+
+func newRawFS(fs FileSystem, opts Options) *rawFS {
+	return &rawFS{
+		RawFileSystem: fuse.NewDefaultRawFileSystem(),
+		fs:            fs,
+		opts:          opts,
+		handles:       map[uint64]any{},
+		backing:       map[uint64]*backingFile{},
+	}
+}
+
+func (r *rawFS) String() string { return "csi-memfs" }
+
+func (r *rawFS) Init(s *fuse.Server) {
+	r.server = s
+	r.passthrough = !r.opts.DisablePassthrough && s.KernelSettings().Flags64()&fuse.CAP_PASSTHROUGH != 0
+}
+
+// status converts an error from the FileSystem to a FUSE status. Anything
+// but an errno is a bug: it becomes EIO and one log line.
+func status(op string, err error) fuse.Status {
+	if err == nil {
+		return fuse.OK
+	}
+	if e, ok := err.(syscall.Errno); ok {
+		return fuse.Status(e)
+	}
+	klog.ErrorS(err, "Unexpected error from file system", "op", op)
+	return fuse.EIO
+}
+
+// observe reports a finished request to the Observer.
+func (r *rawFS) observe(op string, start time.Time, st fuse.Status) {
+	if r.opts.Observer != nil {
+		r.opts.Observer.ObserveOp(op, time.Since(start), syscall.Errno(st))
+	}
+}
+
+// now returns the start time of a request, if anyone observes it.
+func (r *rawFS) now() time.Time {
+	if r.opts.Observer == nil {
+		return time.Time{}
+	}
+	return time.Now()
+}
+
+func caller(h *fuse.InHeader) memfs.Caller {
+	return memfs.Caller{Uid: h.Uid, Gid: h.Gid}
+}
+
+func fillAttr(a *fuse.Attr, st *unix.Stat_t) {
+	a.Ino = st.Ino
+	a.Size = uint64(st.Size)
+	a.Blocks = uint64(st.Blocks)
+	a.Atime, a.Atimensec = uint64(st.Atim.Sec), uint32(st.Atim.Nsec)
+	a.Mtime, a.Mtimensec = uint64(st.Mtim.Sec), uint32(st.Mtim.Nsec)
+	a.Ctime, a.Ctimensec = uint64(st.Ctim.Sec), uint32(st.Ctim.Nsec)
+	a.Mode = st.Mode
+	a.Nlink = uint32(st.Nlink)
+	a.Uid, a.Gid = st.Uid, st.Gid
+	a.Rdev = uint32(st.Rdev)
+	a.Blksize = uint32(st.Blksize)
+}
+
+func fillEntry(out *fuse.EntryOut, e *memfs.Entry) {
+	out.NodeId = e.Ino()
+	out.Generation = uint64(e.Gen)
+	out.SetEntryTimeout(cacheTimeout)
+	out.SetAttrTimeout(cacheTimeout)
+	fillAttr(&out.Attr, &e.Stat)
+}
+
+func fillAttrOut(out *fuse.AttrOut, st *unix.Stat_t) {
+	out.SetTimeout(cacheTimeout)
+	fillAttr(&out.Attr, st)
+}
+
+// entry finishes a request that made or found an entry.
+func (r *rawFS) entry(op string, start time.Time, out *fuse.EntryOut, e memfs.Entry, err error) fuse.Status {
+	st := status(op, err)
+	if st == fuse.OK {
+		fillEntry(out, &e)
+	}
+	r.observe(op, start, st)
+	return st
+}
+
+func (r *rawFS) Lookup(_ <-chan struct{}, h *fuse.InHeader, name string, out *fuse.EntryOut) fuse.Status {
+	start := r.now()
+	e, err := r.fs.Lookup(h.NodeId, name)
+	if err == syscall.ENOENT {
+		// A negative entry: the kernel caches the absence of name.
+		out.NodeId = 0
+		out.SetEntryTimeout(cacheTimeout)
+		r.observe("LOOKUP", start, fuse.OK)
+		return fuse.OK
+	}
+	return r.entry("LOOKUP", start, out, e, err)
+}
+
+func (r *rawFS) Forget(nodeid, nlookup uint64) {
+	r.fs.Forget(nodeid, nlookup)
+}
+
+func (r *rawFS) GetAttr(_ <-chan struct{}, in *fuse.GetAttrIn, out *fuse.AttrOut) fuse.Status {
+	start := r.now()
+	var (
+		st  unix.Stat_t
+		err error
+	)
+	if f, ok := r.file(in.Fh()); ok == fuse.OK && in.Flags()&fuse.FUSE_GETATTR_FH != 0 {
+		st, err = f.Stat()
+	} else {
+		st, err = r.fs.GetAttr(in.NodeId)
+	}
+	s := status("GETATTR", err)
+	if s == fuse.OK {
+		fillAttrOut(out, &st)
+	}
+	r.observe("GETATTR", start, s)
+	return s
+}
+
+func (r *rawFS) SetAttr(_ <-chan struct{}, in *fuse.SetAttrIn, out *fuse.AttrOut) fuse.Status {
+	start := r.now()
+	var a memfs.SetAttr
+	if in.Valid&fuse.FATTR_MODE != 0 {
+		a.Valid |= memfs.SetMode
+		a.Mode = in.Mode
+	}
+	if in.Valid&fuse.FATTR_UID != 0 {
+		a.Valid |= memfs.SetUid
+		a.Uid = in.Uid
+	}
+	if in.Valid&fuse.FATTR_GID != 0 {
+		a.Valid |= memfs.SetGid
+		a.Gid = in.Gid
+	}
+	if in.Valid&fuse.FATTR_SIZE != 0 {
+		a.Valid |= memfs.SetSize
+		a.Size = int64(in.Size)
+	}
+	if in.Valid&fuse.FATTR_KILL_SUIDGID != 0 {
+		a.Valid |= memfs.KillSuidGid
+	}
+	if in.Valid&fuse.FATTR_ATIME != 0 {
+		a.Valid |= memfs.SetAtime
+		a.Atime = unix.Timespec{Sec: int64(in.Atime), Nsec: int64(in.Atimensec)}
+		if in.Valid&fuse.FATTR_ATIME_NOW != 0 {
+			a.Atime.Nsec = unix.UTIME_NOW
+		}
+	}
+	if in.Valid&fuse.FATTR_MTIME != 0 {
+		a.Valid |= memfs.SetMtime
+		a.Mtime = unix.Timespec{Sec: int64(in.Mtime), Nsec: int64(in.Mtimensec)}
+		if in.Valid&fuse.FATTR_MTIME_NOW != 0 {
+			a.Mtime.Nsec = unix.UTIME_NOW
+		}
+	}
+	var f File
+	if in.Valid&fuse.FATTR_FH != 0 {
+		f, _ = r.file(in.Fh)
+	}
+	st, err := r.fs.SetAttr(in.NodeId, f, a)
+	s := status("SETATTR", err)
+	if s == fuse.OK {
+		fillAttrOut(out, &st)
+	}
+	r.observe("SETATTR", start, s)
+	return s
+}
+
+func (r *rawFS) Mknod(_ <-chan struct{}, in *fuse.MknodIn, name string, out *fuse.EntryOut) fuse.Status {
+	start := r.now()
+	e, err := r.fs.Mknod(in.NodeId, name, in.Mode, caller(&in.InHeader))
+	return r.entry("MKNOD", start, out, e, err)
+}
+
+func (r *rawFS) Mkdir(_ <-chan struct{}, in *fuse.MkdirIn, name string, out *fuse.EntryOut) fuse.Status {
+	start := r.now()
+	e, err := r.fs.Mkdir(in.NodeId, name, in.Mode, caller(&in.InHeader))
+	return r.entry("MKDIR", start, out, e, err)
+}
+
+func (r *rawFS) Symlink(_ <-chan struct{}, h *fuse.InHeader, target, name string, out *fuse.EntryOut) fuse.Status {
+	start := r.now()
+	e, err := r.fs.Symlink(h.NodeId, name, target, caller(h))
+	return r.entry("SYMLINK", start, out, e, err)
+}
+
+func (r *rawFS) Link(_ <-chan struct{}, in *fuse.LinkIn, name string, out *fuse.EntryOut) fuse.Status {
+	start := r.now()
+	e, err := r.fs.Link(in.Oldnodeid, in.NodeId, name)
+	return r.entry("LINK", start, out, e, err)
+}
+
+func (r *rawFS) Unlink(_ <-chan struct{}, h *fuse.InHeader, name string) fuse.Status {
+	start := r.now()
+	s := status("UNLINK", r.fs.Unlink(h.NodeId, name))
+	r.observe("UNLINK", start, s)
+	return s
+}
+
+func (r *rawFS) Rmdir(_ <-chan struct{}, h *fuse.InHeader, name string) fuse.Status {
+	start := r.now()
+	s := status("RMDIR", r.fs.Rmdir(h.NodeId, name))
+	r.observe("RMDIR", start, s)
+	return s
+}
+
+func (r *rawFS) Rename(_ <-chan struct{}, in *fuse.RenameIn, name, newName string) fuse.Status {
+	start := r.now()
+	s := status("RENAME", r.fs.Rename(in.NodeId, name, in.Newdir, newName, in.Flags))
+	r.observe("RENAME", start, s)
+	return s
+}
+
+func (r *rawFS) Readlink(_ <-chan struct{}, h *fuse.InHeader) ([]byte, fuse.Status) {
+	start := r.now()
+	target, err := r.fs.Readlink(h.NodeId)
+	s := status("READLINK", err)
+	r.observe("READLINK", start, s)
+	return []byte(target), s
+}
+
+func (r *rawFS) GetXAttr(_ <-chan struct{}, h *fuse.InHeader, name string, dest []byte) (uint32, fuse.Status) {
+	start := r.now()
+	n, err := r.fs.GetXattr(h.NodeId, name, dest)
+	s := status("GETXATTR", err)
+	r.observe("GETXATTR", start, s)
+	return uint32(n), s
+}
+
+func (r *rawFS) ListXAttr(_ <-chan struct{}, h *fuse.InHeader, dest []byte) (uint32, fuse.Status) {
+	start := r.now()
+	n, err := r.fs.ListXattr(h.NodeId, dest)
+	s := status("LISTXATTR", err)
+	r.observe("LISTXATTR", start, s)
+	return uint32(n), s
+}
+
+func (r *rawFS) SetXAttr(_ <-chan struct{}, in *fuse.SetXAttrIn, name string, value []byte) fuse.Status {
+	start := r.now()
+	s := status("SETXATTR", r.fs.SetXattr(in.NodeId, name, value, int(in.Flags)))
+	r.observe("SETXATTR", start, s)
+	return s
+}
+
+func (r *rawFS) RemoveXAttr(_ <-chan struct{}, h *fuse.InHeader, name string) fuse.Status {
+	start := r.now()
+	s := status("REMOVEXATTR", r.fs.RemoveXattr(h.NodeId, name))
+	r.observe("REMOVEXATTR", start, s)
+	return s
+}
+
+func (r *rawFS) StatFs(_ <-chan struct{}, h *fuse.InHeader, out *fuse.StatfsOut) fuse.Status {
+	start := r.now()
+	st, err := r.fs.StatFS()
+	s := status("STATFS", err)
+	if s == fuse.OK {
+		out.Blocks, out.Bfree, out.Bavail = st.Blocks, st.Bfree, st.Bavail
+		out.Files, out.Ffree = st.Files, st.Ffree
+		out.Bsize, out.Frsize = uint32(st.Bsize), uint32(st.Frsize)
+		out.NameLen = uint32(st.Namelen)
+	}
+	r.observe("STATFS", start, s)
+	return s
+}
+
+func (r *rawFS) OnUnmount() {}
