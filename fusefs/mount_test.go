@@ -30,6 +30,9 @@ func testMount(t testing.TB, size int64, opts Options) (string, *memfs.Layer, *S
 	t.Helper()
 	requireFUSE(t)
 	base := t.TempDir()
+	// Other users reach the mount in some tests.
+	os.Chmod(filepath.Dir(base), 0o755)
+	os.Chmod(base, 0o755)
 	l, err := memfs.New(filepath.Join(base, "upper"), memfs.Options{Size: size})
 	if err != nil {
 		t.Fatal(err)

@@ -295,9 +295,19 @@ func (r *rawFS) ListXAttr(_ <-chan struct{}, h *fuse.InHeader, dest []byte) (uin
 	return uint32(n), s
 }
 
+// releaseGrace bounds how long adding a seal waits for writers that have
+// been closed but not yet released: the kernel sends RELEASE after close(2)
+// returns, so "close the writer, then seal" would otherwise race.
+const releaseGrace = 200 * time.Millisecond
+
 func (r *rawFS) SetXAttr(_ <-chan struct{}, in *fuse.SetXAttrIn, name string, value []byte) fuse.Status {
-	start := r.now()
-	s := status("SETXATTR", r.fs.SetXattr(in.NodeId, name, value, int(in.Flags)))
+	start := time.Now()
+	err := r.fs.SetXattr(in.NodeId, name, value, int(in.Flags))
+	for err == syscall.EBUSY && name == memfs.SealsXattr && time.Since(start) < releaseGrace {
+		time.Sleep(time.Millisecond)
+		err = r.fs.SetXattr(in.NodeId, name, value, int(in.Flags))
+	}
+	s := status("SETXATTR", err)
 	r.observe("SETXATTR", start, s)
 	return s
 }

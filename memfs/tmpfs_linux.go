@@ -62,7 +62,7 @@ func tmpfsData(o Options) string {
 }
 
 // Resize changes the instance's limits. Shrinking below what is in use fails
-// with EBUSY, as tmpfs does, and changes nothing.
+// with EINVAL, as tmpfs does, and changes nothing.
 func (l *Layer) Resize(size int64, inodes uint64) error {
 	if size <= 0 {
 		return syscall.EINVAL

@@ -1,0 +1,53 @@
+package main
+
+import (
+	"os/exec"
+	"strings"
+	"testing"
+)
+
+// TestLayering keeps the imports of DESIGN.md pointing down: memfs and
+// overlay know nothing of FUSE, gRPC or Kubernetes; only fusefs speaks FUSE.
+func TestLayering(t *testing.T) {
+	const mod = "github.com/csi-memfs/csi-memfs/"
+	fuse := "github.com/hanwen/go-fuse"
+	rules := []struct {
+		pkg       string
+		forbidden []string
+	}{
+		{"memfs", []string{fuse, "google.golang.org/grpc", "k8s.io/", "github.com/container-storage-interface", "github.com/prometheus", mod + "fusefs", mod + "overlay", mod + "driver", mod + "image"}},
+		{"overlay", []string{fuse, "google.golang.org/grpc", "k8s.io/", "github.com/container-storage-interface", "github.com/prometheus", mod + "fusefs", mod + "driver", mod + "image"}},
+		{"fusefs", []string{"google.golang.org/grpc", "github.com/container-storage-interface", "github.com/prometheus", mod + "driver", mod + "image"}},
+		{"image", []string{fuse, mod + "fusefs", mod + "driver", "github.com/prometheus"}},
+	}
+	for _, r := range rules {
+		out, err := exec.Command("go", "list", "-deps", mod+r.pkg).CombinedOutput()
+		if err != nil {
+			if strings.Contains(string(out), "is not in std") || strings.Contains(string(out), "no Go files") || strings.Contains(string(out), "cannot find") {
+				continue // the package does not exist yet
+			}
+			t.Fatalf("go list %s: %v\n%s", r.pkg, err, out)
+		}
+		for _, dep := range strings.Fields(string(out)) {
+			for _, f := range r.forbidden {
+				if strings.HasPrefix(dep, f) {
+					t.Errorf("%s imports %s (directly or not): imports must point down", r.pkg, dep)
+				}
+			}
+		}
+	}
+
+	// fusefs is the one place that speaks FUSE.
+	out, err := exec.Command("go", "list", "-f", "{{.ImportPath}} {{join .Imports \" \"}}", mod+"...").Output()
+	if err != nil {
+		t.Fatalf("go list: %v", err)
+	}
+	for _, line := range strings.Split(strings.TrimSpace(string(out)), "\n") {
+		f := strings.Fields(line)
+		for _, imp := range f[1:] {
+			if strings.HasPrefix(imp, fuse) && f[0] != mod+"fusefs" {
+				t.Errorf("%s imports %s: only fusefs may import go-fuse", f[0], imp)
+			}
+		}
+	}
+}

@@ -1,0 +1,475 @@
+package memfs
+
+import (
+	"bytes"
+	"errors"
+	"os"
+	"path/filepath"
+	"syscall"
+	"testing"
+
+	"golang.org/x/sys/unix"
+)
+
+func newLayer(t testing.TB, size int64) *Layer {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to mount tmpfs")
+	}
+	l, err := New(filepath.Join(t.TempDir(), "upper"), Options{Size: size})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := l.CheckInvariants(); err != nil {
+			t.Errorf("invariants: %v", err)
+		}
+		if err := l.Close(); err != nil {
+			t.Errorf("close: %v", err)
+		}
+	})
+	return l
+}
+
+func must[T any](t testing.TB) func(T, error) T {
+	return func(v T, err error) T {
+		t.Helper()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return v
+	}
+}
+
+func wantErr(t testing.TB, what string, got, want error) {
+	t.Helper()
+	if !errors.Is(got, want) || (want == nil) != (got == nil) {
+		t.Errorf("%s: got %v, want %v", what, got, want)
+	}
+}
+
+func TestCheckName(t *testing.T) {
+	long := string(bytes.Repeat([]byte("x"), 256))
+	for _, tc := range []struct {
+		name string
+		want error
+	}{
+		{"a", nil},
+		{"with space", nil},
+		{".hidden", nil},
+		{"...", nil},
+		{long[:255], nil},
+		{"", syscall.ENOENT},
+		{".", syscall.EINVAL},
+		{"..", syscall.EINVAL},
+		{"a/b", syscall.EINVAL},
+		{"/", syscall.EINVAL},
+		{"nul\x00byte", syscall.EINVAL},
+		{long, syscall.ENAMETOOLONG},
+	} {
+		got := checkName(tc.name)
+		if got != tc.want && !errors.Is(got, tc.want) {
+			t.Errorf("checkName(%q) = %v, want %v", tc.name, got, tc.want)
+		}
+	}
+}
+
+func TestNewRefusesBadInput(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root")
+	}
+	if _, err := New(t.TempDir(), Options{}); err == nil {
+		t.Error("New with size 0 succeeded")
+	}
+	dir := t.TempDir()
+	os.WriteFile(filepath.Join(dir, "x"), nil, 0o644)
+	if _, err := New(dir, Options{Size: 1 << 20}); err == nil {
+		t.Error("New on a non-empty directory succeeded")
+	}
+}
+
+// TestEscapes plays a hostile pod: symlinks to the host, "..", names with
+// slashes, directories swapped under an operation. Nothing outside the
+// volume may change.
+func TestEscapes(t *testing.T) {
+	l := newLayer(t, 16<<20)
+	outside := t.TempDir()
+	if err := os.WriteFile(filepath.Join(outside, "secret"), []byte("host"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	before := snapshot(t, outside)
+
+	c := Caller{Uid: 1000, Gid: 1000}
+	for _, target := range []string{"/", outside, "..", "../..", "/proc/self/root", filepath.Join(outside, "secret")} {
+		e := must[Entry](t)(l.Symlink(RootIno, "evil", target, c))
+		if got, want := e.Stat.Mode&unix.S_IFMT, uint32(unix.S_IFLNK); got != want {
+			t.Fatalf("symlink type %o, want %o", got, want)
+		}
+		ino := e.Ino()
+		_, err := l.Mkdir(ino, "x", 0o755, c)
+		wantErr(t, "mkdir under symlink "+target, err, syscall.ENOTDIR)
+		_, _, err = l.Create(ino, "secret", unix.O_RDWR, 0o644, c, OpenOptions{})
+		wantErr(t, "create under symlink "+target, err, syscall.ENOTDIR)
+		_, err = l.Lookup(ino, "secret")
+		wantErr(t, "lookup under symlink "+target, err, syscall.ENOTDIR)
+		_, err = l.Open(ino, unix.O_RDWR|unix.O_TRUNC, OpenOptions{})
+		wantErr(t, "open of symlink "+target, err, syscall.EINVAL)
+		_, err = l.OpenDir(ino)
+		wantErr(t, "opendir of symlink "+target, err, syscall.ENOTDIR)
+		_, err = l.SetAttr(ino, nil, SetAttr{Valid: SetSize, Size: 0})
+		wantErr(t, "truncate of symlink "+target, err, syscall.EINVAL)
+		_, err = l.SetAttr(ino, nil, SetAttr{Valid: SetMode, Mode: 0o777})
+		wantErr(t, "chmod of symlink "+target, err, syscall.EOPNOTSUPP)
+		// chown and utimes act on the link itself, as lchown does.
+		st := must[unix.Stat_t](t)(l.SetAttr(ino, nil, SetAttr{Valid: SetUid | SetGid, Uid: 7, Gid: 7}))
+		if st.Mode&unix.S_IFMT != unix.S_IFLNK || st.Uid != 7 {
+			t.Errorf("lchown: got mode %o uid %d", st.Mode, st.Uid)
+		}
+		err = l.SetXattr(ino, "trusted.x", []byte("v"), 0)
+		_ = err // allowed on the link itself; must not reach the target
+		if got := must[string](t)(l.Readlink(ino)); got != target {
+			t.Errorf("readlink = %q, want %q", got, target)
+		}
+		l.Forget(ino, 1)
+		must[struct{}](t)(struct{}{}, l.Unlink(RootIno, "evil"))
+	}
+
+	for _, name := range []string{"..", ".", "../x", "a/b", "/etc"} {
+		_, err := l.Lookup(RootIno, name)
+		wantErr(t, "lookup "+name, err, syscall.EINVAL)
+		_, err = l.Mkdir(RootIno, name, 0o755, c)
+		wantErr(t, "mkdir "+name, err, syscall.EINVAL)
+		wantErr(t, "rename to "+name, l.Rename(RootIno, "nothing", RootIno, name, 0), syscall.EINVAL)
+	}
+
+	// A directory swapped for a symlink while an operation holds it: the
+	// operation follows the inode, not the name.
+	d := must[Entry](t)(l.Mkdir(RootIno, "d", 0o755, c))
+	must[struct{}](t)(struct{}{}, l.Rename(RootIno, "d", RootIno, "moved", 0))
+	must[Entry](t)(l.Symlink(RootIno, "d", outside, c))
+	f := must[Entry](t)(l.Mknod(d.Ino(), "secret", unix.S_IFREG|0o644, c))
+	if _, err := os.Lstat(filepath.Join(l.Dir(), "moved", "secret")); err != nil {
+		t.Errorf("file made in the swapped directory is not in the moved one: %v", err)
+	}
+
+	// Internal names: invisible and unforgeable.
+	must[struct{}](t)(struct{}{}, l.AddSeals(f.Ino(), SealGrow))
+	for _, name := range []string{"trusted.memfs.seals", "trusted.memfs.whatever"} {
+		_, err := l.GetXattr(f.Ino(), name, make([]byte, 64))
+		wantErr(t, "getxattr "+name, err, syscall.ENODATA)
+		wantErr(t, "setxattr "+name, l.SetXattr(f.Ino(), name, []byte("write"), 0), syscall.EPERM)
+		wantErr(t, "removexattr "+name, l.RemoveXattr(f.Ino(), name), syscall.EPERM)
+	}
+	buf := make([]byte, 256)
+	n := must[int](t)(l.ListXattr(f.Ino(), buf))
+	if got, want := string(buf[:n]), SealsXattr+"\x00"; got != want {
+		t.Errorf("listxattr = %q, want %q", got, want)
+	}
+
+	if after := snapshot(t, outside); after != before {
+		t.Errorf("outside the volume changed:\nbefore %s\nafter  %s", before, after)
+	}
+	l.Forget(d.Ino(), 1)
+	l.Forget(f.Ino(), 1)
+}
+
+// snapshot describes every entry under dir: names, modes, sizes, contents.
+func snapshot(t testing.TB, dir string) string {
+	t.Helper()
+	var b bytes.Buffer
+	filepath.Walk(dir, func(p string, fi os.FileInfo, err error) error {
+		if err != nil {
+			return err
+		}
+		b.WriteString(p + " " + fi.Mode().String() + " ")
+		if fi.Mode().IsRegular() {
+			data, _ := os.ReadFile(p)
+			b.Write(data)
+		}
+		b.WriteString(fi.ModTime().String() + "\n")
+		return nil
+	})
+	return b.String()
+}
+
+func TestOwnership(t *testing.T) {
+	l := newLayer(t, 16<<20)
+	user := Caller{Uid: 1000, Gid: 2000}
+	for _, tc := range []struct {
+		name       string
+		parentMode uint32
+		parentGid  uint32
+		mode       uint32
+		wantUid    uint32
+		wantGid    uint32
+		wantMode   uint32
+	}{
+		{"plain", 0o777, 0, 0o644, 1000, 2000, 0o644},
+		{"setgid parent", 0o2777, 3000, 0o644, 1000, 3000, 0o644},
+		{"setuid file kept", 0o777, 0, 0o4755, 1000, 2000, 0o4755},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			p := must[Entry](t)(l.Mkdir(RootIno, tc.name, 0o777, Root))
+			defer l.Forget(p.Ino(), 1)
+			must[unix.Stat_t](t)(l.SetAttr(p.Ino(), nil, SetAttr{Valid: SetGid | SetMode, Gid: tc.parentGid, Mode: tc.parentMode}))
+			e, f, err := l.Create(p.Ino(), "f", unix.O_RDWR|unix.O_EXCL, tc.mode, user, OpenOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			f.Release()
+			defer l.Forget(e.Ino(), 1)
+			st := e.Stat
+			got := [3]uint32{st.Uid, st.Gid, st.Mode & 07777}
+			want := [3]uint32{tc.wantUid, tc.wantGid, tc.wantMode}
+			if got != want {
+				t.Errorf("uid, gid, mode = %v, want %v", got, want)
+			}
+		})
+	}
+}
+
+func TestKillSuidGid(t *testing.T) {
+	l := newLayer(t, 16<<20)
+	e, f, err := l.Create(RootIno, "f", unix.O_RDWR, 0o6755, Root, OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Forget(e.Ino(), 1)
+	defer f.Release()
+	mode := func() uint32 { return must[unix.Stat_t](t)(l.GetAttr(e.Ino())).Mode & 07777 }
+
+	must[int](t)(f.WriteAt([]byte("x"), 0, false))
+	if got, want := mode(), uint32(0o6755); got != want {
+		t.Errorf("after a privileged write: mode %o, want %o", got, want)
+	}
+	must[int](t)(f.WriteAt([]byte("x"), 0, true))
+	if got, want := mode(), uint32(0o755); got != want {
+		t.Errorf("after an unprivileged write: mode %o, want %o", got, want)
+	}
+	must[unix.Stat_t](t)(l.SetAttr(e.Ino(), nil, SetAttr{Valid: SetMode, Mode: 0o2750}))
+	must[unix.Stat_t](t)(l.SetAttr(e.Ino(), f, SetAttr{Valid: SetSize | KillSuidGid, Size: 0}))
+	if got, want := mode(), uint32(0o750); got != want {
+		t.Errorf("after an unprivileged truncate: mode %o, want %o", got, want)
+	}
+	must[unix.Stat_t](t)(l.SetAttr(e.Ino(), nil, SetAttr{Valid: SetMode, Mode: 0o4755}))
+	must[unix.Stat_t](t)(l.SetAttr(e.Ino(), nil, SetAttr{Valid: SetUid, Uid: 5}))
+	if got, want := mode(), uint32(0o755); got != want {
+		t.Errorf("after chown: mode %o, want %o", got, want)
+	}
+	if f.Direct() {
+		t.Error("a writable set-ID file was handed out for passthrough")
+	}
+}
+
+func TestSeals(t *testing.T) {
+	l := newLayer(t, 16<<20)
+	data := bytes.Repeat([]byte("s"), 5000) // EOF inside the second page
+	newFile := func(t *testing.T, name string) (uint64, *File) {
+		e, f, err := l.Create(RootIno, name, unix.O_RDWR, 0o644, Root, OpenOptions{Direct: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { l.Forget(e.Ino(), 1) })
+		must[int](t)(f.WriteAt(data, 0, false))
+		return e.Ino(), f
+	}
+
+	t.Run("write", func(t *testing.T) {
+		ino, f := newFile(t, "write")
+		wantErr(t, "add write seal with a writer open", l.AddSeals(ino, SealWrite|SealGrow), syscall.EBUSY)
+		if got := must[Seals](t)(l.Seals(ino)); got != 0 {
+			t.Errorf("a failed add left seals %v", got)
+		}
+		f.Release()
+		must[struct{}](t)(struct{}{}, l.AddSeals(ino, SealWrite))
+		_, err := l.Open(ino, unix.O_WRONLY, OpenOptions{})
+		wantErr(t, "write open of a write-sealed file", err, syscall.EPERM)
+		_, err = l.Open(ino, unix.O_RDONLY|unix.O_TRUNC, OpenOptions{})
+		wantErr(t, "O_TRUNC of a write-sealed file", err, syscall.EPERM)
+		r := must[*File](t)(l.Open(ino, unix.O_RDONLY, OpenOptions{Direct: true}))
+		if !r.Direct() {
+			t.Error("a read-only open of a sealed file could use passthrough")
+		}
+		wantErr(t, "punch a hole", r.Allocate(unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, 0, 10), syscall.EPERM)
+		r.Release()
+	})
+
+	t.Run("grow", func(t *testing.T) {
+		ino, f := newFile(t, "grow")
+		wantErr(t, "add grow seal with a passthrough writer", l.AddSeals(ino, SealGrow), syscall.EBUSY)
+		f.Release()
+		must[struct{}](t)(struct{}{}, l.AddSeals(ino, SealGrow))
+		w := must[*File](t)(l.Open(ino, unix.O_RDWR, OpenOptions{Direct: true}))
+		defer w.Release()
+		if w.Direct() {
+			t.Error("a writer of a grow-sealed file could use passthrough")
+		}
+		for _, tc := range []struct {
+			off     int64
+			n       int
+			wantN   int
+			wantErr error
+		}{
+			{0, 100, 100, nil},             // inside the file
+			{4000, 2000, 96, nil},          // cut back to the page holding EOF (4096)
+			{4096, 1000, 0, syscall.EPERM}, // grows from inside the EOF page
+			{10000, 10, 0, syscall.EPERM},  // past EOF
+			{10000, 0, 0, nil},             // empty writes always succeed
+		} {
+			n, err := w.WriteAt(make([]byte, tc.n), tc.off, false)
+			if n != tc.wantN || !errors.Is(err, tc.wantErr) || (err == nil) != (tc.wantErr == nil) {
+				t.Errorf("WriteAt(%d bytes at %d) = %d, %v; want %d, %v", tc.n, tc.off, n, err, tc.wantN, tc.wantErr)
+			}
+		}
+		_, err := l.SetAttr(ino, nil, SetAttr{Valid: SetSize, Size: 6000})
+		wantErr(t, "grow by truncate", err, syscall.EPERM)
+		wantErr(t, "grow by fallocate", w.Allocate(0, 0, 8192), syscall.EPERM)
+		must[struct{}](t)(struct{}{}, w.Allocate(unix.FALLOC_FL_KEEP_SIZE, 0, 8192))
+		must[unix.Stat_t](t)(l.SetAttr(ino, nil, SetAttr{Valid: SetSize, Size: 10}))
+	})
+
+	t.Run("shrink and seal", func(t *testing.T) {
+		ino, f := newFile(t, "shrink")
+		f.Release()
+		must[struct{}](t)(struct{}{}, l.SetXattr(ino, SealsXattr, []byte("shrink, seal"), 0))
+		buf := make([]byte, 64)
+		n := must[int](t)(l.GetXattr(ino, SealsXattr, buf))
+		if got, want := string(buf[:n]), "shrink,seal"; got != want {
+			t.Errorf("seals xattr = %q, want %q", got, want)
+		}
+		_, err := l.SetAttr(ino, nil, SetAttr{Valid: SetSize, Size: 1})
+		wantErr(t, "shrink", err, syscall.EPERM)
+		_, err = l.Open(ino, unix.O_RDWR|unix.O_TRUNC, OpenOptions{})
+		wantErr(t, "O_TRUNC", err, syscall.EPERM)
+		must[unix.Stat_t](t)(l.SetAttr(ino, nil, SetAttr{Valid: SetSize, Size: 9000}))
+		wantErr(t, "add after seal", l.AddSeals(ino, SealWrite), syscall.EPERM)
+		wantErr(t, "remove seals", l.RemoveXattr(ino, SealsXattr), syscall.EPERM)
+		wantErr(t, "bad seal name", l.SetXattr(ino, SealsXattr, []byte("write,nope"), 0), syscall.EINVAL)
+	})
+
+	t.Run("not a regular file", func(t *testing.T) {
+		d := must[Entry](t)(l.Mkdir(RootIno, "dir", 0o755, Root))
+		defer l.Forget(d.Ino(), 1)
+		wantErr(t, "seal a directory", l.AddSeals(d.Ino(), SealWrite), syscall.EINVAL)
+		_, err := l.GetXattr(d.Ino(), SealsXattr, nil)
+		wantErr(t, "seals of a directory", err, syscall.ENODATA)
+	})
+
+	if got := l.SealViolations(); got == 0 {
+		t.Error("no seal violation was counted")
+	}
+}
+
+func TestParseSeals(t *testing.T) {
+	for _, tc := range []struct {
+		in      string
+		want    Seals
+		wantErr bool
+		str     string
+	}{
+		{"", 0, false, ""},
+		{"write", SealWrite, false, "write"},
+		{"seal,shrink,grow,write", allSeals, false, "write,grow,shrink,seal"},
+		{" grow , shrink ", SealGrow | SealShrink, false, "grow,shrink"},
+		{"Write", 0, true, ""},
+		{"write;grow", 0, true, ""},
+	} {
+		got, err := ParseSeals(tc.in)
+		if (err != nil) != tc.wantErr || got != tc.want || got.String() != tc.str {
+			t.Errorf("ParseSeals(%q) = %v (%q), %v; want %v (%q), error %v", tc.in, got, got.String(), err, tc.want, tc.str, tc.wantErr)
+		}
+	}
+}
+
+// TestLimits: writing past the size fails as on tmpfs (short write, then
+// ENOSPC) and loses nothing written; Usage and StatFS agree with df.
+func TestLimits(t *testing.T) {
+	l := newLayer(t, 1<<20)
+	e, f, err := l.Create(RootIno, "big", unix.O_RDWR, 0o644, Root, OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Forget(e.Ino(), 1)
+	defer f.Release()
+	chunk := bytes.Repeat([]byte{0xab}, 256<<10)
+	var written int64
+	var lastErr error
+	for i := 0; i < 8 && lastErr == nil; i++ {
+		n, err := f.WriteAt(chunk, written, false)
+		written += int64(n)
+		lastErr = err
+	}
+	wantErr(t, "write past the limit", lastErr, syscall.ENOSPC)
+	if written != 1<<20 {
+		t.Errorf("wrote %d bytes, want the whole limit %d", written, 1<<20)
+	}
+	got := make([]byte, written)
+	n := must[int](t)(f.ReadAt(got, 0))
+	if int64(n) != written || !bytes.Equal(got, bytes.Repeat([]byte{0xab}, int(written))) {
+		t.Errorf("read back %d bytes that differ from what was written", n)
+	}
+	u := must[Usage](t)(l.Usage())
+	if u.BytesLimit != 1<<20 || u.BytesUsed != 1<<20 || u.InodesUsed != 2 || u.InodesLimit != 1024 {
+		t.Errorf("usage = %+v", u)
+	}
+	must[struct{}](t)(struct{}{}, l.Resize(2<<20, 0))
+	if u := must[Usage](t)(l.Usage()); u.BytesLimit != 2<<20 {
+		t.Errorf("after resize: limit %d", u.BytesLimit)
+	}
+	wantErr(t, "shrink below use", l.Resize(512<<10, 0), syscall.EINVAL)
+}
+
+func TestReferences(t *testing.T) {
+	l := newLayer(t, 1<<20)
+	e := must[Entry](t)(l.Mkdir(RootIno, "d", 0o755, Root))
+	must[Entry](t)(l.Lookup(RootIno, "d"))
+	if got, want := l.Refs(e.Ino()), uint64(2); got != want {
+		t.Errorf("refs = %d, want %d", got, want)
+	}
+	d := must[*Dir](t)(l.OpenDir(e.Ino()))
+	l.Forget(e.Ino(), 2)
+	if got, want := l.Refs(e.Ino()), uint64(1); got != want {
+		t.Errorf("refs with the dir open = %d, want %d", got, want)
+	}
+	d.Close()
+	if got := l.Refs(e.Ino()); got != 0 {
+		t.Errorf("refs after close = %d, want 0", got)
+	}
+	_, err := l.GetAttr(e.Ino())
+	wantErr(t, "getattr of a forgotten inode", err, syscall.ESTALE)
+	l.Forget(RootIno, 100) // the root is never forgotten
+	must[unix.Stat_t](t)(l.GetAttr(RootIno))
+}
+
+func TestReadDirOffsets(t *testing.T) {
+	l := newLayer(t, 1<<20)
+	names := []string{"a", "b", "c", "d", "e"}
+	for _, n := range names {
+		e := must[Entry](t)(l.Mknod(RootIno, n, unix.S_IFREG|0o644, Root))
+		l.Forget(e.Ino(), 1)
+	}
+	d := must[*Dir](t)(l.OpenDir(RootIno))
+	defer d.Close()
+	var seen []string
+	var resume int64
+	d.ReadDir(0, func(e *DirEntry) bool {
+		seen = append(seen, e.Name)
+		resume = e.Off
+		return len(seen) < 4 // ".", "..", and two names
+	})
+	first := seen[2:]
+	// Remove an entry already read and one not yet read: the offset stays
+	// valid, nothing is repeated, the remaining names follow.
+	must[struct{}](t)(struct{}{}, l.Unlink(RootIno, first[0]))
+	var rest []string
+	d.ReadDir(resume, func(e *DirEntry) bool { rest = append(rest, e.Name); return true })
+	all := map[string]int{}
+	for _, n := range append(first, rest...) {
+		all[n]++
+	}
+	for _, n := range names {
+		if all[n] != 1 {
+			t.Errorf("%s seen %d times over a resumed readdir (%v then %v)", n, all[n], first, rest)
+		}
+	}
+}
