@@ -30,7 +30,8 @@ type mountFlags struct {
 func parseMountFlags(args []string, out io.Writer) (*mountFlags, error) {
 	m := &mountFlags{size: resource.MustParse("64Mi")}
 	fs := flag.NewFlagSet("csi-memfs mount", flag.ContinueOnError)
-	fs.SetOutput(out)
+	// Parse errors come back as one line; only --help prints the usage.
+	fs.SetOutput(io.Discard)
 	fs.Func("size", "memory limit of the volume, a Kubernetes quantity such as 64Mi or 1Gi (default 64Mi)", func(s string) error {
 		q, err := resource.ParseQuantity(s)
 		if err != nil || q.Sign() <= 0 {
@@ -43,7 +44,8 @@ func parseMountFlags(args []string, out io.Writer) (*mountFlags, error) {
 	fs.StringVar(&m.stateDir, "state-dir", os.TempDir(), "directory under which the volume's private tmpfs instance is mounted")
 	fs.BoolVar(&m.noPassthrough, "no-passthrough", false, "serve every read and write through the daemon instead of FUSE passthrough")
 	fs.BoolVar(&m.debug, "debug", false, "log every FUSE request")
-	fs.Usage = func() {
+	usage := func() {
+		fs.SetOutput(out)
 		fmt.Fprintf(out, `Usage: csi-memfs mount [flags] MOUNTPOINT
 
 Mounts a fresh memory volume on MOUNTPOINT (an empty directory) and serves it
@@ -55,7 +57,11 @@ Flags:
 `)
 		fs.PrintDefaults()
 	}
+	fs.Usage = func() {} // the flag package calls it on every error
 	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			usage()
+		}
 		return nil, err
 	}
 	if fs.NArg() != 1 {
@@ -73,7 +79,7 @@ Flags:
 }
 
 func runMount(args []string) int {
-	m, err := parseMountFlags(args, os.Stderr)
+	m, err := parseMountFlags(args, os.Stdout)
 	if errors.Is(err, flag.ErrHelp) {
 		return 0
 	}

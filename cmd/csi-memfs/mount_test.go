@@ -1,0 +1,114 @@
+package main
+
+import (
+	"bytes"
+	"errors"
+	"flag"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+func TestMountFlags(t *testing.T) {
+	empty := t.TempDir()
+	full := t.TempDir()
+	os.WriteFile(filepath.Join(full, "x"), nil, 0o644)
+	file := filepath.Join(full, "x")
+	for _, tc := range []struct {
+		args    []string
+		wantErr string
+		size    int64
+	}{
+		{[]string{empty}, "", 64 << 20},
+		{[]string{"--size", "1Gi", empty}, "", 1 << 30},
+		{[]string{"--size=100M", "--inodes", "50", empty}, "", 100e6},
+		{[]string{}, "want exactly one MOUNTPOINT", 0},
+		{[]string{empty, empty}, "want exactly one MOUNTPOINT", 0},
+		{[]string{"--size", "lots", empty}, "want a positive quantity", 0},
+		{[]string{"--size", "-1Mi", empty}, "want a positive quantity", 0},
+		{[]string{"--inodes", "-3", empty}, "invalid value", 0},
+		{[]string{"--bogus", empty}, "flag provided but not defined", 0},
+		{[]string{full}, "is not empty", 0},
+		{[]string{file}, "not a directory", 0},
+		{[]string{filepath.Join(empty, "missing")}, "no such file or directory", 0},
+	} {
+		var out bytes.Buffer
+		m, err := parseMountFlags(tc.args, &out)
+		switch {
+		case tc.wantErr == "" && err != nil:
+			t.Errorf("%q: %v", tc.args, err)
+		case tc.wantErr != "" && (err == nil || !strings.Contains(err.Error(), tc.wantErr)):
+			t.Errorf("%q: error %v, want one containing %q", tc.args, err, tc.wantErr)
+		case err != nil && strings.Contains(err.Error(), "\n"):
+			t.Errorf("%q: error is not one line: %q", tc.args, err)
+		case err != nil && out.Len() > 0:
+			t.Errorf("%q: printed %q besides the error", tc.args, out.String())
+		case err == nil && m.size.Value() != tc.size:
+			t.Errorf("%q: size %d, want %d", tc.args, m.size.Value(), tc.size)
+		}
+	}
+	var out bytes.Buffer
+	if _, err := parseMountFlags([]string{"--help"}, &out); !errors.Is(err, flag.ErrHelp) || !strings.Contains(out.String(), "Usage: csi-memfs mount") {
+		t.Errorf("--help: %v, printed %q", err, out.String())
+	}
+}
+
+// TestMountCommand runs the built command: it mounts, serves, and on
+// SIGTERM unmounts and exits 0; usage errors exit 2 with one line.
+func TestMountCommand(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root")
+	}
+	bin := filepath.Join(t.TempDir(), "csi-memfs")
+	if out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput(); err != nil {
+		t.Fatalf("build: %v\n%s", err, out)
+	}
+
+	var stderr bytes.Buffer
+	cmd := exec.Command(bin, "mount", "--size", "lots", t.TempDir())
+	cmd.Stderr = &stderr
+	err := cmd.Run()
+	var exit *exec.ExitError
+	if !errors.As(err, &exit) || exit.ExitCode() != 2 || strings.Count(stderr.String(), "\n") != 1 {
+		t.Errorf("bad flag: %v, stderr %q; want exit 2 and one line", err, stderr.String())
+	}
+
+	mnt := t.TempDir()
+	state := t.TempDir()
+	cmd = exec.Command(bin, "mount", "--size", "8Mi", "--state-dir", state, mnt)
+	stderr.Reset()
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for !mounted(mnt) && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if !mounted(mnt) {
+		cmd.Process.Kill()
+		t.Fatalf("not mounted; stderr %q", stderr.String())
+	}
+	if err := os.WriteFile(filepath.Join(mnt, "f"), []byte("data"), 0o644); err != nil {
+		t.Error(err)
+	}
+	cmd.Process.Signal(syscall.SIGTERM)
+	if err := cmd.Wait(); err != nil {
+		t.Errorf("exit after SIGTERM: %v; stderr %q", err, stderr.String())
+	}
+	if mounted(mnt) {
+		t.Error("still mounted after SIGTERM")
+	}
+	if entries, _ := os.ReadDir(state); len(entries) != 0 {
+		t.Errorf("state dir left behind: %v", entries)
+	}
+}
+
+func mounted(dir string) bool {
+	data, _ := os.ReadFile("/proc/self/mounts")
+	return strings.Contains(string(data), " "+dir+" ")
+}
