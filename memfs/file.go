@@ -87,7 +87,7 @@ func (l *Layer) Open(ino uint64, flags int, o OpenOptions) (*File, error) {
 	if err != nil {
 		return nil, err
 	}
-	f, err := l.newFileLocked(i, fd, writable, seals, o)
+	f, err := l.newFileLocked(i, fd, writable, seals, 0, o)
 	if err != nil {
 		unix.Close(fd)
 		return nil, err
@@ -123,21 +123,24 @@ func (l *Layer) withFdLockless(i *inode, st *unix.Stat_t) error {
 }
 
 // newFileLocked wraps fd, an open descriptor of i, in a File holding a
-// reference to i.
+// reference to i. mode is i's mode if the caller knows it, else 0.
 //
 // Preconditions:
 //   - i.mu is locked.
-func (l *Layer) newFileLocked(i *inode, fd int, writable bool, seals Seals, o OpenOptions) (*File, error) {
+func (l *Layer) newFileLocked(i *inode, fd int, writable bool, seals Seals, mode uint32, o OpenOptions) (*File, error) {
 	direct := o.Direct
 	if direct && writable {
 		if seals&SealGrow != 0 {
 			direct = false
 		} else {
-			var st unix.Stat_t
-			if err := unix.Fstat(fd, &st); err != nil {
-				return nil, errnoOf(err)
+			if mode == 0 {
+				var st unix.Stat_t
+				if err := unix.Fstat(fd, &st); err != nil {
+					return nil, errnoOf(err)
+				}
+				mode = st.Mode
 			}
-			direct = !hasSetID(st.Mode)
+			direct = !hasSetID(mode)
 		}
 	}
 	l.mu.Lock()
@@ -201,7 +204,7 @@ func (l *Layer) Create(parent uint64, name string, flags int, mode uint32, c Cal
 		}
 		i.mu.Lock()
 		defer i.mu.Unlock()
-		f, err = l.newFileLocked(i, fd, acc != unix.O_RDONLY, 0, o)
+		f, err = l.newFileLocked(i, fd, acc != unix.O_RDONLY, 0, st.Mode, o)
 		if err != nil {
 			unix.Close(fd)
 		}
@@ -261,7 +264,7 @@ func (l *Layer) Tmpfile(parent uint64, flags int, mode uint32, c Caller, o OpenO
 		}
 		i.mu.Lock()
 		defer i.mu.Unlock()
-		if f, err = l.newFileLocked(i, fd, true, 0, o); err != nil {
+		if f, err = l.newFileLocked(i, fd, true, 0, st.Mode, o); err != nil {
 			unix.Close(fd)
 			l.Forget(e.Ino(), 1)
 		}

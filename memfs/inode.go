@@ -97,17 +97,26 @@ func (l *Layer) withFd(ino uint64, fn func(i *inode, fd int) error) error {
 // descriptor of it) with attributes st, registering it first if it is new.
 // fd is not consumed.
 func (l *Layer) register(fd int, st *unix.Stat_t) (Entry, error) {
+	e, _, err := l.registerFd(fd, st, false)
+	return e, err
+}
+
+// registerFd is register; with adopt, fd must be an O_PATH descriptor,
+// and it becomes the inode's cached descriptor if the inode is new and the
+// cache has room, in which case adopted is true and the caller must not
+// close fd.
+func (l *Layer) registerFd(fd int, st *unix.Stat_t, adopt bool) (e Entry, adopted bool, err error) {
 	l.mu.Lock()
 	if i := l.inodes[st.Ino]; i != nil {
 		i.refs++
 		l.mu.Unlock()
-		return Entry{Stat: *st, Gen: i.gen}, nil
+		return Entry{Stat: *st, Gen: i.gen}, false, nil
 	}
 	l.mu.Unlock()
 
 	h, _, err := unix.NameToHandleAt(fd, "", unix.AT_EMPTY_PATH)
 	if err != nil {
-		return Entry{}, errnoOf(err)
+		return Entry{}, false, errnoOf(err)
 	}
 	i := &inode{
 		ino:      st.Ino,
@@ -123,16 +132,20 @@ func (l *Layer) register(fd int, st *unix.Stat_t) (Entry, error) {
 	if old := l.inodes[st.Ino]; old != nil {
 		// Registered by a concurrent caller meanwhile.
 		old.refs++
-		return Entry{Stat: *st, Gen: old.gen}, nil
+		return Entry{Stat: *st, Gen: old.gen}, false, nil
 	}
 	if l.cachedFds < l.opts.MaxCachedFds {
-		if pfd, err := unix.OpenByHandleAt(l.rootFd, h, unix.O_PATH|unix.O_CLOEXEC); err == nil {
+		if adopt {
+			i.pathFd, adopted = fd, true
+		} else if pfd, err := unix.OpenByHandleAt(l.rootFd, h, unix.O_PATH|unix.O_CLOEXEC); err == nil {
 			i.pathFd = pfd
+		}
+		if i.pathFd >= 0 {
 			l.cachedFds++
 		}
 	}
 	l.inodes[st.Ino] = i
-	return Entry{Stat: *st, Gen: i.gen}, nil
+	return Entry{Stat: *st, Gen: i.gen}, adopted, nil
 }
 
 // handleGen extracts the generation from a tmpfs file handle, which encodes

@@ -64,12 +64,12 @@ func (l *Layer) create(parent uint64, name string, c Caller, mk func(pfd int) er
 		if err != nil {
 			return errnoOf(err)
 		}
-		defer unix.Close(fd)
 		var st unix.Stat_t
 		if err := giveTo(fd, pfd, &st, c); err != nil {
+			unix.Close(fd)
 			return err
 		}
-		e, err = l.register(fd, &st)
+		e, err = l.registerPath(fd, &st)
 		return err
 	})
 	return e, err

@@ -61,13 +61,27 @@ func (l *Layer) entryAt(dirfd int, name string) (Entry, error) {
 
 	// A new inode: pin the very inode now at name (it may have changed
 	// since the stat) and register that one.
+	st = unix.Stat_t{}
 	fd, err := unix.Openat(dirfd, name, unix.O_PATH|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return Entry{}, errnoOf(err)
 	}
-	defer unix.Close(fd)
-	if err := unix.Fstat(fd, &st); err != nil {
-		return Entry{}, errnoOf(err)
+	return l.registerPath(fd, &st)
+}
+
+// registerPath registers the inode open as the O_PATH descriptor fd, which
+// it consumes: fd becomes the inode's cached descriptor or is closed.
+// st is filled in from fd unless st.Ino is already set.
+func (l *Layer) registerPath(fd int, st *unix.Stat_t) (Entry, error) {
+	if st.Ino == 0 {
+		if err := unix.Fstat(fd, st); err != nil {
+			unix.Close(fd)
+			return Entry{}, errnoOf(err)
+		}
 	}
-	return l.register(fd, &st)
+	e, adopted, err := l.registerFd(fd, st, true)
+	if !adopted {
+		unix.Close(fd)
+	}
+	return e, err
 }
