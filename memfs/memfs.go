@@ -4,7 +4,7 @@
 // caller chooses (under the plugin's state directory; never visible to a
 // pod). File bytes, metadata, holes, ENOSPC and usage all come from the
 // kernel: memfs holds no file data in the Go heap. Because the tree lives in
-// the kernel it outlives the process that made it; Adopt picks it up again.
+// the kernel it can outlive the process that made it.
 //
 // # Addressing
 //
@@ -29,7 +29,8 @@
 // mounts with default_permissions, so the kernel has already checked the
 // caller's access against the attributes memfs reports. memfs gives what it
 // creates to the Caller and clears set-user-ID and set-group-ID bits where
-// Linux would (write, truncate, chown by a caller).
+// Linux would (write, truncate, chown by a caller). It sets the process
+// umask to 0 (New) so that modes are applied exactly as given.
 //
 // memfs keeps its own markers (seals; later the overlay's whiteouts, opaque
 // directories and copy-up records) as "trusted.memfs.*" extended attributes.

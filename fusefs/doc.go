@@ -1,0 +1,38 @@
+// Package fusefs serves a FileSystem (a memfs Layer, or an overlay of one)
+// over FUSE with go-fuse's raw protocol API. It is the only package of
+// csi-memfs that speaks FUSE; it knows nothing of CSI, images or Kubernetes.
+//
+// # Data path
+//
+// File bytes do not pass through this process when they need not. An open
+// is answered with FUSE passthrough (Linux >= 6.9, CAP_SYS_ADMIN): the
+// kernel reads, writes and maps the backing tmpfs file itself, at tmpfs
+// speed, and charges the pages to the writing pod's memory cgroup. The
+// kernel allows one backing file per inode, so every passthrough open of an
+// inode shares one registration (rawFS.backing). memfs withholds
+// passthrough from writers it must watch (a grow-sealed file, a set-ID
+// file); those are served with pread/pwrite here, as direct I/O, because
+// the kernel forbids page-cached opens beside passthrough ones. When the
+// kernel refuses passthrough, the first refusal is logged, Passthrough
+// turns false, and all I/O is served here with the page cache.
+//
+// Metadata is bound by round trips, so: entry, attribute and negative-entry
+// timeouts of an hour (every change goes through this server), no FLUSH
+// handler, plain READDIR (READDIRPLUS measured 13x slower) with the
+// directory cache kept across opens, symlink caching,
+// FUSE_HANDLE_KILLPRIV_V2 (memfs clears set-ID bits itself, sparing a
+// GETXATTR per write), no writeback cache (it excludes passthrough).
+//
+// # Node ids
+//
+// FUSE node ids are the FileSystem's inode numbers, unmapped; the root is
+// 1 in both. A successor process serving the same kernel connection can
+// therefore re-derive every node from the tree the kernel still holds.
+//
+// # Permissions
+//
+// Mounts use default_permissions and allow_other: the kernel checks every
+// access against the attributes this server reports, for any uid, and the
+// FileSystem runs as root on the caller's behalf (memfs.Caller). Mounts are
+// always nosuid and nodev.
+package fusefs
