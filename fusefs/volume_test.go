@@ -192,6 +192,12 @@ func TestSealsThroughMount(t *testing.T) {
 	if l.SealViolations() == 0 {
 		t.Error("no seal violation counted")
 	}
+	// POSIX ACLs would not be enforced (the kernel checks mode bits), so
+	// they are refused rather than stored.
+	acl := []byte{2, 0, 0, 0, 1, 0, 6, 0, 0xff, 0xff, 0xff, 0xff, 4, 0, 4, 0, 0xff, 0xff, 0xff, 0xff, 0x20, 0, 4, 0, 0xff, 0xff, 0xff, 0xff}
+	if got := unix.Setxattr(mnt, "system.posix_acl_default", acl, 0); got != unix.EOPNOTSUPP {
+		t.Errorf("setting a default ACL: %v, want EOPNOTSUPP", got)
+	}
 
 	// Grow seal: writes past the end are cut back to the EOF page.
 	g := filepath.Join(mnt, "grow")

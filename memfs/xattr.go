@@ -28,6 +28,14 @@ func procPath(fd int) string {
 
 func isMarker(name string) bool { return strings.HasPrefix(name, markerPrefix) }
 
+// isACL says whether name is a POSIX ACL attribute. The FUSE layer checks
+// permissions from mode bits alone, so an ACL stored here would look set
+// and grant or deny nothing: memfs refuses ACLs as a tmpfs mounted without
+// them does (EOPNOTSUPP).
+func isACL(name string) bool {
+	return name == "system.posix_acl_access" || name == "system.posix_acl_default"
+}
+
 // GetXattr reads the attribute name of ino into dest and returns its size;
 // with an empty dest it returns only the size. SealsXattr reads the seals.
 //
@@ -123,11 +131,14 @@ func filterMarkers(list []byte) []byte {
 // SetXattr sets the attribute name of ino, with setxattr(2) flags.
 // Setting SealsXattr adds the seals its value lists (see AddSeals).
 //
-// Errors: EPERM (an internal name), EEXIST or ENODATA (flags), ENOSPC,
-// E2BIG, and AddSeals's errors for SealsXattr.
+// Errors: EPERM (an internal name), EOPNOTSUPP (POSIX ACLs), EEXIST or
+// ENODATA (flags), ENOSPC, E2BIG, and AddSeals's errors for SealsXattr.
 func (l *Layer) SetXattr(ino uint64, name string, value []byte, flags int) error {
 	if isMarker(name) {
 		return syscall.EPERM
+	}
+	if isACL(name) {
+		return syscall.EOPNOTSUPP
 	}
 	if name == SealsXattr {
 		s, err := ParseSeals(string(value))
