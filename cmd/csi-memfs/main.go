@@ -19,6 +19,7 @@ type command struct {
 
 var commands = []command{
 	{"mount", "mount a memory volume on a local directory and serve it in the foreground", runMount},
+	{"serve", "run the CSI node plugin (kubelet talks to it over a unix socket)", runServe},
 }
 
 func main() {

@@ -1,0 +1,124 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"runtime/debug"
+	"syscall"
+
+	"k8s.io/apimachinery/pkg/api/resource"
+	"k8s.io/klog/v2"
+
+	"github.com/csi-memfs/csi-memfs/driver"
+)
+
+// buildVersion is the version GetPluginInfo reports; release builds set it
+// with -ldflags "-X main.buildVersion=v1.2.3". Empty: the module version
+// from the build info.
+var buildVersion string
+
+// parseServeFlags parses the serve command's arguments into a driver
+// configuration. klog's flags (-v, ...) are registered on the same set.
+func parseServeFlags(args []string, out io.Writer) (driver.Config, error) {
+	cfg := driver.Config{Version: versionString()}
+	fs := flag.NewFlagSet("csi-memfs serve", flag.ContinueOnError)
+	fs.SetOutput(out)
+	fs.StringVar(&cfg.Endpoint, "endpoint", "unix:///csi/csi.sock", "CSI endpoint kubelet connects to")
+	fs.StringVar(&cfg.NodeID, "node-id", os.Getenv("NODE_NAME"), "node id reported to kubelet, normally the node name (default $NODE_NAME)")
+	fs.StringVar(&cfg.DriverName, "driver-name", driver.DefaultDriverName, "CSI driver name (the CSIDriver object's name)")
+	fs.StringVar(&cfg.StateDir, "state-dir", "/var/lib/csi-memfs", "directory for the volume journal and the volumes' private tmpfs mounts")
+	fs.StringVar(&cfg.MetricsAddress, "metrics-address", ":9809", "listen address of /metrics and /healthz; empty disables them")
+	quantity(fs, &cfg.DefaultVolumeSize, "default-volume-size", "64Mi", "size of a volume without a size attribute")
+	quantity(fs, &cfg.MaxVolumeSize, "max-volume-size", "", "largest size attribute accepted (default: the node budget, or 1Ti without one)")
+	fs.Uint64Var(&cfg.DefaultVolumeInodes, "default-volume-inodes", 0, "inode limit of a volume without an inodes attribute (0: one per 4 KiB of size, at least 1024)")
+	fs.Uint64Var(&cfg.MaxVolumeInodes, "max-volume-inodes", 0, "largest inodes attribute accepted (0: no bound)")
+	quantity(fs, &cfg.NodeBudget, "node-memory-budget", "", "memory all volumes on the node may reserve together, e.g. 8Gi (default: no budget)")
+	fs.Int64Var(&cfg.MaxVolumes, "max-volumes", 0, "volumes the node serves at once, reported as max_volumes_per_node (0: no limit)")
+	fs.BoolVar(&cfg.DisablePassthrough, "no-passthrough", false, "serve every read and write through the daemon instead of FUSE passthrough")
+	fs.BoolVar(&cfg.FUSEDebug, "fuse-debug", false, "log every FUSE request (very verbose)")
+	klog.InitFlags(fs)
+	fs.Usage = func() {
+		fmt.Fprintf(out, `Usage: csi-memfs serve [flags]
+
+Runs the csi-memfs CSI node plugin: serves the CSI Identity and Node services
+on --endpoint until SIGTERM or SIGINT. Published volumes survive a stop in
+the journal under --state-dir; the next process unpublishes them.
+
+Flags:
+`)
+		fs.PrintDefaults()
+	}
+	if err := fs.Parse(args); err != nil {
+		return cfg, err
+	}
+	if fs.NArg() > 0 {
+		return cfg, fmt.Errorf("unexpected argument %q (see --help)", fs.Arg(0))
+	}
+	if cfg.NodeID == "" {
+		return cfg, errors.New("--node-id is required (or set NODE_NAME)")
+	}
+	return cfg, nil
+}
+
+// quantity defines a flag holding a byte count written as a Kubernetes
+// quantity (64Mi, 1Gi); def may be empty for 0.
+func quantity(fs *flag.FlagSet, p *int64, name, def, usage string) {
+	if def != "" {
+		q := resource.MustParse(def)
+		*p = q.Value()
+	}
+	fs.Func(name, usage+func() string {
+		if def != "" {
+			return " (default " + def + ")"
+		}
+		return ""
+	}(), func(s string) error {
+		q, err := resource.ParseQuantity(s)
+		if err != nil || q.Sign() < 0 {
+			return fmt.Errorf("want a quantity such as 64Mi or 8Gi")
+		}
+		*p = q.Value()
+		return nil
+	})
+}
+
+// versionString is buildVersion, or the main module's version.
+func versionString() string {
+	if buildVersion != "" {
+		return buildVersion
+	}
+	if bi, ok := debug.ReadBuildInfo(); ok && bi.Main.Version != "" {
+		return bi.Main.Version
+	}
+	return "unknown"
+}
+
+func runServe(args []string) int {
+	cfg, err := parseServeFlags(args, os.Stderr)
+	if errors.Is(err, flag.ErrHelp) {
+		return 0
+	}
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "csi-memfs serve: %v\n", err)
+		return 2
+	}
+	defer klog.Flush()
+	d, err := driver.New(cfg)
+	if err != nil {
+		klog.ErrorS(err, "Cannot start")
+		return 1
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	if err := d.Run(ctx); err != nil {
+		klog.ErrorS(err, "Serving failed")
+		return 1
+	}
+	klog.InfoS("Stopped")
+	return 0
+}

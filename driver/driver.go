@@ -1,0 +1,354 @@
+// Package driver is the csi-memfs CSI node plugin: the Identity and Node
+// services kubelet calls over a unix socket, the registry of published
+// volumes with its on-disk journal, NodeGetVolumeStats, and the Prometheus
+// collectors.
+//
+// # Volumes
+//
+// csi-memfs serves only inline ephemeral volumes: kubelet invents a volume
+// id per pod volume and calls NodePublishVolume with the pod's
+// volumeAttributes (params.go). Publishing a volume
+//
+//  1. reserves its size in the node budget (ResourceExhausted when full),
+//  2. writes its journal record, <state>/volumes/<id>/volume.json,
+//  3. mounts a private tmpfs instance, the memory layer, on
+//     <state>/volumes/<id>/upper (memfs.New),
+//  4. builds the tree to serve: the memory layer alone, or (later) over an
+//     image's lower layer (Driver.buildTree is the one place that changes),
+//  5. applies the volume_mount_group and the seal globs, and
+//  6. mounts it over FUSE on the target path (fusefs.Mount).
+//
+// Any failure undoes the steps already done, in reverse: a failed publish
+// leaves nothing mounted, nothing reserved and no record. Unpublish runs the
+// same steps backwards. Both are idempotent.
+//
+// # Restarts
+//
+// The memory layers are kernel mounts under the state directory, so they
+// outlive the process; the FUSE mounts on the targets do not (their
+// connection dies with the process and they answer ENOTCONN). A new process
+// reads the journal and registers every recorded volume as lost: it still
+// holds its memory (counted in the budget and the metrics), unpublish cleans
+// it (the dead target mount with mount-utils, then the memory layer), and
+// NodeGetVolumeStats says it is lost. Adopting a lost volume's data is left
+// for later; nothing here destroys it before unpublish.
+//
+// # Lock order
+//
+//	registry.locks[volume id]  one operation per volume at a time; held across I/O
+//	  volume.mu                a volume's layer and server (readers: stats, metrics)
+//	    registry.mu            the volume map; a leaf, never held across I/O
+//
+// registry.locksMu is a leaf held only to find a volume's lock.
+//
+// There is no driver-wide lock on the publish path: the budget is reserved
+// with atomic operations, and publishes of different volumes run in
+// parallel.
+//
+// # Errors
+//
+// Inside the package errors are wrapped with fmt.Errorf; a coded error
+// (errorf) carries the gRPC code the RPC answers with. Each handler converts
+// once, with toStatus; any other error becomes Internal.
+package driver
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	"golang.org/x/sys/unix"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"k8s.io/klog/v2"
+	"k8s.io/mount-utils"
+)
+
+// DefaultDriverName is the CSI driver name when Config.DriverName is empty.
+const DefaultDriverName = "memfs.csi.dev"
+
+// Config configures a Driver. cmd/csi-memfs fills it from flags.
+type Config struct {
+	// DriverName is the name kubelet knows the plugin by (CSIDriver
+	// metadata.name). Default DefaultDriverName.
+	DriverName string
+	// Version is reported by GetPluginInfo.
+	Version string
+	// NodeID is the node's id, normally the Kubernetes node name. Required.
+	NodeID string
+	// Endpoint is the gRPC endpoint, unix:///path/to/csi.sock (or a plain
+	// absolute path). Required by Run.
+	Endpoint string
+	// StateDir holds the journal and the volumes' memory layers. Required.
+	StateDir string
+	// MetricsAddress is the listen address of /metrics and /healthz, e.g.
+	// ":9809"; empty disables them.
+	MetricsAddress string
+
+	// DefaultVolumeSize is the size of a volume without a size attribute.
+	// Default 64 MiB.
+	DefaultVolumeSize int64
+	// MaxVolumeSize bounds a volume's size attribute. Default: the budget,
+	// or 1 TiB without one.
+	MaxVolumeSize int64
+	// DefaultVolumeInodes is the inode limit of a volume without an inodes
+	// attribute; 0: one per 4 KiB of size, at least 1024.
+	DefaultVolumeInodes uint64
+	// MaxVolumeInodes bounds a volume's inodes attribute; 0: no bound.
+	MaxVolumeInodes uint64
+	// NodeBudget is the memory all volumes on the node may hold together
+	// (the sum of their sizes); 0: no budget.
+	NodeBudget int64
+	// MaxVolumes is the number of volumes the node serves at once, reported
+	// to kubelet as max_volumes_per_node; 0: no limit.
+	MaxVolumes int64
+
+	// DisablePassthrough serves every read and write through the daemon.
+	DisablePassthrough bool
+	// FUSEDebug logs every FUSE request (very verbose).
+	FUSEDebug bool
+}
+
+// withDefaults returns c with defaults filled in, or an error naming the
+// first bad field.
+func (c Config) withDefaults() (Config, error) {
+	if c.DriverName == "" {
+		c.DriverName = DefaultDriverName
+	}
+	if c.DefaultVolumeSize == 0 {
+		c.DefaultVolumeSize = 64 << 20
+	}
+	if c.MaxVolumeSize == 0 {
+		c.MaxVolumeSize = 1 << 40
+		if c.NodeBudget > 0 {
+			c.MaxVolumeSize = c.NodeBudget
+		}
+	}
+	switch {
+	case c.NodeID == "":
+		return c, errors.New("node id is required (--node-id)")
+	case c.StateDir == "" || !filepath.IsAbs(c.StateDir):
+		return c, fmt.Errorf("state directory %q must be an absolute path (--state-dir)", c.StateDir)
+	case c.DefaultVolumeSize < 0 || c.MaxVolumeSize < 0 || c.NodeBudget < 0 || c.MaxVolumes < 0:
+		return c, errors.New("sizes, budget and volume counts must not be negative")
+	case c.DefaultVolumeSize > c.MaxVolumeSize:
+		return c, fmt.Errorf("default volume size %d is more than the maximum %d (--default-volume-size, --max-volume-size)",
+			c.DefaultVolumeSize, c.MaxVolumeSize)
+	case c.MaxVolumeInodes > 0 && c.DefaultVolumeInodes > c.MaxVolumeInodes:
+		return c, fmt.Errorf("default inodes %d is more than the maximum %d (--default-volume-inodes, --max-volume-inodes)",
+			c.DefaultVolumeInodes, c.MaxVolumeInodes)
+	}
+	return c, nil
+}
+
+// limits returns the bounds on volumeAttributes.
+func (c *Config) limits() limits {
+	return limits{
+		DefaultSize:   c.DefaultVolumeSize,
+		MaxSize:       c.MaxVolumeSize,
+		DefaultInodes: c.DefaultVolumeInodes,
+		MaxInodes:     c.MaxVolumeInodes,
+	}
+}
+
+// Driver is the node plugin. Create it with New, serve it with Run.
+type Driver struct {
+	csi.UnimplementedIdentityServer
+	csi.UnimplementedNodeServer
+
+	// cfg is the configuration, defaults filled in. Immutable.
+	cfg Config
+	// journal records published volumes. Immutable.
+	journal journal
+	// vols is the registry of volumes. Immutable pointer.
+	vols *registry
+	// budget holds the node's reservations. Immutable pointer.
+	budget *budget
+	// metrics are the Prometheus collectors. Immutable pointer.
+	metrics *metrics
+	// mounter cleans target paths (mount-utils). Immutable.
+	mounter mount.Interface
+	// ready is true once the journal is recovered. Accessed atomically.
+	ready atomic.Bool
+}
+
+// New checks cfg, creates the state directory and recovers the volumes the
+// journal records (see "Restarts" in the package doc).
+func New(cfg Config) (*Driver, error) {
+	cfg, err := cfg.withDefaults()
+	if err != nil {
+		return nil, err
+	}
+	d := &Driver{
+		cfg:     cfg,
+		journal: journal{dir: filepath.Join(cfg.StateDir, "volumes")},
+		vols:    newRegistry(),
+		budget:  &budget{limit: cfg.NodeBudget, maxVolumes: cfg.MaxVolumes},
+		mounter: mount.New(""),
+	}
+	d.metrics = newMetrics(d)
+	if err := os.MkdirAll(d.journal.dir, 0o700); err != nil {
+		return nil, fmt.Errorf("state directory: %w", err)
+	}
+	if err := d.recover(klog.Background()); err != nil {
+		return nil, err
+	}
+	d.ready.Store(true)
+	return d, nil
+}
+
+// Run serves the CSI services on cfg.Endpoint and the metrics on
+// cfg.MetricsAddress until ctx is done, then stops gracefully: in-flight
+// requests finish (for at most 10 s). Published volumes are left as they
+// are; a successor process finds them in the journal.
+func (d *Driver) Run(ctx context.Context) error {
+	logger := klog.FromContext(ctx)
+	lis, sockPath, err := listenEndpoint(d.cfg.Endpoint)
+	if err != nil {
+		return err
+	}
+	defer os.Remove(sockPath)
+
+	srv := grpc.NewServer(grpc.UnaryInterceptor(d.interceptor))
+	csi.RegisterIdentityServer(srv, d)
+	csi.RegisterNodeServer(srv, d)
+
+	errc := make(chan error, 2)
+	go func() { errc <- srv.Serve(lis) }()
+
+	var hsrv *http.Server
+	if d.cfg.MetricsAddress != "" {
+		mlis, err := net.Listen("tcp", d.cfg.MetricsAddress)
+		if err != nil {
+			srv.Stop()
+			return fmt.Errorf("metrics address: %w", err)
+		}
+		hsrv = &http.Server{Handler: d.metrics.handler(), ReadHeaderTimeout: 10 * time.Second}
+		go func() {
+			if err := hsrv.Serve(mlis); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				errc <- fmt.Errorf("metrics server: %w", err)
+			}
+		}()
+		logger.Info("Serving metrics", "address", mlis.Addr().String())
+	}
+	logger.Info("Serving CSI", "endpoint", sockPath, "driver", d.cfg.DriverName, "version", d.cfg.Version, "nodeID", d.cfg.NodeID)
+
+	select {
+	case <-ctx.Done():
+	case err = <-errc:
+	}
+	logger.Info("Stopping", "volumes", d.vols.len())
+	stopped := make(chan struct{})
+	go func() { srv.GracefulStop(); close(stopped) }()
+	select {
+	case <-stopped:
+	case <-time.After(10 * time.Second):
+		srv.Stop()
+	}
+	if hsrv != nil {
+		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		hsrv.Shutdown(sctx)
+		cancel()
+	}
+	return err
+}
+
+// listenEndpoint listens on a unix socket endpoint. A stale socket is removed;
+// the socket is made 0600 before anyone can connect to it (it is bound
+// under a temporary name, restricted, then renamed into place).
+func listenEndpoint(endpoint string) (net.Listener, string, error) {
+	p, ok := strings.CutPrefix(endpoint, "unix://")
+	if !ok && !strings.HasPrefix(endpoint, "/") {
+		return nil, "", fmt.Errorf("endpoint %q: want unix:///path/to/csi.sock", endpoint)
+	}
+	if !ok {
+		p = endpoint
+	}
+	if !filepath.IsAbs(p) {
+		return nil, "", fmt.Errorf("endpoint %q: want an absolute socket path, unix:///path/to/csi.sock", endpoint)
+	}
+	if err := os.MkdirAll(filepath.Dir(p), 0o750); err != nil {
+		return nil, "", fmt.Errorf("endpoint: %w", err)
+	}
+	if fi, err := os.Lstat(p); err == nil {
+		if fi.Mode()&os.ModeSocket == 0 {
+			return nil, "", fmt.Errorf("endpoint %s exists and is not a socket", p)
+		}
+		if err := os.Remove(p); err != nil {
+			return nil, "", fmt.Errorf("endpoint: removing stale socket: %w", err)
+		}
+	}
+	tmp := fmt.Sprintf("%s.%d.tmp", p, os.Getpid())
+	os.Remove(tmp)
+	lis, err := net.Listen("unix", tmp)
+	if err != nil {
+		return nil, "", fmt.Errorf("endpoint: %w", err)
+	}
+	lis.(*net.UnixListener).SetUnlinkOnClose(false)
+	if err := os.Chmod(tmp, 0o600); err == nil {
+		err = os.Rename(tmp, p)
+	}
+	if err != nil {
+		lis.Close()
+		os.Remove(tmp)
+		return nil, "", fmt.Errorf("endpoint: %w", err)
+	}
+	return lis, p, nil
+}
+
+// fuseUsable reports why FUSE cannot be served, or nil: /dev/fuse must open
+// read-write (the device exists and we may use it).
+func fuseUsable() error {
+	fd, err := unix.Open("/dev/fuse", unix.O_RDWR|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("cannot open /dev/fuse: %w; csi-memfs needs the /dev/fuse device and CAP_SYS_ADMIN", err)
+	}
+	unix.Close(fd)
+	return nil
+}
+
+// codedError is an error with the gRPC code its RPC answers with.
+type codedError struct {
+	code codes.Code
+	msg  string
+}
+
+func (e *codedError) Error() string { return e.msg }
+
+// errorf returns an error that toStatus answers with code.
+func errorf(code codes.Code, format string, args ...any) error {
+	return &codedError{code: code, msg: fmt.Sprintf(format, args...)}
+}
+
+// toStatus converts a handler's error to a gRPC status, once: the code of
+// the coded error inside, DeadlineExceeded or Canceled for a context's
+// error, else Internal. The message is the whole wrapped error.
+func toStatus(err error) error {
+	var ce *codedError
+	switch {
+	case err == nil:
+		return nil
+	case errors.As(err, &ce):
+		return status.Error(ce.code, err.Error())
+	case errors.Is(err, context.DeadlineExceeded):
+		return status.Error(codes.DeadlineExceeded, err.Error())
+	case errors.Is(err, context.Canceled):
+		return status.Error(codes.Canceled, err.Error())
+	}
+	return status.Error(codes.Internal, err.Error())
+}
+
+// isNotExist reports an error meaning a path does not exist.
+func isNotExist(err error) bool {
+	return errors.Is(err, os.ErrNotExist) || errors.Is(err, syscall.ENOENT)
+}

@@ -1,0 +1,258 @@
+package driver
+
+import (
+	"net/http"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"golang.org/x/sys/unix"
+	"google.golang.org/grpc/codes"
+
+	"github.com/csi-memfs/csi-memfs/memfs"
+)
+
+// metricsPrefix starts every metric name.
+const metricsPrefix = "csi_memfs_"
+
+// volumeLabels label every per-volume series.
+var volumeLabels = []string{"volume_id", "pod_namespace", "pod_name"}
+
+// metrics are the driver's Prometheus collectors, on a registry of their
+// own (no global state).
+type metrics struct {
+	// reg is the registry /metrics serves. Immutable.
+	reg *prometheus.Registry
+	// d is the driver whose volumes are reported. Immutable.
+	d *Driver
+
+	// rpcTotal counts CSI calls by method and gRPC code.
+	rpcTotal *prometheus.CounterVec
+	// rpcSeconds is the latency of CSI calls by method.
+	rpcSeconds *prometheus.HistogramVec
+	// fuse observes FUSE requests of every volume. Immutable pointer.
+	fuse *fuseObserver
+	// retiredSealViolations sums the seal violations of unpublished
+	// volumes, so the node total never goes down. Accessed atomically.
+	retiredSealViolations atomic.Uint64
+
+	// Descriptions of the series collect computes at scrape time.
+	volBytesUsed, volBytesLimit, volInodesUsed, volInodesLimit *prometheus.Desc
+	volCopiedUp, volSealViolations, volPassthrough, volLost    *prometheus.Desc
+	nodeVolumes, nodeBytesUsed, nodeBytesReserved, nodeBudget  *prometheus.Desc
+	nodeMaxVolumes, sealViolations                             *prometheus.Desc
+}
+
+func newMetrics(d *Driver) *metrics {
+	vol := func(name, help string) *prometheus.Desc {
+		return prometheus.NewDesc(metricsPrefix+name, help, volumeLabels, nil)
+	}
+	node := func(name, help string, labels ...string) *prometheus.Desc {
+		return prometheus.NewDesc(metricsPrefix+name, help, labels, nil)
+	}
+	m := &metrics{
+		reg: prometheus.NewRegistry(),
+		d:   d,
+		rpcTotal: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: metricsPrefix + "csi_operations_total",
+			Help: "CSI calls served, by method and gRPC status code (OK for success).",
+		}, []string{"method", "code"}),
+		rpcSeconds: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    metricsPrefix + "csi_operation_duration_seconds",
+			Help:    "Time to serve a CSI call, by method (NodePublishVolume is publish-to-ready).",
+			Buckets: prometheus.ExponentialBuckets(0.0005, 2, 16), // 0.5 ms .. 16 s
+		}, []string{"method"}),
+		fuse: &fuseObserver{
+			seconds: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+				Name: metricsPrefix + "fuse_operation_duration_seconds",
+				Help: "Time to serve a FUSE request, by operation (LOOKUP, OPEN, READ, ...), all volumes together; " +
+					"the _count series counts the operations.",
+				Buckets: prometheus.ExponentialBuckets(0.000005, 4, 10), // 5 us .. 1.3 s
+			}, []string{"op"}),
+			errors: prometheus.NewCounterVec(prometheus.CounterOpts{
+				Name: metricsPrefix + "fuse_operation_errors_total",
+				Help: "FUSE requests answered with an error, by operation and errno name.",
+			}, []string{"op", "errno"}),
+		},
+
+		volBytesUsed:      vol("volume_bytes_used", "Bytes the volume's memory layer uses (as df in the pod shows)."),
+		volBytesLimit:     vol("volume_bytes_limit", "Byte limit of the volume's memory layer (its size attribute)."),
+		volInodesUsed:     vol("volume_inodes_used", "Inodes the volume's memory layer uses."),
+		volInodesLimit:    vol("volume_inodes_limit", "Inode limit of the volume's memory layer."),
+		volCopiedUp:       vol("volume_bytes_copied_up", "Bytes copied up from the volume's image lower layer into memory."),
+		volSealViolations: vol("volume_seal_violations_total", "Operations on the volume refused because a file was sealed."),
+		volPassthrough:    vol("volume_passthrough", "1 while the volume's file data moves by FUSE passthrough, 0 when the daemon serves it."),
+		volLost:           vol("volume_lost", "1 for a volume whose FUSE server died with a previous plugin process (its pod sees ENOTCONN) until it is unpublished."),
+		nodeVolumes:       node("node_volumes", "Volumes on the node, by state (published, lost).", "state"),
+		nodeBytesUsed:     node("node_bytes_used", "Bytes used by all volumes' memory layers on the node."),
+		nodeBytesReserved: node("node_bytes_reserved", "Sum of the sizes of the node's volumes, counted against the budget."),
+		nodeBudget:        node("node_budget_bytes", "The node memory budget (flag --node-memory-budget); 0 means none."),
+		nodeMaxVolumes:    node("node_max_volumes", "The node's volume limit (flag --max-volumes); 0 means none."),
+		sealViolations:    node("seal_violations_total", "Operations refused because a file was sealed, all volumes, published or since unpublished."),
+	}
+	m.reg.MustRegister(m.rpcTotal, m.rpcSeconds, m.fuse.seconds, m.fuse.errors, m,
+		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return m
+}
+
+// observeRPC records one CSI call.
+func (m *metrics) observeRPC(method string, code codes.Code, d time.Duration) {
+	m.rpcTotal.WithLabelValues(method, code.String()).Inc()
+	m.rpcSeconds.WithLabelValues(method).Observe(d.Seconds())
+}
+
+// retire keeps the seal violations of a layer about to be closed in the
+// node total.
+func (m *metrics) retire(l *memfs.Layer) {
+	m.retiredSealViolations.Add(l.SealViolations())
+}
+
+// Describe implements prometheus.Collector for the series computed at
+// scrape time.
+func (m *metrics) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{m.volBytesUsed, m.volBytesLimit, m.volInodesUsed, m.volInodesLimit,
+		m.volCopiedUp, m.volSealViolations, m.volPassthrough, m.volLost, m.nodeVolumes, m.nodeBytesUsed,
+		m.nodeBytesReserved, m.nodeBudget, m.nodeMaxVolumes, m.sealViolations} {
+		ch <- d
+	}
+}
+
+// Collect implements prometheus.Collector: the registry's volumes as they
+// are now, so an unpublished volume's series are gone at the next scrape.
+func (m *metrics) Collect(ch chan<- prometheus.Metric) {
+	gauge := func(d *prometheus.Desc, v float64, labels ...string) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v, labels...)
+	}
+	var published, lost, used float64
+	sealed := m.retiredSealViolations.Load()
+	for _, v := range m.d.vols.snapshot() {
+		labels := []string{v.id(), v.rec.Pod.Namespace, v.rec.Pod.Name}
+		s, ok := v.sample()
+		if !ok {
+			continue // being unpublished
+		}
+		if v.lost {
+			lost++
+			gauge(m.volLost, 1, labels...)
+			if !s.held {
+				continue
+			}
+		} else {
+			published++
+			gauge(m.volLost, 0, labels...)
+			gauge(m.volPassthrough, b2f(s.passthrough), labels...)
+			ch <- prometheus.MustNewConstMetric(m.volSealViolations, prometheus.CounterValue, float64(s.sealViolations), labels...)
+			sealed += s.sealViolations
+		}
+		gauge(m.volBytesUsed, float64(s.u.BytesUsed), labels...)
+		gauge(m.volBytesLimit, float64(s.u.BytesLimit), labels...)
+		gauge(m.volInodesUsed, float64(s.u.InodesUsed), labels...)
+		gauge(m.volInodesLimit, float64(s.u.InodesLimit), labels...)
+		gauge(m.volCopiedUp, 0, labels...)
+		used += float64(s.u.BytesUsed)
+	}
+	gauge(m.nodeVolumes, published, "published")
+	gauge(m.nodeVolumes, lost, "lost")
+	gauge(m.nodeBytesUsed, used)
+	gauge(m.nodeBytesReserved, float64(m.d.budget.bytes.Load()))
+	gauge(m.nodeBudget, float64(m.d.budget.limit))
+	gauge(m.nodeMaxVolumes, float64(m.d.budget.maxVolumes))
+	ch <- prometheus.MustNewConstMetric(m.sealViolations, prometheus.CounterValue, float64(sealed))
+}
+
+// volumeSample is what a scrape reports of one volume.
+type volumeSample struct {
+	u              memfs.Usage
+	held           bool // a lost volume's memory layer is still mounted
+	passthrough    bool
+	sealViolations uint64
+}
+
+// sample reads v for a scrape; false when v is being unpublished. A lost
+// volume's memory layer, still mounted under the state directory, is
+// measured by statfs on its mount point.
+func (v *volume) sample() (volumeSample, bool) {
+	v.mu.RLock()
+	defer v.mu.RUnlock()
+	var s volumeSample
+	if v.lost {
+		if v.reserved == 0 {
+			return s, true
+		}
+		var st unix.Statfs_t
+		if err := unix.Statfs(v.upper, &st); err != nil {
+			return s, true
+		}
+		bs := uint64(st.Bsize)
+		s.held = true
+		s.u = memfs.Usage{BytesUsed: (st.Blocks - st.Bfree) * bs, BytesLimit: st.Blocks * bs,
+			InodesUsed: st.Files - st.Ffree, InodesLimit: st.Files}
+		return s, true
+	}
+	if v.layer == nil || v.server == nil {
+		return s, false
+	}
+	u, err := v.layer.Usage()
+	if err != nil {
+		return s, false
+	}
+	s.u, s.passthrough, s.sealViolations = u, v.server.Passthrough(), v.layer.SealViolations()
+	return s, true
+}
+
+func b2f(b bool) float64 {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+// handler serves /metrics and /healthz (200 while Probe would succeed, for
+// the livenessprobe sidecar or a plain httpGet probe).
+func (m *metrics) handler() http.Handler {
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{Registry: m.reg}))
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) {
+		if err := m.d.probe(); err != nil {
+			http.Error(w, err.Error(), http.StatusServiceUnavailable)
+			return
+		}
+		if !m.d.ready.Load() {
+			http.Error(w, "recovering the volume journal", http.StatusServiceUnavailable)
+			return
+		}
+		w.Write([]byte("ok\n"))
+	})
+	return mux
+}
+
+// fuseObserver feeds the FUSE operation metrics (fusefs.Observer). One
+// observer serves every volume.
+type fuseObserver struct {
+	seconds *prometheus.HistogramVec
+	errors  *prometheus.CounterVec
+	// byOp caches each operation's histogram (string -> prometheus.Observer),
+	// sparing a label lookup per request.
+	byOp sync.Map
+}
+
+// ObserveOp implements fusefs.Observer.
+func (o *fuseObserver) ObserveOp(op string, d time.Duration, errno syscall.Errno) {
+	h, ok := o.byOp.Load(op)
+	if !ok {
+		h, _ = o.byOp.LoadOrStore(op, o.seconds.WithLabelValues(op))
+	}
+	h.(prometheus.Observer).Observe(d.Seconds())
+	if errno != 0 {
+		name := unix.ErrnoName(errno)
+		if name == "" {
+			name = strconv.Itoa(int(errno))
+		}
+		o.errors.WithLabelValues(op, name).Inc()
+	}
+}

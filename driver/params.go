@@ -1,0 +1,274 @@
+package driver
+
+import (
+	"path"
+	"regexp"
+	"slices"
+	"sort"
+	"strings"
+
+	"google.golang.org/grpc/codes"
+	"k8s.io/apimachinery/pkg/api/resource"
+)
+
+// The volumeAttributes keys of a csi-memfs volume (DESIGN.md, "Volume API").
+const (
+	attrImage           = "image"
+	attrImagePullPolicy = "imagePullPolicy"
+	attrImagePath       = "imagePath"
+	attrSize            = "size"
+	attrInodes          = "inodes"
+	attrSeal            = "seal"
+)
+
+// The keys kubelet adds to an inline volume's attributes. Every key under
+// kubeletPrefix is accepted; these are the ones the driver reads or hides.
+const (
+	kubeletPrefix   = "csi.storage.k8s.io/"
+	attrEphemeral   = kubeletPrefix + "ephemeral"
+	attrPodName     = kubeletPrefix + "pod.name"
+	attrPodNS       = kubeletPrefix + "pod.namespace"
+	attrPodUID      = kubeletPrefix + "pod.uid"
+	attrTokens      = kubeletPrefix + "serviceAccount.tokens" // credentials: never logged
+	defaultImageDir = "/"
+)
+
+// knownAttrs lists the user-facing keys, in the order error messages name them.
+var knownAttrs = []string{attrImage, attrImagePullPolicy, attrImagePath, attrSize, attrInodes, attrSeal}
+
+// pullPolicy is a volume's imagePullPolicy.
+type pullPolicy string
+
+// The pull policies, spelt as in a pod's imagePullPolicy.
+const (
+	pullAlways       pullPolicy = "Always"
+	pullIfNotPresent pullPolicy = "IfNotPresent"
+	pullNever        pullPolicy = "Never"
+)
+
+// volumeParams are a volume's volumeAttributes, parsed and validated. The
+// zero value is not valid; parseVolumeParams fills every field.
+type volumeParams struct {
+	// Image is the OCI reference of the lower layer; empty for a pure
+	// memory volume.
+	Image string `json:"image,omitempty"`
+	// PullPolicy says when Image is pulled. Meaningful only with an Image.
+	PullPolicy pullPolicy `json:"imagePullPolicy,omitempty"`
+	// ImagePath is the directory of the image used as the lower root:
+	// slash-separated, cleaned, starting with "/".
+	ImagePath string `json:"imagePath,omitempty"`
+	// Size is the byte limit of the upper layer.
+	// Invariant: 0 < Size <= the driver's maximum size.
+	Size int64 `json:"size"`
+	// Inodes is the inode limit of the upper layer; 0 lets memfs choose
+	// (one per 4 KiB of Size, at least 1024).
+	Inodes uint64 `json:"inodes,omitempty"`
+	// Seal lists the globs (path.Match syntax, relative to the volume root,
+	// cleaned) of files sealed at publish.
+	Seal []string `json:"seal,omitempty"`
+}
+
+// equal says whether p and q describe the same volume.
+func (p volumeParams) equal(q volumeParams) bool {
+	return p.Image == q.Image && p.PullPolicy == q.PullPolicy && p.ImagePath == q.ImagePath &&
+		p.Size == q.Size && p.Inodes == q.Inodes && slices.Equal(p.Seal, q.Seal)
+}
+
+// podInfo names the pod a volume belongs to, from the attributes kubelet
+// adds (podInfoOnMount). Fields are empty when kubelet did not send them.
+type podInfo struct {
+	Namespace string `json:"namespace,omitempty"`
+	Name      string `json:"name,omitempty"`
+	UID       string `json:"uid,omitempty"`
+}
+
+// limits are the operator's bounds on volumeAttributes (from flags).
+type limits struct {
+	// DefaultSize is the Size of a volume without a size attribute.
+	DefaultSize int64
+	// MaxSize bounds Size.
+	MaxSize int64
+	// DefaultInodes is the Inodes of a volume without an inodes attribute
+	// (0: memfs's default).
+	DefaultInodes uint64
+	// MaxInodes bounds Inodes; 0 means no bound.
+	MaxInodes uint64
+}
+
+// parseVolumeParams validates an inline volume's attributes. Every error is
+// an InvalidArgument naming the key and the values it accepts.
+func parseVolumeParams(attrs map[string]string, lim limits) (volumeParams, podInfo, error) {
+	var unknown []string
+	for k := range attrs {
+		if !slices.Contains(knownAttrs, k) && !strings.HasPrefix(k, kubeletPrefix) {
+			unknown = append(unknown, k)
+		}
+	}
+	if len(unknown) > 0 {
+		sort.Strings(unknown)
+		return volumeParams{}, podInfo{}, errorf(codes.InvalidArgument,
+			"volumeAttributes: unknown key %q; known keys are %s (and the %s* keys kubelet adds)",
+			unknown[0], strings.Join(knownAttrs, ", "), kubeletPrefix)
+	}
+	if v := attrs[attrEphemeral]; v != "true" {
+		return volumeParams{}, podInfo{}, errorf(codes.InvalidArgument,
+			"volumeAttributes[%s] is %q, want \"true\": csi-memfs serves only inline ephemeral volumes "+
+				"(a csi volume in the pod spec, with a CSIDriver whose volumeLifecycleModes is [Ephemeral]); "+
+				"it has no controller to provision persistent volumes", attrEphemeral, v)
+	}
+	pod := podInfo{Namespace: attrs[attrPodNS], Name: attrs[attrPodName], UID: attrs[attrPodUID]}
+
+	p := volumeParams{Size: lim.DefaultSize, Inodes: lim.DefaultInodes}
+	var err error
+	if v, ok := attrs[attrSize]; ok {
+		if p.Size, err = parseSize(v, lim.MaxSize); err != nil {
+			return volumeParams{}, podInfo{}, err
+		}
+	}
+	if v, ok := attrs[attrInodes]; ok {
+		if p.Inodes, err = parseInodes(v, lim.MaxInodes); err != nil {
+			return volumeParams{}, podInfo{}, err
+		}
+	}
+	if v, ok := attrs[attrSeal]; ok {
+		if p.Seal, err = parseSealGlobs(v); err != nil {
+			return volumeParams{}, podInfo{}, err
+		}
+	}
+
+	p.Image = attrs[attrImage]
+	if p.Image != "" && !validImageRef(p.Image) {
+		return volumeParams{}, podInfo{}, errorf(codes.InvalidArgument,
+			"volumeAttributes.%s: %q is not an OCI image reference; want repo:tag or repo@sha256:<hex> "+
+				"(e.g. registry.example/team/app:1.2)", attrImage, p.Image)
+	}
+	_, hasPolicy := attrs[attrImagePullPolicy]
+	_, hasPath := attrs[attrImagePath]
+	if p.Image == "" && (hasPolicy || hasPath) {
+		key := attrImagePullPolicy
+		if !hasPolicy {
+			key = attrImagePath
+		}
+		return volumeParams{}, podInfo{}, errorf(codes.InvalidArgument,
+			"volumeAttributes.%s is set but %s is empty; set %s, or drop %s for a pure memory volume",
+			key, attrImage, attrImage, key)
+	}
+	if p.Image != "" {
+		p.PullPolicy = pullIfNotPresent
+		if v, ok := attrs[attrImagePullPolicy]; ok {
+			switch pullPolicy(v) {
+			case pullAlways, pullIfNotPresent, pullNever:
+				p.PullPolicy = pullPolicy(v)
+			default:
+				return volumeParams{}, podInfo{}, errorf(codes.InvalidArgument,
+					"volumeAttributes.%s: %q is not a pull policy; want Always, IfNotPresent or Never",
+					attrImagePullPolicy, v)
+			}
+		}
+		p.ImagePath = defaultImageDir
+		if v, ok := attrs[attrImagePath]; ok {
+			if p.ImagePath, err = parseImagePath(v); err != nil {
+				return volumeParams{}, podInfo{}, err
+			}
+		}
+	}
+	return p, pod, nil
+}
+
+// parseSize parses a size attribute: a positive Kubernetes quantity no
+// larger than max.
+func parseSize(v string, max int64) (int64, error) {
+	q, err := resource.ParseQuantity(v)
+	if err != nil || q.Sign() <= 0 {
+		return 0, errorf(codes.InvalidArgument,
+			"volumeAttributes.%s: %q is not a positive Kubernetes quantity; want e.g. 64Mi or 1Gi (at most %s)",
+			attrSize, v, quantityString(max))
+	}
+	if q.Cmp(*resource.NewQuantity(max, resource.BinarySI)) > 0 {
+		return 0, errorf(codes.InvalidArgument,
+			"volumeAttributes.%s: %s is more than this node allows per volume (%s, flag --max-volume-size)",
+			attrSize, v, quantityString(max))
+	}
+	return q.Value(), nil
+}
+
+// parseInodes parses an inodes attribute: a positive whole number (plain or
+// a quantity such as 10k) no larger than max (0: no bound).
+func parseInodes(v string, max uint64) (uint64, error) {
+	q, err := resource.ParseQuantity(v)
+	if err != nil || q.Sign() <= 0 || q.CmpInt64(q.Value()) != 0 {
+		return 0, errorf(codes.InvalidArgument,
+			"volumeAttributes.%s: %q is not a positive whole number; want e.g. 4096 or 100k", attrInodes, v)
+	}
+	n := uint64(q.Value())
+	if max > 0 && n > max {
+		return 0, errorf(codes.InvalidArgument,
+			"volumeAttributes.%s: %s is more than this node allows per volume (%d, flag --max-volume-inodes)",
+			attrInodes, v, max)
+	}
+	return n, nil
+}
+
+// parseSealGlobs parses a seal attribute: comma-separated globs in
+// path.Match syntax, relative to the volume root ("/" in front is
+// dropped). Empty entries are ignored.
+func parseSealGlobs(v string) ([]string, error) {
+	var globs []string
+	for _, g := range strings.Split(v, ",") {
+		g = strings.TrimSpace(g)
+		if g == "" {
+			continue
+		}
+		clean := strings.TrimPrefix(path.Clean("/"+g), "/")
+		_, err := path.Match(clean, "")
+		if clean == "" || err != nil || slices.Contains(strings.Split(g, "/"), "..") || strings.ContainsRune(g, 0) {
+			return nil, errorf(codes.InvalidArgument,
+				"volumeAttributes.%s: %q is not a file glob; want comma-separated globs relative to the volume root "+
+					"in shell syntax (*, ?, [a-z]; no \"..\"), e.g. \"config/*.json,bin/app\"", attrSeal, g)
+		}
+		globs = append(globs, clean)
+	}
+	return globs, nil
+}
+
+// parseImagePath parses an imagePath attribute: a directory of the image,
+// without "..".
+func parseImagePath(v string) (string, error) {
+	if v == "" || strings.ContainsRune(v, 0) || slices.Contains(strings.Split(v, "/"), "..") {
+		return "", errorf(codes.InvalidArgument,
+			"volumeAttributes.%s: %q is not a directory of the image; want a path such as / or /usr/share/data (no \"..\")",
+			attrImagePath, v)
+	}
+	return path.Clean("/" + v), nil
+}
+
+// imageRefRE is the OCI distribution reference grammar: an optional
+// registry host[:port], slash-separated lower-case path components, then an
+// optional :tag and an optional @algorithm:hex digest.
+var imageRefRE = func() *regexp.Regexp {
+	const (
+		alnum      = `[a-z0-9]+`
+		separator  = `(?:[._]|__|[-]+)`
+		component  = alnum + `(?:` + separator + alnum + `)*`
+		domainPart = `(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])`
+		domain     = `(?:` + domainPart + `(?:\.` + domainPart + `)*|\[[a-fA-F0-9:]+\])(?::[0-9]+)?`
+		name       = `(?:` + domain + `/)?` + component + `(?:/` + component + `)*`
+		tag        = `[\w][\w.-]{0,127}`
+		digest     = `[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,}`
+	)
+	return regexp.MustCompile(`^` + name + `(?::` + tag + `)?(?:@` + digest + `)?$`)
+}()
+
+// validImageRef says whether ref is an OCI image reference.
+func validImageRef(ref string) bool {
+	name, _, _ := strings.Cut(ref, "@")
+	if i := strings.LastIndex(name, ":"); i > strings.LastIndex(name, "/") {
+		name = name[:i]
+	}
+	return len(name) <= 255 && imageRefRE.MatchString(ref)
+}
+
+// quantityString prints n bytes as a binary Kubernetes quantity (64Mi).
+func quantityString(n int64) string {
+	return resource.NewQuantity(n, resource.BinarySI).String()
+}
