@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -48,6 +49,11 @@ func childAction(action, path string) int {
 		_, err = unix.Getxattr(path, "trusted.memfs.seals", make([]byte, 64))
 	case "unseal":
 		err = unix.Removexattr(path, "user.memfs.seals")
+	case "fsx":
+		if err := fsx(path, 3000, rand.New(rand.NewPCG(1, 2))); err != nil {
+			fmt.Println(err)
+			return 1
+		}
 	}
 	var errno syscall.Errno
 	errors.As(err, &errno)
