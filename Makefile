@@ -25,6 +25,7 @@ test-slow: fuzz
 
 fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzOps$$' -fuzztime $(FUZZTIME) ./memfs/
+	$(GO) test -run '^$$' -fuzz '^FuzzOracle$$' -fuzztime $(FUZZTIME) ./overlay/
 
 bench: build
 	bash bench/run.sh

@@ -1,0 +1,619 @@
+// Package overlay implements the union of a memfs upper layer over a
+// read-only lower tree: the writable file system of a csi-memfs volume whose
+// lower layer comes from a container image.
+//
+// # Model
+//
+// An overlay FS serves one tree. A name is looked up in the upper layer
+// first, then (unless the upper directory is opaque) in the lower
+// directory the upper directory stands for. The upper layer holds every
+// change; the lower is never written. The state that makes the union, which
+// must survive the daemon, lives in the upper tree as memfs markers
+// (trusted.memfs.* attributes, invisible to users):
+//
+//   - "ov" on an upper entry that came from the lower (a copy-up) or hides
+//     one: "w" is a whiteout (an empty regular file standing for a deleted
+//     lower name); "o INO" is an entry whose overlay inode number is INO;
+//     "o INO lPATH" is one whose lower data or directory is at PATH. An upper
+//     directory with no "ov" marker, or one without a lower path, is opaque:
+//     nothing of the lower shows through it. A directory's lower path is
+//     recorded absolutely, so a renamed lower directory keeps its contents
+//     (no EXDEV, no copy of the subtree).
+//   - "ranges" on a partially copied-up regular file: "LIMIT A-B C-D ...";
+//     bytes below LIMIT outside the listed ranges still read from the lower
+//     file at the entry's lower path. It is removed once the file is whole.
+//   - "mixed" on an upper directory that may hold entries carrying "ov";
+//     readdir reads the markers of entries only in such directories.
+//   - "root" on the upper root once it has taken the lower root's
+//     attributes.
+//   - "links N P" on an index entry (see Hard links).
+//   - "copied" on the upper root: the bytes ever copied up, for Usage.
+//
+// The upper root holds one hidden directory, WorkName, which users can
+// neither see nor create: new copies are built there under temporary names
+// and renamed into place, so a failed or interrupted copy-up leaves no half
+// state in the visible tree; it also holds the hard-link index.
+//
+// # Inode numbers
+//
+// An entry that came from the lower has inode number lowerIno|1<<63 (see
+// lowerOvIno) before and after copy-up (the upper copy records it); an entry
+// made in the upper has its upper inode number, which tmpfs keeps below
+// 1<<63. The root is memfs.RootIno. Hard links within the lower share a
+// lower inode number and so an overlay one.
+//
+// # Hard links
+//
+// When a lower file with more than one link is copied up, its upper copy is
+// also linked into WorkName as "i<overlay inode number in hex>" (the
+// index). A later lookup of another lower name of the same inode finds the
+// index entry and links it into place; removing or replacing a lower name
+// of such a file copies it up first. The index entry's "links" marker holds
+// the lower link count N and how many lower names P have been placed, and
+// the link count shown is upper links - 1 + N - P.
+//
+// # Data and passthrough
+//
+// A write open copies a file's metadata up; files up to smallFile also
+// copy their bytes, bigger ones stay partial and copy the pages each write
+// touches (range-granular copy-up). A File of a partial file is never
+// Direct: the daemon serves it, reading each byte from the layer that holds
+// it. A read-only open of a file entirely in the lower is Direct on the
+// lower file's read-only descriptor when the caller asks; a read-only or
+// write open of a whole upper file is Direct as memfs allows. While a lower
+// passthrough open exists, upper opens of the same inode are not Direct
+// (the kernel stacks an inode on one backing file). A kernel passthrough
+// reader of the lower file keeps reading the lower bytes if another open
+// copies the file up and writes it (as Linux overlayfs before 4.19 did);
+// in-process reads of every File follow the copy-up.
+//
+// # References
+//
+// As in memfs: every Entry, File and Dir returned holds a reference on the
+// overlay inode, dropped by Forget, Release and Close. A node also holds one
+// reference on its parent node, and one memfs reference on its upper inode.
+//
+// # Lock order
+//
+//	FS.treeMu (namespace: lookups read-lock, changes and copy-up write-lock)
+//	  node.mu (a file's data state: partial copy-up ranges)
+//	    File.mu
+//	      FS.mu (the node table)
+//	    FS.copiedMu (the copied-up byte count)
+//
+// # Limits
+//
+// Device nodes in the lower show but cannot be copied up (EPERM on any
+// change but removal). A lower file whose last name was removed while it
+// is open cannot be copied up any more (ENOENT). A rename that leaves a
+// whiteout does two upper renames; a crash between them shows the lower
+// entry at the old name again (nothing is lost).
+//
+// # Errors
+//
+// Every method returns nil or a bare syscall.Errno.
+package overlay
+
+import (
+	"encoding/binary"
+	"fmt"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/csi-memfs/csi-memfs/memfs"
+)
+
+// WorkName is the hidden directory in the upper root.
+const WorkName = ".memfs-work"
+
+// Marker keys (stored by memfs as trusted.memfs.<key>).
+const (
+	markerOv     = "ov"
+	markerRanges = "ranges"
+	markerMixed  = "mixed"
+	markerRoot   = "root"
+	markerLinks  = "links"
+	markerCopied = "copied"
+)
+
+// lowerBit tags the inode numbers of entries that came from the lower.
+const lowerBit = 1 << 63
+
+// lowerOvIno returns the overlay inode number of the lower inode ino.
+func lowerOvIno(ino uint64) uint64 {
+	if ino&lowerBit != 0 {
+		// Never seen on Linux file systems; fold it so it stays tagged.
+		ino ^= ino >> 32
+	}
+	return ino | lowerBit
+}
+
+// FS is an overlay of a memfs upper Layer over a Lower.
+type FS struct {
+	// upper is the writable layer. Immutable.
+	upper *memfs.Layer
+	// lower is the read-only layer, or nil. Immutable.
+	lower Lower
+	// workIno is the upper inode of WorkName; FS holds a memfs reference
+	// on it. Immutable.
+	workIno uint64
+	// copiedMu serializes updates of copiedUp and of its record.
+	copiedMu sync.Mutex
+	// copiedUp counts the bytes ever copied from the lower into the upper;
+	// the "copied" marker of the upper root keeps it across daemons.
+	// Protected by copiedMu for writing; accessed atomically.
+	copiedUp atomic.Int64
+	// tmpSeq names temporary entries in WorkName. Accessed atomically.
+	tmpSeq atomic.Uint64
+
+	// treeMu serializes changes of the namespace (and copy-up) against
+	// each other and against lookups.
+	treeMu sync.RWMutex
+
+	// mu protects nodes.
+	mu sync.Mutex
+	// nodes holds every node someone holds a reference to.
+	// Invariant: every node in nodes has refs > 0, except the root, which
+	// is always present.
+	nodes map[uint64]*node
+	// root is the root node. Immutable.
+	root *node
+}
+
+// node is an overlay inode that some caller holds a reference to.
+type node struct {
+	// ino is the overlay inode number. Immutable.
+	ino uint64
+	// typ is the S_IFMT bits of the mode. Immutable.
+	typ uint32
+
+	// refs counts references: callers' (lookups, open Files and Dirs) and
+	// one per child node. Protected by FS.mu.
+	refs uint64
+
+	// parent and name locate the node (one of its names, for a hard link);
+	// parent is nil for the root and for a node whose name was removed.
+	// Protected by FS.treeMu.
+	parent *node
+	name   string
+
+	// upper is the node's upper inode, or 0 while it exists only in the
+	// lower. Once set it does not change. Protected by FS.treeMu and mu
+	// for writing; either suffices for reading.
+	upper uint64
+	// lowerPath is the node's lower path; meaningful when hasLower. For a
+	// directory it is the lower directory merged into it; for a file, where
+	// its bytes not yet copied up live. Protected like upper.
+	lowerPath string
+	hasLower  bool
+	// indexed says the node's upper copy is linked into the hard-link
+	// index. Protected like upper.
+	indexed bool
+
+	// mu protects the fields below.
+	mu sync.Mutex
+	// partial says the file is copied up but some of its bytes are only in
+	// the lower. Invariant: partial implies upper != 0 and hasLower.
+	partial bool
+	// limit is the size of the lower data still meaningful: bytes at or
+	// beyond it never read from the lower. Valid when partial.
+	limit int64
+	// copied holds the byte ranges below limit that live in the upper.
+	// Valid when partial.
+	copied rangeSet
+	// lowerDirect counts open Files whose bytes the kernel reads from the
+	// lower file itself (passthrough). While there are any, upper opens are
+	// not direct: the kernel stacks an inode on one backing file.
+	lowerDirect int
+}
+
+// Options configure an FS.
+type Options struct{}
+
+// New returns the overlay of upper over lower (nil for none). It creates
+// WorkName in the upper root if missing, removes temporaries an interrupted
+// copy-up left there, and gives a fresh upper root the lower root's
+// attributes.
+func New(upper *memfs.Layer, lower Lower, _ Options) (*FS, error) {
+	fs := &FS{upper: upper, lower: lower, nodes: map[uint64]*node{}}
+	e, err := upper.Lookup(memfs.RootIno, WorkName)
+	if err == syscall.ENOENT {
+		e, err = upper.Mkdir(memfs.RootIno, WorkName, 0o700, memfs.Root)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("overlay: work directory: %w", err)
+	}
+	fs.workIno = e.Ino()
+	if err := fs.cleanWork(); err != nil {
+		upper.Forget(fs.workIno, 1)
+		return nil, fmt.Errorf("overlay: clean work directory: %w", err)
+	}
+	var cb [24]byte
+	if n, err := upper.GetMarker(memfs.RootIno, markerCopied, cb[:]); err == nil {
+		if v, err := strconv.ParseInt(string(cb[:n]), 10, 64); err == nil {
+			fs.copiedUp.Store(v)
+		}
+	}
+	fs.root = &node{ino: memfs.RootIno, typ: unix.S_IFDIR, refs: 1, upper: memfs.RootIno, hasLower: lower != nil}
+	fs.nodes[memfs.RootIno] = fs.root
+	if lower != nil {
+		if err := fs.initRoot(); err != nil {
+			upper.Forget(fs.workIno, 1)
+			return nil, fmt.Errorf("overlay: root: %w", err)
+		}
+	}
+	return fs, nil
+}
+
+// Close drops the FS's reference on the work directory. The caller closes
+// the layers.
+func (fs *FS) Close() {
+	fs.upper.Forget(fs.workIno, 1)
+}
+
+// Upper returns the upper layer.
+func (fs *FS) Upper() *memfs.Layer { return fs.upper }
+
+// initRoot copies the lower root's attributes to the upper root once.
+func (fs *FS) initRoot() error {
+	var b [4]byte
+	if _, err := fs.upper.GetMarker(memfs.RootIno, markerRoot, b[:]); err == nil {
+		return nil
+	}
+	st, err := fs.lower.Lstat("")
+	if err != nil {
+		return err
+	}
+	if err := fs.copyXattrs("", memfs.RootIno); err != nil {
+		return err
+	}
+	if _, err := fs.upper.SetAttr(memfs.RootIno, nil, memfs.SetAttr{
+		Valid: memfs.SetUid | memfs.SetGid | memfs.SetMode | memfs.SetAtime | memfs.SetMtime,
+		Uid:   st.Uid, Gid: st.Gid, Mode: st.Mode & 07777,
+		Atime: st.Atim, Mtime: st.Mtim,
+	}); err != nil {
+		return err
+	}
+	if err := fs.upper.SetMarker(memfs.RootIno, markerMixed, []byte("1"), 0); err != nil {
+		return err
+	}
+	return fs.upper.SetMarker(memfs.RootIno, markerRoot, []byte("1"), 0)
+}
+
+// cleanWork removes the temporaries in WorkName.
+func (fs *FS) cleanWork() error {
+	var names []string
+	d, err := fs.upper.OpenDir(fs.workIno)
+	if err != nil {
+		return err
+	}
+	err = d.ReadDir(0, func(e *memfs.DirEntry) bool {
+		if strings.HasPrefix(e.Name, "t") {
+			names = append(names, e.Name)
+		}
+		return true
+	})
+	d.Close()
+	if err != nil {
+		return err
+	}
+	for _, name := range names {
+		if err := fs.removeAll(fs.workIno, name); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// removeAll removes name from the upper directory parent with everything
+// under it.
+func (fs *FS) removeAll(parent uint64, name string) error {
+	err := fs.upper.Unlink(parent, name)
+	if err != syscall.EISDIR {
+		return err
+	}
+	e, err := fs.upper.Lookup(parent, name)
+	if err != nil {
+		return err
+	}
+	defer fs.upper.Forget(e.Ino(), 1)
+	var names []string
+	d, err := fs.upper.OpenDir(e.Ino())
+	if err != nil {
+		return err
+	}
+	err = d.ReadDir(0, func(de *memfs.DirEntry) bool {
+		if de.Name != "." && de.Name != ".." {
+			names = append(names, de.Name)
+		}
+		return true
+	})
+	d.Close()
+	if err != nil {
+		return err
+	}
+	for _, n := range names {
+		if err := fs.removeAll(e.Ino(), n); err != nil {
+			return err
+		}
+	}
+	return fs.upper.Rmdir(parent, name)
+}
+
+// tmpName returns a fresh temporary name for WorkName.
+func (fs *FS) tmpName() string {
+	return "t" + strconv.FormatUint(fs.tmpSeq.Add(1), 10)
+}
+
+// get returns the node ino, which the caller holds a reference to.
+func (fs *FS) get(ino uint64) (*node, error) {
+	fs.mu.Lock()
+	n := fs.nodes[ino]
+	fs.mu.Unlock()
+	if n == nil {
+		return nil, syscall.ESTALE
+	}
+	return n, nil
+}
+
+// ref adds a reference to n, which is in the table.
+func (fs *FS) ref(n *node) {
+	fs.mu.Lock()
+	n.refs++
+	fs.mu.Unlock()
+}
+
+// Forget drops n references to ino.
+func (fs *FS) Forget(ino, n uint64) {
+	fs.mu.Lock()
+	nd := fs.nodes[ino]
+	fs.mu.Unlock()
+	if nd == nil {
+		return
+	}
+	fs.unref(nd, n)
+}
+
+// unref drops k references to n; a node left with none leaves the table and
+// drops its references on its parent and its upper inode.
+func (fs *FS) unref(n *node, k uint64) {
+	for n != nil {
+		fs.mu.Lock()
+		if n == fs.root {
+			fs.mu.Unlock()
+			return
+		}
+		if k < n.refs {
+			n.refs -= k
+			fs.mu.Unlock()
+			return
+		}
+		n.refs = 0
+		if fs.nodes[n.ino] == n {
+			delete(fs.nodes, n.ino)
+		}
+		fs.mu.Unlock()
+		// The node is unreachable now: nobody else reads its fields.
+		if n.upper != 0 {
+			fs.upper.Forget(n.upper, 1)
+		}
+		n, k = n.parent, 1
+	}
+}
+
+// setParentLocked moves n under parent as name, moving its reference on its
+// parent.
+//
+// Preconditions:
+//   - fs.treeMu is locked for writing, or n is new and unshared.
+func (fs *FS) setParentLocked(n, parent *node, name string) {
+	old := n.parent
+	if old == parent {
+		n.name = name
+		return
+	}
+	if parent != nil {
+		fs.ref(parent)
+	}
+	n.parent, n.name = parent, name
+	if old != nil {
+		fs.unref(old, 1)
+	}
+}
+
+// meta is the decoded "ov" marker of an upper entry.
+type meta struct {
+	whiteout  bool
+	ino       uint64 // overlay inode number, or 0
+	hasLower  bool
+	lowerPath string
+}
+
+func (m meta) encode() []byte {
+	if m.whiteout {
+		return []byte("w")
+	}
+	s := "o " + strconv.FormatUint(m.ino, 10)
+	if m.hasLower {
+		s += " l" + m.lowerPath
+	}
+	return []byte(s)
+}
+
+func decodeMeta(b []byte) (meta, error) {
+	s := string(b)
+	if s == "w" {
+		return meta{whiteout: true}, nil
+	}
+	rest, ok := strings.CutPrefix(s, "o ")
+	if !ok {
+		return meta{}, syscall.EIO
+	}
+	num, path, hasPath := strings.Cut(rest, " ")
+	ino, err := strconv.ParseUint(num, 10, 64)
+	if err != nil {
+		return meta{}, syscall.EIO
+	}
+	m := meta{ino: ino}
+	if hasPath {
+		if !strings.HasPrefix(path, "l") {
+			return meta{}, syscall.EIO
+		}
+		m.hasLower, m.lowerPath = true, path[1:]
+	}
+	return m, nil
+}
+
+// maxMarker bounds a marker's size (tmpfs takes up to 64 KiB per value).
+const maxMarker = 64 << 10
+
+// readMeta reads the "ov" marker of the referenced upper inode ino; an
+// entry without one has the zero meta.
+func (fs *FS) readMeta(ino uint64) (meta, error) {
+	buf := make([]byte, 8192)
+	n, err := fs.upper.GetMarker(ino, markerOv, buf)
+	if err == syscall.ERANGE {
+		buf = make([]byte, maxMarker)
+		n, err = fs.upper.GetMarker(ino, markerOv, buf)
+	}
+	switch err {
+	case nil:
+		return decodeMeta(buf[:n])
+	case syscall.ENODATA:
+		return meta{}, nil
+	}
+	return meta{}, err
+}
+
+// readMetaAt reads the "ov" marker of the entry name of the upper directory
+// parent without taking a reference on it.
+func (fs *FS) readMetaAt(parent uint64, name string) (meta, error) {
+	buf := make([]byte, 8192)
+	n, err := fs.upper.GetMarkerAt(parent, name, markerOv, buf)
+	if err == syscall.ERANGE {
+		buf = make([]byte, maxMarker)
+		n, err = fs.upper.GetMarkerAt(parent, name, markerOv, buf)
+	}
+	switch err {
+	case nil:
+		return decodeMeta(buf[:n])
+	case syscall.ENODATA:
+		return meta{}, nil
+	}
+	return meta{}, err
+}
+
+// isMixed says whether the upper directory ino may hold entries with
+// markers.
+func (fs *FS) isMixed(ino uint64) bool {
+	var b [4]byte
+	_, err := fs.upper.GetMarker(ino, markerMixed, b[:])
+	return err != syscall.ENODATA
+}
+
+// setMixed marks the upper directory ino as holding entries with markers.
+func (fs *FS) setMixed(ino uint64) error {
+	if fs.isMixed(ino) {
+		return nil
+	}
+	return fs.upper.SetMarker(ino, markerMixed, []byte("1"), 0)
+}
+
+// addCopied counts n more bytes copied up, and records the total.
+func (fs *FS) addCopied(n int64) {
+	if n == 0 {
+		return
+	}
+	fs.copiedMu.Lock()
+	defer fs.copiedMu.Unlock()
+	v := fs.copiedUp.Add(n)
+	// Best effort: a lost update only makes the count low.
+	fs.upper.SetMarker(memfs.RootIno, markerCopied, []byte(strconv.FormatInt(v, 10)), 0)
+}
+
+// Usage is a volume's usage: the upper layer's, and how much of it holds
+// bytes copied up from the lower.
+type Usage struct {
+	memfs.Usage
+	// CopiedUpBytes counts the bytes ever copied from the lower into the
+	// upper (copy-up copies only what it must: small files whole, the
+	// touched pages of big ones). Data written by users is the rest of
+	// BytesUsed.
+	CopiedUpBytes uint64
+}
+
+// Usage reports the volume's usage.
+func (fs *FS) Usage() (Usage, error) {
+	u, err := fs.upper.Usage()
+	if err != nil {
+		return Usage{}, err
+	}
+	return Usage{Usage: u, CopiedUpBytes: uint64(fs.copiedUp.Load())}, nil
+}
+
+// StatFS reports the upper layer's statfs.
+func (fs *FS) StatFS() (unix.Statfs_t, error) { return fs.upper.StatFS() }
+
+// CheckInvariants verifies the node table and returns a description of the
+// first broken invariant.
+func (fs *FS) CheckInvariants() error {
+	fs.treeMu.RLock()
+	defer fs.treeMu.RUnlock()
+	fs.mu.Lock()
+	nodes := make([]*node, 0, len(fs.nodes))
+	for ino, n := range fs.nodes {
+		if n.ino != ino {
+			fs.mu.Unlock()
+			return fmt.Errorf("node %#x registered as %#x", n.ino, ino)
+		}
+		if n.refs == 0 {
+			fs.mu.Unlock()
+			return fmt.Errorf("node %#x registered with no reference", ino)
+		}
+		nodes = append(nodes, n)
+	}
+	fs.mu.Unlock()
+	for _, n := range nodes {
+		if n.parent != nil && fs.nodes[n.parent.ino] != n.parent {
+			return fmt.Errorf("node %#x has an unregistered parent %#x", n.ino, n.parent.ino)
+		}
+		n.mu.Lock()
+		bad := n.partial && (n.upper == 0 || !n.hasLower)
+		n.mu.Unlock()
+		if bad {
+			return fmt.Errorf("node %#x is partial without both layers", n.ino)
+		}
+		if n.upper == 0 && !n.hasLower {
+			return fmt.Errorf("node %#x is in neither layer", n.ino)
+		}
+		if n.upper != 0 && fs.upper.Refs(n.upper) == 0 {
+			return fmt.Errorf("node %#x holds no reference on its upper inode %d", n.ino, n.upper)
+		}
+	}
+	return fs.upper.CheckInvariants()
+}
+
+// errnoOf converts an error to a bare syscall.Errno (EIO if it has none).
+func errnoOf(err error) error {
+	if err == nil {
+		return nil
+	}
+	if e, ok := err.(syscall.Errno); ok {
+		if e == 0 {
+			return nil
+		}
+		return e
+	}
+	if u, ok := err.(interface{ Unwrap() error }); ok {
+		return errnoOf(u.Unwrap())
+	}
+	return syscall.EIO
+}
+
+func nativeUint16(b []byte) uint16 { return binary.NativeEndian.Uint16(b) }
+func nativeUint64(b []byte) uint64 { return binary.NativeEndian.Uint64(b) }
