@@ -14,12 +14,14 @@ import (
 
 	"github.com/csi-memfs/csi-memfs/fusefs"
 	"github.com/csi-memfs/csi-memfs/memfs"
+	"github.com/csi-memfs/csi-memfs/overlay"
 )
 
 type mountFlags struct {
 	size          resource.Quantity
 	inodes        uint64
 	stateDir      string
+	lower         string
 	noPassthrough bool
 	debug         bool
 	mountpoint    string
@@ -41,6 +43,7 @@ func parseMountFlags(args []string, out io.Writer) (*mountFlags, error) {
 		return nil
 	})
 	fs.Uint64Var(&m.inodes, "inodes", 0, "inode limit of the volume (default: one per 4 KiB of size, at least 1024)")
+	fs.StringVar(&m.lower, "lower", "", "a directory to serve read-only beneath the memory layer: the volume starts with its contents, and changes stay in memory")
 	fs.StringVar(&m.stateDir, "state-dir", os.TempDir(), "directory under which the volume's private tmpfs instance is mounted")
 	fs.BoolVar(&m.noPassthrough, "no-passthrough", false, "serve every read and write through the daemon instead of FUSE passthrough")
 	fs.BoolVar(&m.debug, "debug", false, "log every FUSE request")
@@ -51,7 +54,9 @@ func parseMountFlags(args []string, out io.Writer) (*mountFlags, error) {
 Mounts a fresh memory volume on MOUNTPOINT (an empty directory) and serves it
 until interrupted (Ctrl-C or SIGTERM), then unmounts it and exits 0. The
 volume's bytes live in a private kernel tmpfs instance limited to --size;
-everything in it is gone after the unmount.
+everything in it is gone after the unmount. With --lower DIR the volume is
+an overlay: it shows DIR's tree, DIR itself is never written, and what
+changes is copied up into memory, only the pages written.
 
 Flags:
 `)
@@ -68,6 +73,13 @@ Flags:
 		return nil, errors.New("want exactly one MOUNTPOINT (see --help)")
 	}
 	m.mountpoint = fs.Arg(0)
+	if m.lower != "" {
+		if fi, err := os.Stat(m.lower); err != nil {
+			return nil, fmt.Errorf("--lower %s: %v", m.lower, errors.Unwrap(err))
+		} else if !fi.IsDir() {
+			return nil, fmt.Errorf("--lower %s is not a directory", m.lower)
+		}
+	}
 	entries, err := os.ReadDir(m.mountpoint)
 	switch {
 	case err != nil:
@@ -97,6 +109,13 @@ func runMount(args []string) int {
 // serveMount mounts the volume, serves it until a signal or an external
 // unmount, and cleans up.
 func serveMount(m *mountFlags) error {
+	// Take the signals before mounting: one that arrives while the mount
+	// is being set up must unmount it, not kill the process and leave a
+	// dead mount behind.
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
+	defer signal.Stop(sigs)
+
 	private, err := os.MkdirTemp(m.stateDir, "csi-memfs-")
 	if err != nil {
 		return err
@@ -108,7 +127,20 @@ func serveMount(m *mountFlags) error {
 	}
 	defer layer.Close()
 
-	srv, err := fusefs.Mount(m.mountpoint, fusefs.FromLayer(layer), fusefs.Options{
+	tree := fusefs.FromLayer(layer)
+	if m.lower != "" {
+		lower, err := overlay.NewDirLower(m.lower)
+		if err != nil {
+			return fmt.Errorf("--lower %s: %w", m.lower, err)
+		}
+		defer lower.Close()
+		ov, err := overlay.New(layer, lower, overlay.Options{})
+		if err != nil {
+			return err
+		}
+		tree = fusefs.FromOverlay(ov)
+	}
+	srv, err := fusefs.Mount(m.mountpoint, tree, fusefs.Options{
 		FsName:             "csi-memfs",
 		DisablePassthrough: m.noPassthrough,
 		Debug:              m.debug,
@@ -116,14 +148,16 @@ func serveMount(m *mountFlags) error {
 	if err != nil {
 		return err
 	}
-	sigs := make(chan os.Signal, 1)
-	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
 	done := make(chan struct{})
 	go func() { srv.Wait(); close(done) }()
 
 	u, _ := layer.Usage()
-	fmt.Fprintf(os.Stderr, "csi-memfs: serving %s (size %s, %d inodes, passthrough %s); Ctrl-C unmounts\n",
-		m.mountpoint, &m.size, u.InodesLimit, onOff(srv.Passthrough()))
+	over := ""
+	if m.lower != "" {
+		over = " over " + m.lower
+	}
+	fmt.Fprintf(os.Stderr, "csi-memfs: serving %s%s (size %s, %d inodes, passthrough %s); Ctrl-C unmounts\n",
+		m.mountpoint, over, &m.size, u.InodesLimit, onOff(srv.Passthrough()))
 	select {
 	case s := <-sigs:
 		fmt.Fprintf(os.Stderr, "csi-memfs: %v: unmounting %s\n", s, m.mountpoint)

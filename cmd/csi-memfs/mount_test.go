@@ -35,6 +35,9 @@ func TestMountFlags(t *testing.T) {
 		{[]string{full}, "is not empty", 0},
 		{[]string{file}, "not a directory", 0},
 		{[]string{filepath.Join(empty, "missing")}, "no such file or directory", 0},
+		{[]string{"--lower", full, empty}, "", 64 << 20},
+		{[]string{"--lower", file, empty}, "is not a directory", 0},
+		{[]string{"--lower", filepath.Join(full, "missing"), empty}, "no such file or directory", 0},
 	} {
 		var out bytes.Buffer
 		m, err := parseMountFlags(tc.args, &out)
@@ -79,7 +82,9 @@ func TestMountCommand(t *testing.T) {
 
 	mnt := t.TempDir()
 	state := t.TempDir()
-	cmd = exec.Command(bin, "mount", "--size", "8Mi", "--state-dir", state, mnt)
+	lower := t.TempDir()
+	os.WriteFile(filepath.Join(lower, "from-lower"), []byte("lower data"), 0o644)
+	cmd = exec.Command(bin, "mount", "--size", "8Mi", "--state-dir", state, "--lower", lower, mnt)
 	stderr.Reset()
 	cmd.Stderr = &stderr
 	if err := cmd.Start(); err != nil {
@@ -95,6 +100,15 @@ func TestMountCommand(t *testing.T) {
 	}
 	if err := os.WriteFile(filepath.Join(mnt, "f"), []byte("data"), 0o644); err != nil {
 		t.Error(err)
+	}
+	if got, err := os.ReadFile(filepath.Join(mnt, "from-lower")); string(got) != "lower data" {
+		t.Errorf("lower file through the mount: %q, %v", got, err)
+	}
+	if err := os.WriteFile(filepath.Join(mnt, "from-lower"), []byte("changed"), 0o644); err != nil {
+		t.Error(err)
+	}
+	if got, _ := os.ReadFile(filepath.Join(lower, "from-lower")); string(got) != "lower data" {
+		t.Errorf("the lower directory changed: %q", got)
 	}
 	cmd.Process.Signal(syscall.SIGTERM)
 	if err := cmd.Wait(); err != nil {
