@@ -11,7 +11,7 @@ import (
 func (l *Layer) GetAttr(ino uint64) (unix.Stat_t, error) {
 	var st unix.Stat_t
 	err := l.withFd(ino, func(_ *inode, fd int) error {
-		return errnoOf(unix.Fstatat(fd, "", &st, unix.AT_EMPTY_PATH))
+		return Errno(unix.Fstatat(fd, "", &st, unix.AT_EMPTY_PATH))
 	})
 	return st, err
 }
@@ -71,7 +71,7 @@ func (l *Layer) SetAttr(ino uint64, f *File, a SetAttr) (unix.Stat_t, error) {
 				gid = int(a.Gid)
 			}
 			if err := unix.Fchownat(fd, "", uid, gid, unix.AT_EMPTY_PATH); err != nil {
-				return errnoOf(err)
+				return Errno(err)
 			}
 		}
 		if a.Valid&SetMode != 0 {
@@ -91,10 +91,10 @@ func (l *Layer) SetAttr(ino uint64, f *File, a SetAttr) (unix.Stat_t, error) {
 				ts[1] = a.Mtime
 			}
 			if err := unix.UtimesNanoAt(fd, "", ts, unix.AT_EMPTY_PATH|unix.AT_SYMLINK_NOFOLLOW); err != nil {
-				return errnoOf(err)
+				return Errno(err)
 			}
 		}
-		return errnoOf(unix.Fstatat(fd, "", &st, unix.AT_EMPTY_PATH))
+		return Errno(unix.Fstatat(fd, "", &st, unix.AT_EMPTY_PATH))
 	})
 	return st, err
 }
@@ -128,7 +128,7 @@ func (l *Layer) truncate(i *inode, f *File, size int64, kill bool) error {
 	}
 	var st unix.Stat_t
 	if err := unix.Fstat(fd, &st); err != nil {
-		return errnoOf(err)
+		return Errno(err)
 	}
 	if (size > st.Size && seals&SealGrow != 0) || (size < st.Size && seals&SealShrink != 0) {
 		return l.sealDenied()
@@ -138,7 +138,7 @@ func (l *Layer) truncate(i *inode, f *File, size int64, kill bool) error {
 			return err
 		}
 	}
-	return errnoOf(unix.Ftruncate(fd, size))
+	return Errno(unix.Ftruncate(fd, size))
 }
 
 // killSuidGid clears the set-user-ID bit of a file with mode, and its

@@ -52,13 +52,13 @@ func (l *Layer) OpenDir(ino uint64) (*Dir, error) {
 // included) until fn returns false or the directory ends.
 func (d *Dir) ReadDir(off int64, fn func(*DirEntry) bool) error {
 	if _, err := unix.Seek(d.fd, off, 0); err != nil {
-		return errnoOf(err)
+		return Errno(err)
 	}
 	var e DirEntry
 	for {
 		n, err := unix.Getdents(d.fd, d.buf)
 		if err != nil {
-			return errnoOf(err)
+			return Errno(err)
 		}
 		if n == 0 {
 			return nil
@@ -86,11 +86,11 @@ func (d *Dir) ReadDir(off int64, fn func(*DirEntry) bool) error {
 }
 
 // Sync is fsync(2) of the directory.
-func (d *Dir) Sync() error { return errnoOf(unix.Fsync(d.fd)) }
+func (d *Dir) Sync() error { return Errno(unix.Fsync(d.fd)) }
 
 // Close closes the directory and drops its reference.
 func (d *Dir) Close() error {
 	err := unix.Close(d.fd)
 	d.l.Forget(d.ino, 1)
-	return errnoOf(err)
+	return Errno(err)
 }

@@ -103,7 +103,7 @@ func (l *Layer) Open(ino uint64, flags int, o OpenOptions) (*File, error) {
 		}
 		if err != nil {
 			f.releaseLocked()
-			return nil, errnoOf(err)
+			return nil, Errno(err)
 		}
 	}
 	return f, nil
@@ -119,7 +119,7 @@ func (l *Layer) withFdLockless(i *inode, st *unix.Stat_t) error {
 	if transient {
 		unix.Close(fd)
 	}
-	return errnoOf(err)
+	return Errno(err)
 }
 
 // newFileLocked wraps fd, an open descriptor of i, in a File holding a
@@ -136,7 +136,7 @@ func (l *Layer) newFileLocked(i *inode, fd int, writable bool, seals Seals, mode
 			if mode == 0 {
 				var st unix.Stat_t
 				if err := unix.Fstat(fd, &st); err != nil {
-					return nil, errnoOf(err)
+					return nil, Errno(err)
 				}
 				mode = st.Mode
 			}
@@ -168,7 +168,7 @@ func hasSetID(mode uint32) bool {
 //
 // Errors: as Mkdir and Open.
 func (l *Layer) Create(parent uint64, name string, flags int, mode uint32, c Caller, o OpenOptions) (Entry, *File, error) {
-	if err := checkName(name); err != nil {
+	if err := CheckName(name); err != nil {
 		return Entry{}, nil, err
 	}
 	var (
@@ -185,28 +185,11 @@ func (l *Layer) Create(parent uint64, name string, flags int, mode uint32, c Cal
 			return err
 		}
 		if err != nil {
-			return errnoOf(err)
+			return Errno(err)
 		}
-		var st unix.Stat_t
-		if err := giveTo(fd, pfd, &st, c); err != nil {
-			unix.Close(fd)
+		e, f, err = l.newFile(fd, pfd, c, acc != unix.O_RDONLY, o)
+		if err != nil {
 			unix.Unlinkat(pfd, name, 0)
-			return err
-		}
-		if e, err = l.register(fd, &st); err != nil {
-			unix.Close(fd)
-			return err
-		}
-		i, err := l.get(e.Ino())
-		if err != nil {
-			unix.Close(fd)
-			return err
-		}
-		i.mu.Lock()
-		defer i.mu.Unlock()
-		f, err = l.newFileLocked(i, fd, acc != unix.O_RDONLY, 0, st.Mode, o)
-		if err != nil {
-			unix.Close(fd)
 		}
 		return err
 	})
@@ -246,38 +229,48 @@ func (l *Layer) Tmpfile(parent uint64, flags int, mode uint32, c Caller, o OpenO
 	err := l.withFd(parent, func(_ *inode, pfd int) error {
 		fd, err := unix.Openat(pfd, ".", acc|unix.O_TMPFILE|unix.O_CLOEXEC|flags&unix.O_EXCL, mode&07777)
 		if err != nil {
-			return errnoOf(err)
+			return Errno(err)
 		}
-		var st unix.Stat_t
-		if err := giveTo(fd, pfd, &st, c); err != nil {
-			unix.Close(fd)
-			return err
-		}
-		if e, err = l.register(fd, &st); err != nil {
-			unix.Close(fd)
-			return err
-		}
-		i, err := l.get(e.Ino())
-		if err != nil {
-			unix.Close(fd)
-			return err
-		}
-		i.mu.Lock()
-		defer i.mu.Unlock()
-		if f, err = l.newFileLocked(i, fd, true, 0, st.Mode, o); err != nil {
-			unix.Close(fd)
-			l.Forget(e.Ino(), 1)
-		}
+		e, f, err = l.newFile(fd, pfd, c, true, o)
 		return err
 	})
 	return e, f, err
+}
+
+// newFile gives the file just created as fd (in the directory pfd) to c,
+// registers it and wraps fd in a File. The Entry and the File each hold a
+// reference. On error fd is closed and no reference is held.
+func (l *Layer) newFile(fd, pfd int, c Caller, writable bool, o OpenOptions) (Entry, *File, error) {
+	var st unix.Stat_t
+	if err := giveTo(fd, pfd, &st, c); err != nil {
+		unix.Close(fd)
+		return Entry{}, nil, err
+	}
+	e, err := l.register(fd, &st)
+	if err != nil {
+		unix.Close(fd)
+		return Entry{}, nil, err
+	}
+	i, err := l.get(e.Ino())
+	if err == nil {
+		i.mu.Lock()
+		var f *File
+		f, err = l.newFileLocked(i, fd, writable, 0, st.Mode, o)
+		i.mu.Unlock()
+		if err == nil {
+			return e, f, nil
+		}
+	}
+	unix.Close(fd)
+	l.Forget(e.Ino(), 1)
+	return Entry{}, nil, err
 }
 
 // ReadAt reads from the file at off; a short count means end of file.
 func (f *File) ReadAt(p []byte, off int64) (int, error) {
 	n, err := unix.Pread(f.fd, p, off)
 	if err != nil {
-		return 0, errnoOf(err)
+		return 0, Errno(err)
 	}
 	return n, nil
 }
@@ -308,7 +301,7 @@ func (f *File) WriteAt(p []byte, off int64, kill bool) (int, error) {
 	if seals&SealGrow != 0 || kill {
 		var st unix.Stat_t
 		if err := unix.Fstat(f.fd, &st); err != nil {
-			return 0, errnoOf(err)
+			return 0, Errno(err)
 		}
 		if end := off + int64(len(p)); seals&SealGrow != 0 && end > st.Size {
 			pgstart := st.Size &^ (pageSize - 1)
@@ -328,7 +321,7 @@ func (f *File) WriteAt(p []byte, off int64, kill bool) (int, error) {
 	}
 	n, err := unix.Pwrite(f.fd, p, off)
 	if err != nil {
-		return 0, errnoOf(err)
+		return 0, Errno(err)
 	}
 	return n, nil
 }
@@ -351,35 +344,35 @@ func (f *File) Allocate(mode uint32, off, length int64) error {
 	if mode&unix.FALLOC_FL_KEEP_SIZE == 0 && seals&SealGrow != 0 {
 		var st unix.Stat_t
 		if err := unix.Fstat(f.fd, &st); err != nil {
-			return errnoOf(err)
+			return Errno(err)
 		}
 		if off+length > st.Size {
 			return f.l.sealDenied()
 		}
 	}
-	return errnoOf(unix.Fallocate(f.fd, mode, off, length))
+	return Errno(unix.Fallocate(f.fd, mode, off, length))
 }
 
 // Seek is lseek(2) for SEEK_DATA and SEEK_HOLE (and the plain whences): it
 // returns the resulting offset and does not move a position memfs uses.
 func (f *File) Seek(off int64, whence int) (int64, error) {
 	n, err := unix.Seek(f.fd, off, whence)
-	return n, errnoOf(err)
+	return n, Errno(err)
 }
 
 // Sync is fsync(2), or fdatasync(2) with dataOnly.
 func (f *File) Sync(dataOnly bool) error {
 	if dataOnly {
-		return errnoOf(unix.Fdatasync(f.fd))
+		return Errno(unix.Fdatasync(f.fd))
 	}
-	return errnoOf(unix.Fsync(f.fd))
+	return Errno(unix.Fsync(f.fd))
 }
 
 // Stat returns the attributes of the open file, even once unlinked.
 func (f *File) Stat() (unix.Stat_t, error) {
 	var st unix.Stat_t
 	err := unix.Fstat(f.fd, &st)
-	return st, errnoOf(err)
+	return st, Errno(err)
 }
 
 // Release closes the File and drops its reference.

@@ -325,7 +325,7 @@ func (h *harness) hostParent(path string) (int, string, error) {
 	dir, name := splitPath(path)
 	if dir == "" {
 		fd, err := unix.Dup(h.hostFd)
-		return fd, name, errnoOf(err)
+		return fd, name, Errno(err)
 	}
 	parent, last := ".", dir
 	if i := strings.LastIndex(dir, "/"); i >= 0 {
@@ -339,11 +339,11 @@ func (h *harness) hostParent(path string) (int, string, error) {
 		err = unix.ENOTDIR // memfs: a symlink is not a directory to walk into
 	}
 	if err != nil {
-		return -1, "", errnoOf(err)
+		return -1, "", Errno(err)
 	}
 	defer unix.Close(pfd)
 	fd, err := unix.Openat(pfd, last, unix.O_PATH|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
-	return fd, name, errnoOf(err)
+	return fd, name, Errno(err)
 }
 
 func (h *harness) onHost(op fuzzOp) result {
@@ -353,7 +353,7 @@ func (h *harness) onHost(op fuzzOp) result {
 	}
 	defer unix.Close(pfd)
 	if op.kind != 6 && op.kind != 8 {
-		if err := checkName(name); err != nil {
+		if err := CheckName(name); err != nil {
 			return result{err: err}
 		}
 	}
@@ -366,15 +366,15 @@ func (h *harness) onHost(op fuzzOp) result {
 	}
 	switch op.kind {
 	case 0:
-		return result{err: errnoOf(unix.Mkdirat(pfd, name, 0o755))}
+		return result{err: Errno(unix.Mkdirat(pfd, name, 0o755))}
 	case 1:
 		fd, err := unix.Openat(pfd, name, unix.O_RDWR|unix.O_CREAT|unix.O_EXCL|unix.O_NOFOLLOW, 0o644)
 		if err != nil {
-			return result{err: errnoOf(err)}
+			return result{err: Errno(err)}
 		}
 		defer unix.Close(fd)
 		_, err = unix.Pwrite(fd, op.data, 0)
-		return result{err: errnoOf(err)}
+		return result{err: Errno(err)}
 	case 2, 3, 9:
 		flags := unix.O_RDWR
 		if op.kind == 9 {
@@ -382,59 +382,59 @@ func (h *harness) onHost(op fuzzOp) result {
 		}
 		fd, err := open(flags)
 		if err != nil {
-			return result{err: errnoOf(err)}
+			return result{err: Errno(err)}
 		}
 		defer unix.Close(fd)
 		switch op.kind {
 		case 2:
 			_, err = unix.Pwrite(fd, op.data, int64(op.arg*97))
-			return result{err: errnoOf(err)}
+			return result{err: Errno(err)}
 		case 3:
-			return result{err: errnoOf(unix.Ftruncate(fd, int64(op.arg*53)))}
+			return result{err: Errno(unix.Ftruncate(fd, int64(op.arg*53)))}
 		}
 		buf := make([]byte, 16<<10)
 		n, err := unix.Pread(fd, buf, 0)
 		if err != nil {
-			return result{err: errnoOf(err)}
+			return result{err: Errno(err)}
 		}
 		return result{data: string(buf[:n])}
 	case 4:
-		return result{err: errnoOf(unix.Unlinkat(pfd, name, 0))}
+		return result{err: Errno(unix.Unlinkat(pfd, name, 0))}
 	case 5:
-		return result{err: errnoOf(unix.Unlinkat(pfd, name, unix.AT_REMOVEDIR))}
+		return result{err: Errno(unix.Unlinkat(pfd, name, unix.AT_REMOVEDIR))}
 	case 6, 8:
 		npfd, nname, err := h.hostParent(op.other)
 		if err != nil {
 			return result{err: err}
 		}
 		defer unix.Close(npfd)
-		if err := checkName(name); err != nil {
+		if err := CheckName(name); err != nil {
 			return result{err: err}
 		}
 		if op.kind == 6 {
-			if err := checkName(nname); err != nil {
+			if err := CheckName(nname); err != nil {
 				return result{err: err}
 			}
-			return result{err: errnoOf(unix.Renameat2(pfd, name, npfd, nname, uint(renameFlags(op.arg))))}
+			return result{err: Errno(unix.Renameat2(pfd, name, npfd, nname, uint(renameFlags(op.arg))))}
 		}
 		// memfs: look the source up, then link it.
 		var st unix.Stat_t
 		if err := unix.Fstatat(pfd, name, &st, unix.AT_SYMLINK_NOFOLLOW); err != nil {
-			return result{err: errnoOf(err)}
+			return result{err: Errno(err)}
 		}
-		if err := checkName(nname); err != nil {
+		if err := CheckName(nname); err != nil {
 			return result{err: err}
 		}
 		if st.Mode&unix.S_IFMT == unix.S_IFDIR {
 			return result{err: syscall.EPERM}
 		}
-		return result{err: errnoOf(unix.Linkat(pfd, name, npfd, nname, 0))}
+		return result{err: Errno(unix.Linkat(pfd, name, npfd, nname, 0))}
 	case 7:
-		return result{err: errnoOf(unix.Symlinkat(h.target(op.arg), pfd, name))}
+		return result{err: Errno(unix.Symlinkat(h.target(op.arg), pfd, name))}
 	case 10:
 		var st unix.Stat_t
 		if err := unix.Fstatat(pfd, name, &st, unix.AT_SYMLINK_NOFOLLOW); err != nil {
-			return result{err: errnoOf(err)}
+			return result{err: Errno(err)}
 		}
 		return result{data: describeStat(&st)}
 	case 11:
@@ -443,35 +443,35 @@ func (h *harness) onHost(op fuzzOp) result {
 			err = unix.ENOTDIR
 		}
 		if err != nil {
-			return result{err: errnoOf(err)}
+			return result{err: Errno(err)}
 		}
 		dir := os.NewFile(uintptr(fd), name)
 		defer dir.Close()
 		names, err := dir.Readdirnames(-1)
 		sort.Strings(names)
-		return result{err: errnoOf(err), data: strings.Join(names, ",")}
+		return result{err: Errno(err), data: strings.Join(names, ",")}
 	case 12:
 		var st unix.Stat_t
 		if err := unix.Fstatat(pfd, name, &st, unix.AT_SYMLINK_NOFOLLOW); err != nil {
-			return result{err: errnoOf(err)}
+			return result{err: Errno(err)}
 		}
 		if st.Mode&unix.S_IFMT == unix.S_IFLNK {
 			return result{err: syscall.EOPNOTSUPP}
 		}
-		return result{err: errnoOf(unix.Fchmodat(pfd, name, uint32(op.arg)&0o777, 0))}
+		return result{err: Errno(unix.Fchmodat(pfd, name, uint32(op.arg)&0o777, 0))}
 	case 13:
 		fd, err := unix.Openat(pfd, name, unix.O_PATH|unix.O_NOFOLLOW, 0)
 		if err != nil {
-			return result{err: errnoOf(err)}
+			return result{err: Errno(err)}
 		}
 		defer unix.Close(fd)
 		p := procPath(fd)
 		if err := unix.Setxattr(p, "user.k", op.data[:op.arg%64], 0); err != nil {
-			return result{err: errnoOf(err)}
+			return result{err: Errno(err)}
 		}
 		buf := make([]byte, 128)
 		n, err := unix.Getxattr(p, "user.k", buf)
-		return result{err: errnoOf(err), data: string(buf[:max(n, 0)])}
+		return result{err: Errno(err), data: string(buf[:max(n, 0)])}
 	}
 	return result{}
 }

@@ -61,7 +61,7 @@ func (l *Layer) pathFd(i *inode) (fd int, transient bool, err error) {
 	}
 	fd, err = unix.OpenByHandleAt(l.rootFd, i.handle, unix.O_PATH|unix.O_CLOEXEC)
 	if err != nil {
-		return -1, false, errnoOf(err)
+		return -1, false, Errno(err)
 	}
 	return fd, true, nil
 }
@@ -73,7 +73,7 @@ func (l *Layer) openInode(i *inode, flags int) (int, error) {
 		// The inode was removed and its last user let go of it.
 		return -1, syscall.ENOENT
 	}
-	return fd, errnoOf(err)
+	return fd, Errno(err)
 }
 
 // withFd runs fn with an O_PATH descriptor of the referenced inode ino.
@@ -116,7 +116,7 @@ func (l *Layer) registerFd(fd int, st *unix.Stat_t, adopt bool) (e Entry, adopte
 
 	h, _, err := unix.NameToHandleAt(fd, "", unix.AT_EMPTY_PATH)
 	if err != nil {
-		return Entry{}, false, errnoOf(err)
+		return Entry{}, false, Errno(err)
 	}
 	i := &inode{
 		ino:      st.Ino,

@@ -13,18 +13,18 @@ import (
 // Errors: ENODATA (no such marker), ENOENT, ERANGE, EINVAL (name is not one
 // component).
 func (l *Layer) GetMarkerAt(parent uint64, name, key string, dest []byte) (int, error) {
-	if err := checkName(name); err != nil {
+	if err := CheckName(name); err != nil {
 		return 0, err
 	}
 	var n int
 	err := l.withFd(parent, func(_ *inode, pfd int) error {
 		fd, err := unix.Openat(pfd, name, unix.O_PATH|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
 		if err != nil {
-			return errnoOf(err)
+			return Errno(err)
 		}
 		defer unix.Close(fd)
 		n, err = unix.Getxattr(procPath(fd), markerPrefix+key, dest)
-		return errnoOf(err)
+		return Errno(err)
 	})
 	return n, err
 }

@@ -146,9 +146,10 @@ func (l *Layer) sealDenied() error {
 // Dir returns the directory the instance is mounted on.
 func (l *Layer) Dir() string { return l.dir }
 
-// errnoOf converts an error from the unix package or the standard library to
-// a bare syscall.Errno. Errors that carry no errno become EIO.
-func errnoOf(err error) error {
+// Errno converts an error from the unix package or the standard library to
+// a bare syscall.Errno, the error convention of memfs and of the layers
+// built on it. Errors that carry no errno become EIO.
+func Errno(err error) error {
 	if err == nil {
 		return nil
 	}
@@ -159,7 +160,7 @@ func errnoOf(err error) error {
 		return e
 	}
 	if u, ok := err.(interface{ Unwrap() error }); ok {
-		return errnoOf(u.Unwrap())
+		return Errno(u.Unwrap())
 	}
 	return syscall.EIO
 }

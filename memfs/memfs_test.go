@@ -67,9 +67,9 @@ func TestCheckName(t *testing.T) {
 		{"nul\x00byte", syscall.EINVAL},
 		{long, syscall.ENAMETOOLONG},
 	} {
-		got := checkName(tc.name)
+		got := CheckName(tc.name)
 		if got != tc.want && !errors.Is(got, tc.want) {
-			t.Errorf("checkName(%q) = %v, want %v", tc.name, got, tc.want)
+			t.Errorf("CheckName(%q) = %v, want %v", tc.name, got, tc.want)
 		}
 	}
 }

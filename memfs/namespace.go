@@ -52,17 +52,17 @@ func (l *Layer) Symlink(parent uint64, name, target string, c Caller) (Entry, er
 // create checks name, runs mk to create it in parent, gives the new inode
 // to c and returns it with one reference.
 func (l *Layer) create(parent uint64, name string, c Caller, mk func(pfd int) error) (Entry, error) {
-	if err := checkName(name); err != nil {
+	if err := CheckName(name); err != nil {
 		return Entry{}, err
 	}
 	var e Entry
 	err := l.withFd(parent, func(_ *inode, pfd int) error {
 		if err := mk(pfd); err != nil {
-			return errnoOf(err)
+			return Errno(err)
 		}
 		fd, err := unix.Openat(pfd, name, unix.O_PATH|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
 		if err != nil {
-			return errnoOf(err)
+			return Errno(err)
 		}
 		var st unix.Stat_t
 		if err := giveTo(fd, pfd, &st, c); err != nil {
@@ -81,7 +81,7 @@ func (l *Layer) create(parent uint64, name string, c Caller, mk func(pfd int) er
 // already given the inode the directory's group.
 func giveTo(fd, pfd int, st *unix.Stat_t, c Caller) error {
 	if err := unix.Fstat(fd, st); err != nil {
-		return errnoOf(err)
+		return Errno(err)
 	}
 	if c == Root {
 		return nil
@@ -94,7 +94,7 @@ func giveTo(fd, pfd int, st *unix.Stat_t, c Caller) error {
 	} else if gid != 0 {
 		var pst unix.Stat_t
 		if err := unix.Fstat(pfd, &pst); err != nil {
-			return errnoOf(err)
+			return Errno(err)
 		}
 		if pst.Mode&unix.S_ISGID != 0 {
 			gid = pst.Gid
@@ -105,7 +105,7 @@ func giveTo(fd, pfd int, st *unix.Stat_t, c Caller) error {
 	}
 	mode := st.Mode
 	if err := unix.Fchownat(fd, "", int(uid), int(gid), unix.AT_EMPTY_PATH); err != nil {
-		return errnoOf(err)
+		return Errno(err)
 	}
 	// chown drops set-ID bits of non-directories; a new file keeps the
 	// mode it was created with.
@@ -114,7 +114,7 @@ func giveTo(fd, pfd int, st *unix.Stat_t, c Caller) error {
 			return err
 		}
 	}
-	return errnoOf(unix.Fstat(fd, st))
+	return Errno(unix.Fstat(fd, st))
 }
 
 // Link makes name in newParent a new link to ino and returns ino with one
@@ -123,7 +123,7 @@ func giveTo(fd, pfd int, st *unix.Stat_t, c Caller) error {
 // Errors: EPERM (ino is a directory), EEXIST, ENOENT (ino was removed),
 // EMLINK, ENOSPC, EINVAL.
 func (l *Layer) Link(ino, newParent uint64, name string) (Entry, error) {
-	if err := checkName(name); err != nil {
+	if err := CheckName(name); err != nil {
 		return Entry{}, err
 	}
 	var e Entry
@@ -133,11 +133,11 @@ func (l *Layer) Link(ino, newParent uint64, name string) (Entry, error) {
 		}
 		return l.withFd(newParent, func(_ *inode, pfd int) error {
 			if err := unix.Linkat(fd, "", pfd, name, unix.AT_EMPTY_PATH); err != nil {
-				return errnoOf(err)
+				return Errno(err)
 			}
 			var st unix.Stat_t
 			if err := unix.Fstat(fd, &st); err != nil {
-				return errnoOf(err)
+				return Errno(err)
 			}
 			var err error
 			e, err = l.register(fd, &st)
@@ -162,11 +162,11 @@ func (l *Layer) Rmdir(parent uint64, name string) error {
 }
 
 func (l *Layer) remove(parent uint64, name string, flags int) error {
-	if err := checkName(name); err != nil {
+	if err := CheckName(name); err != nil {
 		return err
 	}
 	return l.withFd(parent, func(_ *inode, pfd int) error {
-		return errnoOf(unix.Unlinkat(pfd, name, flags))
+		return Errno(unix.Unlinkat(pfd, name, flags))
 	})
 }
 
@@ -185,15 +185,15 @@ func (l *Layer) Rename(parent uint64, name string, newParent uint64, newName str
 	if flags&^(RenameNoReplace|RenameExchange) != 0 {
 		return syscall.EINVAL
 	}
-	if err := checkName(name); err != nil {
+	if err := CheckName(name); err != nil {
 		return err
 	}
-	if err := checkName(newName); err != nil {
+	if err := CheckName(newName); err != nil {
 		return err
 	}
 	return l.withFd(parent, func(_ *inode, pfd int) error {
 		return l.withFd(newParent, func(_ *inode, npfd int) error {
-			return errnoOf(unix.Renameat2(pfd, name, npfd, newName, uint(flags)))
+			return Errno(unix.Renameat2(pfd, name, npfd, newName, uint(flags)))
 		})
 	})
 }
@@ -210,7 +210,7 @@ func (l *Layer) Readlink(ino uint64) (string, error) {
 		buf := make([]byte, unix.PathMax)
 		n, err := unix.Readlinkat(fd, "", buf)
 		if err != nil {
-			return errnoOf(err)
+			return Errno(err)
 		}
 		target = string(buf[:n])
 		return nil

@@ -10,9 +10,10 @@ import (
 // maxNameLen is the longest name tmpfs accepts.
 const maxNameLen = 255
 
-// checkName accepts exactly one path component that names an entry of a
-// directory: no slash, no NUL, not "." or "..", not empty.
-func checkName(name string) error {
+// CheckName accepts exactly one path component that names an entry of a
+// directory: no slash, no NUL, not "." or "..", not empty. It returns
+// ENOENT, EINVAL or ENAMETOOLONG otherwise.
+func CheckName(name string) error {
 	switch {
 	case name == "":
 		return syscall.ENOENT
@@ -32,7 +33,7 @@ func checkName(name string) error {
 // Errors: ENOENT, ENOTDIR (parent is not a directory), EINVAL (name is not
 // one component), ENAMETOOLONG.
 func (l *Layer) Lookup(parent uint64, name string) (Entry, error) {
-	if err := checkName(name); err != nil {
+	if err := CheckName(name); err != nil {
 		return Entry{}, err
 	}
 	var e Entry
@@ -49,7 +50,7 @@ func (l *Layer) Lookup(parent uint64, name string) (Entry, error) {
 func (l *Layer) entryAt(dirfd int, name string) (Entry, error) {
 	var st unix.Stat_t
 	if err := unix.Fstatat(dirfd, name, &st, unix.AT_SYMLINK_NOFOLLOW); err != nil {
-		return Entry{}, errnoOf(err)
+		return Entry{}, Errno(err)
 	}
 	l.mu.Lock()
 	if i := l.inodes[st.Ino]; i != nil {
@@ -64,7 +65,7 @@ func (l *Layer) entryAt(dirfd int, name string) (Entry, error) {
 	st = unix.Stat_t{}
 	fd, err := unix.Openat(dirfd, name, unix.O_PATH|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
 	if err != nil {
-		return Entry{}, errnoOf(err)
+		return Entry{}, Errno(err)
 	}
 	return l.registerPath(fd, &st)
 }
@@ -76,7 +77,7 @@ func (l *Layer) registerPath(fd int, st *unix.Stat_t) (Entry, error) {
 	if st.Ino == 0 {
 		if err := unix.Fstat(fd, st); err != nil {
 			unix.Close(fd)
-			return Entry{}, errnoOf(err)
+			return Entry{}, Errno(err)
 		}
 	}
 	e, adopted, err := l.registerFd(fd, st, true)

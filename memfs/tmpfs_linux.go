@@ -73,7 +73,7 @@ func (l *Layer) Resize(size int64, inodes uint64) error {
 	o.Size, o.Inodes = size, inodes
 	o = o.withDefaults()
 	if err := unix.Mount("", l.dir, "", unix.MS_REMOUNT|mountFlags, tmpfsData(o)); err != nil {
-		return errnoOf(err)
+		return Errno(err)
 	}
 	l.opts = o
 	return nil
@@ -107,5 +107,5 @@ func (l *Layer) Close() error {
 func (l *Layer) StatFS() (unix.Statfs_t, error) {
 	var st unix.Statfs_t
 	err := unix.Fstatfs(l.rootFd, &st)
-	return st, errnoOf(err)
+	return st, Errno(err)
 }

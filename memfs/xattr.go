@@ -62,7 +62,7 @@ func (l *Layer) GetXattr(ino uint64, name string, dest []byte) (int, error) {
 	err := l.withFd(ino, func(_ *inode, fd int) error {
 		var err error
 		n, err = unix.Getxattr(procPath(fd), name, dest)
-		return errnoOf(err)
+		return Errno(err)
 	})
 	return n, err
 }
@@ -79,7 +79,7 @@ func (l *Layer) ListXattr(ino uint64, dest []byte) (int, error) {
 		for {
 			size, err := unix.Listxattr(p, nil)
 			if err != nil {
-				return errnoOf(err)
+				return Errno(err)
 			}
 			buf := make([]byte, size)
 			n, err := unix.Listxattr(p, buf)
@@ -87,7 +87,7 @@ func (l *Layer) ListXattr(ino uint64, dest []byte) (int, error) {
 				continue // grew meanwhile
 			}
 			if err != nil {
-				return errnoOf(err)
+				return Errno(err)
 			}
 			names = filterMarkers(buf[:n])
 			return nil
@@ -148,7 +148,7 @@ func (l *Layer) SetXattr(ino uint64, name string, value []byte, flags int) error
 		return l.AddSeals(ino, s)
 	}
 	return l.withFd(ino, func(_ *inode, fd int) error {
-		return errnoOf(unix.Setxattr(procPath(fd), name, value, flags))
+		return Errno(unix.Setxattr(procPath(fd), name, value, flags))
 	})
 }
 
@@ -161,7 +161,7 @@ func (l *Layer) RemoveXattr(ino uint64, name string) error {
 		return syscall.EPERM
 	}
 	return l.withFd(ino, func(_ *inode, fd int) error {
-		return errnoOf(unix.Removexattr(procPath(fd), name))
+		return Errno(unix.Removexattr(procPath(fd), name))
 	})
 }
 
@@ -189,7 +189,7 @@ func (l *Layer) SetMarker(ino uint64, key string, value []byte, flags int) error
 // RemoveMarker removes the internal marker key of ino.
 func (l *Layer) RemoveMarker(ino uint64, key string) error {
 	return l.withFd(ino, func(_ *inode, fd int) error {
-		return errnoOf(unix.Removexattr(procPath(fd), markerPrefix+key))
+		return Errno(unix.Removexattr(procPath(fd), markerPrefix+key))
 	})
 }
 
@@ -202,7 +202,7 @@ func (l *Layer) getMarker(i *inode, key string, dest []byte) (int, error) {
 	if transient {
 		unix.Close(fd)
 	}
-	return n, errnoOf(err)
+	return n, Errno(err)
 }
 
 func (l *Layer) setMarker(i *inode, key string, value []byte, flags int) error {
@@ -214,5 +214,5 @@ func (l *Layer) setMarker(i *inode, key string, value []byte, flags int) error {
 	if transient {
 		unix.Close(fd)
 	}
-	return errnoOf(err)
+	return Errno(err)
 }

@@ -10,20 +10,8 @@ import (
 	"github.com/csi-memfs/csi-memfs/memfs"
 )
 
-// checkName accepts exactly one path component.
-func checkName(name string) error {
-	switch {
-	case name == "":
-		return syscall.ENOENT
-	case name == "." || name == "..":
-		return syscall.EINVAL
-	case len(name) > 255:
-		return syscall.ENAMETOOLONG
-	case strings.ContainsAny(name, "/\x00"):
-		return syscall.EINVAL
-	}
-	return nil
-}
+// checkName accepts exactly one path component (memfs.CheckName).
+var checkName = memfs.CheckName
 
 // hidden says whether name in parent is the FS's own.
 func (fs *FS) hidden(parent *node, name string) bool {

@@ -598,22 +598,8 @@ func (fs *FS) CheckInvariants() error {
 	return fs.upper.CheckInvariants()
 }
 
-// errnoOf converts an error to a bare syscall.Errno (EIO if it has none).
-func errnoOf(err error) error {
-	if err == nil {
-		return nil
-	}
-	if e, ok := err.(syscall.Errno); ok {
-		if e == 0 {
-			return nil
-		}
-		return e
-	}
-	if u, ok := err.(interface{ Unwrap() error }); ok {
-		return errnoOf(u.Unwrap())
-	}
-	return syscall.EIO
-}
+// errnoOf converts an error to a bare syscall.Errno (memfs.Errno).
+var errnoOf = memfs.Errno
 
 func nativeUint16(b []byte) uint16 { return binary.NativeEndian.Uint16(b) }
 func nativeUint64(b []byte) uint64 { return binary.NativeEndian.Uint64(b) }
