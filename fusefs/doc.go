@@ -8,13 +8,15 @@
 // is answered with FUSE passthrough (Linux >= 6.9, CAP_SYS_ADMIN): the
 // kernel reads, writes and maps the backing tmpfs file itself, at tmpfs
 // speed, and charges the pages to the writing pod's memory cgroup. The
-// kernel allows one backing file per inode, so every passthrough open of an
-// inode shares one registration (rawFS.backing). memfs withholds
-// passthrough from writers it must watch (a grow-sealed file, a set-ID
-// file); those are served with pread/pwrite here, as direct I/O, because
-// the kernel forbids page-cached opens beside passthrough ones. When the
-// kernel refuses passthrough, the first refusal is logged, Passthrough
-// turns false, and all I/O is served here with the page cache.
+// kernel allows one I/O mode per inode at a time: while an inode has
+// passthrough opens, every open of it must share their one backing file
+// (rawFS.backing). memfs withholds passthrough only from writers it must
+// watch (a grow-sealed file); those are served with pread/pwrite here, as
+// direct I/O, when no passthrough open of the inode exists, and get ETXTBSY
+// when one does. Set-ID files need no watching: an unprivileged writer's
+// open clears the bits. When the kernel refuses passthrough, the first
+// refusal is logged, Passthrough turns false, and all I/O is served here
+// with the page cache.
 //
 // Metadata is bound by round trips, so: entry, attribute and negative-entry
 // timeouts of an hour (every change goes through this server), no FLUSH

@@ -1,7 +1,11 @@
 package fusefs
 
 import (
+	"syscall"
+	"time"
+
 	"github.com/hanwen/go-fuse/v2/fuse"
+	"golang.org/x/sys/unix"
 	"k8s.io/klog/v2"
 
 	"github.com/csi-memfs/csi-memfs/memfs"
@@ -38,52 +42,91 @@ func (r *rawFS) file(fh uint64) (File, fuse.Status) {
 	return nil, fuse.EBADF
 }
 
-// openOptions are the memfs options for an open with FUSE open_flags.
-func (r *rawFS) openOptions(openFlags uint32) memfs.OpenOptions {
+// openOptions are the memfs options for an open by the caller h with FUSE
+// open_flags. A caller other than root is taken to lack CAP_FSETID.
+func (r *rawFS) openOptions(h *fuse.InHeader, openFlags uint32) memfs.OpenOptions {
 	r.backingMu.Lock()
 	pt := r.passthrough
 	r.backingMu.Unlock()
 	return memfs.OpenOptions{
 		Direct:      pt,
-		KillSuidGid: openFlags&fuse.OPEN_KILL_SUIDGID != 0,
+		KillSuidGid: openFlags&fuse.OPEN_KILL_SUIDGID != 0 || h.Uid != 0,
 	}
 }
 
 // opened registers f and tells the kernel how to do its I/O: through
-// passthrough to the backing tmpfs file where memfs allows it; else through
-// this server, with the page cache when passthrough is off for the whole
-// mount (the kernel forbids cached opens beside passthrough ones) and
-// direct I/O otherwise.
-func (r *rawFS) opened(ino uint64, f File, out *fuse.OpenOut) {
-	out.Fh = r.addHandle(f)
+// passthrough to the backing file where the FileSystem allows it; else
+// through this server, with the page cache when passthrough is off for the
+// whole mount and direct I/O otherwise.
+//
+// The kernel allows one I/O mode per inode at a time: while an inode has
+// passthrough opens, every other open must share their backing file. An
+// open that cannot (a grow-sealed writer; an overlay writer while readers
+// hold the lower file) fails with ETXTBSY, the kernel's own errno for
+// conflicting modes and Linux's for writing a file in use.
+func (r *rawFS) opened(ino uint64, f File, out *fuse.OpenOut) fuse.Status {
 	r.backingMu.Lock()
 	defer r.backingMu.Unlock()
-	if !r.passthrough {
-		out.OpenFlags |= fuse.FOPEN_KEEP_CACHE
-		return
-	}
-	if f.Direct() {
-		if id, ok := r.acquireBackingLocked(ino, f.Fd()); ok {
-			out.OpenFlags |= fuse.FOPEN_PASSTHROUGH
-			out.BackingID = id
-			return
+	// Opens closed just before this one may not be released yet (RELEASE
+	// is asynchronous): give them releaseGrace before calling it a conflict.
+	for start := time.Now(); ; {
+		s := r.openModeLocked(ino, f, out)
+		if s != fuse.Status(syscall.ETXTBSY) || time.Since(start) > releaseGrace {
+			if s == fuse.OK {
+				out.Fh = r.addHandle(f)
+			}
+			return s
 		}
-	}
-	if r.passthrough {
-		out.OpenFlags |= fuse.FOPEN_DIRECT_IO
-	} else {
-		// Registration just failed: this inode has no passthrough opens.
-		out.OpenFlags |= fuse.FOPEN_KEEP_CACHE
+		r.backingMu.Unlock()
+		time.Sleep(time.Millisecond)
+		r.backingMu.Lock()
 	}
 }
 
+// openModeLocked sets the I/O mode of an open of ino (see opened).
+//
+// Preconditions:
+//   - r.backingMu is locked.
+func (r *rawFS) openModeLocked(ino uint64, f File, out *fuse.OpenOut) fuse.Status {
+	switch {
+	case !r.passthrough:
+		out.OpenFlags |= fuse.FOPEN_KEEP_CACHE
+	case f.Direct():
+		if id, ok := r.acquireBackingLocked(ino, f.Fd()); ok {
+			out.OpenFlags |= fuse.FOPEN_PASSTHROUGH
+			out.BackingID = id
+			return fuse.OK
+		}
+		fallthrough
+	default:
+		if r.backing[ino] != nil {
+			return fuse.Status(syscall.ETXTBSY)
+		}
+		// Served here, beside passthrough opens of other inodes.
+		out.OpenFlags |= fuse.FOPEN_DIRECT_IO
+	}
+	return fuse.OK
+}
+
 // acquireBackingLocked returns the passthrough backing id of ino,
-// registering fd as its backing file if it has none.
+// registering fd as its backing file if it has none. An inode's backing
+// file may only be shared by opens of the very same file: an overlay inode
+// is backed by its lower file until copy-up and by the upper file after,
+// and handing the lower's backing to an upper open would have the kernel
+// write into the lower. Such an open gets ok false and is served here.
 //
 // Preconditions:
 //   - r.backingMu is locked.
 func (r *rawFS) acquireBackingLocked(ino uint64, fd int) (int32, bool) {
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return 0, false
+	}
+	file := fileID{st.Dev, st.Ino}
 	if b := r.backing[ino]; b != nil {
+		if b.file != file {
+			return 0, false
+		}
 		b.refs++
 		return b.id, true
 	}
@@ -96,7 +139,7 @@ func (r *rawFS) acquireBackingLocked(ino uint64, fd int) (int32, bool) {
 		klog.InfoS("FUSE passthrough unavailable; serving reads and writes through the daemon", "fsName", r.opts.FsName, "err", errno)
 		return 0, false
 	}
-	r.backing[ino] = &backingFile{id: id, refs: 1}
+	r.backing[ino] = &backingFile{id: id, refs: 1, file: file}
 	return id, true
 }
 
@@ -131,11 +174,14 @@ type openFile struct {
 
 func (r *rawFS) Create(_ <-chan struct{}, in *fuse.CreateIn, name string, out *fuse.CreateOut) fuse.Status {
 	start := r.now()
-	e, f, err := r.fs.Create(in.NodeId, name, int(in.Flags), in.Mode, caller(&in.InHeader), r.openOptions(in.OpenFlags))
+	e, f, err := r.fs.Create(in.NodeId, name, int(in.Flags), in.Mode, caller(&in.InHeader), r.openOptions(&in.InHeader, in.OpenFlags))
 	s := status("CREATE", err)
 	if s == fuse.OK {
-		fillEntry(&out.EntryOut, &e)
-		r.finishOpen(e.Ino(), f, &out.OpenOut)
+		if s = r.finishOpen(e.Ino(), f, &out.OpenOut); s == fuse.OK {
+			fillEntry(&out.EntryOut, &e)
+		} else {
+			r.fs.Forget(e.Ino(), 1)
+		}
 	}
 	r.observe("CREATE", start, s)
 	return s
@@ -143,11 +189,14 @@ func (r *rawFS) Create(_ <-chan struct{}, in *fuse.CreateIn, name string, out *f
 
 func (r *rawFS) Tmpfile(_ <-chan struct{}, in *fuse.CreateIn, out *fuse.CreateOut) fuse.Status {
 	start := r.now()
-	e, f, err := r.fs.Tmpfile(in.NodeId, int(in.Flags), in.Mode, caller(&in.InHeader), r.openOptions(in.OpenFlags))
+	e, f, err := r.fs.Tmpfile(in.NodeId, int(in.Flags), in.Mode, caller(&in.InHeader), r.openOptions(&in.InHeader, in.OpenFlags))
 	s := status("TMPFILE", err)
 	if s == fuse.OK {
-		fillEntry(&out.EntryOut, &e)
-		r.finishOpen(e.Ino(), f, &out.OpenOut)
+		if s = r.finishOpen(e.Ino(), f, &out.OpenOut); s == fuse.OK {
+			fillEntry(&out.EntryOut, &e)
+		} else {
+			r.fs.Forget(e.Ino(), 1)
+		}
 	}
 	r.observe("TMPFILE", start, s)
 	return s
@@ -155,19 +204,24 @@ func (r *rawFS) Tmpfile(_ <-chan struct{}, in *fuse.CreateIn, out *fuse.CreateOu
 
 func (r *rawFS) Open(_ <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOut) fuse.Status {
 	start := r.now()
-	f, err := r.fs.Open(in.NodeId, int(in.Flags), r.openOptions(in.Mode))
+	f, err := r.fs.Open(in.NodeId, int(in.Flags), r.openOptions(&in.InHeader, in.Mode))
 	s := status("OPEN", err)
 	if s == fuse.OK {
-		r.finishOpen(in.NodeId, f, out)
+		s = r.finishOpen(in.NodeId, f, out)
 	}
 	r.observe("OPEN", start, s)
 	return s
 }
 
-func (r *rawFS) finishOpen(ino uint64, f File, out *fuse.OpenOut) {
+// finishOpen answers an open of f; on failure f is released.
+func (r *rawFS) finishOpen(ino uint64, f File, out *fuse.OpenOut) fuse.Status {
 	of := &openFile{File: f, ino: ino}
-	r.opened(ino, of, out)
+	if s := r.opened(ino, of, out); s != fuse.OK {
+		f.Release()
+		return s
+	}
 	of.backed = out.OpenFlags&fuse.FOPEN_PASSTHROUGH != 0
+	return fuse.OK
 }
 
 func (r *rawFS) Read(_ <-chan struct{}, in *fuse.ReadIn, buf []byte) (fuse.ReadResult, fuse.Status) {

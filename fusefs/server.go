@@ -53,7 +53,12 @@ type rawFS struct {
 type backingFile struct {
 	id   int32
 	refs int
+	// file is the backing file's identity.
+	file fileID
 }
+
+// fileID names a file by device and inode number.
+type fileID struct{ dev, ino uint64 }
 
 func newRawFS(fs FileSystem, opts Options) *rawFS {
 	return &rawFS{

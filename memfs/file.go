@@ -11,10 +11,12 @@ type OpenOptions struct {
 	// Direct asks for a File whose bytes the caller may move on Fd itself,
 	// bypassing ReadAt and WriteAt (FUSE passthrough). memfs grants it
 	// (File.Direct) unless it must see the writes: a writable file that is
-	// grow-sealed or set-ID.
+	// grow-sealed, or set-ID (opened with KillSuidGid false).
 	Direct bool
-	// KillSuidGid clears set-ID bits on O_TRUNC, as for a caller without
-	// CAP_FSETID.
+	// KillSuidGid says the opener lacks CAP_FSETID. Linux clears set-ID
+	// bits on such a caller's first write or truncate; since a Direct
+	// writer's bytes never pass through memfs, memfs clears them when the
+	// file is opened for writing or with O_TRUNC.
 	KillSuidGid bool
 }
 
@@ -129,19 +131,21 @@ func (l *Layer) withFdLockless(i *inode, st *unix.Stat_t) error {
 //   - i.mu is locked.
 func (l *Layer) newFileLocked(i *inode, fd int, writable bool, seals Seals, mode uint32, o OpenOptions) (*File, error) {
 	direct := o.Direct
-	if direct && writable {
-		if seals&SealGrow != 0 {
-			direct = false
-		} else {
-			if mode == 0 {
-				var st unix.Stat_t
-				if err := unix.Fstat(fd, &st); err != nil {
-					return nil, Errno(err)
-				}
-				mode = st.Mode
+	if writable && (direct || o.KillSuidGid) {
+		if mode == 0 {
+			var st unix.Stat_t
+			if err := unix.Fstat(fd, &st); err != nil {
+				return nil, Errno(err)
 			}
-			direct = !hasSetID(mode)
+			mode = st.Mode
 		}
+		if o.KillSuidGid && hasSetID(mode) {
+			if err := killSuidGid(fd, mode); err != nil {
+				return nil, err
+			}
+			mode &^= unix.S_ISUID | unix.S_ISGID
+		}
+		direct = direct && seals&SealGrow == 0 && !hasSetID(mode)
 	}
 	l.mu.Lock()
 	i.refs++
