@@ -2,10 +2,12 @@ package fusefs
 
 import (
 	"bytes"
+	"errors"
 	"os"
 	"path/filepath"
 	"sort"
 	"strings"
+	"syscall"
 	"testing"
 
 	"github.com/hanwen/go-fuse/v2/posixtest"
@@ -201,5 +203,39 @@ func TestOverlayPosixRoot(t *testing.T) {
 			mnt, _ := testOverlayMount(t, lower, Options{})
 			fn(t, mnt)
 		})
+	}
+}
+
+// TestOverlayWriteBesideLowerReader: a reader of a lower file holds the
+// lower file as the inode's passthrough backing, so a writer (whose bytes
+// must go to an upper copy) gets ETXTBSY until the reader closes; then the
+// write works, readers see it, and the lower is untouched.
+func TestOverlayWriteBesideLowerReader(t *testing.T) {
+	lower := t.TempDir()
+	if err := os.WriteFile(filepath.Join(lower, "log"), []byte("from the image\n"), 0o666); err != nil {
+		t.Fatal(err)
+	}
+	before := snapshotTree(t, lower)
+	mnt, _ := testOverlayMount(t, lower, Options{})
+	p := filepath.Join(mnt, "log")
+	r, err := os.Open(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.OpenFile(p, os.O_WRONLY|os.O_APPEND, 0); !errors.Is(err, syscall.ETXTBSY) {
+		t.Errorf("writer beside a lower reader: %v, want ETXTBSY", err)
+	}
+	r.Close()
+	w, err := os.OpenFile(p, os.O_WRONLY|os.O_APPEND, 0)
+	if err != nil {
+		t.Fatalf("writer after the reader closed: %v", err)
+	}
+	w.WriteString("appended\n")
+	w.Close()
+	if got, _ := os.ReadFile(p); string(got) != "from the image\nappended\n" {
+		t.Errorf("read back %q", got)
+	}
+	if after := snapshotTree(t, lower); after != before {
+		t.Error("the lower tree changed")
 	}
 }
