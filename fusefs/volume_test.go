@@ -149,6 +149,14 @@ func TestPassthroughBypassesDaemon(t *testing.T) {
 			if disable && c.count("WRITE") == 0 {
 				t.Error("passthrough off: the daemon served no write")
 			}
+			// close(2) costs no round trip: the first FLUSH is refused.
+			for i := 0; i < 3; i++ {
+				f, _ := os.Open(p)
+				f.Close()
+			}
+			if got := c.count("FLUSH"); got > 1 {
+				t.Errorf("%d FLUSH requests for 5 closes, want at most 1", got)
+			}
 		})
 	}
 }
