@@ -9,14 +9,20 @@
 // id per pod volume and calls NodePublishVolume with the pod's
 // volumeAttributes (params.go). Publishing a volume
 //
-//  1. reserves its size in the node budget (ResourceExhausted when full),
-//  2. writes its journal record, <state>/volumes/<id>/volume.json,
-//  3. mounts a private tmpfs instance, the memory layer, on
+//  1. for a volume with an image attribute, gets the image from the node's
+//     image cache (pulling it if needed, with the pull secret of the
+//     request) pinned, and opens its imagePath directory as the lower
+//     layer (image.go),
+//  2. reserves its size in the node budget (ResourceExhausted when full),
+//  3. writes its journal record, <state>/volumes/<id>/volume.json, naming
+//     the image's digest,
+//  4. mounts a private tmpfs instance, the memory layer, on
 //     <state>/volumes/<id>/upper (memfs.New),
-//  4. builds the tree to serve: the memory layer alone, or (later) over an
-//     image's lower layer (Driver.buildTree is the one place that changes),
-//  5. applies the volume_mount_group and the seal globs, and
-//  6. mounts it over FUSE on the target path (fusefs.Mount).
+//  5. builds the tree to serve: the memory layer alone, or an overlay of
+//     it over the image's lower layer (Driver.buildTree),
+//  6. applies the volume_mount_group and the seal globs (which match
+//     files of the image: sealing one copies up its metadata only), and
+//  7. mounts it over FUSE on the target path (fusefs.Mount).
 //
 // Any failure undoes the steps already done, in reverse: a failed publish
 // leaves nothing mounted, nothing reserved and no record. Unpublish runs the
@@ -31,7 +37,18 @@
 // holds its memory (counted in the budget and the metrics), unpublish cleans
 // it (the dead target mount with mount-utils, then the memory layer), and
 // NodeGetVolumeStats says it is lost. Adopting a lost volume's data is left
-// for later; nothing here destroys it before unpublish.
+// for later; nothing here destroys it before unpublish. The image a lost
+// volume was published with is pinned again (image.Cache.Open) before
+// anything can collect it, and released by its unpublish.
+//
+// # Images
+//
+// The image cache (package image) is node-wide, under --image-cache-dir.
+// A pull runs on the cache's own context: a publish whose deadline passes
+// while its image is still being pulled fails with DeadlineExceeded, and
+// kubelet's retry joins the same pull or finds the image cached; there is
+// never a second pull of one image. Image errors map to codes once, in
+// imageError.
 //
 // # Lock order
 //
@@ -72,6 +89,8 @@ import (
 	"google.golang.org/grpc/status"
 	"k8s.io/klog/v2"
 	"k8s.io/mount-utils"
+
+	"github.com/csi-memfs/csi-memfs/image"
 )
 
 // DefaultDriverName is the CSI driver name when Config.DriverName is empty.
@@ -113,6 +132,24 @@ type Config struct {
 	// to kubelet as max_volumes_per_node; 0: no limit.
 	MaxVolumes int64
 
+	// ImageCacheDir holds the node's image cache (image lower layers).
+	// Default <StateDir>/images.
+	ImageCacheDir string
+	// ImageCacheBudget is the disk the image cache keeps itself under by
+	// collecting images no volume uses; 0: no limit.
+	ImageCacheBudget int64
+	// InsecureRegistries lists registries ("host" or "host:port") that may
+	// be pulled from over plain HTTP; loopback registries always may.
+	InsecureRegistries []string
+	// LocalImagesDir holds the local images an image attribute names as
+	// "oci:NAME" (OCI image layouts or image tarballs); empty: none.
+	LocalImagesDir string
+	// ImagePullProgressInterval is how often a running pull logs a
+	// progress line (not at all for shorter pulls). Default 5 s.
+	ImagePullProgressInterval time.Duration
+	// imageNoSync skips the image cache's syncfs (tests only).
+	imageNoSync bool
+
 	// DisablePassthrough serves every read and write through the daemon.
 	DisablePassthrough bool
 	// FUSEDebug logs every FUSE request (very verbose).
@@ -144,6 +181,12 @@ func (c Config) withDefaults() (Config, error) {
 	case c.DefaultVolumeSize > c.MaxVolumeSize:
 		return c, fmt.Errorf("default volume size %d is more than the maximum %d (--default-volume-size, --max-volume-size)",
 			c.DefaultVolumeSize, c.MaxVolumeSize)
+	case c.ImageCacheBudget < 0:
+		return c, errors.New("the image cache budget must not be negative (--image-cache-budget)")
+	case c.ImageCacheDir != "" && !filepath.IsAbs(c.ImageCacheDir):
+		return c, fmt.Errorf("image cache directory %q must be an absolute path (--image-cache-dir)", c.ImageCacheDir)
+	case c.LocalImagesDir != "" && !filepath.IsAbs(c.LocalImagesDir):
+		return c, fmt.Errorf("local images directory %q must be an absolute path (--local-images)", c.LocalImagesDir)
 	case c.MaxVolumeInodes > 0 && c.DefaultVolumeInodes > c.MaxVolumeInodes:
 		return c, fmt.Errorf("default inodes %d is more than the maximum %d (--default-volume-inodes, --max-volume-inodes)",
 			c.DefaultVolumeInodes, c.MaxVolumeInodes)
@@ -176,14 +219,17 @@ type Driver struct {
 	budget *budget
 	// metrics are the Prometheus collectors. Immutable pointer.
 	metrics *metrics
+	// images is the node's image cache. Immutable pointer.
+	images *image.Cache
 	// mounter cleans target paths (mount-utils). Immutable.
 	mounter mount.Interface
 	// ready is true once the journal is recovered. Accessed atomically.
 	ready atomic.Bool
 }
 
-// New checks cfg, creates the state directory and recovers the volumes the
-// journal records (see "Restarts" in the package doc).
+// New checks cfg, creates the state directory, opens the image cache and
+// recovers the volumes the journal records (see "Restarts" in the package
+// doc). Close the Driver when done.
 func New(cfg Config) (*Driver, error) {
 	cfg, err := cfg.withDefaults()
 	if err != nil {
@@ -200,11 +246,24 @@ func New(cfg Config) (*Driver, error) {
 	if err := os.MkdirAll(d.journal.dir, 0o700); err != nil {
 		return nil, fmt.Errorf("state directory: %w", err)
 	}
-	if err := d.recover(klog.Background()); err != nil {
+	logger := klog.Background()
+	if d.images, err = newImageCache(&d.cfg, d.metrics, logger); err != nil {
+		return nil, fmt.Errorf("image cache: %w", err)
+	}
+	// Before anything can collect an image: re-pin those of recovered
+	// volumes.
+	if err := d.recover(logger); err != nil {
+		d.images.Close()
 		return nil, err
 	}
 	d.ready.Store(true)
 	return d, nil
+}
+
+// Close stops the image pulls still running and releases the image cache.
+// Published volumes are left as Run leaves them.
+func (d *Driver) Close() error {
+	return d.images.Close()
 }
 
 // Run serves the CSI services on cfg.Endpoint and the metrics on

@@ -62,6 +62,7 @@ func startDriver(t testing.TB, mutate func(*Config)) *testEnv {
 		StateDir:          filepath.Join(root, "state"),
 		MetricsAddress:    freeAddr(t),
 		DefaultVolumeSize: 8 << 20,
+		imageNoSync:       true,
 	}
 	if mutate != nil {
 		mutate(&cfg)
@@ -87,6 +88,9 @@ func startDriver(t testing.TB, mutate func(*Config)) *testEnv {
 		cancel()
 		if err := <-done; err != nil {
 			t.Errorf("Run: %v", err)
+		}
+		if err := d.Close(); err != nil {
+			t.Errorf("Close: %v", err)
 		}
 		if m := mountsUnder(t, root); len(m) > 0 {
 			t.Errorf("mounts left under %s: %v", root, m)

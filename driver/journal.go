@@ -24,6 +24,11 @@ type record struct {
 	Spec        publishSpec `json:"spec"`
 	Pod         podInfo     `json:"pod"`
 	PublishedAt time.Time   `json:"publishedAt"`
+	// ImageDigest is the manifest digest of the image the volume's lower
+	// layer comes from; empty for a pure memory volume. A later process
+	// pins it again so that the cache keeps the image while the volume
+	// exists.
+	ImageDigest string `json:"imageDigest,omitempty"`
 }
 
 // journal is the on-disk list of published volumes: one directory per
@@ -128,7 +133,8 @@ func (j journal) load(logger logr.Logger) ([]record, error) {
 
 // recover registers the volumes the journal records as lost (see
 // "Restarts" in the package doc). A lost volume whose memory layer is still
-// mounted holds its size in the budget.
+// mounted holds its size in the budget, and the image it was published
+// with stays pinned in the cache until it is unpublished.
 func (d *Driver) recover(logger logr.Logger) error {
 	recs, err := d.journal.load(logger)
 	if err != nil {
@@ -140,6 +146,9 @@ func (d *Driver) recover(logger logr.Logger) error {
 		v := &volume{rec: r, lost: true, upper: d.journal.upperDir(r.VolumeID)}
 		if held {
 			v.reserved = r.Spec.Params.Size
+		}
+		if img := d.repin(logger, r); img != nil {
+			v.lower = &lowerImage{img: img}
 		}
 		d.budget.force(v.reserved)
 		d.vols.put(v)

@@ -14,6 +14,7 @@ import (
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
 
+	"github.com/csi-memfs/csi-memfs/image"
 	"github.com/csi-memfs/csi-memfs/memfs"
 )
 
@@ -35,6 +36,11 @@ type metrics struct {
 	rpcTotal *prometheus.CounterVec
 	// rpcSeconds is the latency of CSI calls by method.
 	rpcSeconds *prometheus.HistogramVec
+	// pulls counts image pull attempts by result; pullSeconds and
+	// pullBytes observe their durations and the bytes they fetched.
+	pulls       *prometheus.CounterVec
+	pullSeconds *prometheus.HistogramVec
+	pullBytes   prometheus.Counter
 	// fuse observes FUSE requests of every volume. Immutable pointer.
 	fuse *fuseObserver
 	// retiredSealViolations sums the seal violations of unpublished
@@ -46,6 +52,8 @@ type metrics struct {
 	volCopiedUp, volSealViolations, volPassthrough, volLost    *prometheus.Desc
 	nodeVolumes, nodeBytesUsed, nodeBytesReserved, nodeBudget  *prometheus.Desc
 	nodeMaxVolumes, sealViolations                             *prometheus.Desc
+	imageBytes, imageImages, imagePinned, imageBudget          *prometheus.Desc
+	imageInFlight, imageHits, imageEvictions                   *prometheus.Desc
 }
 
 func newMetrics(d *Driver) *metrics {
@@ -67,6 +75,19 @@ func newMetrics(d *Driver) *metrics {
 			Help:    "Time to serve a CSI call, by method (NodePublishVolume is publish-to-ready).",
 			Buckets: prometheus.ExponentialBuckets(0.0005, 2, 16), // 0.5 ms .. 16 s
 		}, []string{"method"}),
+		pulls: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: metricsPrefix + "image_pulls_total",
+			Help: "Image pull attempts that reached the image's source, by result (success, not_found, unauthorized, unavailable, ...).",
+		}, []string{"result"}),
+		pullSeconds: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    metricsPrefix + "image_pull_duration_seconds",
+			Help:    "Time from resolving an image at its source to its tree being ready in the cache, by result.",
+			Buckets: prometheus.ExponentialBuckets(0.05, 2, 14), // 50 ms .. 7 min
+		}, []string{"result"}),
+		pullBytes: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: metricsPrefix + "image_pull_bytes_total",
+			Help: "Compressed image bytes fetched by pulls.",
+		}),
 		fuse: &fuseObserver{
 			seconds: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 				Name: metricsPrefix + "fuse_operation_duration_seconds",
@@ -94,8 +115,15 @@ func newMetrics(d *Driver) *metrics {
 		nodeBudget:        node("node_budget_bytes", "The node memory budget (flag --node-memory-budget); 0 means none."),
 		nodeMaxVolumes:    node("node_max_volumes", "The node's volume limit (flag --max-volumes); 0 means none."),
 		sealViolations:    node("seal_violations_total", "Operations refused because a file was sealed, all volumes, published or since unpublished."),
+		imageBytes:        node("image_cache_bytes", "Disk used by the flattened images in the node's image cache."),
+		imageImages:       node("image_cache_images", "Images in the node's image cache."),
+		imagePinned:       node("image_cache_images_in_use", "Images of the cache that volumes use (never collected)."),
+		imageBudget:       node("image_cache_budget_bytes", "The image cache budget (flag --image-cache-budget); 0 means none."),
+		imageInFlight:     node("image_pulls_in_flight", "Image pulls running now."),
+		imageHits:         node("image_cache_hits_total", "Image requests answered from the cache without a pull."),
+		imageEvictions:    node("image_cache_evictions_total", "Unused images collected to keep the cache within its budget."),
 	}
-	m.reg.MustRegister(m.rpcTotal, m.rpcSeconds, m.fuse.seconds, m.fuse.errors, m,
+	m.reg.MustRegister(m.rpcTotal, m.rpcSeconds, m.pulls, m.pullSeconds, m.pullBytes, m.fuse.seconds, m.fuse.errors, m,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
@@ -104,6 +132,13 @@ func newMetrics(d *Driver) *metrics {
 func (m *metrics) observeRPC(method string, code codes.Code, d time.Duration) {
 	m.rpcTotal.WithLabelValues(method, code.String()).Inc()
 	m.rpcSeconds.WithLabelValues(method).Observe(d.Seconds())
+}
+
+// observePull records one image pull attempt (image.Config.OnPull).
+func (m *metrics) observePull(e image.PullEvent) {
+	m.pulls.WithLabelValues(string(e.Result)).Inc()
+	m.pullSeconds.WithLabelValues(string(e.Result)).Observe(e.Duration.Seconds())
+	m.pullBytes.Add(float64(e.Bytes))
 }
 
 // retire keeps the seal violations of a layer about to be closed in the
@@ -117,7 +152,8 @@ func (m *metrics) retire(l *memfs.Layer) {
 func (m *metrics) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{m.volBytesUsed, m.volBytesLimit, m.volInodesUsed, m.volInodesLimit,
 		m.volCopiedUp, m.volSealViolations, m.volPassthrough, m.volLost, m.nodeVolumes, m.nodeBytesUsed,
-		m.nodeBytesReserved, m.nodeBudget, m.nodeMaxVolumes, m.sealViolations} {
+		m.nodeBytesReserved, m.nodeBudget, m.nodeMaxVolumes, m.sealViolations, m.imageBytes, m.imageImages,
+		m.imagePinned, m.imageBudget, m.imageInFlight, m.imageHits, m.imageEvictions} {
 		ch <- d
 	}
 }
@@ -153,7 +189,7 @@ func (m *metrics) Collect(ch chan<- prometheus.Metric) {
 		gauge(m.volBytesLimit, float64(s.u.BytesLimit), labels...)
 		gauge(m.volInodesUsed, float64(s.u.InodesUsed), labels...)
 		gauge(m.volInodesLimit, float64(s.u.InodesLimit), labels...)
-		gauge(m.volCopiedUp, 0, labels...)
+		gauge(m.volCopiedUp, float64(s.copiedUp), labels...)
 		used += float64(s.u.BytesUsed)
 	}
 	gauge(m.nodeVolumes, published, "published")
@@ -163,6 +199,16 @@ func (m *metrics) Collect(ch chan<- prometheus.Metric) {
 	gauge(m.nodeBudget, float64(m.d.budget.limit))
 	gauge(m.nodeMaxVolumes, float64(m.d.budget.maxVolumes))
 	ch <- prometheus.MustNewConstMetric(m.sealViolations, prometheus.CounterValue, float64(sealed))
+	if m.d.images != nil {
+		st := m.d.images.Stats()
+		gauge(m.imageBytes, float64(st.Bytes))
+		gauge(m.imageImages, float64(st.Images))
+		gauge(m.imagePinned, float64(st.Pinned))
+		gauge(m.imageBudget, float64(st.Budget))
+		gauge(m.imageInFlight, float64(st.InFlight))
+		ch <- prometheus.MustNewConstMetric(m.imageHits, prometheus.CounterValue, float64(st.Hits))
+		ch <- prometheus.MustNewConstMetric(m.imageEvictions, prometheus.CounterValue, float64(st.Evictions))
+	}
 }
 
 // volumeSample is what a scrape reports of one volume.
@@ -171,6 +217,7 @@ type volumeSample struct {
 	held           bool // a lost volume's memory layer is still mounted
 	passthrough    bool
 	sealViolations uint64
+	copiedUp       uint64 // bytes copied up from the image lower layer
 }
 
 // sample reads v for a scrape; false when v is being unpublished. A lost
@@ -202,6 +249,13 @@ func (v *volume) sample() (volumeSample, bool) {
 		return s, false
 	}
 	s.u, s.passthrough, s.sealViolations = u, v.server.Passthrough(), v.layer.SealViolations()
+	if v.ov != nil {
+		ou, err := v.ov.Usage()
+		if err != nil {
+			return s, false
+		}
+		s.copiedUp = ou.CopiedUpBytes
+	}
 	return s, true
 }
 

@@ -89,7 +89,20 @@ func TestHandlerErrors(t *testing.T) {
 		{"publish: persistent", pub(func(r *csi.NodePublishVolumeRequest) { delete(r.VolumeContext, attrEphemeral) }), codes.InvalidArgument, "only inline ephemeral"},
 		{"publish: unknown attribute", pub(func(r *csi.NodePublishVolumeRequest) { r.VolumeContext["sizee"] = "1" }), codes.InvalidArgument, "unknown key"},
 		{"publish: bad size", pub(func(r *csi.NodePublishVolumeRequest) { r.VolumeContext["size"] = "big" }), codes.InvalidArgument, "volumeAttributes.size"},
-		{"publish: image", pub(func(r *csi.NodePublishVolumeRequest) { r.VolumeContext["image"] = "busybox:1.36" }), codes.Unimplemented, "volumeAttributes.image"},
+		{"publish: image not cached, Never", pub(func(r *csi.NodePublishVolumeRequest) {
+			r.VolumeContext["image"], r.VolumeContext["imagePullPolicy"] = "busybox:1.36", "Never"
+		}), codes.NotFound, "volumeAttributes.image"},
+		{"publish: local image, none configured", pub(func(r *csi.NodePublishVolumeRequest) { r.VolumeContext["image"] = "oci:app" }), codes.InvalidArgument, "volumeAttributes.image"},
+		{"publish: local image, path", pub(func(r *csi.NodePublishVolumeRequest) { r.VolumeContext["image"] = "oci:../etc" }), codes.InvalidArgument, "volumeAttributes.image"},
+		{"publish: bad pull secret", func() error {
+			r := pubReq("vol-x", env.target(t, "vol-x"), attrs("image", "busybox:1.36"))
+			r.Secrets = map[string]string{".dockerconfigjson": "{not json s3cret"}
+			_, err := env.node.NodePublishVolume(ctx, r)
+			if err != nil && strings.Contains(err.Error(), "s3cret") {
+				t.Errorf("error quotes the secret: %v", err)
+			}
+			return err
+		}, codes.InvalidArgument, "nodePublishSecretRef"},
 		{"publish: over budget", pub(func(r *csi.NodePublishVolumeRequest) { r.VolumeContext["size"] = "40Mi" }), codes.ResourceExhausted, "budget"},
 		{"publish: target not empty", func() error {
 			_, err := env.node.NodePublishVolume(ctx, pubReq("vol-c", nonEmpty, attrs()))

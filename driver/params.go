@@ -137,10 +137,12 @@ func parseVolumeParams(attrs map[string]string, lim limits) (volumeParams, podIn
 	}
 
 	p.Image = attrs[attrImage]
-	if p.Image != "" && !validImageRef(p.Image) {
+	// A local image (oci:NAME) is checked by the image cache, which alone
+	// knows where local images are.
+	if p.Image != "" && !strings.HasPrefix(p.Image, LocalImagePrefix) && !validImageRef(p.Image) {
 		return volumeParams{}, podInfo{}, errorf(codes.InvalidArgument,
 			"volumeAttributes.%s: %q is not an OCI image reference; want repo:tag or repo@sha256:<hex> "+
-				"(e.g. registry.example/team/app:1.2)", attrImage, p.Image)
+				"(e.g. registry.example/team/app:1.2), or %sNAME[:TAG] for a local image", attrImage, p.Image, LocalImagePrefix)
 	}
 	_, hasPolicy := attrs[attrImagePullPolicy]
 	_, hasPath := attrs[attrImagePath]

@@ -10,6 +10,7 @@ import (
 	"strconv"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
@@ -21,6 +22,7 @@ import (
 
 	"github.com/csi-memfs/csi-memfs/fusefs"
 	"github.com/csi-memfs/csi-memfs/memfs"
+	"github.com/csi-memfs/csi-memfs/overlay"
 )
 
 // publishSpec is everything a NodePublishVolume asks for, validated. Two
@@ -77,6 +79,13 @@ type volume struct {
 	mu sync.RWMutex
 	// layer is the memory layer; nil for a lost volume and once closed.
 	layer *memfs.Layer
+	// ov is the overlay of layer over the image's lower layer; nil for a
+	// pure memory volume, a lost volume and once closed.
+	ov *overlay.FS
+	// lower is the image's lower layer (pinned image and its Lower); nil
+	// for a pure memory volume and once released. A lost volume holds the
+	// image re-pinned in lower.img, with no Lower.
+	lower *lowerImage
 	// server serves the volume on rec.Spec.TargetPath; nil for a lost
 	// volume and once unmounted.
 	server *fusefs.Server
@@ -278,22 +287,30 @@ func (d *Driver) publish(ctx context.Context, id string, spec publishSpec, pod p
 		}
 	}
 
-	lower, err := d.lowerLayer(ctx, spec.Params, secrets)
-	if err != nil {
-		return err
-	}
-	if err := d.budget.reserve(spec.Params.Size); err != nil {
-		return err
-	}
 	var undo undoStack
 	defer func() {
 		if err != nil {
 			undo.run(logger, id)
 		}
 	}()
+	lower, err := d.lowerLayer(ctx, spec.Params, secrets)
+	if err != nil {
+		return err
+	}
+	if lower != nil {
+		undo.push(lower.close)
+	}
+	if err := d.budget.reserve(spec.Params.Size); err != nil {
+		return err
+	}
 	undo.push(func() error { d.budget.release(spec.Params.Size); return nil })
 
 	rec := record{Version: recordVersion, VolumeID: id, Spec: spec, Pod: pod, PublishedAt: time.Now().UTC()}
+	if lower != nil {
+		// A successor process re-pins the image from this before any
+		// collection.
+		rec.ImageDigest = lower.img.Digest
+	}
 	if err := d.journal.write(rec); err != nil {
 		return fmt.Errorf("volume %s: journal: %w", id, err)
 	}
@@ -305,12 +322,19 @@ func (d *Driver) publish(ctx context.Context, id string, spec publishSpec, pod p
 	}
 	undo.push(layer.Close)
 
-	tree := d.buildTree(layer, lower)
+	tree, ov, err := d.buildTree(layer, lower)
+	if err != nil {
+		return fmt.Errorf("volume %s: %w", id, err)
+	}
+	if ov != nil {
+		// Before layer.Close (pushed earlier, so run later).
+		undo.push(func() error { ov.Close(); return nil })
+	}
 	if err := initRoot(tree, spec.MountGroup); err != nil {
 		return fmt.Errorf("volume %s: root directory: %w", id, err)
 	}
 	if err := sealMatching(tree, spec.Params.Seal); err != nil {
-		return fmt.Errorf("volume %s: seal: %w", id, err)
+		return sealError(id, err)
 	}
 
 	created, err := makeTarget(spec.TargetPath)
@@ -335,34 +359,33 @@ func (d *Driver) publish(ctx context.Context, id string, spec publishSpec, pod p
 	if err != nil {
 		return fmt.Errorf("volume %s: %w", id, err)
 	}
-	d.vols.put(&volume{rec: rec, reserved: spec.Params.Size, upper: d.journal.upperDir(id), layer: layer, server: server})
+	d.vols.put(&volume{rec: rec, reserved: spec.Params.Size, upper: d.journal.upperDir(id),
+		layer: layer, ov: ov, lower: lower, server: server})
 	return nil
 }
 
-// lowerLayer returns the read-only lower layer the volume's image gives, or
-// nil for a pure memory volume. It runs before anything is reserved, so a
-// slow pull holds no memory of the budget.
-//
-// TODO(image issue): pull (or find in the node cache) p.Image, honouring
-// p.PullPolicy and the pull credentials in secrets (a
-// kubernetes.io/dockerconfigjson secret), and return its p.ImagePath
-// subtree as the overlay's lower layer (then the type is overlay.Lower, not
-// any); a missing image is NotFound.
-func (d *Driver) lowerLayer(_ context.Context, p volumeParams, secrets map[string]string) (any, error) {
-	if p.Image == "" {
-		return nil, nil
+// buildTree returns the tree a volume serves: the memory layer alone, or
+// an overlay of it over lower (returned too, for its usage and Close). This
+// is the one place a lower layer plugs in.
+func (d *Driver) buildTree(layer *memfs.Layer, lower *lowerImage) (fusefs.FileSystem, *overlay.FS, error) {
+	if lower == nil {
+		return fusefs.FromLayer(layer), nil, nil
 	}
-	return nil, errorf(codes.Unimplemented,
-		"volumeAttributes.%s: image lower layers are not available in this version of csi-memfs; "+
-			"remove %s, %s and %s for a pure memory volume", attrImage, attrImage, attrImagePullPolicy, attrImagePath)
+	ov, err := overlay.New(layer, lower.dir, overlay.Options{})
+	if err != nil {
+		return nil, nil, fmt.Errorf("overlay over image %s: %w", lower.img.Digest, err)
+	}
+	return fusefs.FromOverlay(ov), ov, nil
 }
 
-// buildTree returns the tree a volume serves: the memory layer alone, or
-// (with the image issue) an overlay of it over lower. This is the one
-// place a lower layer plugs in.
-func (d *Driver) buildTree(layer *memfs.Layer, lower any) fusefs.FileSystem {
-	_ = lower // always nil until lowerLayer returns one
-	return fusefs.FromLayer(layer)
+// sealError converts a failure of the seal attribute: EBUSY and EPERM
+// come from the files (a file the image made unsealable), the rest is
+// internal.
+func sealError(id string, err error) error {
+	if errors.Is(err, syscall.EPERM) || errors.Is(err, syscall.EBUSY) || errors.Is(err, syscall.EOPNOTSUPP) {
+		return errorf(codes.FailedPrecondition, "volume %s: volumeAttributes.%s: cannot seal %v", id, attrSeal, err)
+	}
+	return fmt.Errorf("volume %s: volumeAttributes.%s: %w", id, attrSeal, err)
 }
 
 // initRoot sets the root directory's owner group and mode: with a mount
@@ -512,6 +535,10 @@ func (d *Driver) teardown(ctx context.Context, v *volume) error {
 			return fmt.Errorf("volume %s: target_path %s: %w", id, target, err)
 		}
 	}
+	if v.ov != nil {
+		v.ov.Close()
+		v.ov = nil
+	}
 	if v.layer != nil {
 		d.metrics.retire(v.layer)
 		if err := v.layer.Close(); err != nil {
@@ -521,6 +548,12 @@ func (d *Driver) teardown(ctx context.Context, v *volume) error {
 	} else if err := unmountUpper(v.upper); err != nil {
 		return fmt.Errorf("volume %s: %w", id, err)
 	}
+	// The image is unpinned once nothing serves it any more; the journal
+	// record that names it goes after.
+	if err := v.lower.close(); err != nil {
+		return fmt.Errorf("volume %s: image lower layer: %w", id, err)
+	}
+	v.lower = nil
 	if err := d.journal.remove(id); err != nil {
 		return fmt.Errorf("volume %s: journal: %w", id, err)
 	}
@@ -576,6 +609,7 @@ func (d *Driver) cleanForeignTarget(ctx context.Context, id, target string) erro
 func (d *Driver) checkInvariants() error {
 	var reserved int64
 	var ids []string
+	pinned := map[string]bool{}
 	for _, v := range d.vols.snapshot() {
 		reserved += v.reserved
 		ids = append(ids, v.id())
@@ -588,6 +622,18 @@ func (d *Driver) checkInvariants() error {
 		if v.lost && !unserved {
 			return fmt.Errorf("lost volume %s has a memory layer or server", v.id())
 		}
+		v.mu.RLock()
+		hasImage, hasOverlay := v.lower != nil, v.ov != nil
+		if hasImage {
+			pinned[v.lower.img.Digest] = true
+		}
+		v.mu.RUnlock()
+		if !v.lost && (hasImage != (v.rec.ImageDigest != "") || hasImage != hasOverlay) {
+			return fmt.Errorf("published volume %s: image %v, overlay %v, journal digest %q", v.id(), hasImage, hasOverlay, v.rec.ImageDigest)
+		}
+	}
+	if st := d.images.Stats(); st.Pinned != len(pinned) {
+		return fmt.Errorf("image cache pins %d images, volumes use %d", st.Pinned, len(pinned))
 	}
 	if b := d.budget.bytes.Load(); b != reserved {
 		return fmt.Errorf("budget reserves %d bytes, volumes hold %d", b, reserved)

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"errors"
 	"flag"
 	"fmt"
@@ -8,11 +9,14 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strings"
 	"syscall"
 
 	"k8s.io/apimachinery/pkg/api/resource"
 
+	"github.com/csi-memfs/csi-memfs/driver"
 	"github.com/csi-memfs/csi-memfs/fusefs"
+	"github.com/csi-memfs/csi-memfs/image"
 	"github.com/csi-memfs/csi-memfs/memfs"
 	"github.com/csi-memfs/csi-memfs/overlay"
 )
@@ -22,6 +26,13 @@ type mountFlags struct {
 	inodes        uint64
 	stateDir      string
 	lower         string
+	image         string
+	imagePath     string
+	pullPolicy    string
+	imageCacheDir string
+	insecure      []string
+	pullSecret    string
+	localImages   string
 	noPassthrough bool
 	debug         bool
 	mountpoint    string
@@ -44,6 +55,19 @@ func parseMountFlags(args []string, out io.Writer) (*mountFlags, error) {
 	})
 	fs.Uint64Var(&m.inodes, "inodes", 0, "inode limit of the volume (default: one per 4 KiB of size, at least 1024)")
 	fs.StringVar(&m.lower, "lower", "", "a directory to serve read-only beneath the memory layer: the volume starts with its contents, and changes stay in memory")
+	fs.StringVar(&m.image, "image", "", "an OCI image (registry reference, or "+driver.LocalImagePrefix+"NAME under --local-images) to serve read-only beneath the memory layer, like --lower")
+	fs.StringVar(&m.imagePath, "image-path", "/", "directory of the image used as the volume root")
+	fs.StringVar(&m.pullPolicy, "image-pull-policy", "IfNotPresent", "Always, IfNotPresent or Never")
+	fs.StringVar(&m.imageCacheDir, "image-cache-dir", defaultImageCacheDir(), "directory of the image cache; one process at a time uses it, so give each concurrent mount its own (or use the plugin's only when it is stopped)")
+	fs.Func("insecure-registry", "registry HOST[:PORT] that may be pulled from over plain HTTP (repeatable; loopback registries always may)", func(s string) error {
+		if s == "" || strings.ContainsAny(s, "/ ") {
+			return errors.New("want HOST or HOST:PORT")
+		}
+		m.insecure = append(m.insecure, s)
+		return nil
+	})
+	fs.StringVar(&m.pullSecret, "pull-secret", "", "a Docker config.json (or a .dockerconfigjson pull secret's content) with registry credentials; default: anonymous")
+	fs.StringVar(&m.localImages, "local-images", "", "directory of local images an --image "+driver.LocalImagePrefix+"NAME[:TAG] names (OCI image layouts or image tarballs)")
 	fs.StringVar(&m.stateDir, "state-dir", os.TempDir(), "directory under which the volume's private tmpfs instance is mounted")
 	fs.BoolVar(&m.noPassthrough, "no-passthrough", false, "serve every read and write through the daemon instead of FUSE passthrough")
 	fs.BoolVar(&m.debug, "debug", false, "log every FUSE request")
@@ -56,7 +80,11 @@ until interrupted (Ctrl-C or SIGTERM), then unmounts it and exits 0. The
 volume's bytes live in a private kernel tmpfs instance limited to --size;
 everything in it is gone after the unmount. With --lower DIR the volume is
 an overlay: it shows DIR's tree, DIR itself is never written, and what
-changes is copied up into memory, only the pages written.
+changes is copied up into memory, only the pages written. With --image REF
+the lower tree is the image's, pulled (or found) in the image cache as the
+CSI plugin does: e.g.
+
+  csi-memfs mount --image registry.example/team/app:1.2 --size 256Mi /mnt/app
 
 Flags:
 `)
@@ -73,6 +101,26 @@ Flags:
 		return nil, errors.New("want exactly one MOUNTPOINT (see --help)")
 	}
 	m.mountpoint = fs.Arg(0)
+	if m.lower != "" && m.image != "" {
+		return nil, errors.New("--lower and --image are exclusive")
+	}
+	if m.image == "" {
+		var set []string
+		fs.Visit(func(f *flag.Flag) {
+			switch f.Name {
+			case "image-path", "image-pull-policy", "image-cache-dir", "insecure-registry", "pull-secret", "local-images":
+				set = append(set, "--"+f.Name)
+			}
+		})
+		if len(set) > 0 {
+			return nil, fmt.Errorf("%s need --image", strings.Join(set, ", "))
+		}
+	}
+	if m.image != "" {
+		if _, err := image.ParsePullPolicy(m.pullPolicy); err != nil {
+			return nil, fmt.Errorf("--image-pull-policy %q: want Always, IfNotPresent or Never", m.pullPolicy)
+		}
+	}
 	if m.lower != "" {
 		if fi, err := os.Stat(m.lower); err != nil {
 			return nil, fmt.Errorf("--lower %s: %v", m.lower, errors.Unwrap(err))
@@ -127,17 +175,32 @@ func serveMount(m *mountFlags) error {
 	}
 	defer layer.Close()
 
-	tree := fusefs.FromLayer(layer)
-	if m.lower != "" {
-		lower, err := overlay.NewDirLower(m.lower)
+	lowerDir := m.lower
+	if m.image != "" {
+		cache, img, err := pullImage(m)
 		if err != nil {
-			return fmt.Errorf("--lower %s: %w", m.lower, err)
+			return err
+		}
+		// The cache stays open (and locked) while the image is served, so
+		// that no other process collects it.
+		defer cache.Close()
+		defer img.Release()
+		if lowerDir, err = img.Subdir(m.imagePath); err != nil {
+			return fmt.Errorf("--image-path: %w", err)
+		}
+	}
+	tree := fusefs.FromLayer(layer)
+	if lowerDir != "" {
+		lower, err := overlay.NewDirLower(lowerDir)
+		if err != nil {
+			return fmt.Errorf("lower directory %s: %w", lowerDir, err)
 		}
 		defer lower.Close()
 		ov, err := overlay.New(layer, lower, overlay.Options{})
 		if err != nil {
 			return err
 		}
+		defer ov.Close()
 		tree = fusefs.FromOverlay(ov)
 	}
 	srv, err := fusefs.Mount(m.mountpoint, tree, fusefs.Options{
@@ -156,6 +219,9 @@ func serveMount(m *mountFlags) error {
 	if m.lower != "" {
 		over = " over " + m.lower
 	}
+	if m.image != "" {
+		over = " over image " + m.image
+	}
 	fmt.Fprintf(os.Stderr, "csi-memfs: serving %s%s (size %s, %d inodes, passthrough %s); Ctrl-C unmounts\n",
 		m.mountpoint, over, &m.size, u.InodesLimit, onOff(srv.Passthrough()))
 	select {
@@ -168,6 +234,54 @@ func serveMount(m *mountFlags) error {
 		fmt.Fprintf(os.Stderr, "csi-memfs: %s was unmounted\n", m.mountpoint)
 	}
 	return nil
+}
+
+// pullImage opens the image cache and gets --image from it pinned,
+// pulling it if needed; a SIGINT or SIGTERM abandons the pull. The caller
+// releases the image, then closes the cache.
+func pullImage(m *mountFlags) (*image.Cache, *image.Image, error) {
+	secrets := map[string]string{}
+	if m.pullSecret != "" {
+		b, err := os.ReadFile(m.pullSecret)
+		if err != nil {
+			return nil, nil, fmt.Errorf("--pull-secret: %w", err)
+		}
+		secrets[image.DockerConfigJSONKey] = string(b)
+	}
+	kc, err := image.KeychainFromSecrets(secrets)
+	if err != nil {
+		return nil, nil, fmt.Errorf("--pull-secret %s: %w", m.pullSecret, err)
+	}
+	policy, _ := image.ParsePullPolicy(m.pullPolicy) // checked by parseMountFlags
+	cache, err := image.NewCache(image.Config{
+		Dir:                m.imageCacheDir,
+		InsecureRegistries: m.insecure,
+		LocalPrefix:        driver.LocalImagePrefix,
+		LocalDir:           m.localImages,
+		Progress: func(p image.Progress) {
+			fmt.Fprintf(os.Stderr, "csi-memfs: pulling %s: layer %d of %d, %d of %d bytes\n", p.Ref, p.Layer+1, p.Layers, p.Bytes, p.TotalBytes)
+		},
+	})
+	if err != nil {
+		return nil, nil, fmt.Errorf("--image-cache-dir: %w", err)
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	img, err := cache.Get(ctx, m.image, policy, kc)
+	if err != nil {
+		cache.Close()
+		return nil, nil, fmt.Errorf("--image %s: %w", m.image, err)
+	}
+	return cache, img, nil
+}
+
+// defaultImageCacheDir is the user's cache directory's csi-memfs/images.
+func defaultImageCacheDir() string {
+	d, err := os.UserCacheDir()
+	if err != nil {
+		d = os.TempDir()
+	}
+	return filepath.Join(d, "csi-memfs", "images")
 }
 
 func onOff(b bool) string {

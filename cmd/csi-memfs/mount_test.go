@@ -4,6 +4,9 @@ import (
 	"bytes"
 	"errors"
 	"flag"
+	"io"
+	"log"
+	"net/http/httptest"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -11,6 +14,9 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/google/go-containerregistry/pkg/crane"
+	"github.com/google/go-containerregistry/pkg/registry"
 )
 
 func TestMountFlags(t *testing.T) {
@@ -38,6 +44,11 @@ func TestMountFlags(t *testing.T) {
 		{[]string{"--lower", full, empty}, "", 64 << 20},
 		{[]string{"--lower", file, empty}, "is not a directory", 0},
 		{[]string{"--lower", filepath.Join(full, "missing"), empty}, "no such file or directory", 0},
+		{[]string{"--image", "busybox:1.36", "--insecure-registry", "10.0.0.1:5000", empty}, "", 64 << 20},
+		{[]string{"--image", "busybox", "--lower", full, empty}, "exclusive", 0},
+		{[]string{"--image", "busybox", "--image-pull-policy", "always", empty}, "want Always, IfNotPresent or Never", 0},
+		{[]string{"--insecure-registry", "h:1", empty}, "need --image", 0},
+		{[]string{"--image", "busybox", "--insecure-registry", "http://h/", empty}, "want HOST or HOST:PORT", 0},
 	} {
 		var out bytes.Buffer
 		m, err := parseMountFlags(tc.args, &out)
@@ -125,4 +136,73 @@ func TestMountCommand(t *testing.T) {
 func mounted(dir string) bool {
 	data, _ := os.ReadFile("/proc/self/mounts")
 	return strings.Contains(string(data), " "+dir+" ")
+}
+
+// TestMountImage runs `csi-memfs mount --image` against a registry on
+// loopback: the image's files show, writes stay in memory, the cached
+// tree is untouched, and a second mount uses the cache without the
+// registry.
+func TestMountImage(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root")
+	}
+	bin := filepath.Join(t.TempDir(), "csi-memfs")
+	if out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput(); err != nil {
+		t.Fatalf("build: %v\n%s", err, out)
+	}
+	srv := httptest.NewServer(registry.New(registry.Logger(log.New(io.Discard, "", 0))))
+	defer srv.Close()
+	img, err := crane.Image(map[string][]byte{"etc/greeting": []byte("hello from the image"), "bin/app": []byte("app")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ref := strings.TrimPrefix(srv.URL, "http://") + "/demo:v1"
+	if err := crane.Push(img, ref); err != nil {
+		t.Fatal(err)
+	}
+	cacheDir := t.TempDir()
+	run := func(extra ...string) {
+		t.Helper()
+		mnt := t.TempDir()
+		var stderr bytes.Buffer
+		cmd := exec.Command(bin, append(append([]string{"mount", "--size", "8Mi", "--state-dir", t.TempDir(),
+			"--image-cache-dir", cacheDir}, extra...), mnt)...)
+		cmd.Stderr = &stderr
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		deadline := time.Now().Add(30 * time.Second)
+		for !mounted(mnt) && time.Now().Before(deadline) && cmd.ProcessState == nil {
+			time.Sleep(10 * time.Millisecond)
+		}
+		if !mounted(mnt) {
+			cmd.Process.Kill()
+			cmd.Wait()
+			t.Fatalf("not mounted; stderr %q", stderr.String())
+		}
+		if got, err := os.ReadFile(filepath.Join(mnt, "etc/greeting")); string(got) != "hello from the image" {
+			t.Errorf("etc/greeting: %q, %v", got, err)
+		}
+		if err := os.WriteFile(filepath.Join(mnt, "etc/greeting"), []byte("changed"), 0o644); err != nil {
+			t.Error(err)
+		}
+		cmd.Process.Signal(syscall.SIGTERM)
+		if err := cmd.Wait(); err != nil {
+			t.Errorf("exit after SIGTERM: %v; stderr %q", err, stderr.String())
+		}
+		if mounted(mnt) {
+			t.Error("still mounted after SIGTERM")
+		}
+	}
+	run("--image", ref)
+	srv.Close()
+	// From the cache: no registry needed, and the first mount's write is gone.
+	run("--image", ref, "--image-pull-policy", "Never")
+	trees, _ := filepath.Glob(filepath.Join(cacheDir, "images", "*", "rootfs", "etc", "greeting"))
+	if len(trees) != 1 {
+		t.Fatalf("%d cached trees", len(trees))
+	}
+	if got, _ := os.ReadFile(trees[0]); string(got) != "hello from the image" {
+		t.Errorf("cached etc/greeting = %q", got)
+	}
 }

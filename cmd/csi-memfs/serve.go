@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/signal"
 	"runtime/debug"
+	"strings"
 	"syscall"
 
 	"k8s.io/apimachinery/pkg/api/resource"
@@ -39,6 +40,16 @@ func parseServeFlags(args []string, out io.Writer) (driver.Config, error) {
 	fs.Uint64Var(&cfg.MaxVolumeInodes, "max-volume-inodes", 0, "largest inodes attribute accepted (0: no bound)")
 	quantity(fs, &cfg.NodeBudget, "node-memory-budget", "", "memory all volumes on the node may reserve together, e.g. 8Gi (default: no budget)")
 	fs.Int64Var(&cfg.MaxVolumes, "max-volumes", 0, "volumes the node serves at once, reported as max_volumes_per_node (0: no limit)")
+	fs.StringVar(&cfg.ImageCacheDir, "image-cache-dir", "", "directory of the node's image cache (default <state-dir>/images)")
+	quantity(fs, &cfg.ImageCacheBudget, "image-cache-budget", "", "disk the image cache keeps itself under by collecting unused images, e.g. 20Gi (default: no limit)")
+	fs.Func("insecure-registry", "registry HOST[:PORT] that may be pulled from over plain HTTP (repeatable; loopback registries always may)", func(s string) error {
+		if s == "" || strings.ContainsAny(s, "/ ") {
+			return errors.New("want HOST or HOST:PORT")
+		}
+		cfg.InsecureRegistries = append(cfg.InsecureRegistries, s)
+		return nil
+	})
+	fs.StringVar(&cfg.LocalImagesDir, "local-images", "", "directory of local images (OCI image layouts or image tarballs) a volume names as "+driver.LocalImagePrefix+"NAME[:TAG] (default: none)")
 	fs.BoolVar(&cfg.DisablePassthrough, "no-passthrough", false, "serve every read and write through the daemon instead of FUSE passthrough")
 	fs.BoolVar(&cfg.FUSEDebug, "fuse-debug", false, "log every FUSE request (very verbose)")
 	klog.InitFlags(fs)
@@ -47,7 +58,9 @@ func parseServeFlags(args []string, out io.Writer) (driver.Config, error) {
 
 Runs the csi-memfs CSI node plugin: serves the CSI Identity and Node services
 on --endpoint until SIGTERM or SIGINT. Published volumes survive a stop in
-the journal under --state-dir; the next process unpublishes them.
+the journal under --state-dir; the next process unpublishes them. Images
+named by volumes are pulled into the image cache (--image-cache-dir) and
+shared by every volume of the node.
 
 Flags:
 `)
@@ -113,6 +126,7 @@ func runServe(args []string) int {
 		klog.ErrorS(err, "Cannot start")
 		return 1
 	}
+	defer d.Close()
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 	if err := d.Run(ctx); err != nil {

@@ -18,6 +18,12 @@ func TestParseServeFlags(t *testing.T) {
 		cfg.DriverName != "memfs.csi.dev" || cfg.MaxVolumeSize != 0 {
 		t.Errorf("cfg = %+v", cfg)
 	}
+	cfg, err = parseServeFlags([]string{"--node-id", "n1", "--image-cache-dir", "/var/cache/img", "--image-cache-budget", "20Gi",
+		"--insecure-registry", "10.0.0.1:5000", "--insecure-registry", "reg.local", "--local-images", "/var/lib/images"}, io.Discard)
+	if err != nil || cfg.ImageCacheDir != "/var/cache/img" || cfg.ImageCacheBudget != 20<<30 || cfg.LocalImagesDir != "/var/lib/images" ||
+		strings.Join(cfg.InsecureRegistries, ",") != "10.0.0.1:5000,reg.local" {
+		t.Errorf("image flags: %+v, %v", cfg, err)
+	}
 	t.Setenv("NODE_NAME", "from-env")
 	if cfg, err := parseServeFlags(nil, io.Discard); err != nil || cfg.NodeID != "from-env" || cfg.DefaultVolumeSize != 64<<20 {
 		t.Errorf("defaults: %+v, %v", cfg, err)
@@ -27,6 +33,8 @@ func TestParseServeFlags(t *testing.T) {
 		{}, // no node id
 		{"--node-id", "n", "--node-memory-budget", "lots"}, // not a quantity
 		{"--node-id", "n", "extra"},
+		{"--node-id", "n", "--insecure-registry", "http://x/"},
+		{"--node-id", "n", "--image-cache-budget", "-1Gi"},
 	} {
 		if _, err := parseServeFlags(args, io.Discard); err == nil {
 			t.Errorf("%s: no error", strings.Join(args, " "))
