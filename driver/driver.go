@@ -91,6 +91,7 @@ import (
 	"k8s.io/mount-utils"
 
 	"github.com/csi-memfs/csi-memfs/image"
+	"github.com/csi-memfs/csi-memfs/memfs"
 )
 
 // DefaultDriverName is the CSI driver name when Config.DriverName is empty.
@@ -221,10 +222,26 @@ type Driver struct {
 	metrics *metrics
 	// images is the node's image cache. Immutable pointer.
 	images *image.Cache
+	// fds is the descriptor budget all volumes' memory layers share, so
+	// that many volumes stay within the process's open-file limit.
+	// Immutable pointer.
+	fds *memfs.FdBudget
 	// mounter cleans target paths (mount-utils). Immutable.
 	mounter mount.Interface
 	// ready is true once the journal is recovered. Accessed atomically.
 	ready atomic.Bool
+}
+
+// cachedFdBudget is how many descriptors the memory layers may keep cached
+// between them: half the open-file limit (Go raises the soft limit to the
+// hard one at start), leaving the rest to open files, sockets, the FUSE
+// devices and the image cache.
+func cachedFdBudget() int {
+	var rl unix.Rlimit
+	if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &rl); err != nil || rl.Cur > 1<<20 {
+		return 1 << 19
+	}
+	return int(rl.Cur / 2)
 }
 
 // New checks cfg, creates the state directory, opens the image cache and
@@ -240,6 +257,7 @@ func New(cfg Config) (*Driver, error) {
 		journal: journal{dir: filepath.Join(cfg.StateDir, "volumes")},
 		vols:    newRegistry(),
 		budget:  &budget{limit: cfg.NodeBudget, maxVolumes: cfg.MaxVolumes},
+		fds:     memfs.NewFdBudget(cachedFdBudget()),
 		mounter: mount.New(""),
 	}
 	d.metrics = newMetrics(d)

@@ -316,7 +316,7 @@ func (d *Driver) publish(ctx context.Context, id string, spec publishSpec, pod p
 	}
 	undo.push(func() error { return d.journal.remove(id) })
 
-	layer, err := memfs.New(d.journal.upperDir(id), memfs.Options{Size: spec.Params.Size, Inodes: spec.Params.Inodes})
+	layer, err := memfs.New(d.journal.upperDir(id), memfs.Options{Size: spec.Params.Size, Inodes: spec.Params.Inodes, Fds: d.fds})
 	if err != nil {
 		return fmt.Errorf("volume %s: memory layer: %w", id, err)
 	}

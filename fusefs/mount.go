@@ -66,7 +66,10 @@ func Mount(mountpoint string, fs FileSystem, opts Options) (*Server, error) {
 		// Mount with mount(2) (we are privileged): no fusermount.
 		DirectMountStrict: true,
 		DirectMountFlags:  flags,
-		MaxWrite:          1 << 20,
+		// With passthrough the daemon rarely moves data, and go-fuse keeps
+		// request buffers of MaxWrite per reader: 128 KiB then (about 3 MiB
+		// less heap per volume), 1 MiB when every byte comes through here.
+		MaxWrite:          128 << 10,
 		MaxReadAhead:      1 << 20,
 		MaxBackground:     64,
 		// Plain READDIR: READDIRPLUS measured 13x slower here.
@@ -77,6 +80,7 @@ func Mount(mountpoint string, fs FileSystem, opts Options) (*Server, error) {
 	}
 	if opts.DisablePassthrough {
 		mo.DisabledCapabilities |= fuse.CAP_PASSTHROUGH
+		mo.MaxWrite = 1 << 20
 	}
 	raw := newRawFS(fs, opts)
 	srv, err := fuse.NewServer(raw, mountpoint, mo)

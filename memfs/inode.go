@@ -134,7 +134,7 @@ func (l *Layer) registerFd(fd int, st *unix.Stat_t, adopt bool) (e Entry, adopte
 		old.refs++
 		return Entry{Stat: *st, Gen: old.gen}, false, nil
 	}
-	if l.cachedFds < l.opts.MaxCachedFds {
+	if l.opts.Fds.take() {
 		if adopt {
 			i.pathFd, adopted = fd, true
 		} else if pfd, err := unix.OpenByHandleAt(l.rootFd, h, unix.O_PATH|unix.O_CLOEXEC); err == nil {
@@ -142,6 +142,8 @@ func (l *Layer) registerFd(fd int, st *unix.Stat_t, adopt bool) (e Entry, adopte
 		}
 		if i.pathFd >= 0 {
 			l.cachedFds++
+		} else {
+			l.opts.Fds.give()
 		}
 	}
 	l.inodes[st.Ino] = i
@@ -201,6 +203,7 @@ func (i *inode) closeFdLocked(l *Layer) {
 		unix.Close(i.pathFd)
 		i.pathFd = -1
 		l.cachedFds--
+		l.opts.Fds.give()
 	}
 }
 
@@ -238,8 +241,11 @@ func (l *Layer) CheckInvariants() error {
 			return fmt.Errorf("inode %d: %d direct writers of %d writers", ino, d, w)
 		}
 	}
-	if cached != l.cachedFds || cached > l.opts.MaxCachedFds {
-		return fmt.Errorf("%d cached descriptors, counted %d, max %d", cached, l.cachedFds, l.opts.MaxCachedFds)
+	if cached != l.cachedFds {
+		return fmt.Errorf("%d cached descriptors, counted %d", cached, l.cachedFds)
+	}
+	if used := l.opts.Fds.InUse(); used < 0 || used > l.opts.Fds.limit {
+		return fmt.Errorf("descriptor budget: %d in use of %d", used, l.opts.Fds.limit)
 	}
 	if l.inodes[RootIno] == nil {
 		return fmt.Errorf("root is not registered")

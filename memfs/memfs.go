@@ -71,17 +71,45 @@ type Options struct {
 	// Inodes is the inode limit (tmpfs nr_inodes=). Zero means one inode per
 	// 4 KiB page of Size, with a floor of 1024.
 	Inodes uint64
-	// MaxCachedFds bounds the O_PATH descriptors kept open for referenced
-	// inodes (which spares a handle lookup per operation). Zero means 4096.
-	MaxCachedFds int
+	// Fds bounds the O_PATH descriptors kept open for referenced inodes
+	// (each spares a handle lookup per operation). Share one FdBudget
+	// between all the Layers of a process, so that many volumes stay within
+	// its open-file limit; past the budget, operations open descriptors as
+	// they need them. Nil means a budget of 1024 for this Layer alone.
+	Fds *FdBudget
 }
+
+// FdBudget is a number of descriptors that Layers sharing it may keep
+// cached between them. It is safe for concurrent use.
+type FdBudget struct {
+	// limit is immutable; used is accessed atomically.
+	// Invariant: 0 <= used <= limit.
+	limit int64
+	used  atomic.Int64
+}
+
+// NewFdBudget returns a budget of n descriptors.
+func NewFdBudget(n int) *FdBudget { return &FdBudget{limit: int64(n)} }
+
+// InUse returns the descriptors held against the budget.
+func (b *FdBudget) InUse() int64 { return b.used.Load() }
+
+func (b *FdBudget) take() bool {
+	if b.used.Add(1) > b.limit {
+		b.used.Add(-1)
+		return false
+	}
+	return true
+}
+
+func (b *FdBudget) give() { b.used.Add(-1) }
 
 func (o Options) withDefaults() Options {
 	if o.Inodes == 0 {
 		o.Inodes = max(uint64(o.Size)/4096, 1024)
 	}
-	if o.MaxCachedFds == 0 {
-		o.MaxCachedFds = 4096
+	if o.Fds == nil {
+		o.Fds = NewFdBudget(1024)
 	}
 	return o
 }
@@ -125,9 +153,9 @@ type Layer struct {
 	// Invariant: every inode in the table has refs > 0, except the root,
 	// which is always present.
 	inodes map[uint64]*inode
-	// cachedFds counts inodes whose pathFd is open.
-	// Invariant: cachedFds == number of inodes with pathFd >= 0 and
-	// cachedFds <= opts.MaxCachedFds.
+	// cachedFds counts inodes whose pathFd is open, each held against
+	// opts.Fds.
+	// Invariant: cachedFds == number of inodes with pathFd >= 0.
 	cachedFds int
 
 	// sealViolations counts operations refused because of a seal.

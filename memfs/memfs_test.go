@@ -473,3 +473,49 @@ func TestReadDirOffsets(t *testing.T) {
 		}
 	}
 }
+
+// TestFdBudget: layers sharing a descriptor budget cache no more than it
+// allows, keep working on uncached inodes, and give it all back.
+func TestFdBudget(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root")
+	}
+	budget := NewFdBudget(3)
+	var layers [2]*Layer
+	for i := range layers {
+		l, err := New(filepath.Join(t.TempDir(), "upper"), Options{Size: 1 << 20, Fds: budget})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer l.Close()
+		layers[i] = l
+	}
+	// Each root holds one; two more fit.
+	if got, want := budget.InUse(), int64(2); got != want {
+		t.Fatalf("in use after two roots: %d, want %d", got, want)
+	}
+	var held []Entry
+	for _, l := range layers {
+		for _, name := range []string{"a", "b", "c"} {
+			e := must[Entry](t)(l.Mkdir(RootIno, name, 0o755, Root))
+			held = append(held, e)
+			// Uncached inodes work as well as cached ones.
+			f := must[Entry](t)(l.Mknod(e.Ino(), "f", unix.S_IFREG|0o644, Root))
+			must[unix.Stat_t](t)(l.GetAttr(f.Ino()))
+			must[struct{}](t)(struct{}{}, l.SetXattr(f.Ino(), "user.k", []byte("v"), 0))
+			l.Forget(f.Ino(), 1)
+		}
+		if err := l.CheckInvariants(); err != nil {
+			t.Error(err)
+		}
+	}
+	if got, want := budget.InUse(), int64(3); got != want {
+		t.Errorf("in use with 6 directories held: %d, want the budget %d", got, want)
+	}
+	for i, e := range held {
+		layers[i/3].Forget(e.Ino(), 1)
+	}
+	if got, want := budget.InUse(), int64(2); got != want {
+		t.Errorf("in use after forgetting: %d, want %d (the roots)", got, want)
+	}
+}

@@ -100,7 +100,7 @@ type cachedDir struct {
 }
 
 // maxCachedDirs bounds the directory descriptors a DirLower keeps.
-const maxCachedDirs = 512
+const maxCachedDirs = 64
 
 // NewDirLower opens the directory dir as a Lower.
 func NewDirLower(dir string) (*DirLower, error) {
