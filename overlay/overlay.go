@@ -322,18 +322,7 @@ func (fs *FS) removeAll(parent uint64, name string) error {
 		return err
 	}
 	defer fs.upper.Forget(e.Ino(), 1)
-	var names []string
-	d, err := fs.upper.OpenDir(e.Ino())
-	if err != nil {
-		return err
-	}
-	err = d.ReadDir(0, func(de *memfs.DirEntry) bool {
-		if de.Name != "." && de.Name != ".." {
-			names = append(names, de.Name)
-		}
-		return true
-	})
-	d.Close()
+	names, err := fs.upperNames(e.Ino())
 	if err != nil {
 		return err
 	}
@@ -603,3 +592,21 @@ var errnoOf = memfs.Errno
 
 func nativeUint16(b []byte) uint16 { return binary.NativeEndian.Uint16(b) }
 func nativeUint64(b []byte) uint64 { return binary.NativeEndian.Uint64(b) }
+
+// upperNames lists the names in the upper directory ino, "." and ".."
+// left out.
+func (fs *FS) upperNames(ino uint64) ([]string, error) {
+	d, err := fs.upper.OpenDir(ino)
+	if err != nil {
+		return nil, err
+	}
+	defer d.Close()
+	var names []string
+	err = d.ReadDir(0, func(e *memfs.DirEntry) bool {
+		if e.Name != "." && e.Name != ".." {
+			names = append(names, e.Name)
+		}
+		return true
+	})
+	return names, err
+}

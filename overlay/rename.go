@@ -181,18 +181,7 @@ func (fs *FS) Rename(parent uint64, name string, newParent uint64, newName strin
 // Preconditions:
 //   - fs.treeMu is locked for writing; t shows no entries.
 func (fs *FS) clearWhiteouts(t *node) error {
-	var names []string
-	d, err := fs.upper.OpenDir(t.upper)
-	if err != nil {
-		return err
-	}
-	err = d.ReadDir(0, func(e *memfs.DirEntry) bool {
-		if e.Name != "." && e.Name != ".." {
-			names = append(names, e.Name)
-		}
-		return true
-	})
-	d.Close()
+	names, err := fs.upperNames(t.upper)
 	if err != nil {
 		return err
 	}
