@@ -69,9 +69,9 @@ func Mount(mountpoint string, fs FileSystem, opts Options) (*Server, error) {
 		// With passthrough the daemon rarely moves data, and go-fuse keeps
 		// request buffers of MaxWrite per reader: 128 KiB then (about 3 MiB
 		// less heap per volume), 1 MiB when every byte comes through here.
-		MaxWrite:          128 << 10,
-		MaxReadAhead:      1 << 20,
-		MaxBackground:     64,
+		MaxWrite:      128 << 10,
+		MaxReadAhead:  1 << 20,
+		MaxBackground: 64,
 		// Plain READDIR: READDIRPLUS measured 13x slower here.
 		DisableReadDirPlus:   true,
 		EnableSymlinkCaching: true,
