@@ -17,7 +17,7 @@ import (
 // moves from its lower file to its upper copy.
 type decoyFS struct {
 	FileSystem
-	decoy *os.File
+	decoyFd int
 }
 
 type decoyFile struct {
@@ -33,7 +33,7 @@ func (d decoyFS) Open(ino uint64, flags int, o memfs.OpenOptions) (File, error) 
 	if err != nil || flags&unix.O_ACCMODE == unix.O_RDONLY {
 		return f, err
 	}
-	return decoyFile{File: f, fd: int(d.decoy.Fd())}, nil
+	return decoyFile{File: f, fd: d.decoyFd}, nil
 }
 
 // TestBackingIsNeverSharedAcrossFiles: while an inode's passthrough backing
@@ -41,25 +41,13 @@ func (d decoyFS) Open(ino uint64, flags int, o memfs.OpenOptions) (File, error) 
 // kernel allows one backing per inode), and the other file is never
 // written; once the backing is gone the open works.
 func TestBackingIsNeverSharedAcrossFiles(t *testing.T) {
-	requireFUSE(t)
-	base := t.TempDir()
-	l, err := memfs.New(filepath.Join(base, "upper"), memfs.Options{Size: 16 << 20})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
+	base, l := newTestLayer(t, 16<<20)
 	decoy, err := os.Create(filepath.Join(base, "decoy"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer decoy.Close()
-	mnt := filepath.Join(base, "mnt")
-	os.Mkdir(mnt, 0o755)
-	srv, err := Mount(mnt, decoyFS{FileSystem: FromLayer(l), decoy: decoy}, Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer srv.Unmount()
+	t.Cleanup(func() { decoy.Close() }) // after the unmount
+	mnt, _ := mountTest(t, base, decoyFS{FileSystem: FromLayer(l), decoyFd: int(decoy.Fd())}, Options{})
 
 	p := filepath.Join(mnt, "x")
 	if err := os.WriteFile(p, nil, 0o644); err != nil { // a write open, itself a decoy

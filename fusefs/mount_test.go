@@ -23,33 +23,20 @@ func requireFUSE(t testing.TB) {
 	}
 }
 
-// testMount mounts a fresh memory volume of size bytes and returns its
-// mountpoint and layer. Cleanup unmounts it and checks the layer's
-// invariants and that no reference is left behind.
-func testMount(t testing.TB, size int64, opts Options) (string, *memfs.Layer, *Server) {
+// newTestLayer makes a memory layer of size bytes in a fresh directory
+// that other users can reach (some tests act as uid 1000). Cleanup checks
+// its invariants and closes it.
+func newTestLayer(t testing.TB, size int64) (string, *memfs.Layer) {
 	t.Helper()
 	requireFUSE(t)
 	base := t.TempDir()
-	// Other users reach the mount in some tests.
 	os.Chmod(filepath.Dir(base), 0o755)
 	os.Chmod(base, 0o755)
 	l, err := memfs.New(filepath.Join(base, "upper"), memfs.Options{Size: size})
 	if err != nil {
 		t.Fatal(err)
 	}
-	mnt := filepath.Join(base, "mnt")
-	if err := os.Mkdir(mnt, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	srv, err := Mount(mnt, FromLayer(l), opts)
-	if err != nil {
-		l.Close()
-		t.Fatal(err)
-	}
 	t.Cleanup(func() {
-		if err := srv.Unmount(); err != nil {
-			t.Errorf("unmount: %v", err)
-		}
 		if err := l.CheckInvariants(); err != nil {
 			t.Errorf("invariants after unmount: %v", err)
 		}
@@ -57,6 +44,35 @@ func testMount(t testing.TB, size int64, opts Options) (string, *memfs.Layer, *S
 			t.Errorf("close: %v", err)
 		}
 	})
+	return base, l
+}
+
+// mountTest mounts fs on base/mnt; cleanup unmounts it before any cleanup
+// registered earlier runs.
+func mountTest(t testing.TB, base string, fs FileSystem, opts Options) (string, *Server) {
+	t.Helper()
+	mnt := filepath.Join(base, "mnt")
+	if err := os.Mkdir(mnt, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	srv, err := Mount(mnt, fs, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := srv.Unmount(); err != nil {
+			t.Errorf("unmount: %v", err)
+		}
+	})
+	return mnt, srv
+}
+
+// testMount mounts a fresh memory volume of size bytes and returns its
+// mountpoint, layer and server. Cleanup unmounts it and checks the layer.
+func testMount(t testing.TB, size int64, opts Options) (string, *memfs.Layer, *Server) {
+	t.Helper()
+	base, l := newTestLayer(t, size)
+	mnt, srv := mountTest(t, base, FromLayer(l), opts)
 	return mnt, l, srv
 }
 

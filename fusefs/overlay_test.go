@@ -13,7 +13,6 @@ import (
 	"github.com/hanwen/go-fuse/v2/posixtest"
 	"golang.org/x/sys/unix"
 
-	"github.com/csi-memfs/csi-memfs/memfs"
 	"github.com/csi-memfs/csi-memfs/overlay"
 )
 
@@ -67,41 +66,24 @@ func snapshotTree(t testing.TB, root string) string {
 // testOverlayMount mounts an overlay of a fresh memory layer over lower.
 func testOverlayMount(t testing.TB, lower string, opts Options) (string, *overlay.FS) {
 	t.Helper()
-	requireFUSE(t)
-	base := t.TempDir()
-	os.Chmod(filepath.Dir(base), 0o755)
-	os.Chmod(base, 0o755)
-	l, err := memfs.New(filepath.Join(base, "upper"), memfs.Options{Size: 256 << 20})
-	if err != nil {
-		t.Fatal(err)
-	}
+	base, l := newTestLayer(t, 256<<20)
 	dl, err := overlay.NewDirLower(lower)
 	if err != nil {
 		t.Fatal(err)
 	}
 	fs, err := overlay.New(l, dl, overlay.Options{})
 	if err != nil {
-		t.Fatal(err)
-	}
-	mnt := filepath.Join(base, "mnt")
-	if err := os.Mkdir(mnt, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	srv, err := Mount(mnt, FromOverlay(fs), opts)
-	if err != nil {
+		dl.Close()
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
-		if err := srv.Unmount(); err != nil {
-			t.Errorf("unmount: %v", err)
-		}
 		if err := fs.CheckInvariants(); err != nil {
 			t.Errorf("invariants after unmount: %v", err)
 		}
 		fs.Close()
 		dl.Close()
-		l.Close()
 	})
+	mnt, _ := mountTest(t, base, FromOverlay(fs), opts)
 	return mnt, fs
 }
 
