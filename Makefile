@@ -37,3 +37,6 @@ lint:
 
 clean:
 	rm -rf bin
+
+# e2e, image, chart-lint, deploy-manifests, helm.
+include test/e2e/e2e.mk

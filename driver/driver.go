@@ -114,6 +114,13 @@ type Config struct {
 	// MetricsAddress is the listen address of /metrics and /healthz, e.g.
 	// ":9809"; empty disables them.
 	MetricsAddress string
+	// KubeletRegistrationPath is the CSI socket's path as kubelet sees it
+	// on the host. When set, the plugin registers itself with kubelet (no
+	// node-driver-registrar sidecar) on a socket in RegistrationDir.
+	KubeletRegistrationPath string
+	// RegistrationDir is kubelet's plugins_registry directory as this
+	// process sees it. Default "/registration".
+	RegistrationDir string
 
 	// DefaultVolumeSize is the size of a volume without a size attribute.
 	// Default 64 MiB.
@@ -162,6 +169,9 @@ type Config struct {
 func (c Config) withDefaults() (Config, error) {
 	if c.DriverName == "" {
 		c.DriverName = DefaultDriverName
+	}
+	if c.RegistrationDir == "" {
+		c.RegistrationDir = "/registration"
 	}
 	if c.DefaultVolumeSize == 0 {
 		c.DefaultVolumeSize = 64 << 20
@@ -300,7 +310,7 @@ func (d *Driver) Run(ctx context.Context) error {
 	csi.RegisterIdentityServer(srv, d)
 	csi.RegisterNodeServer(srv, d)
 
-	errc := make(chan error, 2)
+	errc := make(chan error, 3) // CSI, metrics and registration servers
 	go func() { errc <- srv.Serve(lis) }()
 
 	var hsrv *http.Server
@@ -320,11 +330,34 @@ func (d *Driver) Run(ctx context.Context) error {
 	}
 	logger.Info("Serving CSI", "endpoint", sockPath, "driver", d.cfg.DriverName, "version", d.cfg.Version, "nodeID", d.cfg.NodeID)
 
+	// Register with kubelet only once the CSI socket answers: kubelet
+	// calls it as soon as registration succeeds.
+	regCtx, stopRegistration := context.WithCancel(ctx)
+	regDone := make(chan struct{})
+	if d.cfg.KubeletRegistrationPath != "" {
+		go func() {
+			defer close(regDone)
+			err := ServeRegistration(regCtx, RegistrationConfig{
+				DriverName:      d.cfg.DriverName,
+				KubeletEndpoint: d.cfg.KubeletRegistrationPath,
+				SocketPath:      filepath.Join(d.cfg.RegistrationDir, RegistrationSocketName(d.cfg.DriverName)),
+			})
+			if err != nil {
+				errc <- err
+			}
+		}()
+	} else {
+		close(regDone)
+	}
+
 	select {
 	case <-ctx.Done():
 	case err = <-errc:
 	}
 	logger.Info("Stopping", "volumes", d.vols.len())
+	// Unregister first, so kubelet sends nothing more while we stop.
+	stopRegistration()
+	<-regDone
 	stopped := make(chan struct{})
 	go func() { srv.GracefulStop(); close(stopped) }()
 	select {

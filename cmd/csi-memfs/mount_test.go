@@ -101,6 +101,19 @@ func TestMountCommand(t *testing.T) {
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
+	// Should the test fail midway, leave no process and no mount behind.
+	t.Cleanup(func() {
+		cmd.Process.Kill()
+		for _, dir := range []string{mnt, state} {
+			exec.Command("umount", "-R", "-l", dir).Run()
+		}
+		filepath.Walk(state, func(p string, fi os.FileInfo, err error) error {
+			if err == nil && fi.IsDir() && fi.Name() == "upper" {
+				exec.Command("umount", "-l", p).Run()
+			}
+			return nil
+		})
+	})
 	deadline := time.Now().Add(10 * time.Second)
 	for !mounted(mnt) && time.Now().Before(deadline) {
 		time.Sleep(10 * time.Millisecond)

@@ -34,6 +34,11 @@ func parseServeFlags(args []string, out io.Writer) (driver.Config, error) {
 	fs.StringVar(&cfg.DriverName, "driver-name", driver.DefaultDriverName, "CSI driver name (the CSIDriver object's name)")
 	fs.StringVar(&cfg.StateDir, "state-dir", "/var/lib/csi-memfs", "directory for the volume journal and the volumes' private tmpfs mounts")
 	fs.StringVar(&cfg.MetricsAddress, "metrics-address", ":9809", "listen address of /metrics and /healthz; empty disables them")
+	fs.StringVar(&cfg.KubeletRegistrationPath, "kubelet-registration-path", "",
+		"the CSI socket's path as kubelet sees it on the host, e.g. /var/lib/kubelet/plugins/memfs.csi.dev/csi.sock; "+
+			"when set, the plugin registers itself with kubelet (no node-driver-registrar sidecar)")
+	fs.StringVar(&cfg.RegistrationDir, "registration-dir", "/registration",
+		"kubelet's plugins_registry directory as this process sees it; the registration socket is <driver-name>-reg.sock in it")
 	quantity(fs, &cfg.DefaultVolumeSize, "default-volume-size", "64Mi", "size of a volume without a size attribute")
 	quantity(fs, &cfg.MaxVolumeSize, "max-volume-size", "", "largest size attribute accepted (default: the node budget, or 1Ti without one)")
 	fs.Uint64Var(&cfg.DefaultVolumeInodes, "default-volume-inodes", 0, "inode limit of a volume without an inodes attribute (0: one per 4 KiB of size, at least 1024)")

@@ -1,0 +1,221 @@
+package driver
+
+import (
+	"context"
+	"net"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	registerapi "k8s.io/kubelet/pkg/apis/pluginregistration/v1"
+)
+
+// startRegistration serves cfg (SocketPath defaulted into a temporary
+// plugins_registry directory) and returns a client dialed over the real unix
+// socket, as kubelet's plugin watcher dials it, and a stop function that
+// returns ServeRegistration's result.
+func startRegistration(t *testing.T, cfg RegistrationConfig) (registerapi.RegistrationClient, func() error) {
+	t.Helper()
+	if cfg.SocketPath == "" {
+		cfg.SocketPath = filepath.Join(t.TempDir(), "plugins_registry", RegistrationSocketName(cfg.DriverName))
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	errc := make(chan error, 1)
+	go func() { errc <- ServeRegistration(ctx, cfg) }()
+	waitForSocket(t, cfg.SocketPath, errc)
+
+	conn, err := grpc.NewClient("unix://"+cfg.SocketPath, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var stopped bool
+	stop := func() error {
+		stopped = true
+		conn.Close()
+		cancel()
+		select {
+		case err := <-errc:
+			return err
+		case <-time.After(10 * time.Second):
+			t.Fatal("ServeRegistration did not return after its context was cancelled")
+			return nil
+		}
+	}
+	t.Cleanup(func() {
+		if !stopped {
+			stop()
+		}
+	})
+	return registerapi.NewRegistrationClient(conn), stop
+}
+
+// waitForSocket waits until something listens on path.
+func waitForSocket(t *testing.T, path string, errc chan error) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for time.Now().Before(deadline) {
+		select {
+		case err := <-errc:
+			t.Fatalf("ServeRegistration returned early: %v", err)
+		default:
+		}
+		if c, err := net.Dial("unix", path); err == nil {
+			c.Close()
+			return
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	t.Fatalf("no listener on %s", path)
+}
+
+func TestRegistrationGetInfo(t *testing.T) {
+	const endpoint = "/var/lib/kubelet/plugins/memfs.csi.dev/csi.sock"
+	client, _ := startRegistration(t, RegistrationConfig{DriverName: "memfs.csi.dev", KubeletEndpoint: endpoint})
+
+	info, err := client.GetInfo(context.Background(), &registerapi.InfoRequest{})
+	if err != nil {
+		t.Fatalf("GetInfo: %v", err)
+	}
+	if got, want := info.GetType(), registerapi.CSIPlugin; got != want {
+		t.Errorf("type = %q, want %q", got, want)
+	}
+	if got, want := info.GetName(), "memfs.csi.dev"; got != want {
+		t.Errorf("name = %q, want %q", got, want)
+	}
+	if got, want := info.GetEndpoint(), endpoint; got != want {
+		t.Errorf("endpoint = %q, want %q", got, want)
+	}
+	if got, want := info.GetSupportedVersions(), []string{"1.0.0"}; !slices.Equal(got, want) {
+		t.Errorf("supported versions = %q, want %q", got, want)
+	}
+}
+
+func TestRegistrationNotifyStatus(t *testing.T) {
+	type status struct {
+		registered bool
+		message    string
+	}
+	got := make(chan status, 2)
+	client, _ := startRegistration(t, RegistrationConfig{
+		DriverName:      "memfs.csi.dev",
+		KubeletEndpoint: "/var/lib/kubelet/plugins/memfs.csi.dev/csi.sock",
+		OnStatus:        func(r bool, m string) { got <- status{r, m} },
+	})
+	for _, want := range []status{{true, ""}, {false, "plugin version not supported"}} {
+		_, err := client.NotifyRegistrationStatus(context.Background(),
+			&registerapi.RegistrationStatus{PluginRegistered: want.registered, Error: want.message})
+		if err != nil {
+			t.Fatalf("NotifyRegistrationStatus(%+v): %v", want, err)
+		}
+		if s := <-got; s != want {
+			t.Errorf("OnStatus got %+v, want %+v", s, want)
+		}
+	}
+}
+
+func TestRegistrationStopRemovesSocket(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), RegistrationSocketName("memfs.csi.dev"))
+	client, stop := startRegistration(t, RegistrationConfig{
+		DriverName: "memfs.csi.dev", KubeletEndpoint: "/csi/csi.sock", SocketPath: sock})
+	if _, err := client.GetInfo(context.Background(), &registerapi.InfoRequest{}); err != nil {
+		t.Fatalf("GetInfo: %v", err)
+	}
+	if err := stop(); err != nil {
+		t.Fatalf("ServeRegistration after cancel = %v, want nil", err)
+	}
+	if _, err := os.Lstat(sock); !os.IsNotExist(err) {
+		t.Errorf("socket still there after stop (lstat: %v); kubelet would keep the plugin registered", err)
+	}
+}
+
+func TestRegistrationReplacesStaleSocket(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), RegistrationSocketName("memfs.csi.dev"))
+	// A socket file nobody listens on, as a killed process leaves it.
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.(*net.UnixListener).SetUnlinkOnClose(false)
+	l.Close()
+	if _, err := os.Lstat(sock); err != nil {
+		t.Fatalf("stale socket not left behind: %v", err)
+	}
+
+	client, _ := startRegistration(t, RegistrationConfig{
+		DriverName: "memfs.csi.dev", KubeletEndpoint: "/csi/csi.sock", SocketPath: sock})
+	if _, err := client.GetInfo(context.Background(), &registerapi.InfoRequest{}); err != nil {
+		t.Fatalf("GetInfo over the replaced socket: %v", err)
+	}
+}
+
+func TestRegistrationBadConfig(t *testing.T) {
+	dir := t.TempDir()
+	notSocket := filepath.Join(dir, "file")
+	if err := os.WriteFile(notSocket, []byte("x"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name string
+		cfg  RegistrationConfig
+		want string
+	}{
+		{"no driver name", RegistrationConfig{KubeletEndpoint: "/csi.sock", SocketPath: dir + "/r.sock"}, "driver name"},
+		{"relative endpoint", RegistrationConfig{DriverName: "d", KubeletEndpoint: "csi.sock", SocketPath: dir + "/r.sock"}, "--kubelet-registration-path"},
+		{"no socket path", RegistrationConfig{DriverName: "d", KubeletEndpoint: "/csi.sock"}, "--registration-dir"},
+		{"not a socket", RegistrationConfig{DriverName: "d", KubeletEndpoint: "/csi.sock", SocketPath: notSocket}, "not a socket"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			err := ServeRegistration(ctx, tc.cfg)
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("ServeRegistration = %v, want an error containing %q", err, tc.want)
+			}
+		})
+	}
+	if b, err := os.ReadFile(notSocket); err != nil || string(b) != "x" {
+		t.Errorf("a regular file at the socket path was changed: %q, %v", b, err)
+	}
+}
+
+// TestRunRegistersWithKubelet: with KubeletRegistrationPath set, Run serves
+// the registration socket once the CSI socket listens, answering GetInfo
+// with the path kubelet must dial, and removes it when the plugin stops.
+func TestRunRegistersWithKubelet(t *testing.T) {
+	regDir := t.TempDir()
+	env := startDriver(t, func(c *Config) {
+		c.KubeletRegistrationPath = "/var/lib/kubelet/plugins/memfs.csi.dev/csi.sock"
+		c.RegistrationDir = regDir
+	})
+	sock := filepath.Join(regDir, RegistrationSocketName(env.cfg.DriverName))
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if _, err := os.Stat(sock); err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no registration socket at %s", sock)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	conn, err := grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	info, err := registerapi.NewRegistrationClient(conn).GetInfo(context.Background(), &registerapi.InfoRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, want := info.GetEndpoint(), "/var/lib/kubelet/plugins/memfs.csi.dev/csi.sock"; got != want {
+		t.Errorf("endpoint %q, want %q", got, want)
+	}
+	if got, want := info.GetName(), env.cfg.DriverName; got != want {
+		t.Errorf("name %q, want %q", got, want)
+	}
+}

@@ -1,0 +1,460 @@
+package e2e
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"go/ast"
+	"go/parser"
+	"go/token"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"sort"
+	"strconv"
+	"strings"
+	"testing"
+)
+
+// repoRoot is the module root, two levels above this package.
+var repoRoot = func() string {
+	wd, err := os.Getwd()
+	if err != nil {
+		panic(err)
+	}
+	return filepath.Clean(filepath.Join(wd, "..", ".."))
+}()
+
+const chartDir = "charts/csi-memfs"
+
+// e2eHelmInstall is the `helm install` the e2e suite runs against its
+// cluster ($E2E_CLUSTER_DIR is the cluster's folder). The "Install with
+// Helm" documentation shows the same command (TestInstallDocShowsE2ECommand).
+var e2eHelmInstall = []string{"install", "csi-memfs", "charts/csi-memfs",
+	"--namespace", "csi-memfs", "--create-namespace",
+	"--set", "image.tag=e2e", "--set", "image.pullPolicy=Never",
+	"--set", "kubeletDir=$E2E_CLUSTER_DIR/kubelet",
+	"--set", "stateDir=$E2E_CLUSTER_DIR/csi-memfs/state",
+	"--set", "imageCacheDir=$E2E_CLUSTER_DIR/csi-memfs/cache",
+	"--set", "driver.nodeMemoryBudget=512Mi",
+	"--set", "driver.logLevel=4",
+	"--set", "metrics.port=29809",
+	"--wait", "--timeout", "5m"}
+
+// TestInstallDocShowsE2ECommand: the install documentation (docs/install.md,
+// or the README once it holds the section) shows the command the e2e suite
+// runs, so the documented commands are the tested ones.
+func TestInstallDocShowsE2ECommand(t *testing.T) {
+	var doc string
+	for _, f := range []string{"README.md", "docs/install.md"} {
+		b, err := os.ReadFile(filepath.Join(repoRoot, f))
+		if err == nil && strings.Contains(string(b), "## Install with Helm") {
+			doc = string(b)
+			break
+		}
+	}
+	if doc == "" {
+		t.Fatal("neither README.md nor docs/install.md has an \"Install with Helm\" section")
+	}
+	// The command as a shell line, continuation backslashes removed.
+	flat := strings.Join(strings.Fields(strings.ReplaceAll(doc, "\\\n", " ")), " ")
+	want := "helm " + strings.Join(e2eHelmInstall, " ")
+	if !strings.Contains(flat, want) {
+		t.Errorf("the install documentation does not show the e2e suite's command:\n  %s", want)
+	}
+	for _, cmd := range []string{
+		"helm install csi-memfs charts/csi-memfs --namespace csi-memfs --create-namespace",
+		"helm uninstall csi-memfs --namespace csi-memfs --wait",
+		"kubectl apply -f deploy/",
+	} {
+		if !strings.Contains(flat, cmd) {
+			t.Errorf("the install documentation lacks %q", cmd)
+		}
+	}
+}
+
+// helm runs test/e2e/helm.sh (Helm v3.19.0, built once and cached) in the
+// repository root and returns its combined output.
+func helm(t testing.TB, args ...string) (string, error) {
+	t.Helper()
+	if testing.Short() {
+		t.Skip("needs helm (built once from the Go module proxy); skipped with -short")
+	}
+	cmd := exec.Command("bash", append([]string{"test/e2e/helm.sh"}, args...)...)
+	cmd.Dir = repoRoot
+	out, err := cmd.CombinedOutput()
+	return string(out), err
+}
+
+func TestChartLint(t *testing.T) {
+	for _, set := range [][]string{
+		nil,
+		{"--set", "driver.nodeMemoryBudget=8Gi", "--set", "grafanaDashboard.enabled=true",
+			"--set", "metrics.serviceMonitor.enabled=true", "--set", "metrics.podMonitor.enabled=true"},
+		{"--set", "registrar.mode=sidecar", "--set", "kubeletDir=/var/snap/microk8s/common/var/lib/kubelet"},
+	} {
+		out, err := helm(t, append([]string{"lint", "--strict", chartDir}, set...)...)
+		if err != nil {
+			t.Errorf("helm lint --strict %s %q: %v\n%s", chartDir, set, err, out)
+		}
+	}
+}
+
+// TestChartRejectsBadValues: values.schema.json turns bad values into an
+// error naming the value, before anything is rendered.
+func TestChartRejectsBadValues(t *testing.T) {
+	for _, tc := range []struct {
+		set  string
+		want string // in the error
+	}{
+		{"driverName=Memfs_CSI", "driverName"},
+		{"kubeletDir=var/lib/kubelet", "kubeletDir"},
+		{"stateDir=", "stateDir"},
+		{"driver.nodeMemoryBudget=lots", "nodeMemoryBudget"},
+		{"driver.nodeMemoryBudget=1.5Gi", "nodeMemoryBudget"},
+		{"driver.defaultVolumeSize=64MB", "defaultVolumeSize"},
+		{"driver.logLevel=11", "logLevel"},
+		{"driver.maxVolumes=-1", "maxVolumes"},
+		{"driver.insecureRegistries[0]=http://registry:5000", "insecureRegistries"},
+		{"driver.sizeDefault=64Mi", "sizeDefault"},
+		{"registrar.mode=none", "mode"},
+		{"metrics.port=70000", "port"},
+		{"image.digest=latest", "digest"},
+		{"image.pullPolicy=Sometimes", "pullPolicy"},
+		{"memoryOverhead=256MB", "memoryOverhead"},
+		{"updateStrategy.type=Recreate", "type"},
+		{"nodeSelectr.disk=ssd", "nodeSelectr"},
+	} {
+		t.Run(tc.set, func(t *testing.T) {
+			out, err := helm(t, "template", "x", chartDir, "--set", tc.set)
+			if err == nil {
+				t.Fatalf("helm template --set %s rendered; want a schema error", tc.set)
+			}
+			if !strings.Contains(out, "values don't meet the specifications of the schema") || !strings.Contains(out, tc.want) {
+				t.Fatalf("helm template --set %s: want the schema's message naming %q, got:\n%s", tc.set, tc.want, out)
+			}
+		})
+	}
+}
+
+// TestChartRendering checks what the values turn into.
+func TestChartRendering(t *testing.T) {
+	render := func(t *testing.T, args ...string) string {
+		t.Helper()
+		out, err := helm(t, append([]string{"template", "csi-memfs", chartDir, "--namespace", "csi-memfs"}, args...)...)
+		if err != nil {
+			t.Fatalf("helm template %q: %v\n%s", args, err, out)
+		}
+		return out
+	}
+	has := func(t *testing.T, out string, want ...string) {
+		t.Helper()
+		for _, w := range want {
+			if !strings.Contains(out, w) {
+				t.Errorf("rendering lacks %q", w)
+			}
+		}
+	}
+	hasNot := func(t *testing.T, out string, unwanted ...string) {
+		t.Helper()
+		for _, w := range unwanted {
+			if strings.Contains(out, w) {
+				t.Errorf("rendering has %q", w)
+			}
+		}
+	}
+
+	t.Run("defaults", func(t *testing.T) {
+		out := render(t)
+		has(t, out,
+			"kind: CSIDriver", "attachRequired: false", "podInfoOnMount: true", "- Ephemeral", "fsGroupPolicy: File",
+			"kind: DaemonSet", "priorityClassName: system-node-critical", "privileged: true",
+			"mountPropagation: Bidirectional", "path: /var/lib/kubelet/pods",
+			"- --kubelet-registration-path=/var/lib/kubelet/plugins/memfs.csi.dev/csi.sock",
+			"- --registration-dir=/registration", "path: /var/lib/kubelet/plugins_registry",
+			"path: /dev/fuse", "path: /healthz", "- --image-cache-dir=/var/cache/csi-memfs", "maxSurge: 0", "automountServiceAccountToken: false",
+			"clusterIP: None")
+		// No RBAC: the plugin calls no Kubernetes API.
+		hasNot(t, out, "kind: Role", "kind: ClusterRole", "node-driver-registrar", "ServiceMonitor", "PodMonitor",
+			"kind: ConfigMap", "memory: \"", "--node-memory-budget")
+	})
+	t.Run("budget sets the memory limit", func(t *testing.T) {
+		out := render(t, "--set", "driver.nodeMemoryBudget=8Gi")
+		has(t, out, "- --node-memory-budget=8Gi", fmt.Sprintf("memory: %q", strconv.Itoa(8<<30+256<<20)))
+		out = render(t, "--set", "driver.nodeMemoryBudget=8Gi", "--set", "resources.limits.memory=12Gi")
+		has(t, out, "memory: 12Gi")
+	})
+	t.Run("kubeletDir", func(t *testing.T) {
+		out := render(t, "--set", "kubeletDir=/var/snap/microk8s/common/var/lib/kubelet/")
+		has(t, out, "path: /var/snap/microk8s/common/var/lib/kubelet/pods\n",
+			"mountPath: /var/snap/microk8s/common/var/lib/kubelet/pods\n",
+			"--kubelet-registration-path=/var/snap/microk8s/common/var/lib/kubelet/plugins/memfs.csi.dev/csi.sock")
+	})
+	t.Run("sidecar registrar", func(t *testing.T) {
+		out := render(t, "--set", "registrar.mode=sidecar")
+		has(t, out, "name: node-driver-registrar", "- --csi-address=/csi/csi.sock",
+			"- --kubelet-registration-path=/var/lib/kubelet/plugins/memfs.csi.dev/csi.sock")
+		hasNot(t, out, "--registration-dir")
+	})
+	t.Run("monitoring", func(t *testing.T) {
+		out := render(t, "--set", "grafanaDashboard.enabled=true", "--set", "metrics.serviceMonitor.enabled=true",
+			"--set", "metrics.podMonitor.enabled=true")
+		has(t, out, "kind: ServiceMonitor", "kind: PodMonitor", "kind: ConfigMap", "grafana_dashboard: \"1\"",
+			`"uid": "csi-memfs"`)
+	})
+	t.Run("driver flags", func(t *testing.T) {
+		out := render(t, "--set", "driver.maxVolumeSize=1Gi", "--set", "driver.maxVolumes=100",
+			"--set", "driver.passthrough=false", "--set", "driver.logLevel=4",
+			"--set", "driver.insecureRegistries={127.0.0.1:5000,registry.local}",
+			"--set", "driver.imageCacheBudget=20Gi")
+		has(t, out, "- --max-volume-size=1Gi", "- --max-volumes=100", "- --no-passthrough", "- -v=4",
+			"- --insecure-registry=127.0.0.1:5000", "- --insecure-registry=registry.local", "- --image-cache-budget=20Gi")
+	})
+}
+
+// TestDeployUpToDate: deploy/csi-memfs.yaml is the chart rendered with its
+// default values.
+func TestDeployUpToDate(t *testing.T) {
+	if testing.Short() {
+		t.Skip("needs helm; skipped with -short")
+	}
+	cmd := exec.Command("bash", "hack/render-deploy.sh", "-")
+	cmd.Dir = repoRoot
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	fresh, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("bash hack/render-deploy.sh -: %v\n%s", err, stderr.String())
+	}
+	have, err := os.ReadFile(filepath.Join(repoRoot, "deploy", "csi-memfs.yaml"))
+	if err != nil {
+		t.Fatalf("%v\nGenerate it with: bash hack/render-deploy.sh", err)
+	}
+	if !bytes.Equal(have, fresh) {
+		t.Fatalf("deploy/csi-memfs.yaml differs from the chart's rendering (first difference: %s)\n"+
+			"Regenerate it with: bash hack/render-deploy.sh", firstDiff(string(have), string(fresh)))
+	}
+}
+
+// firstDiff describes the first line where a and b differ.
+func firstDiff(a, b string) string {
+	al, bl := strings.Split(a, "\n"), strings.Split(b, "\n")
+	for i := 0; i < len(al) || i < len(bl); i++ {
+		var x, y string
+		if i < len(al) {
+			x = al[i]
+		}
+		if i < len(bl) {
+			y = bl[i]
+		}
+		if x != y {
+			return fmt.Sprintf("line %d: deploy/ has %q, the chart renders %q", i+1, x, y)
+		}
+	}
+	return "none"
+}
+
+// standardSeries are the client_golang Go and process collectors' series the
+// dashboard may use.
+var standardSeries = []string{
+	"process_resident_memory_bytes", "process_cpu_seconds_total", "process_open_fds",
+	"process_virtual_memory_bytes", "process_start_time_seconds",
+	"go_goroutines", "go_memstats_heap_inuse_bytes", "go_memstats_alloc_bytes", "go_gc_duration_seconds",
+}
+
+// dashboardSeries returns the metric names the dashboard's queries name,
+// sorted and unique.
+func dashboardSeries(t *testing.T) []string {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(repoRoot, chartDir, "dashboards", "csi-memfs.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var dash any
+	if err := json.Unmarshal(b, &dash); err != nil {
+		t.Fatalf("dashboard JSON: %v", err)
+	}
+	var exprs []string
+	var walk func(v any, key string)
+	walk = func(v any, key string) {
+		switch v := v.(type) {
+		case map[string]any:
+			for k, x := range v {
+				walk(x, k)
+			}
+		case []any:
+			for _, x := range v {
+				walk(x, key)
+			}
+		case string:
+			if key == "expr" || key == "query" || key == "definition" {
+				exprs = append(exprs, v)
+			}
+		}
+	}
+	walk(dash, "")
+	if len(exprs) < 10 {
+		t.Fatalf("found %d queries in the dashboard; the walk is broken", len(exprs))
+	}
+	name := regexp.MustCompile(`\b(csi_memfs_[a-z0-9_]+|process_[a-z0-9_]+|go_[a-z0-9_]+)\b`)
+	seen := map[string]bool{}
+	for _, e := range exprs {
+		for _, m := range name.FindAllString(e, -1) {
+			seen[m] = true
+		}
+	}
+	var names []string
+	for n := range seen {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	return names
+}
+
+// driverMetricNames returns the csi_memfs_ names the driver registers: the
+// string literals its non-test sources join to metricsPrefix or hand to the
+// Desc constructors (vol, node), prefixed.
+func driverMetricNames(t *testing.T) (names map[string]bool, histograms map[string]bool) {
+	t.Helper()
+	fset := token.NewFileSet()
+	pkgs, err := parser.ParseDir(fset, filepath.Join(repoRoot, "driver"), func(fi os.FileInfo) bool {
+		return !strings.HasSuffix(fi.Name(), "_test.go")
+	}, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	names, histograms = map[string]bool{}, map[string]bool{}
+	var prefix string
+	lit := func(e ast.Expr) (string, bool) {
+		if b, ok := e.(*ast.BasicLit); ok && b.Kind == token.STRING {
+			s, err := strconv.Unquote(b.Value)
+			return s, err == nil
+		}
+		return "", false
+	}
+	for _, p := range pkgs {
+		for _, f := range p.Files {
+			ast.Inspect(f, func(n ast.Node) bool {
+				if vs, ok := n.(*ast.ValueSpec); ok && len(vs.Names) == 1 && vs.Names[0].Name == "metricsPrefix" && len(vs.Values) == 1 {
+					prefix, _ = lit(vs.Values[0])
+				}
+				return true
+			})
+		}
+	}
+	if prefix != "csi_memfs_" {
+		t.Fatalf("driver's metricsPrefix = %q, want csi_memfs_", prefix)
+	}
+	for _, p := range pkgs {
+		for _, f := range p.Files {
+			ast.Inspect(f, func(n ast.Node) bool {
+				switch n := n.(type) {
+				case *ast.BinaryExpr:
+					if id, ok := n.X.(*ast.Ident); ok && id.Name == "metricsPrefix" && n.Op == token.ADD {
+						if s, ok := lit(n.Y); ok {
+							names[prefix+s] = true
+						}
+					}
+				case *ast.CallExpr:
+					if id, ok := n.Fun.(*ast.Ident); ok && (id.Name == "vol" || id.Name == "node") && len(n.Args) > 0 {
+						if s, ok := lit(n.Args[0]); ok {
+							names[prefix+s] = true
+						}
+					}
+					// prometheus.HistogramOpts{Name: metricsPrefix + "..."}
+				case *ast.CompositeLit:
+					if sel, ok := n.Type.(*ast.SelectorExpr); ok && sel.Sel.Name == "HistogramOpts" {
+						for _, el := range n.Elts {
+							kv, ok := el.(*ast.KeyValueExpr)
+							if !ok || fmt.Sprint(kv.Key) != "Name" {
+								continue
+							}
+							if b, ok := kv.Value.(*ast.BinaryExpr); ok {
+								if s, ok := lit(b.Y); ok {
+									histograms[prefix+s] = true
+								}
+							}
+						}
+					}
+				}
+				return true
+			})
+		}
+	}
+	if len(names) < 10 {
+		t.Fatalf("found only %d metric names in driver/: the source scan is broken: %v", len(names), names)
+	}
+	return names, histograms
+}
+
+// documentedMetrics returns the metric names of the metrics tables in the
+// documentation (README.md and docs/*.md; rows starting "| `csi_memfs_").
+func documentedMetrics(t *testing.T) map[string]bool {
+	t.Helper()
+	files, _ := filepath.Glob(filepath.Join(repoRoot, "docs", "*.md"))
+	files = append(files, filepath.Join(repoRoot, "README.md"))
+	doc := map[string]bool{}
+	row := regexp.MustCompile("(?m)^\\| `(csi_memfs_[a-z0-9_]+)")
+	for _, f := range files {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			continue
+		}
+		for _, m := range row.FindAllStringSubmatch(string(b), -1) {
+			doc[m[1]] = true
+		}
+	}
+	if len(doc) < 10 {
+		t.Fatalf("found only %d metrics in the documentation's metrics tables (README.md, docs/*.md)", len(doc))
+	}
+	return doc
+}
+
+// TestDashboardSeriesExist: every series a dashboard query names is one the
+// driver registers and the documentation's metrics table lists (a
+// histogram's _bucket, _sum and _count count as the histogram), or a
+// standard Go or process series.
+func TestDashboardSeriesExist(t *testing.T) {
+	registered, histograms := driverMetricNames(t)
+	documented := documentedMetrics(t)
+	used := dashboardSeries(t)
+	for _, n := range used {
+		if strings.HasPrefix(n, "go_") || strings.HasPrefix(n, "process_") {
+			if !slices.Contains(standardSeries, n) {
+				t.Errorf("dashboard names %s, which is not a standard Go or process series", n)
+			}
+			continue
+		}
+		base := n
+		for _, suf := range []string{"_bucket", "_sum", "_count"} {
+			if b, ok := strings.CutSuffix(n, suf); ok && histograms[b] {
+				base = b
+			}
+		}
+		if !registered[base] {
+			t.Errorf("dashboard names %s, which the driver does not register (driver/metrics.go)", n)
+		}
+		if !documented[base] {
+			t.Errorf("dashboard names %s, which no metrics table in README.md or docs/ documents", n)
+		}
+	}
+	t.Logf("dashboard series: %v", used)
+}
+
+// TestDashboardCoversNodeAndVolumes: the panels the issue asks for exist.
+func TestDashboardCoversNodeAndVolumes(t *testing.T) {
+	used := dashboardSeries(t)
+	for _, want := range []string{
+		"csi_memfs_volume_bytes_used", "csi_memfs_volume_bytes_limit", // per-volume usage against limit
+		"csi_memfs_node_bytes_used", "csi_memfs_node_budget_bytes", // node memory against budget
+		"csi_memfs_csi_operation_duration_seconds_bucket", "csi_memfs_csi_operations_total", // publish latency and errors
+		"csi_memfs_fuse_operation_duration_seconds_count", "csi_memfs_fuse_operation_duration_seconds_bucket", // FUSE rates, latencies
+		"csi_memfs_image_pulls_total", "csi_memfs_image_cache_bytes", // image pulls and cache size
+	} {
+		if !slices.Contains(used, want) {
+			t.Errorf("the dashboard has no query of %s", want)
+		}
+	}
+}

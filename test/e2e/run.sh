@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# run.sh: the whole e2e run, as `make e2e` and CI do it:
+#
+#   1. install the Debian packages the cluster needs (cluster.sh deps);
+#   2. build the Kubernetes binaries and Helm, once per machine (cached in
+#      $E2E_CACHE, default /var/cache/csi-memfs-e2e);
+#   3. build the plugin image and the workload image as OCI tarballs
+#      (hack/ociimage: no Docker);
+#   4. start a single-node cluster in a fresh folder and import the images;
+#   5. run the Go suite (go test -tags e2e ./test/e2e/), which installs the
+#      chart with Helm and runs pods with csi-memfs volumes;
+#   6. tear the cluster down (consumer pods, then the plugin, then the
+#      processes this run started, then every mount under the folder), even
+#      when a step failed. E2E_KEEP=1 keeps it running for a look.
+#
+# Environment: E2E_DIR (cluster folder; default a new /tmp/csi-memfs-e2e.*),
+# E2E_RUN (go test -run pattern), E2E_TIMEOUT (go test -timeout, default 40m).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+root=$(pwd)
+export E2E_CACHE=${E2E_CACHE:-/var/cache/csi-memfs-e2e}
+export PATH=/usr/local/go/bin:$PATH
+t0=$(date +%s)
+stamp() { echo "e2e: [$(($(date +%s) - t0))s] $*" >&2; }
+
+bash test/e2e/cluster.sh deps
+stamp "building Kubernetes and Helm (once per machine, cached in $E2E_CACHE)"
+bash test/e2e/helm.sh version --short >/dev/null &
+helm_pid=$!
+bash test/e2e/build-k8s.sh >/dev/null
+wait "$helm_pid"
+
+stamp "building the plugin and workload images"
+out=$root/bin/e2e
+mkdir -p "$out"
+CGO_ENABLED=0 go build -trimpath -ldflags "-s -w -X main.buildVersion=e2e" -o "$out/csi-memfs" ./cmd/csi-memfs
+CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$out/sealtool" ./test/e2e/sealtool
+go run ./hack/ociimage -o "$out/csi-memfs-image.tar" -tag docker.io/csi-memfs/csi-memfs:e2e \
+	-file "$out/csi-memfs:/csi-memfs" -busybox "$(command -v busybox)" -entrypoint /csi-memfs -cmd serve
+go run ./hack/ociimage -o "$out/workload-image.tar" -tag docker.io/csi-memfs/e2e-workload:e2e \
+	-file "$out/sealtool:/bin/sealtool" -busybox "$(command -v busybox)" -applets all -entrypoint /bin/sh
+
+dir=${E2E_DIR:-$(mktemp -d /tmp/csi-memfs-e2e.XXXXXX)}
+down() {
+	local rc=$?
+	if [ "${E2E_KEEP:-}" = 1 ]; then
+		stamp "E2E_KEEP=1: cluster left running in $dir (test/e2e/cluster.sh down $dir)"
+		return
+	fi
+	stamp "tearing down $dir"
+	bash test/e2e/cluster.sh down "$dir" || rc=1
+	if ! grep -q " ${dir%/}/" /proc/self/mountinfo; then
+		rm -rf "$dir"
+	fi
+	stamp "done (exit $rc)"
+	exit $rc
+}
+trap down EXIT
+trap 'exit 130' INT TERM
+
+stamp "starting the cluster in $dir"
+bash test/e2e/cluster.sh up "$dir"
+bash test/e2e/cluster.sh import "$dir" "$out/csi-memfs-image.tar" "$out/workload-image.tar"
+
+stamp "running the suite"
+E2E_CLUSTER_DIR=$dir \
+	go test -tags e2e -count=1 -v -timeout "${E2E_TIMEOUT:-40m}" ${E2E_RUN:+-run "$E2E_RUN"} ./test/e2e/
+stamp "suite passed"
