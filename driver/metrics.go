@@ -266,8 +266,9 @@ func b2f(b bool) float64 {
 	return 0
 }
 
-// handler serves /metrics and /healthz (200 while Probe would succeed, for
-// the livenessprobe sidecar or a plain httpGet probe).
+// handler serves /metrics, /healthz (200 while Probe would succeed, for
+// the livenessprobe sidecar or a plain httpGet probe) and /volumes (the
+// list `csi-memfs volumes` prints).
 func (m *metrics) handler() http.Handler {
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{Registry: m.reg}))
@@ -282,6 +283,7 @@ func (m *metrics) handler() http.Handler {
 		}
 		w.Write([]byte("ok\n"))
 	})
+	mux.HandleFunc("/volumes", m.d.serveVolumes)
 	return mux
 }
 

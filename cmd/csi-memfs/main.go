@@ -2,6 +2,7 @@
 //
 //	csi-memfs mount [flags] MOUNTPOINT   serve one memory volume on a directory
 //	csi-memfs serve [flags]              the CSI node plugin
+//	csi-memfs volumes [flags]            the volumes of the running plugin
 package main
 
 import (
@@ -20,6 +21,7 @@ type command struct {
 var commands = []command{
 	{"mount", "mount a memory volume on a local directory and serve it in the foreground", runMount},
 	{"serve", "run the CSI node plugin (kubelet talks to it over a unix socket)", runServe},
+	{"volumes", "list the volumes of the plugin running on this node", runVolumes},
 }
 
 func main() {
