@@ -235,6 +235,8 @@ type entry struct {
 	lastUsed time.Time
 	// gone is set once the entry is collected. Protected by Cache.mu.
 	gone bool
+	// public is meta.json's Public, as loaded. Immutable.
+	public bool
 }
 
 // meta is the on-disk record of an entry (images/<name>/meta.json).
@@ -244,6 +246,9 @@ type meta struct {
 	Inodes  int64     `json:"inodes"`
 	Ref     string    `json:"ref"`
 	Created time.Time `json:"created"`
+	// Public records that the source gave the image without credentials,
+	// so anyone may use it after a restart too (see access.go).
+	Public bool `json:"public,omitempty"`
 }
 
 // Cache is a node-wide cache of flattened images. All methods are safe for
@@ -283,6 +288,11 @@ type Cache struct {
 	closed   bool
 	inFlight int
 	stats    Stats
+	// access records who may use each cached registry image, by manifest
+	// digest (see access.go).
+	access map[string]*access
+	// accessKey keys credential fingerprints. Immutable.
+	accessKey [32]byte
 }
 
 // NewCache opens (or creates) the cache in cfg.Dir, rebuilding its index
@@ -313,6 +323,8 @@ func NewCache(cfg Config) (*Cache, error) {
 		tmpDir:    filepath.Join(cfg.Dir, "tmp"),
 		entries:   make(map[string]*entry),
 		refs:      make(map[string]string),
+		access:    make(map[string]*access),
+		accessKey: newAccessKey(),
 	}
 	c.stats.Pulls = make(map[PullResult]uint64)
 	c.platform = v1.Platform{OS: "linux", Architecture: runtime.GOARCH}
@@ -393,6 +405,9 @@ func (c *Cache) load() error {
 		}
 		c.entries[e.digest] = e
 		c.bytes += e.size
+		if e.public {
+			c.access[e.digest] = &access{public: true, grants: map[string]bool{}}
+		}
 	}
 	b, err := os.ReadFile(filepath.Join(c.cfg.Dir, "refs.json"))
 	if err != nil && !errors.Is(err, fs.ErrNotExist) {
@@ -438,7 +453,7 @@ func readEntry(dir, name string) (*entry, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &entry{digest: m.Digest, dir: dir, size: m.Size, inodes: m.Inodes, lastUsed: mfi.ModTime()}, nil
+	return &entry{digest: m.Digest, dir: dir, size: m.Size, inodes: m.Inodes, lastUsed: mfi.ModTime(), public: m.Public}, nil
 }
 
 // Close stops running pulls, waits for them and releases the directory.
@@ -476,11 +491,23 @@ func (c *Cache) Get(ctx context.Context, ref string, policy PullPolicy, kc authn
 	if closed {
 		return nil, ErrClosed
 	}
+	fp := c.fingerprint(s, kc)
 	if policy != PullAlways {
-		if img, err := c.pin(s.key, s.digest); img != nil || err != nil {
-			return img, err
+		img, err := c.pin(s.key, s.digest)
+		if err != nil {
+			return nil, err
 		}
-		if policy == PullNever {
+		switch {
+		case img != nil && c.mayUse(s, img.Digest, fp):
+			return img, nil
+		case img != nil:
+			// Cached from a pull with other credentials: this caller must
+			// show the source it may have the image (see access.go).
+			img.Release()
+			if policy == PullNever {
+				return nil, fmt.Errorf("%w: %s is cached from a pull with other credentials, and the pull policy Never does not let the registry check this volume's", ErrUnauthorized, s.key)
+			}
+		case policy == PullNever:
 			return nil, fmt.Errorf("%w: %s is not cached and the pull policy is Never", ErrNotFound, s.key)
 		}
 	}
@@ -494,6 +521,8 @@ func (c *Cache) Get(ctx context.Context, ref string, policy PullPolicy, kc authn
 			return nil, err
 		}
 		digest := r.digest.String()
+		// The source gave this caller the manifest: it may use the image.
+		c.grant(s, digest, fp)
 		if img, err := c.pinDigest(s.key, digest, true); img != nil || err != nil {
 			return img, err
 		}

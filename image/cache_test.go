@@ -65,13 +65,31 @@ func TestAuth(t *testing.T) {
 		t.Errorf("f = %q", got)
 	}
 	im.Release()
+
+	// The cached private image is not handed to a caller without the
+	// credentials: IfNotPresent asks the registry (refused), Never refuses
+	// outright. The credentials that fetched it reuse it offline.
+	if _, err := get(t, c, ref, PullIfNotPresent, nil); !errors.Is(err, ErrUnauthorized) {
+		t.Errorf("IfNotPresent without credentials on a cached private image: err = %v, want ErrUnauthorized", err)
+	}
+	if _, err := get(t, c, ref, PullNever, nil); !errors.Is(err, ErrUnauthorized) {
+		t.Errorf("Never without credentials on a cached private image: err = %v, want ErrUnauthorized", err)
+	}
+	if _, err := get(t, c, ref, PullNever, bad); !errors.Is(err, ErrUnauthorized) {
+		t.Errorf("Never with wrong credentials on a cached private image: err = %v, want ErrUnauthorized", err)
+	}
+	if im, err := get(t, c, ref, PullNever, good); err != nil {
+		t.Errorf("Never with the credentials that fetched it: %v", err)
+	} else {
+		im.Release()
+	}
 	// Always re-checks access: the cached image is not handed out without it.
 	if _, err := get(t, c, ref, PullAlways, bad); !errors.Is(err, ErrUnauthorized) {
 		t.Errorf("Always with wrong credentials on a cached image: err = %v, want ErrUnauthorized", err)
 	}
 	st := c.Stats()
-	if st.Pulls[ResultUnauthorized] != 3 || st.Pulls[ResultSuccess] != 1 {
-		t.Errorf("Pulls = %v, want 3 unauthorized, 1 success", st.Pulls)
+	if st.Pulls[ResultUnauthorized] != 4 || st.Pulls[ResultSuccess] != 1 {
+		t.Errorf("Pulls = %v, want 4 unauthorized (anonymous, wrong, anonymous on the cached image, Always wrong), 1 success", st.Pulls)
 	}
 }
 

@@ -48,12 +48,20 @@
 //
 //   - PullIfNotPresent (default): a reference seen before is answered from
 //     the cache with no network; a reference by digest is answered if that
-//     manifest (or the image an index digest resolved to) is cached.
+//     manifest (or the image an index digest resolved to) is cached. But a
+//     cached image is handed out offline only to a caller the source is
+//     known to serve it to: anyone, for an image fetched without
+//     credentials (remembered across restarts), or a caller with the very
+//     credentials the source accepted for it (remembered by this process).
+//     Any other caller is checked at the source first, with one manifest
+//     request, so a pod cannot use another team's private image just
+//     because it is cached (access.go).
 //   - PullAlways: the reference is resolved at the source with the
-//     caller's credentials every time (so a pod without access to a
-//     private image cannot use a copy cached for another pod); layers are
-//     fetched only if the resulting digest is not cached.
-//   - PullNever: cache only; otherwise ErrNotFound.
+//     caller's credentials every time; layers are fetched only if the
+//     resulting digest is not cached.
+//   - PullNever: cache only; otherwise ErrNotFound, and ErrUnauthorized for
+//     a cached image the caller is not known to be allowed (Never may not
+//     ask the source).
 //
 // # References
 //

@@ -152,7 +152,8 @@ func (c *Cache) pull(s *source, r *resolved, kc authn.Keychain) (err error) {
 	if err != nil {
 		return classifyLocal(err)
 	}
-	b, _ := json.Marshal(meta{Digest: digest, Size: size, Inodes: inodes, Ref: s.key, Created: time.Now().UTC()})
+	b, _ := json.Marshal(meta{Digest: digest, Size: size, Inodes: inodes, Ref: s.key, Created: time.Now().UTC(),
+		Public: s.remote != nil && c.fingerprint(s, kc) == ""})
 	if err := os.WriteFile(filepath.Join(tmp, "meta.json"), b, 0o600); err != nil {
 		return classifyLocal(err)
 	}
