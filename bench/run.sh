@@ -90,7 +90,7 @@ fi
 
 W=$(mktemp -d /tmp/csi-memfs-bench.XXXXXX)
 STAMP=$(date +%Y%m%d-%H%M%S)
-RES=${BENCH_RESULTS:-$ROOT/bench/results/$STAMP$([[ $QUICK == 1 ]] && echo -quick)}
+RES=${BENCH_RESULTS:-$ROOT/bench/results/$STAMP$(if [[ $QUICK == 1 ]]; then echo -quick; fi)}
 mkdir -p "$RES"
 RAW=$RES/raw.tsv
 : >"$RAW"
