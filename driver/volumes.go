@@ -371,7 +371,7 @@ func (d *Driver) buildTree(layer *memfs.Layer, lower *lowerImage) (fusefs.FileSy
 	if lower == nil {
 		return fusefs.FromLayer(layer), nil, nil
 	}
-	ov, err := overlay.New(layer, lower.dir, overlay.Options{})
+	ov, err := overlay.New(layer, lower.dir)
 	if err != nil {
 		return nil, nil, fmt.Errorf("overlay over image %s: %w", lower.img.Digest, err)
 	}

@@ -71,7 +71,7 @@ func testOverlayMount(t testing.TB, lower string, opts Options) (string, *overla
 	if err != nil {
 		t.Fatal(err)
 	}
-	fs, err := overlay.New(l, dl, overlay.Options{})
+	fs, err := overlay.New(l, dl)
 	if err != nil {
 		dl.Close()
 		t.Fatal(err)

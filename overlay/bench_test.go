@@ -19,7 +19,7 @@ func benchOverlay(b *testing.B, lower *DirLower) *FS {
 		b.Fatal(err)
 	}
 	b.Cleanup(func() { l.Close() })
-	fs, err := New(l, lower, Options{})
+	fs, err := New(l, lower)
 	if err != nil {
 		b.Fatal(err)
 	}

@@ -297,7 +297,7 @@ func (r *goldenRunner) do(args []string) string {
 		return fmt.Sprintf("copied up %d bytes", u.CopiedUpBytes)
 	case "restart":
 		// A successor process: a new FS over the same layers.
-		fs, err := New(r.fs.upper, r.fs.lower, Options{})
+		fs, err := New(r.fs.upper, r.fs.lower)
 		if err != nil {
 			return errStr(err)
 		}

@@ -184,7 +184,7 @@ func newOverlay(t testing.TB, lowerDir string) *FS {
 	if err != nil {
 		t.Fatal(err)
 	}
-	fs, err := New(newLayer(t), lower, Options{})
+	fs, err := New(newLayer(t), lower)
 	if err != nil {
 		t.Fatal(err)
 	}

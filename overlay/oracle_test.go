@@ -651,7 +651,7 @@ func (o *oracle) check() {
 		o.t.Fatalf("trees differ after:\n%s\noverlay:\n%s\noracle:\n%s", strings.Join(o.log, "\n"), ovDump, orDump)
 	}
 	// A successor daemon sees the same tree from what the upper records.
-	fs2, err := New(o.fs.upper, o.fs.lower, Options{})
+	fs2, err := New(o.fs.upper, o.fs.lower)
 	if err != nil {
 		o.t.Fatal(err)
 	}

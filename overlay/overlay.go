@@ -212,14 +212,11 @@ type node struct {
 	lowerDirect int
 }
 
-// Options configure an FS.
-type Options struct{}
-
 // New returns the overlay of upper over lower (nil for none). It creates
 // WorkName in the upper root if missing, removes temporaries an interrupted
 // copy-up left there, and gives a fresh upper root the lower root's
 // attributes.
-func New(upper *memfs.Layer, lower Lower, _ Options) (*FS, error) {
+func New(upper *memfs.Layer, lower Lower) (*FS, error) {
 	fs := &FS{upper: upper, lower: lower, nodes: map[uint64]*node{}}
 	e, err := upper.Lookup(memfs.RootIno, WorkName)
 	if err == syscall.ENOENT {

@@ -303,7 +303,7 @@ func TestWorkDirHidden(t *testing.T) {
 		t.Fatal(err)
 	}
 	fs.upper.Forget(e.Ino(), 1)
-	fs2, err := New(fs.upper, fs.lower, Options{})
+	fs2, err := New(fs.upper, fs.lower)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -328,7 +328,7 @@ func TestCopyUpFailureLeavesNothing(t *testing.T) {
 			t.Fatal(err)
 		}
 		t.Cleanup(func() { l.Close() })
-		fs, err := New(l, lower, Options{})
+		fs, err := New(l, lower)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -495,7 +495,7 @@ func TestReaddirOffsetsStable(t *testing.T) {
 
 // TestNoLower serves a pure memory volume: no lower at all.
 func TestNoLower(t *testing.T) {
-	fs, err := New(newLayer(t), nil, Options{})
+	fs, err := New(newLayer(t), nil)
 	if err != nil {
 		t.Fatal(err)
 	}

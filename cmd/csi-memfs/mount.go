@@ -196,7 +196,7 @@ func serveMount(m *mountFlags) error {
 			return fmt.Errorf("lower directory %s: %w", lowerDir, err)
 		}
 		defer lower.Close()
-		ov, err := overlay.New(layer, lower, overlay.Options{})
+		ov, err := overlay.New(layer, lower)
 		if err != nil {
 			return err
 		}
