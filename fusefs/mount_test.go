@@ -82,7 +82,9 @@ var posixSkips = map[string]string{
 	"FcntlFlockLocksFile": "fails on kernel tmpfs as well; the test's expectation is not Linux's",
 }
 
-func runPosix(t *testing.T, opts Options) {
+// eachPosix runs every posixtest case but posixSkips, in sorted order, each
+// in a fresh directory that dir makes.
+func eachPosix(t *testing.T, dir func(t *testing.T) string) {
 	names := make([]string, 0, len(posixtest.All))
 	for n := range posixtest.All {
 		names = append(names, n)
@@ -93,10 +95,16 @@ func runPosix(t *testing.T, opts Options) {
 			if why, ok := posixSkips[name]; ok {
 				t.Skip(why)
 			}
-			mnt, _, _ := testMount(t, 256<<20, opts)
-			posixtest.All[name](t, mnt)
+			posixtest.All[name](t, dir(t))
 		})
 	}
+}
+
+func runPosix(t *testing.T, opts Options) {
+	eachPosix(t, func(t *testing.T) string {
+		mnt, _, _ := testMount(t, 256<<20, opts)
+		return mnt
+	})
 }
 
 func TestPosixPassthrough(t *testing.T) { runPosix(t, Options{}) }
@@ -106,18 +114,8 @@ func TestPosixDaemonIO(t *testing.T) { runPosix(t, Options{DisablePassthrough: t
 // TestPosixOnTmpfs runs the suite on kernel tmpfs, the oracle: a case that
 // fails here is the test's fault, not ours.
 func TestPosixOnTmpfs(t *testing.T) {
-	requireFUSE(t)
-	for name, fn := range posixtest.All {
-		t.Run(name, func(t *testing.T) {
-			if _, ok := posixSkips[name]; ok {
-				t.Skip("skipped on the mount too")
-			}
-			l, err := memfs.New(filepath.Join(t.TempDir(), "upper"), memfs.Options{Size: 256 << 20})
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer l.Close()
-			fn(t, l.Dir())
-		})
-	}
+	eachPosix(t, func(t *testing.T) string {
+		_, l := newTestLayer(t, 256<<20)
+		return l.Dir()
+	})
 }

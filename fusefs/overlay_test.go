@@ -5,7 +5,6 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
-	"sort"
 	"strings"
 	"syscall"
 	"testing"
@@ -90,20 +89,10 @@ func testOverlayMount(t testing.TB, lower string, opts Options) (string, *overla
 func runOverlayPosix(t *testing.T, opts Options) {
 	lower := makeOverlayLower(t)
 	before := snapshotTree(t, lower)
-	names := make([]string, 0, len(posixtest.All))
-	for n := range posixtest.All {
-		names = append(names, n)
-	}
-	sort.Strings(names)
-	for _, name := range names {
-		t.Run(name, func(t *testing.T) {
-			if why, ok := posixSkips[name]; ok {
-				t.Skip(why)
-			}
-			mnt, _ := testOverlayMount(t, lower, opts)
-			posixtest.All[name](t, filepath.Join(mnt, "t"))
-		})
-	}
+	eachPosix(t, func(t *testing.T) string {
+		mnt, _ := testOverlayMount(t, lower, opts)
+		return filepath.Join(mnt, "t")
+	})
 	if after := snapshotTree(t, lower); after != before {
 		t.Errorf("the lower tree changed")
 	}
