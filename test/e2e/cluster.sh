@@ -317,6 +317,10 @@ EOF
 		--v=1
 
 	wait_for "node $NODE_NAME Ready" 180 node_ready
+	# The service-account controller creates "default" asynchronously; pods
+	# are refused until it exists.
+	wait_for "service account default/default" 60 \
+		"$bin/kubectl" --kubeconfig "$DIR/admin.kubeconfig" -n default get serviceaccount default
 	log "node $NODE_NAME Ready in $(($(date +%s) - t0))s; source $DIR/env"
 }
 
