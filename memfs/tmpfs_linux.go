@@ -1,6 +1,7 @@
 package memfs
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"sync"
@@ -15,6 +16,12 @@ const mountFlags = unix.MS_NOSUID | unix.MS_NODEV
 
 var zeroUmask sync.Once
 
+// ErrNotInstance is the error of Open for a directory that is not the root
+// of a tmpfs instance New could have mounted: a plain directory (the
+// instance is gone, as after a reboot), another file system, a directory
+// inside an instance, or a tmpfs mounted without nosuid and nodev.
+var ErrNotInstance = errors.New("not a memfs tmpfs instance")
+
 // New mounts a fresh tmpfs instance with opts' limits on dir (created if
 // missing; it must be empty) and returns the Layer serving it.
 //
@@ -22,12 +29,10 @@ var zeroUmask sync.Once
 // process umask to 0 (callers above memfs, like the FUSE kernel module,
 // apply the requesting process's umask themselves).
 func New(dir string, opts Options) (*Layer, error) {
-	if opts.Size <= 0 {
-		return nil, fmt.Errorf("memfs: size must be positive, got %d", opts.Size)
+	opts, err := prepare(opts)
+	if err != nil {
+		return nil, err
 	}
-	opts = opts.withDefaults()
-	zeroUmask.Do(func() { unix.Umask(0) })
-
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("memfs: %w", err)
 	}
@@ -39,11 +44,66 @@ func New(dir string, opts Options) (*Layer, error) {
 	if err := unix.Mount("memfs", dir, "tmpfs", mountFlags, tmpfsData(opts)); err != nil {
 		return nil, fmt.Errorf("memfs: mount tmpfs on %s: %w", dir, err)
 	}
-	rootFd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
-	if err != nil {
-		unix.Unmount(dir, unix.MNT_DETACH)
-		return nil, fmt.Errorf("memfs: open %s: %w", dir, err)
+	rootFd, err := openRoot(dir)
+	if err == nil {
+		var l *Layer
+		if l, err = serve(dir, rootFd, opts); err == nil {
+			return l, nil
+		}
 	}
+	unix.Unmount(dir, unix.MNT_DETACH)
+	return nil, err
+}
+
+// Open serves the instance that New mounted on dir earlier, possibly in a
+// process that has since exited, as it is: Open neither remounts nor
+// empties it. opts must be the limits the instance was last mounted or
+// resized with (Open does not compare them with the instance; StatFS
+// reports the instance's own). Open sets the umask as New does.
+//
+// Open refuses, with an error wrapping ErrNotInstance, a dir that is not
+// the root of a tmpfs mount (checked on the directory it opens, so a
+// concurrent mount or rename cannot slip another one in), a tmpfs whose
+// root is not an instance's root (a bind mount of a subdirectory), and a
+// tmpfs mounted without nosuid and nodev.
+func Open(dir string, opts Options) (*Layer, error) {
+	opts, err := prepare(opts)
+	if err != nil {
+		return nil, err
+	}
+	rootFd, err := openRoot(dir)
+	if err != nil {
+		return nil, err
+	}
+	if err := checkInstance(rootFd); err != nil {
+		unix.Close(rootFd)
+		return nil, fmt.Errorf("memfs: %s: %w", dir, err)
+	}
+	return serve(dir, rootFd, opts)
+}
+
+// prepare validates opts, fills in their defaults and zeroes the umask.
+func prepare(opts Options) (Options, error) {
+	if opts.Size <= 0 {
+		return opts, fmt.Errorf("memfs: size must be positive, got %d", opts.Size)
+	}
+	zeroUmask.Do(func() { unix.Umask(0) })
+	return opts.withDefaults(), nil
+}
+
+// openRoot opens the directory dir, which is or will be an instance's root.
+func openRoot(dir string) (int, error) {
+	fd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return -1, fmt.Errorf("memfs: open %s: %w", dir, err)
+	}
+	return fd, nil
+}
+
+// serve returns the Layer of the instance whose root directory is open as
+// rootFd, which it consumes, registering the root. Nothing is unmounted on
+// failure.
+func serve(dir string, rootFd int, opts Options) (*Layer, error) {
 	l := &Layer{
 		dir:    dir,
 		rootFd: rootFd,
@@ -51,10 +111,64 @@ func New(dir string, opts Options) (*Layer, error) {
 		inodes: map[uint64]*inode{},
 	}
 	if err := l.initRoot(); err != nil {
-		l.Close()
-		return nil, fmt.Errorf("memfs: %w", err)
+		// initRoot has registered nothing: only rootFd is open.
+		unix.Close(rootFd)
+		return nil, fmt.Errorf("memfs: %s: %w", dir, err)
 	}
 	return l, nil
+}
+
+// checkInstance says whether the directory open as fd is the root of a
+// tmpfs instance mounted with mountFlags: its root inode, at the root of a
+// mount.
+func checkInstance(fd int) error {
+	var sfs unix.Statfs_t
+	if err := unix.Fstatfs(fd, &sfs); err != nil {
+		return err
+	}
+	if sfs.Type != unix.TMPFS_MAGIC {
+		return fmt.Errorf("%w: file system type %#x is not tmpfs", ErrNotInstance, sfs.Type)
+	}
+	root, err := isMountRoot(fd)
+	if err != nil {
+		return err
+	}
+	if !root {
+		return fmt.Errorf("%w: not the root of a mount", ErrNotInstance)
+	}
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return err
+	}
+	if st.Ino != RootIno {
+		return fmt.Errorf("%w: a mount of a directory inside an instance (inode %d)", ErrNotInstance, st.Ino)
+	}
+	if sfs.Flags&(unix.ST_NOSUID|unix.ST_NODEV) != unix.ST_NOSUID|unix.ST_NODEV {
+		return fmt.Errorf("%w: mounted without nosuid,nodev", ErrNotInstance)
+	}
+	return nil
+}
+
+// isMountRoot says whether the directory open as fd is the root of a mount:
+// statx's STATX_ATTR_MOUNT_ROOT (Linux >= 5.8), else whether ".." (which
+// leaves a mount root for the directory it is mounted on) is on another
+// device.
+func isMountRoot(fd int) (bool, error) {
+	var stx unix.Statx_t
+	if err := unix.Statx(fd, "", unix.AT_EMPTY_PATH, 0, &stx); err != nil {
+		return false, err
+	}
+	if stx.Attributes_mask&unix.STATX_ATTR_MOUNT_ROOT != 0 {
+		return stx.Attributes&unix.STATX_ATTR_MOUNT_ROOT != 0, nil
+	}
+	var st, parent unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return false, err
+	}
+	if err := unix.Fstatat(fd, "..", &parent, unix.AT_SYMLINK_NOFOLLOW); err != nil {
+		return false, err
+	}
+	return st.Dev != parent.Dev, nil
 }
 
 func tmpfsData(o Options) string {
