@@ -3,6 +3,7 @@
 //	csi-memfs mount [flags] MOUNTPOINT   serve one memory volume on a directory
 //	csi-memfs serve [flags]              the CSI node plugin
 //	csi-memfs volumes [flags]            the volumes of the running plugin
+//	csi-memfs hold [flags]               keep the plugin's FUSE connections across its restarts
 package main
 
 import (
@@ -22,6 +23,7 @@ var commands = []command{
 	{"mount", "mount a memory volume on a local directory and serve it in the foreground", runMount},
 	{"serve", "run the CSI node plugin (kubelet talks to it over a unix socket)", runServe},
 	{"volumes", "list the volumes of the plugin running on this node", runVolumes},
+	{"hold", "keep the plugin's FUSE connections across its restarts (a sidecar)", runHold},
 }
 
 func main() {
