@@ -31,6 +31,18 @@
 // 1 in both. A successor process serving the same kernel connection can
 // therefore re-derive every node from the tree the kernel still holds.
 //
+// # Serving loop and restarts
+//
+// A session (session.go) owns each connection's /dev/fuse descriptor and
+// serves it with go-fuse's ProtocolServer, not fuse.Server, so that a
+// connection can outlive the process serving it (docs/restart.md): Stop
+// hands a Session (the descriptor, the open-handle table's memory file and
+// the recorded INIT) to a successor, which Adopts it; after a crash a
+// holder's copy of the Session is adopted with a resend of the requests
+// the dead server never answered (resend.go). File handles are records of
+// the handle table (handles.go), so a successor reopens every open file;
+// node ids it never looked up are found again in the tree (rederive.go).
+//
 // # Permissions
 //
 // Mounts use default_permissions and allow_other: the kernel checks every

@@ -11,33 +11,24 @@ import (
 	"github.com/csi-memfs/csi-memfs/memfs"
 )
 
-// addHandle registers an open File or Dir and returns its FUSE handle.
-func (r *rawFS) addHandle(h any) uint64 {
-	r.handlesMu.Lock()
-	defer r.handlesMu.Unlock()
-	r.nextFh++
-	r.handles[r.nextFh] = h
-	return r.nextFh
-}
-
-func (r *rawFS) handle(fh uint64) any {
-	r.handlesMu.Lock()
-	defer r.handlesMu.Unlock()
-	return r.handles[fh]
-}
-
-func (r *rawFS) removeHandle(fh uint64) any {
-	r.handlesMu.Lock()
-	defer r.handlesMu.Unlock()
-	h := r.handles[fh]
-	delete(r.handles, fh)
-	return h
-}
-
 // file returns the File open as fh.
 func (r *rawFS) file(fh uint64) (File, fuse.Status) {
-	if of, ok := r.handle(fh).(*openFile); ok {
-		return of.File, fuse.OK
+	switch h := r.handles.get(fh).(type) {
+	case *openFile:
+		return h.File, fuse.OK
+	case *deadHandle:
+		return nil, fuse.EIO
+	}
+	return nil, fuse.EBADF
+}
+
+// dir returns the Dir open as fh.
+func (r *rawFS) dir(fh uint64) (Dir, fuse.Status) {
+	switch h := r.handles.get(fh).(type) {
+	case Dir:
+		return h, fuse.OK
+	case *deadHandle:
+		return nil, fuse.EIO
 	}
 	return nil, fuse.EBADF
 }
@@ -54,7 +45,7 @@ func (r *rawFS) openOptions(h *fuse.InHeader, openFlags uint32) memfs.OpenOption
 	}
 }
 
-// opened registers f and tells the kernel how to do its I/O: through
+// opened registers of and tells the kernel how to do its I/O: through
 // passthrough to the backing file where the FileSystem allows it; else
 // through this server, with the page cache when passthrough is off for the
 // whole mount and direct I/O otherwise.
@@ -64,18 +55,32 @@ func (r *rawFS) openOptions(h *fuse.InHeader, openFlags uint32) memfs.OpenOption
 // open that cannot (a grow-sealed writer; an overlay writer while readers
 // hold the lower file) fails with ETXTBSY, the kernel's own errno for
 // conflicting modes and Linux's for writing a file in use.
-func (r *rawFS) opened(ino uint64, f File, out *fuse.OpenOut) fuse.Status {
+func (r *rawFS) opened(of *openFile, flags uint32, out *fuse.OpenOut) fuse.Status {
 	r.backingMu.Lock()
 	defer r.backingMu.Unlock()
 	// Opens closed just before this one may not be released yet (RELEASE
 	// is asynchronous): give them releaseGrace before calling it a conflict.
 	for start := time.Now(); ; {
-		s := r.openModeLocked(ino, f, out)
+		s := r.openModeLocked(of.ino, of, out)
 		if s != fuse.Status(syscall.ETXTBSY) || time.Since(start) > releaseGrace {
-			if s == fuse.OK {
-				out.Fh = r.addHandle(f)
+			if s != fuse.OK {
+				return s
 			}
-			return s
+			rec := handleRecord{Kind: recFile, Flags: flags, Ino: of.ino}
+			if out.OpenFlags&fuse.FOPEN_PASSTHROUGH != 0 {
+				b := r.backing[of.ino]
+				of.backed = true
+				rec.Backed, rec.BackingID, rec.BackingDev, rec.BackingIno = 1, b.id, b.file.dev, b.file.ino
+			}
+			fh, err := r.handles.add(of, rec)
+			if err != nil {
+				if of.backed {
+					r.releaseBackingLocked(of.ino)
+				}
+				return fuse.Status(err.(syscall.Errno))
+			}
+			out.Fh = fh
+			return fuse.OK
 		}
 		r.backingMu.Unlock()
 		time.Sleep(time.Millisecond)
@@ -130,7 +135,7 @@ func (r *rawFS) acquireBackingLocked(ino uint64, fd int) (int32, bool) {
 		b.refs++
 		return b.id, true
 	}
-	id, errno := r.server.RegisterBackingFd(&fuse.BackingMap{Fd: int32(fd)})
+	id, errno := r.dev.openBacking(fd)
 	if errno != 0 {
 		// The kernel refuses passthrough (no CAP_SYS_ADMIN, an old kernel,
 		// a backing file system it cannot stack on): serve I/O ourselves
@@ -146,13 +151,21 @@ func (r *rawFS) acquireBackingLocked(ino uint64, fd int) (int32, bool) {
 func (r *rawFS) releaseBacking(ino uint64) {
 	r.backingMu.Lock()
 	defer r.backingMu.Unlock()
+	r.releaseBackingLocked(ino)
+}
+
+// releaseBackingLocked drops a reference on ino's backing file.
+//
+// Preconditions:
+//   - r.backingMu is locked.
+func (r *rawFS) releaseBackingLocked(ino uint64) {
 	b := r.backing[ino]
 	if b == nil {
 		return
 	}
 	if b.refs--; b.refs == 0 {
 		delete(r.backing, ino)
-		if errno := r.server.UnregisterBackingFd(b.id); errno != 0 {
+		if errno := r.dev.closeBacking(b.id); errno != 0 {
 			klog.ErrorS(errno, "Unregistering passthrough backing file", "fsName", r.opts.FsName, "ino", ino)
 		}
 	}
@@ -174,10 +187,18 @@ type openFile struct {
 
 func (r *rawFS) Create(_ <-chan struct{}, in *fuse.CreateIn, name string, out *fuse.CreateOut) fuse.Status {
 	start := r.now()
-	e, f, err := r.fs.Create(in.NodeId, name, int(in.Flags), in.Mode, caller(&in.InHeader), r.openOptions(&in.InHeader, in.OpenFlags))
+	o := r.openOptions(&in.InHeader, in.OpenFlags)
+	e, f, err := r.fs.Create(in.NodeId, name, int(in.Flags), in.Mode, caller(&in.InHeader), o)
+	if m, ok := r.made(&in.InHeader, err, in.NodeId, name); ok {
+		// An O_EXCL create the dead server carried out: open what it made.
+		e = m
+		if f, err = r.fs.Open(e.Ino(), int(in.Flags)&^(unix.O_CREAT|unix.O_EXCL|unix.O_TRUNC), o); err != nil {
+			r.fs.Forget(e.Ino(), 1)
+		}
+	}
 	s := status("CREATE", err)
 	if s == fuse.OK {
-		if s = r.finishOpen(e.Ino(), f, &out.OpenOut); s == fuse.OK {
+		if s = r.finishOpen(e.Ino(), in.Flags, f, &out.OpenOut); s == fuse.OK {
 			fillEntry(&out.EntryOut, &e)
 		} else {
 			r.fs.Forget(e.Ino(), 1)
@@ -192,7 +213,7 @@ func (r *rawFS) Tmpfile(_ <-chan struct{}, in *fuse.CreateIn, out *fuse.CreateOu
 	e, f, err := r.fs.Tmpfile(in.NodeId, int(in.Flags), in.Mode, caller(&in.InHeader), r.openOptions(&in.InHeader, in.OpenFlags))
 	s := status("TMPFILE", err)
 	if s == fuse.OK {
-		if s = r.finishOpen(e.Ino(), f, &out.OpenOut); s == fuse.OK {
+		if s = r.finishOpen(e.Ino(), in.Flags, f, &out.OpenOut); s == fuse.OK {
 			fillEntry(&out.EntryOut, &e)
 		} else {
 			r.fs.Forget(e.Ino(), 1)
@@ -207,20 +228,20 @@ func (r *rawFS) Open(_ <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOut) fuse
 	f, err := r.fs.Open(in.NodeId, int(in.Flags), r.openOptions(&in.InHeader, in.Mode))
 	s := status("OPEN", err)
 	if s == fuse.OK {
-		s = r.finishOpen(in.NodeId, f, out)
+		s = r.finishOpen(in.NodeId, in.Flags, f, out)
 	}
 	r.observe("OPEN", start, s)
 	return s
 }
 
-// finishOpen answers an open of f; on failure f is released.
-func (r *rawFS) finishOpen(ino uint64, f File, out *fuse.OpenOut) fuse.Status {
+// finishOpen answers an open of f with open(2) flags; on failure f is
+// released.
+func (r *rawFS) finishOpen(ino uint64, flags uint32, f File, out *fuse.OpenOut) fuse.Status {
 	of := &openFile{File: f, ino: ino}
-	if s := r.opened(ino, of, out); s != fuse.OK {
+	if s := r.opened(of, flags, out); s != fuse.OK {
 		f.Release()
 		return s
 	}
-	of.backed = out.OpenFlags&fuse.FOPEN_PASSTHROUGH != 0
 	return fuse.OK
 }
 
@@ -297,14 +318,17 @@ func (r *rawFS) Flush(_ <-chan struct{}, _ *fuse.FlushIn) fuse.Status {
 }
 
 func (r *rawFS) Release(_ <-chan struct{}, in *fuse.ReleaseIn) {
-	of, ok := r.removeHandle(in.Fh).(*openFile)
-	if !ok {
-		return
+	switch h := r.handles.remove(in.Fh).(type) {
+	case *openFile:
+		if h.backed {
+			r.releaseBacking(h.ino)
+		}
+		h.Release()
+	case *deadHandle:
+		if h.backed {
+			r.releaseBacking(h.ino)
+		}
 	}
-	if of.backed {
-		r.releaseBacking(of.ino)
-	}
-	of.Release()
 }
 
 func (r *rawFS) OpenDir(_ <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOut) fuse.Status {
@@ -312,7 +336,13 @@ func (r *rawFS) OpenDir(_ <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOut) f
 	d, err := r.fs.OpenDir(in.NodeId)
 	s := status("OPENDIR", err)
 	if s == fuse.OK {
-		out.Fh = r.addHandle(d)
+		fh, err := r.handles.add(d, handleRecord{Kind: recDir, Ino: in.NodeId})
+		if err != nil {
+			d.Close()
+			r.observe("OPENDIR", start, fuse.Status(syscall.EMFILE))
+			return fuse.Status(syscall.EMFILE)
+		}
+		out.Fh = fh
 		// Every change to the directory goes through us, so the kernel may
 		// keep what it read across opens.
 		out.OpenFlags |= fuse.FOPEN_CACHE_DIR | fuse.FOPEN_KEEP_CACHE
@@ -323,9 +353,9 @@ func (r *rawFS) OpenDir(_ <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOut) f
 
 func (r *rawFS) ReadDir(_ <-chan struct{}, in *fuse.ReadIn, out *fuse.DirEntryList) fuse.Status {
 	start := r.now()
-	d, ok := r.handle(in.Fh).(Dir)
-	if !ok {
-		return fuse.EBADF
+	d, s := r.dir(in.Fh)
+	if s != fuse.OK {
+		return s
 	}
 	err := d.ReadDir(int64(in.Offset), func(e *memfs.DirEntry) bool {
 		return out.AddDirEntry(fuse.DirEntry{
@@ -336,21 +366,21 @@ func (r *rawFS) ReadDir(_ <-chan struct{}, in *fuse.ReadIn, out *fuse.DirEntryLi
 			Mode: uint32(e.Type) << 12,
 		})
 	})
-	s := status("READDIR", err)
+	s = status("READDIR", err)
 	r.observe("READDIR", start, s)
 	return s
 }
 
 func (r *rawFS) FsyncDir(_ <-chan struct{}, in *fuse.FsyncIn) fuse.Status {
-	d, ok := r.handle(in.Fh).(Dir)
-	if !ok {
-		return fuse.EBADF
+	d, s := r.dir(in.Fh)
+	if s != fuse.OK {
+		return s
 	}
 	return status("FSYNCDIR", d.Sync())
 }
 
 func (r *rawFS) ReleaseDir(in *fuse.ReleaseIn) {
-	if d, ok := r.removeHandle(in.Fh).(Dir); ok {
+	if d, ok := r.handles.remove(in.Fh).(Dir); ok { // a *deadHandle needs nothing more
 		d.Close()
 	}
 }

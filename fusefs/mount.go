@@ -1,12 +1,12 @@
 package fusefs
 
 import (
-	"errors"
 	"fmt"
 	"syscall"
 	"time"
 
 	"github.com/hanwen/go-fuse/v2/fuse"
+	"golang.org/x/sys/unix"
 )
 
 // Options configure a mount.
@@ -35,7 +35,7 @@ type Observer interface {
 // Server serves one FileSystem on one mountpoint.
 type Server struct {
 	raw        *rawFS
-	srv        *fuse.Server
+	sess       *session
 	mountpoint string
 }
 
@@ -44,31 +44,14 @@ type Server struct {
 // write (go-fuse does not name the bit).
 const capHandleKillprivV2 = 1 << 28
 
-// Mount mounts fs on mountpoint (an existing directory) and serves it until
-// Unmount. Data moves by FUSE passthrough where the kernel allows it (Linux
-// >= 6.9, CAP_SYS_ADMIN); else through this process.
-func Mount(mountpoint string, fs FileSystem, opts Options) (*Server, error) {
-	name := opts.FsName
-	if name == "" {
-		name = "csi-memfs"
-	}
-	flags := uintptr(syscall.MS_NOSUID | syscall.MS_NODEV)
-	if opts.ReadOnly {
-		flags |= syscall.MS_RDONLY
-	}
+// mountOptions are what go-fuse's ProtocolServer needs to answer INIT.
+// They must not change between the server that mounted a connection and
+// the servers that take it over.
+func mountOptions(opts Options) *fuse.MountOptions {
 	mo := &fuse.MountOptions{
-		// Pods of any uid use the volume; the kernel checks permissions
-		// against the attributes we report.
-		AllowOther: true,
-		Options:    []string{"default_permissions"},
-		FsName:     name,
-		Name:       "memfs",
-		// Mount with mount(2) (we are privileged): no fusermount.
-		DirectMountStrict: true,
-		DirectMountFlags:  flags,
-		// With passthrough the daemon rarely moves data, and go-fuse keeps
-		// request buffers of MaxWrite per reader: 128 KiB then (about 3 MiB
-		// less heap per volume), 1 MiB when every byte comes through here.
+		// With passthrough the daemon rarely moves data, and a request
+		// buffer is MaxWrite: 128 KiB then, 1 MiB when every byte comes
+		// through here.
 		MaxWrite:      128 << 10,
 		MaxReadAhead:  1 << 20,
 		MaxBackground: 64,
@@ -82,17 +65,79 @@ func Mount(mountpoint string, fs FileSystem, opts Options) (*Server, error) {
 		mo.DisabledCapabilities |= fuse.CAP_PASSTHROUGH
 		mo.MaxWrite = 1 << 20
 	}
-	raw := newRawFS(fs, opts)
-	srv, err := fuse.NewServer(raw, mountpoint, mo)
+	return mo
+}
+
+// Mount mounts fs on mountpoint (an existing directory) and serves it until
+// Unmount or Stop. Data moves by FUSE passthrough where the kernel allows
+// it (Linux >= 6.9, CAP_SYS_ADMIN); else through this process.
+func Mount(mountpoint string, fs FileSystem, opts Options) (*Server, error) {
+	name := opts.FsName
+	if name == "" {
+		name = "csi-memfs"
+	}
+	mo := mountOptions(opts)
+	var st unix.Stat_t
+	if err := unix.Stat(mountpoint, &st); err != nil {
+		return nil, fmt.Errorf("fusefs: mount %s: %w", mountpoint, err)
+	}
+	handles, err := newHandleTable()
 	if err != nil {
 		return nil, fmt.Errorf("fusefs: mount %s: %w", mountpoint, err)
 	}
-	go srv.Serve()
-	if err := srv.WaitMount(); err != nil {
-		srv.Unmount()
+	dev, err := unix.Open("/dev/fuse", unix.O_RDWR|unix.O_CLOEXEC, 0)
+	if err != nil {
+		handles.close()
 		return nil, fmt.Errorf("fusefs: mount %s: %w", mountpoint, err)
 	}
-	return &Server{raw: raw, srv: srv, mountpoint: mountpoint}, nil
+	flags := uintptr(unix.MS_NOSUID | unix.MS_NODEV)
+	if opts.ReadOnly {
+		flags |= unix.MS_RDONLY
+	}
+	// Pods of any uid use the volume (allow_other); the kernel checks
+	// permissions against the attributes we report (default_permissions).
+	data := fmt.Sprintf("fd=%d,rootmode=%o,user_id=0,group_id=0,max_read=%d,allow_other,default_permissions",
+		dev, st.Mode&unix.S_IFMT, mo.MaxWrite)
+	if err := unix.Mount(name, mountpoint, "fuse.memfs", flags, data); err != nil {
+		unix.Close(dev)
+		handles.close()
+		return nil, fmt.Errorf("fusefs: mount %s: %w", mountpoint, err)
+	}
+	raw := newRawFS(fs, opts, handles)
+	s, err := newSession(dev, raw, mo)
+	if err == nil {
+		err = s.readInit()
+	}
+	if err != nil {
+		unix.Unmount(mountpoint, unix.MNT_DETACH)
+		if s != nil {
+			s.dev.Close()
+		}
+		handles.close()
+		return nil, fmt.Errorf("fusefs: mount %s: %w", mountpoint, err)
+	}
+	s.serve()
+	pollHack(mountpoint)
+	return &Server{raw: raw, sess: s, mountpoint: mountpoint}, nil
+}
+
+// pollHackName is a name go-fuse's ProtocolServer answers itself
+// (fuse/poll.go).
+const pollHackName = ".go-fuse-epoll-hack"
+
+// pollHack has the kernel send one POLL, which go-fuse answers ENOSYS, so
+// that it never sends another on this connection. Otherwise a process
+// that serves a mount and opens a file on it deadlocks: the Go runtime
+// adds every file it opens to its epoll set, epoll_ctl asks a FUSE file
+// for its events with a POLL request while holding the epoll set's lock,
+// and this server's readers wait for requests in that very epoll set.
+func pollHack(mountpoint string) {
+	fd, err := unix.Open(mountpoint+"/"+pollHackName, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return
+	}
+	unix.Poll([]unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN | unix.POLLPRI | unix.POLLOUT}}, 0)
+	unix.Close(fd)
 }
 
 // Passthrough says whether opens are being answered with FUSE passthrough.
@@ -103,16 +148,26 @@ func (s *Server) Passthrough() bool { return s.raw.passthroughActive() }
 // the mount is busy it is detached: it disappears from the namespace now
 // and the kernel ends the connection when the last open file closes.
 func (s *Server) Unmount() error {
-	err := s.srv.Unmount()
-	if err != nil && errors.Is(err, syscall.EBUSY) {
-		err = syscall.Unmount(s.mountpoint, syscall.MNT_DETACH)
+	err := unix.Unmount(s.mountpoint, 0)
+	if err == unix.EBUSY {
+		err = unix.Unmount(s.mountpoint, unix.MNT_DETACH)
 	}
-	if err != nil {
+	if err != nil && err != unix.EINVAL {
 		return fmt.Errorf("fusefs: unmount %s: %w", s.mountpoint, err)
 	}
-	s.srv.Wait()
+	s.sess.wait()
+	s.close()
 	return nil
 }
 
-// Wait blocks until the file system is unmounted.
-func (s *Server) Wait() { s.srv.Wait() }
+// close drops what the server holds: open files and directories, the
+// handle table and the device descriptor.
+func (s *Server) close() {
+	s.raw.releaseAll()
+	s.raw.handles.close()
+	s.sess.dev.Close()
+}
+
+// Wait blocks until the connection has ended (the file system was
+// unmounted) or Stop.
+func (s *Server) Wait() { s.sess.wait() }

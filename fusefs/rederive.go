@@ -62,15 +62,13 @@ import (
 // of a known inode took 785-878 ns against 760-842 ns unwrapped: within
 // the noise.
 //
-// Limits: when the tree has changed since the walk, the ancestors that a
-// failed path lookup registered keep their reference, which no FORGET may
-// ever drop (they stay registered until the Layer is closed). The walk
-// registers, then forgets, directories the FileSystem did not know: a
-// request for such a node id that reaches memfs between the two may have
-// its cached descriptor closed under it (memfs allows a last Forget only
-// when no other call on the inode runs). A file that only the previous
-// process held (an unlinked file or O_TMPFILE kept alive by a passthrough
-// backing file) stays ESTALE.
+// Limits: every directory a walk met, and the ancestors that a failed path
+// lookup registered, keep a reference that no FORGET may ever drop: they
+// stay registered (an inode record each, and a cached descriptor within
+// the FdBudget) until a FORGET of more than they hold or the Layer is
+// closed. That bounds the cost by the number of directories. A file that
+// only the previous process held (an unlinked file or O_TMPFILE kept alive
+// by a passthrough backing file) stays ESTALE.
 
 // rederiving returns fs with re-derivation of unknown node ids. Every
 // method of fs that fails with ESTALE for an inode number it takes (but
@@ -286,7 +284,9 @@ func (r *rederiver) walkDirLocked(dir uint64, index map[uint64]place) bool {
 		case e.Stat.Mode&unix.S_IFMT == unix.S_IFDIR:
 			complete = r.walkDirLocked(e.Ino(), index) && complete
 		}
-		r.fs.Forget(e.Ino(), 1)
+		// The reference is kept (see Limits): forgetting a directory the
+		// FileSystem did not know would drop it to zero, which may close
+		// its descriptor under a concurrent request for it.
 	}
 	return complete
 }

@@ -49,17 +49,9 @@ const (
 	opLookup      = 1
 	opForget      = 2
 	opMkdir       = 9
-	opInit        = 26
 	opInterrupt   = 36
 	opNotifyReply = 41
 	opBatchForget = 42
-
-	notifyResend = 7       // FUSE_NOTIFY_RESEND, Linux >= 6.9
-	uniqueResend = 1 << 63 // FUSE_UNIQUE_RESEND: set on requeued requests
-
-	// FUSE_DEV_IOC_BACKING_OPEN/_CLOSE (as in go-fuse's passthrough_linux.go).
-	iocBackingOpen  = 0x4010e501
-	iocBackingClose = 0x4004e502
 
 	relayMaxWrite = 128 << 10
 	relayBufSize  = relayMaxWrite + 64<<10
@@ -167,7 +159,7 @@ func newBenchMount(tb testing.TB, variant string, passthrough bool) *benchMount 
 	}
 	m := &benchMount{mnt: filepath.Join(base, "mnt"), layer: l, ops: &reqCounter{}, passthrough: passthrough}
 	os.Mkdir(m.mnt, 0o755)
-	m.raw = newRawFS(FromLayer(l), Options{DisablePassthrough: !passthrough, Observer: m.ops})
+	m.raw = newRawFS(FromLayer(l), Options{DisablePassthrough: !passthrough, Observer: m.ops}, benchHandles(tb))
 	m.dev = mountDevFuse(tb, m.mnt)
 	switch variant {
 	case "direct":
@@ -445,6 +437,16 @@ func serveProto(dev int, raw *rawFS) func() {
 	return func() { wg.Wait(); unix.Close(dev) }
 }
 
+// benchHandles returns a fresh handle table, closed when tb ends.
+func benchHandles(tb testing.TB) *handleTable {
+	t, err := newHandleTable()
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(t.close)
+	return t
+}
+
 func loadAvg() float64 {
 	b, _ := os.ReadFile("/proc/loadavg")
 	f, _ := strconv.ParseFloat(strings.Fields(string(b) + " 0")[0], 64)
@@ -662,7 +664,7 @@ func BenchmarkRelayHandover(b *testing.B) {
 	for i := 0; i < b.N; i++ {
 		m.relay.detach(srv)
 		var err error
-		srv, err = m.relay.attach(newRawFS(FromLayer(m.layer), Options{DisablePassthrough: true, Observer: m.ops}), false)
+		srv, err = m.relay.attach(newRawFS(FromLayer(m.layer), Options{DisablePassthrough: true, Observer: m.ops}, benchHandles(b)), false)
 		if err != nil {
 			b.Fatal(err)
 		}

@@ -25,19 +25,19 @@ const cacheTimeout = time.Hour
 // Lock order:
 //
 //	rawFS.backingMu
-//	  rawFS.handlesMu
+//	  handleTable.mu
 type rawFS struct {
 	fuse.RawFileSystem // ENOSYS for what is not implemented below
 	fs                 FileSystem
 	opts               Options
-	// server is the go-fuse server. Set once in Init, before any request.
-	server *fuse.Server
+	// dev is the session serving the connection: passthrough backing
+	// files are registered on its descriptor. Set once, before any
+	// request.
+	dev *session
 
-	// handlesMu protects handles and nextFh.
-	handlesMu sync.Mutex
-	// handles maps FUSE file handles to the open File or Dir.
-	handles map[uint64]any
-	nextFh  uint64
+	// handles are the open files and directories, by FUSE handle.
+	// Immutable.
+	handles *handleTable
 
 	// backingMu protects backing and passthrough.
 	backingMu sync.Mutex
@@ -60,21 +60,23 @@ type backingFile struct {
 // fileID names a file by device and inode number.
 type fileID struct{ dev, ino uint64 }
 
-func newRawFS(fs FileSystem, opts Options) *rawFS {
+func newRawFS(fs FileSystem, opts Options, handles *handleTable) *rawFS {
 	return &rawFS{
 		RawFileSystem: fuse.NewDefaultRawFileSystem(),
 		fs:            fs,
 		opts:          opts,
-		handles:       map[uint64]any{},
+		handles:       handles,
 		backing:       map[uint64]*backingFile{},
 	}
 }
 
 func (r *rawFS) String() string { return "csi-memfs" }
 
-func (r *rawFS) Init(s *fuse.Server) {
-	r.server = s
-	r.passthrough = !r.opts.DisablePassthrough && s.KernelSettings().Flags64()&fuse.CAP_PASSTHROUGH != 0
+// negotiated takes the capabilities INIT settled on.
+func (r *rawFS) negotiated(flags uint64) {
+	r.backingMu.Lock()
+	defer r.backingMu.Unlock()
+	r.passthrough = !r.opts.DisablePassthrough && flags&fuse.CAP_PASSTHROUGH != 0
 }
 
 // status converts an error from the FileSystem to a FUSE status. Anything
@@ -234,44 +236,71 @@ func (r *rawFS) SetAttr(_ <-chan struct{}, in *fuse.SetAttrIn, out *fuse.AttrOut
 func (r *rawFS) Mknod(_ <-chan struct{}, in *fuse.MknodIn, name string, out *fuse.EntryOut) fuse.Status {
 	start := r.now()
 	e, err := r.fs.Mknod(in.NodeId, name, in.Mode, caller(&in.InHeader))
+	if m, ok := r.made(&in.InHeader, err, in.NodeId, name); ok {
+		e, err = m, nil
+	}
 	return r.entry("MKNOD", start, out, e, err)
 }
 
 func (r *rawFS) Mkdir(_ <-chan struct{}, in *fuse.MkdirIn, name string, out *fuse.EntryOut) fuse.Status {
 	start := r.now()
 	e, err := r.fs.Mkdir(in.NodeId, name, in.Mode, caller(&in.InHeader))
+	if m, ok := r.made(&in.InHeader, err, in.NodeId, name); ok {
+		e, err = m, nil
+	}
 	return r.entry("MKDIR", start, out, e, err)
 }
 
 func (r *rawFS) Symlink(_ <-chan struct{}, h *fuse.InHeader, target, name string, out *fuse.EntryOut) fuse.Status {
 	start := r.now()
 	e, err := r.fs.Symlink(h.NodeId, name, target, caller(h))
+	if m, ok := r.made(h, err, h.NodeId, name); ok {
+		e, err = m, nil
+	}
 	return r.entry("SYMLINK", start, out, e, err)
 }
 
 func (r *rawFS) Link(_ <-chan struct{}, in *fuse.LinkIn, name string, out *fuse.EntryOut) fuse.Status {
 	start := r.now()
 	e, err := r.fs.Link(in.Oldnodeid, in.NodeId, name)
+	if m, ok := r.made(&in.InHeader, err, in.NodeId, name); ok {
+		e, err = m, nil
+	}
 	return r.entry("LINK", start, out, e, err)
 }
 
 func (r *rawFS) Unlink(_ <-chan struct{}, h *fuse.InHeader, name string) fuse.Status {
 	start := r.now()
-	s := status("UNLINK", r.fs.Unlink(h.NodeId, name))
+	err := r.fs.Unlink(h.NodeId, name)
+	if gone(h, err) {
+		err = nil
+	}
+	s := status("UNLINK", err)
 	r.observe("UNLINK", start, s)
 	return s
 }
 
 func (r *rawFS) Rmdir(_ <-chan struct{}, h *fuse.InHeader, name string) fuse.Status {
 	start := r.now()
-	s := status("RMDIR", r.fs.Rmdir(h.NodeId, name))
+	err := r.fs.Rmdir(h.NodeId, name)
+	if gone(h, err) {
+		err = nil
+	}
+	s := status("RMDIR", err)
 	r.observe("RMDIR", start, s)
 	return s
 }
 
 func (r *rawFS) Rename(_ <-chan struct{}, in *fuse.RenameIn, name, newName string) fuse.Status {
 	start := r.now()
-	s := status("RENAME", r.fs.Rename(in.NodeId, name, in.Newdir, newName, in.Flags))
+	err := r.fs.Rename(in.NodeId, name, in.Newdir, newName, in.Flags)
+	if gone(&in.InHeader, err) {
+		if e, lerr := r.fs.Lookup(in.Newdir, newName); lerr == nil {
+			r.fs.Forget(e.Ino(), 1)
+			err = nil
+		}
+	}
+	s := status("RENAME", err)
 	r.observe("RENAME", start, s)
 	return s
 }

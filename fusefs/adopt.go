@@ -1,0 +1,200 @@
+package fusefs
+
+import (
+	"errors"
+	"fmt"
+	"os"
+
+	"golang.org/x/sys/unix"
+	"k8s.io/klog/v2"
+
+	"github.com/csi-memfs/csi-memfs/memfs"
+)
+
+// Handing a mounted connection from one server process to another
+// (docs/restart.md). The kernel keeps the mount, the node ids (inode
+// numbers) and the file handles (records of the handle table); the
+// FileSystem keeps the tree. What passes between servers is a Session:
+// the /dev/fuse descriptor, the handle table's memory file and the
+// recorded INIT. A successor re-derives node ids on demand (rederiving)
+// and reopens every open file and directory from its record.
+
+// Session is what another server needs to serve a mounted connection.
+type Session struct {
+	// Dev is the connection's /dev/fuse descriptor.
+	Dev *os.File
+	// Handles is the memory file of the open-handle table.
+	Handles *os.File
+	// Init is the INIT request the kernel sent when it mounted, verbatim.
+	Init []byte
+}
+
+// Close closes the session's descriptors.
+func (s Session) Close() {
+	if s.Dev != nil {
+		s.Dev.Close()
+	}
+	if s.Handles != nil {
+		s.Handles.Close()
+	}
+}
+
+// Session returns a copy of the server's session, with new descriptors:
+// for a holder that keeps the connection alive if this process dies. It
+// stays valid while the mount exists.
+func (s *Server) Session() (Session, error) {
+	dev, err := dupFile(s.sess.devFd, "/dev/fuse")
+	if err != nil {
+		return Session{}, fmt.Errorf("fusefs: session of %s: %w", s.mountpoint, err)
+	}
+	handles, err := s.raw.handles.dup()
+	if err != nil {
+		dev.Close()
+		return Session{}, fmt.Errorf("fusefs: session of %s: %w", s.mountpoint, err)
+	}
+	return Session{Dev: dev, Handles: handles, Init: append([]byte(nil), s.sess.init...)}, nil
+}
+
+// Stop stops serving without unmounting, for a successor to Adopt the
+// session it returns: it stops reading requests, waits until those read
+// are answered, and lets go of its open files and descriptors. Requests
+// that arrive meanwhile wait in the kernel. The caller hands the session
+// on or closes it.
+func (s *Server) Stop() (Session, error) {
+	if !s.sess.stop() {
+		s.close()
+		return Session{}, fmt.Errorf("fusefs: stop %s: the connection has ended", s.mountpoint)
+	}
+	sess, err := s.Session()
+	s.close()
+	return sess, err
+}
+
+// Adopt serves a connection another server mounted on mountpoint, from
+// sess (which Adopt takes over: the caller must not close it). fs must be
+// the same tree the other server served, and opts the same options.
+//
+// With resend false, the other server stopped (Stop): every request it
+// read, it answered. With resend true it died: the kernel is asked first
+// to send again every request it had sent and had no answer to (Linux >=
+// 6.9), and rawFS answers those in the light of what the dead server may
+// have done already (see resent).
+func Adopt(mountpoint string, sess Session, fs FileSystem, opts Options, resend bool) (*Server, error) {
+	fail := func(err error) (*Server, error) {
+		return nil, fmt.Errorf("fusefs: adopt %s: %w", mountpoint, err)
+	}
+	if sess.Dev == nil || sess.Handles == nil {
+		sess.Close()
+		return fail(errors.New("incomplete session"))
+	}
+	handles, err := mapHandleTable(sess.Handles)
+	if err != nil {
+		sess.Dev.Close()
+		return fail(err)
+	}
+	dev, err := unix.FcntlInt(sess.Dev.Fd(), unix.F_DUPFD_CLOEXEC, 0)
+	sess.Dev.Close()
+	if err != nil {
+		handles.close()
+		return fail(err)
+	}
+	raw := newRawFS(rederiving(fs), opts, handles)
+	s, err := newSession(dev, raw, mountOptions(opts))
+	if err != nil {
+		handles.close()
+		return fail(err)
+	}
+	srv := &Server{raw: raw, sess: s, mountpoint: mountpoint}
+	if err := s.replayInit(sess.Init); err != nil {
+		srv.close()
+		return fail(err)
+	}
+	if err := raw.restore(); err != nil {
+		srv.close()
+		return fail(err)
+	}
+	if resend {
+		if err := s.resend(); err != nil {
+			srv.close()
+			return fail(fmt.Errorf("FUSE_NOTIFY_RESEND (Linux >= 6.9): %w", err))
+		}
+	}
+	s.serve()
+	return srv, nil
+}
+
+// dupFile returns a new descriptor of fd as a File.
+func dupFile(fd int, name string) (*os.File, error) {
+	nfd, err := unix.FcntlInt(uintptr(fd), unix.F_DUPFD_CLOEXEC, 0)
+	if err != nil {
+		return nil, err
+	}
+	return os.NewFile(uintptr(nfd), name), nil
+}
+
+// restore reopens every file and directory of the handle table's records,
+// and takes over their passthrough backing files.
+func (r *rawFS) restore() error {
+	var reopened, dead int
+	err := r.handles.restore(func(fh uint64, rec handleRecord) any {
+		backed := rec.Backed != 0
+		var h any
+		var err error
+		switch rec.Kind {
+		case recFile:
+			var f File
+			// Never create or truncate again; the kernel passes writes
+			// with their offsets, so O_APPEND needs no care.
+			flags := int(rec.Flags) &^ (unix.O_CREAT | unix.O_EXCL | unix.O_TRUNC)
+			f, err = r.fs.Open(rec.Ino, flags, memfs.OpenOptions{Direct: backed})
+			if err == nil {
+				h = &openFile{File: f, ino: rec.Ino, backed: backed}
+			}
+		case recDir:
+			h, err = r.fs.OpenDir(rec.Ino)
+		default:
+			err = fmt.Errorf("record kind %d", rec.Kind)
+		}
+		if backed {
+			r.backingMu.Lock()
+			b := r.backing[rec.Ino]
+			if b == nil {
+				b = &backingFile{id: rec.BackingID, file: fileID{rec.BackingDev, rec.BackingIno}}
+				r.backing[rec.Ino] = b
+			}
+			b.refs++
+			r.backingMu.Unlock()
+		}
+		if err != nil {
+			// Reads and writes of a passthrough open never come here
+			// and go on working; the rest of it fails with EIO.
+			klog.InfoS("Open file not reopened after a server change; its requests fail with EIO", "fsName", r.opts.FsName, "ino", rec.Ino, "fh", fh, "err", err)
+			dead++
+			return &deadHandle{ino: rec.Ino, backed: backed}
+		}
+		reopened++
+		return h
+	})
+	if reopened+dead > 0 {
+		klog.V(2).InfoS("Open files reopened after a server change", "fsName", r.opts.FsName, "reopened", reopened, "dead", dead)
+	}
+	return err
+}
+
+// releaseAll lets go of every open file and directory, when the server
+// ends. Passthrough backing files stay registered: the kernel drops them
+// with the connection, or a successor takes them over.
+func (r *rawFS) releaseAll() {
+	r.handles.mu.Lock()
+	open := r.handles.open
+	r.handles.open = map[uint64]any{}
+	r.handles.mu.Unlock()
+	for _, h := range open {
+		switch h := h.(type) {
+		case *openFile:
+			h.Release()
+		case Dir:
+			h.Close()
+		}
+	}
+}
