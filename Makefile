@@ -20,8 +20,10 @@ demo: build
 test: lint
 	$(GO) test -race -count=1 ./...
 
-# Slower suites CI also runs: every fuzz target for FUZZTIME each.
+# Slower suites CI also runs: every fuzz target for FUZZTIME each, and the
+# crash loop of the plugin (ten SIGKILLs, one a second).
 test-slow: fuzz
+	CSI_MEMFS_SLOW=1 $(GO) test -race -count=1 -run '^TestCrashLoopLeaksNothing$$' ./driver/
 
 fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzOps$$' -fuzztime $(FUZZTIME) ./memfs/

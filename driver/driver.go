@@ -30,14 +30,19 @@
 //
 // # Restarts
 //
-// The memory layers are kernel mounts under the state directory, so they
-// outlive the process; the FUSE mounts on the targets do not (their
-// connection dies with the process and they answer ENOTCONN). A new process
-// reads the journal and registers every recorded volume as lost: it still
-// holds its memory (counted in the budget and the metrics), unpublish cleans
-// it (the dead target mount with mount-utils, then the memory layer), and
-// NodeGetVolumeStats says it is lost. Adopting a lost volume's data is left
-// for later; nothing here destroys it before unpublish. The image a lost
+// A volume's FUSE connection outlives the process serving it
+// (handover.go, docs/restart.md). A new process started beside a running
+// one takes every volume over from it through <state>/handover.sock (a
+// planned upgrade: applications see a pause); a process started after a
+// crash gets the volumes' sessions back from the holder (csi-memfs hold,
+// on <state>/holder.sock), which every publish gives a copy to. Either way
+// it rebuilds each volume from its journal record and its memory layer,
+// still mounted under the state directory, and serves the connection from
+// where it was left. A recorded volume with no session (no holder, or the
+// holder restarted too) is registered as lost: it still holds its memory
+// (counted in the budget and the metrics), unpublish cleans it (the dead
+// target mount with mount-utils, then the memory layer), and
+// NodeGetVolumeStats says it is lost. The image a recovered or lost
 // volume was published with is pinned again (image.Cache.Open) before
 // anything can collect it, and released by its unpublish.
 //
@@ -78,11 +83,13 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
+	"github.com/go-logr/logr"
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -90,6 +97,7 @@ import (
 	"k8s.io/klog/v2"
 	"k8s.io/mount-utils"
 
+	"github.com/csi-memfs/csi-memfs/handoff"
 	"github.com/csi-memfs/csi-memfs/image"
 	"github.com/csi-memfs/csi-memfs/memfs"
 )
@@ -240,7 +248,19 @@ type Driver struct {
 	mounter mount.Interface
 	// ready is true once the journal is recovered. Accessed atomically.
 	ready atomic.Bool
+	// holder keeps the holder's copies of the volumes' sessions.
+	// Immutable pointer.
+	holder *holderLink
+	// handingOver is set once a successor takes the volumes over: Node
+	// calls are refused from then on. Accessed atomically.
+	handingOver atomic.Bool
+	// rpcMu is held for reading by every Node call, and for writing by a
+	// handover, which so waits for the calls in flight.
+	rpcMu sync.RWMutex
 }
+
+// holderCheckPeriod is how often the holder connection is checked.
+const holderCheckPeriod = 2 * time.Second
 
 // cachedFdBudget is how many descriptors the memory layers may keep cached
 // between them: half the open-file limit (Go raises the soft limit to the
@@ -269,23 +289,44 @@ func New(cfg Config) (*Driver, error) {
 		budget:  &budget{limit: cfg.NodeBudget, maxVolumes: cfg.MaxVolumes},
 		fds:     memfs.NewFdBudget(cachedFdBudget()),
 		mounter: mount.New(""),
+		holder:  &holderLink{path: filepath.Join(cfg.StateDir, holderSocket)},
 	}
 	d.metrics = newMetrics(d)
 	if err := os.MkdirAll(d.journal.dir, 0o700); err != nil {
 		return nil, fmt.Errorf("state directory: %w", err)
 	}
 	logger := klog.Background()
-	if d.images, err = newImageCache(&d.cfg, d.metrics, logger); err != nil {
+	// A running predecessor hands its volumes over first, and lets go of
+	// the image cache on the way.
+	t := d.takeSessions(logger)
+	if d.images, err = d.openImageCache(logger); err != nil {
+		t.close()
 		return nil, fmt.Errorf("image cache: %w", err)
 	}
 	// Before anything can collect an image: re-pin those of recovered
 	// volumes.
-	if err := d.recover(logger); err != nil {
+	if err := d.recover(logger, t); err != nil {
 		d.images.Close()
 		return nil, err
 	}
 	d.ready.Store(true)
 	return d, nil
+}
+
+// openImageCache opens the image cache, waiting while another process
+// holds it: a predecessor lets go of it as it hands over.
+func (d *Driver) openImageCache(logger logr.Logger) (*image.Cache, error) {
+	deadline := time.Now().Add(handoverTimeout)
+	for logged := false; ; logged = true {
+		c, err := newImageCache(&d.cfg, d.metrics, logger)
+		if err == nil || !errors.Is(err, unix.EWOULDBLOCK) || time.Now().After(deadline) {
+			return c, err
+		}
+		if !logged {
+			logger.Info("Waiting for another plugin process to let go of the image cache", "err", err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
 }
 
 // Close stops the image pulls still running and releases the image cache.
@@ -304,7 +345,18 @@ func (d *Driver) Run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	defer os.Remove(sockPath)
+	defer removeSocket(sockPath, socketID(sockPath))
+	// A successor takes the volumes over through hlis (handover.go).
+	hlis, err := handoff.Listen(filepath.Join(d.cfg.StateDir, handoverSocket))
+	if err != nil {
+		lis.Close()
+		return fmt.Errorf("handover socket: %w", err)
+	}
+	handedOver := make(chan struct{})
+	go d.serveHandover(ctx, hlis, handedOver)
+	holdCtx, stopHolding := context.WithCancel(ctx)
+	holdDone := make(chan struct{})
+	go func() { d.holder.keep(holdCtx, d, holderCheckPeriod); close(holdDone) }()
 
 	srv := grpc.NewServer(grpc.UnaryInterceptor(d.interceptor))
 	csi.RegisterIdentityServer(srv, d)
@@ -315,9 +367,19 @@ func (d *Driver) Run(ctx context.Context) error {
 
 	var hsrv *http.Server
 	if d.cfg.MetricsAddress != "" {
-		mlis, err := net.Listen("tcp", d.cfg.MetricsAddress)
+		// SO_REUSEPORT: during a rollout the successor, on the host
+		// network too, listens beside this process.
+		lc := net.ListenConfig{Control: func(_, _ string, c syscall.RawConn) error {
+			var serr error
+			c.Control(func(fd uintptr) { serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEPORT, 1) })
+			return serr
+		}}
+		mlis, err := lc.Listen(context.Background(), "tcp", d.cfg.MetricsAddress)
 		if err != nil {
 			srv.Stop()
+			hlis.Close()
+			stopHolding()
+			<-holdDone
 			return fmt.Errorf("metrics address: %w", err)
 		}
 		hsrv = &http.Server{Handler: d.metrics.handler(), ReadHeaderTimeout: 10 * time.Second}
@@ -350,11 +412,17 @@ func (d *Driver) Run(ctx context.Context) error {
 		close(regDone)
 	}
 
+	handed := false
 	select {
 	case <-ctx.Done():
 	case err = <-errc:
+	case <-handedOver:
+		handed = true
 	}
-	logger.Info("Stopping", "volumes", d.vols.len())
+	hlis.Close()
+	stopHolding()
+	<-holdDone
+	logger.Info("Stopping", "volumes", d.vols.len(), "handedOver", handed)
 	// Unregister first, so kubelet sends nothing more while we stop.
 	stopRegistration()
 	<-regDone
@@ -364,6 +432,20 @@ func (d *Driver) Run(ctx context.Context) error {
 	case <-stopped:
 	case <-time.After(10 * time.Second):
 		srv.Stop()
+	}
+	if handed {
+		// Exiting now would have the container restarted, and it would
+		// take the volumes back: wait to be stopped.
+		logger.Info("Every volume is served by the successor; waiting to be stopped")
+		<-ctx.Done()
+	} else {
+		// Answer what was read, and leave the connections to the holder
+		// (or, with none, to die with this process).
+		bundles := d.stopAll(ctx)
+		for _, b := range bundles {
+			b.Close()
+		}
+		logger.Info("Stopped serving the volumes", "volumes", len(bundles))
 	}
 	if hsrv != nil {
 		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)

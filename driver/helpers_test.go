@@ -241,16 +241,25 @@ func unescapeMount(s string) string {
 // scrape returns the metrics text at base/metrics.
 func scrape(t testing.TB, base string) string {
 	t.Helper()
-	resp, err := http.Get(base + "/metrics")
+	text, err := tryScrape(base)
 	if err != nil {
 		t.Fatalf("scrape: %v", err)
 	}
+	return text
+}
+
+// tryScrape is scrape, returning the error.
+func tryScrape(base string) (string, error) {
+	resp, err := http.Get(base + "/metrics")
+	if err != nil {
+		return "", err
+	}
 	defer resp.Body.Close()
 	b, err := io.ReadAll(resp.Body)
-	if err != nil || resp.StatusCode != 200 {
-		t.Fatalf("scrape: %d %v", resp.StatusCode, err)
+	if err == nil && resp.StatusCode != 200 {
+		err = fmt.Errorf("status %d", resp.StatusCode)
 	}
-	return string(b)
+	return string(b), err
 }
 
 // metricValue finds the sample of name whose labels include every

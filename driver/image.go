@@ -109,7 +109,18 @@ func (d *Driver) lowerLayer(ctx context.Context, p volumeParams, secrets map[str
 		}
 		return nil, imageError(attrImage, err)
 	}
-	root, err := img.Subdir(p.ImagePath)
+	lower, err := d.openLower(img, p.ImagePath)
+	if err != nil {
+		return nil, err
+	}
+	klog.FromContext(ctx).V(4).Info("Image ready", "image", p.Image, "digest", img.Digest, "duration", time.Since(start))
+	return lower, nil
+}
+
+// openLower opens the directory imagePath of the pinned image img as a
+// lower layer. On failure img is released.
+func (d *Driver) openLower(img *image.Image, imagePath string) (*lowerImage, error) {
+	root, err := img.Subdir(imagePath)
 	if err != nil {
 		img.Release()
 		return nil, imageError(attrImagePath, err)
@@ -117,9 +128,8 @@ func (d *Driver) lowerLayer(ctx context.Context, p volumeParams, secrets map[str
 	dir, err := overlay.NewDirLower(root)
 	if err != nil {
 		img.Release()
-		return nil, fmt.Errorf("volumeAttributes.%s %q of image %s: %w", attrImagePath, p.ImagePath, img.Digest, err)
+		return nil, fmt.Errorf("volumeAttributes.%s %q of image %s: %w", attrImagePath, imagePath, img.Digest, err)
 	}
-	klog.FromContext(ctx).V(4).Info("Image ready", "image", p.Image, "digest", img.Digest, "duration", time.Since(start))
 	return &lowerImage{img: img, dir: dir}, nil
 }
 

@@ -3,11 +3,13 @@ package driver
 import (
 	"context"
 	"path"
+	"strings"
 	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"github.com/kubernetes-csi/csi-lib-utils/protosanitizer"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 	"k8s.io/klog/v2"
@@ -23,6 +25,17 @@ func (d *Driver) interceptor(ctx context.Context, req any, info *grpc.UnaryServe
 	ctx = klog.NewContext(ctx, logger)
 	if v := logger.V(4); v.Enabled() {
 		v.Info("Request", "request", protosanitizer.StripSecrets(withoutTokens(req)))
+	}
+	if strings.HasPrefix(method, "Node") {
+		// A handover waits for Node calls in flight and refuses later
+		// ones (the successor answers them).
+		d.rpcMu.RLock()
+		if d.handingOver.Load() {
+			d.rpcMu.RUnlock()
+			d.metrics.observeRPC(method, codes.Unavailable, 0)
+			return nil, toStatus(errHandingOver)
+		}
+		defer d.rpcMu.RUnlock()
 	}
 	start := time.Now()
 	resp, err := handler(ctx, req)

@@ -41,6 +41,14 @@ type metrics struct {
 	pulls       *prometheus.CounterVec
 	pullSeconds *prometheus.HistogramVec
 	pullBytes   prometheus.Counter
+	// takeovers counts the starts that took volumes over from a previous
+	// process, by source (handover, holder); takeoverPause observes how
+	// long serving paused for it; recovered and lost count the volumes
+	// served again and those left lost. handovers counts the handovers
+	// this process gave, by result.
+	takeovers, handovers *prometheus.CounterVec
+	takeoverPause        *prometheus.HistogramVec
+	recovered, lost      prometheus.Counter
 	// fuse observes FUSE requests of every volume. Immutable pointer.
 	fuse *fuseObserver
 	// retiredSealViolations sums the seal violations of unpublished
@@ -84,6 +92,27 @@ func newMetrics(d *Driver) *metrics {
 			Help:    "Time from resolving an image at its source to its tree being ready in the cache, by result.",
 			Buckets: prometheus.ExponentialBuckets(0.05, 2, 14), // 50 ms .. 7 min
 		}, []string{"result"}),
+		takeovers: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: metricsPrefix + "takeovers_total",
+			Help: "Starts of the plugin that took the volumes over from a previous process, by source: handover (a planned upgrade) or holder (after a crash).",
+		}, []string{"from"}),
+		takeoverPause: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    metricsPrefix + "takeover_pause_seconds",
+			Help:    "How long the volumes went unserved while this process took them over (from asking for them to serving them all), by source.",
+			Buckets: prometheus.ExponentialBuckets(0.001, 2, 16), // 1 ms .. 33 s
+		}, []string{"from"}),
+		recovered: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: metricsPrefix + "volumes_recovered_total",
+			Help: "Volumes of a previous plugin process this process serves again.",
+		}),
+		lost: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: metricsPrefix + "volumes_lost_total",
+			Help: "Volumes of a previous plugin process that could not be served again (their pods see ENOTCONN); should stay 0.",
+		}),
+		handovers: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: metricsPrefix + "handovers_total",
+			Help: "Planned handovers of this process's volumes to a successor, by result (ok, failed).",
+		}, []string{"result"}),
 		pullBytes: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: metricsPrefix + "image_pull_bytes_total",
 			Help: "Compressed image bytes fetched by pulls.",
@@ -124,6 +153,7 @@ func newMetrics(d *Driver) *metrics {
 		imageEvictions:    node("image_cache_evictions_total", "Unused images collected to keep the cache within its budget."),
 	}
 	m.reg.MustRegister(m.rpcTotal, m.rpcSeconds, m.pulls, m.pullSeconds, m.pullBytes, m.fuse.seconds, m.fuse.errors, m,
+		m.takeovers, m.takeoverPause, m.recovered, m.lost, m.handovers,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
@@ -139,6 +169,15 @@ func (m *metrics) observePull(e image.PullEvent) {
 	m.pulls.WithLabelValues(string(e.Result)).Inc()
 	m.pullSeconds.WithLabelValues(string(e.Result)).Observe(e.Duration.Seconds())
 	m.pullBytes.Add(float64(e.Bytes))
+}
+
+// observeTakeover records a start that took volumes over from a previous
+// process.
+func (m *metrics) observeTakeover(from string, pause time.Duration, recovered, lost int) {
+	m.takeovers.WithLabelValues(from).Inc()
+	m.takeoverPause.WithLabelValues(from).Observe(pause.Seconds())
+	m.recovered.Add(float64(recovered))
+	m.lost.Add(float64(lost))
 }
 
 // retire keeps the seal violations of a layer about to be closed in the

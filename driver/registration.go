@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"golang.org/x/sys/unix"
 	"net"
 	"os"
 	"path/filepath"
@@ -80,6 +81,7 @@ func ServeRegistration(ctx context.Context, cfg RegistrationConfig) error {
 	if err != nil {
 		return fmt.Errorf("registration socket: %w", err)
 	}
+	ours := socketID(cfg.SocketPath)
 	logger := klog.FromContext(ctx).WithValues("socket", cfg.SocketPath)
 	srv := grpc.NewServer()
 	registerapi.RegisterRegistrationServer(srv, &registrationServer{cfg: cfg, logger: logger})
@@ -91,13 +93,14 @@ func ServeRegistration(ctx context.Context, cfg RegistrationConfig) error {
 	select {
 	case <-ctx.Done():
 		// Remove the socket first: kubelet unregisters as soon as it
-		// disappears, before this process stops answering CSI calls.
-		os.Remove(cfg.SocketPath)
+		// disappears, before this process stops answering CSI calls. A
+		// successor's socket there (a handover) stays.
+		removeSocket(cfg.SocketPath, ours)
 		srv.Stop()
 		<-done
 		return nil
 	case err := <-done:
-		os.Remove(cfg.SocketPath)
+		removeSocket(cfg.SocketPath, ours)
 		return fmt.Errorf("registration server: %w", err)
 	}
 }
@@ -155,4 +158,21 @@ func (s *registrationServer) NotifyRegistrationStatus(_ context.Context, st *reg
 		s.mu.Unlock()
 	}
 	return &registerapi.RegistrationStatusResponse{}, nil
+}
+
+// socketID identifies the socket file at path (its inode number), or 0.
+func socketID(path string) uint64 {
+	var st unix.Stat_t
+	if unix.Lstat(path, &st) != nil {
+		return 0
+	}
+	return st.Ino
+}
+
+// removeSocket removes the socket at path if it is still the one bound as
+// id: a successor process may have replaced it.
+func removeSocket(path string, id uint64) {
+	if id != 0 && socketID(path) == id {
+		os.Remove(path)
+	}
 }

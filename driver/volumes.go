@@ -349,16 +349,13 @@ func (d *Driver) publish(ctx context.Context, id string, spec publishSpec, pod p
 			return nil
 		})
 	}
-	server, err := fusefs.Mount(spec.TargetPath, tree, fusefs.Options{
-		FsName:             "csi-memfs:" + id,
-		ReadOnly:           spec.ReadOnly,
-		DisablePassthrough: d.cfg.DisablePassthrough,
-		Observer:           d.metrics.fuse,
-		Debug:              d.cfg.FUSEDebug,
-	})
+	server, err := fusefs.Mount(spec.TargetPath, tree, d.fuseOptions(id, spec))
 	if err != nil {
 		return fmt.Errorf("volume %s: %w", id, err)
 	}
+	// Before kubelet hears of the volume: from now on a crash of this
+	// process does not break its mount.
+	d.holder.put(id, server)
 	d.vols.put(&volume{rec: rec, reserved: spec.Params.Size, upper: d.journal.upperDir(id),
 		layer: layer, ov: ov, lower: lower, server: server})
 	return nil
@@ -520,6 +517,8 @@ func (d *Driver) teardown(ctx context.Context, v *volume) error {
 	id, target := v.id(), v.rec.Spec.TargetPath
 	v.mu.Lock()
 	defer v.mu.Unlock()
+	// The holder's copy of the connection would keep it alive.
+	d.holder.del(id)
 	if v.server != nil {
 		if err := v.server.Unmount(); err != nil {
 			return fmt.Errorf("volume %s: %w", id, err)

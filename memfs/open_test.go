@@ -11,19 +11,6 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// abandon drops l's descriptors and inode table but leaves its instance
-// mounted, as the exit of the process serving it would.
-func abandon(l *Layer) {
-	l.mu.Lock()
-	for _, i := range l.inodes {
-		i.closeFdLocked(l)
-	}
-	l.inodes = nil
-	l.mu.Unlock()
-	unix.Close(l.rootFd)
-	l.rootFd = -1
-}
-
 // openLayer opens the instance on dir; cleanup checks the Layer's
 // invariants and closes it, which unmounts the instance.
 func openLayer(t *testing.T, dir string, opts Options) *Layer {
@@ -66,7 +53,7 @@ func TestOpenServesExistingInstance(t *testing.T) {
 	must[struct{}](t)(struct{}{}, old.SetMarker(d.Ino(), "m", []byte("mark"), 0))
 	must[Entry](t)(old.Symlink(RootIno, "s", "d/f", Root))
 	wantStat := must[unix.Statfs_t](t)(old.StatFS())
-	abandon(old)
+	old.Detach()
 
 	l := openLayer(t, dir, opts)
 	if got := must[Entry](t)(l.Lookup(RootIno, "d")); got.Ino() != d.Ino() || got.Gen != d.Gen || got.Stat.Uid != 1000 || got.Stat.Mode != unix.S_IFDIR|0o750 {

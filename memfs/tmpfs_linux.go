@@ -193,10 +193,10 @@ func (l *Layer) Resize(size int64, inodes uint64) error {
 	return nil
 }
 
-// Close drops every cached descriptor and detaches the instance, which frees
-// its memory once no file in it is open anywhere. The mountpoint directory
-// is removed.
-func (l *Layer) Close() error {
+// Detach drops every cached descriptor and the inode table but leaves the
+// instance mounted, for another process to Open: the Layer is unusable
+// after.
+func (l *Layer) Detach() {
 	l.mu.Lock()
 	for _, ino := range l.inodes {
 		ino.closeFdLocked(l)
@@ -207,6 +207,13 @@ func (l *Layer) Close() error {
 		unix.Close(l.rootFd)
 		l.rootFd = -1
 	}
+}
+
+// Close drops every cached descriptor and detaches the instance, which frees
+// its memory once no file in it is open anywhere. The mountpoint directory
+// is removed.
+func (l *Layer) Close() error {
+	l.Detach()
 	if err := unix.Unmount(l.dir, unix.MNT_DETACH); err != nil && err != unix.EINVAL {
 		return fmt.Errorf("memfs: unmount %s: %w", l.dir, err)
 	}

@@ -1,0 +1,438 @@
+package driver
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/go-logr/logr"
+	"google.golang.org/grpc/codes"
+	"k8s.io/klog/v2"
+
+	"github.com/csi-memfs/csi-memfs/fusefs"
+	"github.com/csi-memfs/csi-memfs/handoff"
+	"github.com/csi-memfs/csi-memfs/memfs"
+)
+
+// Restarts without downtime (docs/restart.md). A volume's FUSE connection
+// outlives the process serving it in two ways:
+//
+//   - Planned: a new process started beside a running one (a DaemonSet
+//     rollout with maxSurge) connects to the old one's handover socket in
+//     the state directory. The old process stops serving every volume
+//     (requests read are answered, new ones wait in the kernel), sends
+//     each volume's fusefs.Session and waits for the new one to adopt
+//     them. It then stops serving CSI and idles until it is told to exit,
+//     which it does without unmounting anything.
+//   - Crash: every published volume's session is also kept by the holder
+//     (csi-memfs hold, a second container of the plugin pod, on
+//     holder.sock). A process that finds no predecessor to take over from
+//     gets the sessions back from the holder and adopts them with a resend
+//     of the requests the dead process never answered.
+//
+// Either way the successor rebuilds each volume from its journal record
+// and its memory layer, still mounted under the state directory
+// (memfs.Open), re-pins its image, and serves the kernel's connection from
+// where the predecessor left it (fusefs.Adopt). A volume with a record but
+// no session is lost, as before: its mount answers ENOTCONN until kubelet
+// unpublishes it.
+
+// Sockets in the state directory.
+const (
+	handoverSocket = "handover.sock"
+	holderSocket   = "holder.sock"
+)
+
+// opHandover asks a running process to hand its volumes over.
+const opHandover = "handover"
+
+// handoverTimeout bounds a planned handover: the old process first waits
+// for its CSI calls in flight (a publish may wait for an image pull).
+const handoverTimeout = 3 * time.Minute
+
+// bundleOf packs a volume's session for handoff.
+func bundleOf(id string, s fusefs.Session) handoff.Bundle {
+	return handoff.Bundle{ID: id, Meta: s.Init, Files: []*os.File{s.Dev, s.Handles}}
+}
+
+// sessionOf unpacks a bundle.
+func sessionOf(b handoff.Bundle) (fusefs.Session, error) {
+	if len(b.Files) != 2 || len(b.Meta) == 0 {
+		b.Close()
+		return fusefs.Session{}, fmt.Errorf("volume %s: a session of %d descriptors and %d bytes, want 2 and INIT", b.ID, len(b.Files), len(b.Meta))
+	}
+	return fusefs.Session{Dev: b.Files[0], Handles: b.Files[1], Init: b.Meta}, nil
+}
+
+// takeover is where a starting process gets its volumes' sessions.
+type takeover struct {
+	// sessions are the volumes' sessions, by volume id.
+	sessions map[string]fusefs.Session
+	// resend is true for sessions of a process that died: the kernel
+	// resends what it never answered.
+	resend bool
+	// peer is the connection to the process that handed over, which waits
+	// for an acknowledgement; nil after a crash.
+	peer *handoff.Conn
+	// how names the source, for logs and metrics: "handover", "holder" or
+	// "" for none.
+	how string
+	// start is when the takeover began: the pause is measured from it.
+	start time.Time
+}
+
+// close drops the sessions (a start that failed).
+func (t takeover) close() {
+	for _, s := range t.sessions {
+		s.Close()
+	}
+	if t.peer != nil {
+		t.peer.Close()
+	}
+}
+
+// takeSessions gets the sessions of the volumes a previous process served:
+// from that process if it still runs, else from the holder.
+func (d *Driver) takeSessions(logger logr.Logger) takeover {
+	t := takeover{sessions: map[string]fusefs.Session{}, start: time.Now()}
+	bundles, peer, err := d.askHandover(logger)
+	switch {
+	case err == nil:
+		t.peer, t.how = peer, "handover"
+	case errors.Is(err, errNoPeer):
+		t.resend, t.how = true, "holder"
+		c, err := handoff.Dial(filepath.Join(d.cfg.StateDir, holderSocket))
+		if err != nil {
+			logger.V(2).Info("No session holder to recover volumes from", "err", err)
+			return takeover{sessions: t.sessions, start: t.start}
+		}
+		bundles, err = c.List()
+		c.Close()
+		if err != nil {
+			logger.Error(err, "Getting the volumes' sessions from the holder")
+			return takeover{sessions: t.sessions, start: t.start}
+		}
+	default:
+		logger.Error(err, "Planned handover failed; recovering from the holder instead")
+		return d.takeFromHolder(logger)
+	}
+	for _, b := range bundles {
+		if s, err := sessionOf(b); err != nil {
+			logger.Error(err, "Ignoring a malformed session")
+		} else {
+			t.sessions[b.ID] = s
+		}
+	}
+	return t
+}
+
+// takeFromHolder is takeSessions after a failed handover.
+func (d *Driver) takeFromHolder(logger logr.Logger) takeover {
+	t := takeover{sessions: map[string]fusefs.Session{}, resend: true, how: "holder", start: time.Now()}
+	c, err := handoff.Dial(filepath.Join(d.cfg.StateDir, holderSocket))
+	if err != nil {
+		return t
+	}
+	defer c.Close()
+	bundles, err := c.List()
+	if err != nil {
+		logger.Error(err, "Getting the volumes' sessions from the holder")
+		return t
+	}
+	for _, b := range bundles {
+		if s, err := sessionOf(b); err == nil {
+			t.sessions[b.ID] = s
+		}
+	}
+	return t
+}
+
+// errNoPeer: no process answers on the handover socket.
+var errNoPeer = errors.New("no running plugin process to take over from")
+
+// askHandover asks a running predecessor for its volumes.
+func (d *Driver) askHandover(logger logr.Logger) ([]handoff.Bundle, *handoff.Conn, error) {
+	c, err := handoff.DialConn(filepath.Join(d.cfg.StateDir, handoverSocket))
+	if err != nil {
+		return nil, nil, errNoPeer
+	}
+	logger.Info("Taking over the volumes of the running plugin process")
+	c.SetDeadline(time.Now().Add(handoverTimeout))
+	if err := c.Send(handoff.Msg{Op: opHandover}); err != nil {
+		c.Close()
+		return nil, nil, errNoPeer // it was on its way out
+	}
+	bundles, err := c.RecvBundles()
+	if err != nil {
+		c.Close()
+		return nil, nil, fmt.Errorf("receiving the sessions: %w", err)
+	}
+	return bundles, c, nil
+}
+
+// adopt serves a recorded volume again from its session. On failure the
+// session is closed and the volume is left to be registered lost.
+func (d *Driver) adopt(logger logr.Logger, r record, s fusefs.Session, resend bool) (*volume, error) {
+	id := r.VolumeID
+	v := &volume{rec: r, reserved: r.Spec.Params.Size, upper: d.journal.upperDir(id)}
+	var undo undoStack
+	fail := func(err error) (*volume, error) {
+		undo.run(logger, id)
+		return nil, fmt.Errorf("volume %s: %w", id, err)
+	}
+	if r.ImageDigest != "" {
+		img := d.repin(logger, r)
+		if img == nil {
+			s.Close()
+			return fail(fmt.Errorf("image %s is not in the cache", r.ImageDigest))
+		}
+		lower, err := d.openLower(img, r.Spec.Params.ImagePath)
+		if err != nil {
+			s.Close()
+			return fail(err)
+		}
+		v.lower = lower
+		undo.push(lower.close)
+	}
+	layer, err := memfs.Open(v.upper, memfs.Options{Size: r.Spec.Params.Size, Inodes: r.Spec.Params.Inodes, Fds: d.fds})
+	if err != nil {
+		s.Close()
+		return fail(fmt.Errorf("memory layer: %w", err))
+	}
+	undo.push(func() error { layer.Detach(); return nil })
+	tree, ov, err := d.buildTree(layer, v.lower)
+	if err != nil {
+		s.Close()
+		return fail(err)
+	}
+	if ov != nil {
+		undo.push(func() error { ov.Close(); return nil })
+	}
+	server, err := fusefs.Adopt(r.Spec.TargetPath, s, tree, d.fuseOptions(id, r.Spec), resend)
+	if err != nil {
+		return fail(err)
+	}
+	v.layer, v.ov, v.server = layer, ov, server
+	return v, nil
+}
+
+// fuseOptions are the options of a volume's FUSE server.
+func (d *Driver) fuseOptions(id string, spec publishSpec) fusefs.Options {
+	return fusefs.Options{
+		FsName:             "csi-memfs:" + id,
+		ReadOnly:           spec.ReadOnly,
+		DisablePassthrough: d.cfg.DisablePassthrough,
+		Observer:           d.metrics.fuse,
+		Debug:              d.cfg.FUSEDebug,
+	}
+}
+
+// serveHandover answers a successor's handover request on lis: it stops
+// every volume, sends their sessions, and once the successor acknowledges,
+// closes handedOver. Until then, and if the successor fails, it keeps
+// serving: a volume whose session could not be sent is served again by
+// nobody but the holder's copy (the successor, or the next one, recovers
+// it from there).
+func (d *Driver) serveHandover(ctx context.Context, lis *handoff.Listener, handedOver chan<- struct{}) {
+	logger := klog.FromContext(ctx)
+	for {
+		c, err := lis.Accept()
+		if err != nil {
+			return // closed
+		}
+		c.SetDeadline(time.Now().Add(handoverTimeout))
+		m, err := c.Recv()
+		if err != nil || m.Op != opHandover {
+			m.Close()
+			c.Close()
+			continue
+		}
+		start := time.Now()
+		bundles := d.stopAll(ctx)
+		// The successor opens the image cache only once this process
+		// has let go of it.
+		d.images.Close()
+		err = c.SendBundles(bundles)
+		for _, b := range bundles {
+			b.Close()
+		}
+		if err == nil {
+			_, err = c.Expect(handoff.OpAck)
+		}
+		c.Close()
+		if err != nil {
+			d.metrics.handovers.WithLabelValues("failed").Inc()
+			logger.Error(err, "The successor did not take the volumes over; the holder keeps them")
+		} else {
+			d.metrics.handovers.WithLabelValues("ok").Inc()
+			logger.Info("Handed every volume over to the successor", "volumes", len(bundles), "duration", time.Since(start))
+		}
+		lis.Close()
+		close(handedOver)
+		return
+	}
+}
+
+// stopAll stops serving every volume and returns their sessions. Volumes
+// leave the registry (not the journal, which is the successor's now).
+// From now on CSI calls are refused.
+func (d *Driver) stopAll(ctx context.Context) []handoff.Bundle {
+	logger := klog.FromContext(ctx)
+	d.handingOver.Store(true)
+	d.rpcMu.Lock() // wait for the Node calls in flight
+	defer d.rpcMu.Unlock()
+	var bundles []handoff.Bundle
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	// Not ctx: it may be done already (stopping at SIGTERM).
+	lctx, cancel := context.WithTimeout(context.Background(), handoverTimeout)
+	defer cancel()
+	for _, v := range d.vols.snapshot() {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			unlock, err := d.vols.lock(lctx, v.id())
+			if err != nil {
+				return
+			}
+			defer unlock()
+			v.mu.Lock()
+			defer v.mu.Unlock()
+			if v.server == nil {
+				return // lost: the successor finds it in the journal
+			}
+			s, err := v.server.Stop()
+			v.server = nil
+			if v.ov != nil {
+				v.ov.Close()
+				v.ov = nil
+			}
+			d.metrics.retire(v.layer)
+			v.layer.Detach()
+			v.layer = nil
+			v.lower.close()
+			v.lower = nil
+			d.vols.remove(v.id())
+			d.budget.release(v.reserved)
+			if err != nil {
+				logger.Error(err, "Stopping a volume for the handover", "volumeID", v.id())
+				return
+			}
+			mu.Lock()
+			bundles = append(bundles, bundleOf(v.id(), s))
+			mu.Unlock()
+		}()
+	}
+	wg.Wait()
+	return bundles
+}
+
+// errHandingOver refuses CSI calls once volumes are being handed over.
+var errHandingOver = errorf(codes.Unavailable, "this plugin process has handed its volumes over to a newer one")
+
+// holderLink keeps the holder up to date with the sessions of the
+// volumes this process serves. The holder is optional: without one, a
+// crash loses the volumes (they answer ENOTCONN), as with any FUSE driver.
+type holderLink struct {
+	path string
+	// mu protects c.
+	mu sync.Mutex
+	// c is the connection to the holder; nil while there is none. A
+	// holder that restarts starts empty, so a new connection is given
+	// every session again (keep).
+	c *handoff.Client
+}
+
+// put gives the holder a copy of volume id's session.
+func (h *holderLink) put(id string, srv *fusefs.Server) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.c == nil {
+		return // keep puts it when the holder comes
+	}
+	h.putLocked(id, srv)
+}
+
+// putLocked is put.
+//
+// Preconditions:
+//   - h.mu is locked and h.c is not nil.
+func (h *holderLink) putLocked(id string, srv *fusefs.Server) {
+	s, err := srv.Session()
+	if err != nil {
+		klog.ErrorS(err, "Session of a volume for the holder", "volumeID", id)
+		return
+	}
+	defer s.Close()
+	if err := h.c.Put(bundleOf(id, s)); err != nil {
+		klog.ErrorS(err, "The session holder refused a volume; reconnecting", "volumeID", id)
+		h.c.Close()
+		h.c = nil
+	}
+}
+
+// del tells the holder volume id is gone.
+func (h *holderLink) del(id string) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.c != nil {
+		if err := h.c.Del(id); err != nil {
+			h.c.Close()
+			h.c = nil
+		}
+	}
+}
+
+// keep connects to the holder, and again whenever the connection breaks,
+// and gives it every volume's session each time; it checks the connection
+// every period. It returns when ctx is done.
+//
+// Lock order: volume.mu, then holderLink.mu (a session is taken under the
+// volume's lock, so that its server is not unmounted meanwhile).
+func (h *holderLink) keep(ctx context.Context, d *Driver, period time.Duration) {
+	t := time.NewTicker(period)
+	defer t.Stop()
+	for {
+		h.mu.Lock()
+		// A cheap request, answered even for an unknown id: is the holder
+		// still there? ("-" starts no volume id.)
+		if h.c != nil && h.c.Del("-ping") != nil {
+			h.c.Close()
+			h.c = nil
+		}
+		fresh := false
+		if h.c == nil {
+			if c, err := handoff.Dial(h.path); err == nil {
+				h.c, fresh = c, true
+			}
+		}
+		h.mu.Unlock()
+		if fresh {
+			n := 0
+			for _, v := range d.vols.snapshot() {
+				v.mu.RLock()
+				if v.server != nil {
+					h.put(v.id(), v.server)
+					n++
+				}
+				v.mu.RUnlock()
+			}
+			klog.V(2).InfoS("Connected to the session holder", "volumes", n)
+		}
+		select {
+		case <-ctx.Done():
+			h.mu.Lock()
+			if h.c != nil {
+				h.c.Close()
+				h.c = nil
+			}
+			h.mu.Unlock()
+			return
+		case <-t.C:
+		}
+	}
+}
