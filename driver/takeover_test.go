@@ -113,17 +113,22 @@ func (b *busyVolume) timed(fn func() error) {
 	}
 }
 
+// closed says whether ch is closed.
+func closed(ch <-chan struct{}) bool {
+	select {
+	case <-ch:
+		return true
+	default:
+		return false
+	}
+}
+
 // run works on the volume until stop is closed.
 func (b *busyVolume) run(stop <-chan struct{}, wg *sync.WaitGroup) {
 	wg.Add(2)
 	go func() { // the writer
 		defer wg.Done()
-		for {
-			select {
-			case <-stop:
-				return
-			default:
-			}
+		for !closed(stop) {
 			var err error
 			b.wmu.Lock()
 			b.timed(func() error {
@@ -143,12 +148,7 @@ func (b *busyVolume) run(stop <-chan struct{}, wg *sync.WaitGroup) {
 	}()
 	go func() { // the reader
 		defer wg.Done()
-		for {
-			select {
-			case <-stop:
-				return
-			default:
-			}
+		for !closed(stop) {
 			b.timed(func() error {
 				if _, err := os.ReadFile(b.file.Name()); err != nil {
 					return err

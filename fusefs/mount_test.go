@@ -36,15 +36,21 @@ func newTestLayer(t testing.TB, size int64) (string, *memfs.Layer) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	closeAtCleanup(t, l, " after unmount")
+	return base, l
+}
+
+// closeAtCleanup checks l's invariants and closes it, which unmounts the
+// instance, when t ends; when says when, for messages.
+func closeAtCleanup(t testing.TB, l *memfs.Layer, when string) {
 	t.Cleanup(func() {
 		if err := l.CheckInvariants(); err != nil {
-			t.Errorf("invariants after unmount: %v", err)
+			t.Errorf("invariants%s: %v", when, err)
 		}
 		if err := l.Close(); err != nil {
 			t.Errorf("close: %v", err)
 		}
 	})
-	return base, l
 }
 
 // mountTest mounts fs on base/mnt; cleanup unmounts it before any cleanup

@@ -39,14 +39,7 @@ func reopenLayer(t testing.TB, dir string) *memfs.Layer {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() {
-		if err := l.CheckInvariants(); err != nil {
-			t.Errorf("invariants: %v", err)
-		}
-		if err := l.Close(); err != nil {
-			t.Errorf("close: %v", err)
-		}
-	})
+	closeAtCleanup(t, l, "")
 	return l
 }
 

@@ -20,6 +20,13 @@ func newLayer(t testing.TB, size int64) *Layer {
 	if err != nil {
 		t.Fatal(err)
 	}
+	closeAtCleanup(t, l)
+	return l
+}
+
+// closeAtCleanup checks l's invariants and closes it, which unmounts the
+// instance, when t ends.
+func closeAtCleanup(t testing.TB, l *Layer) {
 	t.Cleanup(func() {
 		if err := l.CheckInvariants(); err != nil {
 			t.Errorf("invariants: %v", err)
@@ -28,7 +35,6 @@ func newLayer(t testing.TB, size int64) *Layer {
 			t.Errorf("close: %v", err)
 		}
 	})
-	return l
 }
 
 func must[T any](t testing.TB) func(T, error) T {

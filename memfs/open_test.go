@@ -19,14 +19,7 @@ func openLayer(t *testing.T, dir string, opts Options) *Layer {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() {
-		if err := l.CheckInvariants(); err != nil {
-			t.Errorf("invariants: %v", err)
-		}
-		if err := l.Close(); err != nil {
-			t.Errorf("close: %v", err)
-		}
-	})
+	closeAtCleanup(t, l)
 	return l
 }
 

@@ -72,12 +72,8 @@ Flags:
 
 func runHold(args []string) int {
 	f, err := parseHoldFlags(args, os.Stderr)
-	if errors.Is(err, flag.ErrHelp) {
-		return 0
-	}
-	if err != nil {
-		fmt.Fprintf(os.Stderr, "csi-memfs hold: %v\n", err)
-		return 2
+	if code, done := flagsDone("hold", err); done {
+		return code
 	}
 	defer klog.Flush()
 	if err := os.MkdirAll(f.stateDir, 0o700); err != nil {

@@ -7,6 +7,8 @@
 package main
 
 import (
+	"errors"
+	"flag"
 	"fmt"
 	"io"
 	"os"
@@ -53,4 +55,17 @@ func usage(w io.Writer) {
 		fmt.Fprintf(w, "  csi-memfs %-7s %s\n", c.name, c.summary)
 	}
 	fmt.Fprintf(w, "\nRun 'csi-memfs COMMAND --help' for a command's flags.\n")
+}
+
+// flagsDone handles the error of a subcommand's flag parsing: --help ends
+// it with status 0, a bad flag with one line and status 2.
+func flagsDone(cmd string, err error) (code int, done bool) {
+	switch {
+	case errors.Is(err, flag.ErrHelp):
+		return 0, true
+	case err != nil:
+		fmt.Fprintf(os.Stderr, "csi-memfs %s: %v\n", cmd, err)
+		return 2, true
+	}
+	return 0, false
 }

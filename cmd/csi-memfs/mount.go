@@ -140,12 +140,8 @@ Flags:
 
 func runMount(args []string) int {
 	m, err := parseMountFlags(args, os.Stdout)
-	if errors.Is(err, flag.ErrHelp) {
-		return 0
-	}
-	if err != nil {
-		fmt.Fprintf(os.Stderr, "csi-memfs mount: %v\n", err)
-		return 2
+	if code, done := flagsDone("mount", err); done {
+		return code
 	}
 	if err := serveMount(m); err != nil {
 		fmt.Fprintf(os.Stderr, "csi-memfs mount: %v\n", err)

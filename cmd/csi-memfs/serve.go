@@ -32,7 +32,7 @@ func parseServeFlags(args []string, out io.Writer) (driver.Config, error) {
 	fs.StringVar(&cfg.Endpoint, "endpoint", "unix:///csi/csi.sock", "CSI endpoint kubelet connects to")
 	fs.StringVar(&cfg.NodeID, "node-id", os.Getenv("NODE_NAME"), "node id reported to kubelet, normally the node name (default $NODE_NAME)")
 	fs.StringVar(&cfg.DriverName, "driver-name", driver.DefaultDriverName, "CSI driver name (the CSIDriver object's name)")
-	fs.StringVar(&cfg.StateDir, "state-dir", "/var/lib/csi-memfs", "directory for the volume journal and the volumes' private tmpfs mounts")
+	fs.StringVar(&cfg.StateDir, "state-dir", defaultStateDir, "directory for the volume journal and the volumes' private tmpfs mounts")
 	fs.StringVar(&cfg.MetricsAddress, "metrics-address", ":9809", "listen address of /metrics and /healthz; empty disables them")
 	fs.StringVar(&cfg.KubeletRegistrationPath, "kubelet-registration-path", "",
 		"the CSI socket's path as kubelet sees it on the host, e.g. /var/lib/kubelet/plugins/memfs.csi.dev/csi.sock; "+
@@ -118,12 +118,8 @@ func versionString() string {
 
 func runServe(args []string) int {
 	cfg, err := parseServeFlags(args, os.Stderr)
-	if errors.Is(err, flag.ErrHelp) {
-		return 0
-	}
-	if err != nil {
-		fmt.Fprintf(os.Stderr, "csi-memfs serve: %v\n", err)
-		return 2
+	if code, done := flagsDone("serve", err); done {
+		return code
 	}
 	defer klog.Flush()
 	d, err := driver.New(cfg)
