@@ -16,7 +16,7 @@ import (
 // numbers) and the file handles (records of the handle table); the
 // FileSystem keeps the tree. What passes between servers is a Session:
 // the /dev/fuse descriptor, the handle table's memory file and the
-// recorded INIT. A successor re-derives node ids on demand (rederiving)
+// recorded INIT exchange. A successor re-derives node ids on demand (rederiving)
 // and reopens every open file and directory from its record.
 
 // Session is what another server needs to serve a mounted connection.
@@ -25,7 +25,8 @@ type Session struct {
 	Dev *os.File
 	// Handles is the memory file of the open-handle table.
 	Handles *os.File
-	// Init is the INIT request the kernel sent when it mounted, verbatim.
+	// Init is the INIT request the kernel sent when it mounted and the
+	// reply it got, verbatim.
 	Init []byte
 }
 

@@ -1,6 +1,7 @@
 package fusefs
 
 import (
+	"bytes"
 	"encoding/binary"
 	"errors"
 	"os"
@@ -232,5 +233,46 @@ func TestAdoptResends(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestAdoptWithOtherOptions: a successor whose options would negotiate
+// otherwise (here a smaller max_write) serves the connection by what it
+// was mounted with: 1 MiB writes still work.
+func TestAdoptWithOtherOptions(t *testing.T) {
+	base, l := newTestLayer(t, 16<<20)
+	mnt := filepath.Join(base, "mnt")
+	os.Mkdir(mnt, 0o755)
+	srv, err := Mount(mnt, FromLayer(l), Options{DisablePassthrough: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sess, err := srv.Stop()
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv2, err := Adopt(mnt, sess, FromLayer(adoptLayer(t, l)), Options{}, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv2.Unmount()
+	big := make([]byte, 1<<20)
+	for i := range big {
+		big[i] = byte(i)
+	}
+	p := filepath.Join(mnt, "big")
+	f, err := os.OpenFile(p, os.O_RDWR|os.O_CREATE|os.O_TRUNC|syscall.O_DIRECT, 0o644)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if n, err := f.Write(big); err != nil || n != len(big) {
+		t.Fatalf("a 1 MiB write: %d, %v", n, err)
+	}
+	if got, err := os.ReadFile(p); err != nil || !bytes.Equal(got, big) {
+		t.Errorf("read back %d bytes, %v", len(got), err)
+	}
+	if srv2.Passthrough() {
+		t.Errorf("passthrough on a connection mounted without it")
 	}
 }

@@ -56,7 +56,8 @@ type session struct {
 	devFd int
 	ps    *fuse.ProtocolServer
 	raw   *rawFS
-	// init is the INIT request the kernel sent, verbatim. Set before
+	// init is the INIT request the kernel sent followed by the reply it
+	// got, verbatim (the request's header gives its length). Set before
 	// serving; immutable after.
 	init []byte
 	// bufSize is the size of request and reply buffers: the largest
@@ -90,8 +91,11 @@ type session struct {
 var bufPool sync.Pool
 
 func (s *session) getBuf() []byte {
-	if b, ok := bufPool.Get().(*[]byte); ok && len(*b) >= s.bufSize {
-		return *b
+	// Exactly bufSize: the kernel refuses a read into less than
+	// max_write plus headers, and a bigger pooled buffer must not hide a
+	// session's wrong size.
+	if b, ok := bufPool.Get().(*[]byte); ok && cap(*b) >= s.bufSize {
+		return (*b)[:s.bufSize]
 	}
 	return make([]byte, s.bufSize)
 }
@@ -128,47 +132,78 @@ func (s *session) readInit() error {
 	if n < 8 || binary.LittleEndian.Uint32(buf[4:]) != opInit {
 		return fmt.Errorf("the first request is not INIT (%d bytes)", n)
 	}
-	s.init = append([]byte(nil), buf[:n]...)
 	out := make([]byte, s.bufSize)
-	w, st := s.ps.HandleRequest([][]byte{s.init}, [][]byte{out})
+	w, st := s.ps.HandleRequest([][]byte{buf[:n]}, [][]byte{out})
 	if !st.Ok() || w == 0 {
 		return fmt.Errorf("answering INIT: %v", st)
 	}
 	if _, err := s.dev.Write(out[:w]); err != nil {
 		return fmt.Errorf("replying to INIT: %w", err)
 	}
-	return s.initDone(out[:w])
+	s.init = append(append([]byte(nil), buf[:n]...), out[:w]...)
+	io, err := parseInitReply(out[:w])
+	if err != nil {
+		return err
+	}
+	s.raw.negotiated(io.Flags64())
+	return nil
 }
 
 // replayInit feeds the recorded INIT of a connection that another process
-// began into this session's ProtocolServer, which needs it to parse
-// requests, and drops the reply: the kernel had its answer long ago.
+// began (see session.init) into this session's ProtocolServer, which needs
+// it to parse requests, and drops the reply: the kernel had its answer
+// long ago. What counts is what that answer negotiated: its capabilities,
+// and its max_write, which sizes the request buffers. A server with other
+// options would have answered otherwise; that is logged.
 func (s *session) replayInit(init []byte) error {
 	if len(init) < 8 || binary.LittleEndian.Uint32(init[4:]) != opInit {
 		return errors.New("the recorded INIT request is not one")
 	}
-	s.init = append([]byte(nil), init...)
+	n := int(binary.LittleEndian.Uint32(init))
+	if n > len(init) {
+		return errors.New("the recorded INIT request is cut short")
+	}
+	req, reply := init[:n], init[n:]
 	out := make([]byte, s.bufSize)
-	w, st := s.ps.HandleRequest([][]byte{s.init}, [][]byte{out})
+	w, st := s.ps.HandleRequest([][]byte{req}, [][]byte{out})
 	if !st.Ok() || w == 0 {
 		return fmt.Errorf("replaying INIT: %v", st)
 	}
-	return s.initDone(out[:w])
+	ours, err := parseInitReply(out[:w])
+	if err != nil {
+		return err
+	}
+	kernel := ours
+	if len(reply) > 0 {
+		if kernel, err = parseInitReply(reply); err != nil {
+			return fmt.Errorf("the recorded INIT reply: %w", err)
+		}
+		s.bufSize = max(s.bufSize, int(kernel.MaxWrite)+64<<10+4096)
+	} else {
+		reply = out[:w]
+	}
+	if ours.Flags64() != kernel.Flags64() || ours.MaxWrite != kernel.MaxWrite {
+		klog.InfoS("This server's options differ from those the connection was mounted with; serving by the mount's",
+			"fsName", s.raw.opts.FsName, "flags", kernel.Flags64(), "ourFlags", ours.Flags64(),
+			"maxWrite", kernel.MaxWrite, "ourMaxWrite", ours.MaxWrite)
+	}
+	s.init = append(append([]byte(nil), req...), reply...)
+	s.raw.negotiated(kernel.Flags64())
+	return nil
 }
 
-// initDone reads what the INIT reply out negotiated.
-func (s *session) initDone(out []byte) error {
+// parseInitReply parses an INIT reply (with its fuse_out_header).
+func parseInitReply(out []byte) (fuse.InitOut, error) {
 	const hdr = 16 // fuse_out_header
-	if len(out) < hdr+int(unsafe.Sizeof(fuse.InitOut{})) {
-		return fmt.Errorf("INIT reply of %d bytes", len(out))
+	var io fuse.InitOut
+	if len(out) < hdr+int(unsafe.Sizeof(io)) {
+		return io, fmt.Errorf("INIT reply of %d bytes", len(out))
 	}
 	if errno := int32(binary.LittleEndian.Uint32(out[4:])); errno != 0 {
-		return fmt.Errorf("INIT refused: %v", syscall.Errno(-errno))
+		return io, fmt.Errorf("INIT refused: %v", syscall.Errno(-errno))
 	}
-	var io fuse.InitOut
 	copy(unsafe.Slice((*byte)(unsafe.Pointer(&io)), unsafe.Sizeof(io)), out[hdr:])
-	s.raw.negotiated(io.Flags64())
-	return nil
+	return io, nil
 }
 
 // read reads one request into buf, retrying what only means "try again".
@@ -191,6 +226,13 @@ func (s *session) serve() {
 	go s.reader()
 	go func() {
 		s.wg.Wait()
+		s.readersMu.Lock()
+		err := s.endErr
+		s.readersMu.Unlock()
+		if err != nil {
+			// Requests now wait for a successor (or the holder's EIO).
+			klog.ErrorS(err, "Serving a FUSE connection failed; no longer reading it", "fsName", s.raw.opts.FsName)
+		}
 		close(s.done)
 	}()
 }
