@@ -94,6 +94,7 @@ func TestChartLint(t *testing.T) {
 		{"--set", "driver.nodeMemoryBudget=8Gi", "--set", "grafanaDashboard.enabled=true",
 			"--set", "metrics.serviceMonitor.enabled=true", "--set", "metrics.podMonitor.enabled=true"},
 		{"--set", "registrar.mode=sidecar", "--set", "kubeletDir=/var/snap/microk8s/common/var/lib/kubelet"},
+		{"--set", "holder.enabled=false"},
 	} {
 		out, err := helm(t, append([]string{"lint", "--strict", chartDir}, set...)...)
 		if err != nil {
@@ -125,6 +126,13 @@ func TestChartRejectsBadValues(t *testing.T) {
 		{"image.pullPolicy=Sometimes", "pullPolicy"},
 		{"memoryOverhead=256MB", "memoryOverhead"},
 		{"updateStrategy.type=Recreate", "type"},
+		{"updateStrategy.rollingUpdate.maxSurge=-1", "maxSurge"},
+		{"holder.deadline=-1m", "deadline"},
+		{"holder.deadline=2 minutes", "deadline"},
+		{"holder.deadline=120", "deadline"},
+		{"holder.enabled=yes", "enabled"},
+		{"holder.resources.limit.memory=1Gi", "limit"},
+		{"startupProbe.failureThreshold=0", "failureThreshold"},
 		{"nodeSelectr.disk=ssd", "nodeSelectr"},
 	} {
 		t.Run(tc.set, func(t *testing.T) {
@@ -174,11 +182,35 @@ func TestChartRendering(t *testing.T) {
 			"mountPropagation: Bidirectional", "path: /var/lib/kubelet/pods",
 			"- --kubelet-registration-path=/var/lib/kubelet/plugins/memfs.csi.dev/csi.sock",
 			"- --registration-dir=/registration", "path: /var/lib/kubelet/plugins_registry",
-			"path: /dev/fuse", "path: /healthz", "- --image-cache-dir=/var/cache/csi-memfs", "maxSurge: 0", "automountServiceAccountToken: false",
-			"clusterIP: None")
+			"path: /dev/fuse", "path: /healthz", "- --image-cache-dir=/var/cache/csi-memfs", "automountServiceAccountToken: false",
+			"clusterIP: None", "maxSurge: 0", "startupProbe:",
+			// The metrics port, 9809, as /proc/net/tcp writes it.
+			"grep -hE ':2651 ")
+		// No container port: on the host network it would become a
+		// hostPort, and the scheduler would not place the second pod of
+		// a rolling update (maxSurge) on the node.
+		hasNot(t, out, "hostPort:", "containerPort:", "port: metrics\n      path")
 		// No RBAC: the plugin calls no Kubernetes API.
 		hasNot(t, out, "kind: Role", "kind: ClusterRole", "node-driver-registrar", "ServiceMonitor", "PodMonitor",
 			"kind: ConfigMap", "memory: \"", "--node-memory-budget")
+	})
+	t.Run("holder", func(t *testing.T) {
+		out := render(t, "--set", "holder.deadline=90s", "--set", "driver.logLevel=4", "--set", "metrics.port=29809")
+		holder := containerSpec(t, out, "holder")
+		has(t, holder, "- hold\n", "- --state-dir=/var/lib/csi-memfs\n", "- --deadline=90s\n", "- -v=4\n",
+			"privileged: false", "allowPrivilegeEscalation: false", "drop: [ALL]", "readOnlyRootFilesystem: true",
+			"mountPath: /var/lib/csi-memfs\n", "mountPropagation: HostToContainer", "memory: 128Mi")
+		// No probe (a restart loses the held connections), no /dev/fuse,
+		// and only the state directory.
+		hasNot(t, holder, "Probe", "dev-fuse", "mountPropagation: Bidirectional", "plugin-dir", "pods-dir", "image-cache")
+		// The holder comes first, so that it listens before the plugin
+		// starts; the plugin's state directory is the holder's.
+		if h, p := strings.Index(out, "- name: holder"), strings.Index(out, "- name: csi-memfs\n"); h < 0 || p < h {
+			t.Errorf("the holder container is not before the plugin's")
+		}
+		has(t, containerSpec(t, out, "csi-memfs"), "- --state-dir=/var/lib/csi-memfs\n", "grep -hE ':7471 ")
+		out = render(t, "--set", "holder.enabled=false")
+		hasNot(t, out, "name: holder", "- hold")
 	})
 	t.Run("budget sets the memory limit", func(t *testing.T) {
 		out := render(t, "--set", "driver.nodeMemoryBudget=8Gi")
@@ -202,7 +234,10 @@ func TestChartRendering(t *testing.T) {
 		out := render(t, "--set", "grafanaDashboard.enabled=true", "--set", "metrics.serviceMonitor.enabled=true",
 			"--set", "metrics.podMonitor.enabled=true")
 		has(t, out, "kind: ServiceMonitor", "kind: PodMonitor", "kind: ConfigMap", "grafana_dashboard: \"1\"",
-			`"uid": "csi-memfs"`)
+			`"uid": "csi-memfs"`,
+			// The plugin container has no named port: the PodMonitor
+			// keeps its container's target and sets the port.
+			"regex: csi-memfs", "replacement: '${1}:9809'", "replacement: '[${1}]:9809'")
 	})
 	t.Run("driver flags", func(t *testing.T) {
 		out := render(t, "--set", "driver.maxVolumeSize=1Gi", "--set", "driver.maxVolumes=100",
@@ -212,6 +247,25 @@ func TestChartRendering(t *testing.T) {
 		has(t, out, "- --max-volume-size=1Gi", "- --max-volumes=100", "- --no-passthrough", "- -v=4",
 			"- --insecure-registry=127.0.0.1:5000", "- --insecure-registry=registry.local", "- --image-cache-budget=20Gi")
 	})
+}
+
+// containerSpec returns the part of the rendering that describes the
+// container named name: from its "- name:" line to the next container or
+// the pod's volumes.
+func containerSpec(t *testing.T, out, name string) string {
+	t.Helper()
+	i := strings.Index(out, "\n        - name: "+name+"\n")
+	if i < 0 {
+		t.Fatalf("rendering has no container %s", name)
+	}
+	rest := out[i+1:]
+	end := len(rest)
+	for _, stop := range []string{"\n        - name: ", "\n      volumes:"} {
+		if j := strings.Index(rest[1:], stop); j >= 0 && j+1 < end {
+			end = j + 1
+		}
+	}
+	return rest[:end]
 }
 
 // TestDeployUpToDate: deploy/csi-memfs.yaml is the chart rendered with its

@@ -444,10 +444,22 @@ func TestInstall(t *testing.T) {
 	if resp.StatusCode != http.StatusOK {
 		t.Errorf("/healthz: %s", resp.Status)
 	}
-	// Registered by the plugin itself: one container, no registrar sidecar.
+	// Registered by the plugin itself (no registrar sidecar); the holder
+	// beside it.
 	out, _ = kubectl("-n", pluginNS, "get", "pods", "-o", "jsonpath={.items[*].spec.containers[*].name}")
-	if out != "csi-memfs" {
-		t.Errorf("plugin pod containers = %q, want only csi-memfs", out)
+	if out != "holder csi-memfs" {
+		t.Errorf("plugin pod containers = %q, want holder and csi-memfs", out)
+	}
+	// The holder runs unprivileged, listening on its socket in the state
+	// directory, and sees the plugin's mounts go (HostToContainer).
+	sock := filepath.Join(cl.dir, "csi-memfs", "state", "holder.sock")
+	if fi, err := os.Stat(sock); err != nil || fi.Mode()&os.ModeSocket == 0 || fi.Mode().Perm() != 0o600 {
+		t.Errorf("holder socket %s: %v, %v; want a socket of mode 0600", sock, fi, err)
+	}
+	out, _ = kubectl("-n", pluginNS, "get", "pods", "-o",
+		`jsonpath={.items[*].status.containerStatuses[?(@.name=="holder")].ready}`)
+	if out != "true" {
+		t.Errorf("holder container ready = %q, want true", out)
 	}
 }
 
