@@ -68,11 +68,12 @@ type session struct {
 	// stopping is set once stop has begun: readers finish the request
 	// they hold and end.
 	stopping atomic.Bool
-	// readersMu protects idle, readers and endErr.
-	readersMu sync.Mutex
 	// idle counts readers waiting for a request; readers counts all.
-	// Invariant: idle <= readers <= maxReaders.
-	idle, readers int
+	// Readers keep idle <= readers <= maxReaders (a moment's excess is
+	// harmless).
+	idle, readers atomic.Int32
+	// endMu protects endErr.
+	endMu sync.Mutex
 	// endErr is why serving ended, if not stop: nil when the connection
 	// ended (unmounted).
 	endErr error
@@ -90,17 +91,17 @@ type session struct {
 // bufPool holds request and reply buffers of every session.
 var bufPool sync.Pool
 
-func (s *session) getBuf() []byte {
-	// Exactly bufSize: the kernel refuses a read into less than
-	// max_write plus headers, and a bigger pooled buffer must not hide a
-	// session's wrong size.
+// getBuf returns a buffer of exactly bufSize bytes: the kernel refuses a
+// read into less than max_write plus headers, and a bigger pooled buffer
+// must not hide a session's wrong size.
+func (s *session) getBuf() *[]byte {
 	if b, ok := bufPool.Get().(*[]byte); ok && cap(*b) >= s.bufSize {
-		return (*b)[:s.bufSize]
+		*b = (*b)[:s.bufSize]
+		return b
 	}
-	return make([]byte, s.bufSize)
+	b := make([]byte, s.bufSize)
+	return &b
 }
-
-func putBuf(b []byte) { bufPool.Put(&b) }
 
 // newSession makes a session that serves raw on dev, a /dev/fuse
 // descriptor it now owns.
@@ -221,14 +222,14 @@ func (s *session) read(buf []byte) (int, error) {
 
 // serve starts the readers; done is closed when they have all ended.
 func (s *session) serve() {
-	s.readers = 1
+	s.readers.Store(1)
 	s.wg.Add(1)
 	go s.reader()
 	go func() {
 		s.wg.Wait()
-		s.readersMu.Lock()
+		s.endMu.Lock()
 		err := s.endErr
-		s.readersMu.Unlock()
+		s.endMu.Unlock()
 		if err != nil {
 			// Requests now wait for a successor (or the holder's EIO).
 			klog.ErrorS(err, "Serving a FUSE connection failed; no longer reading it", "fsName", s.raw.opts.FsName)
@@ -244,47 +245,36 @@ func (s *session) serve() {
 // of a descriptor at a time), serving is not.
 func (s *session) reader() {
 	defer s.wg.Done()
+	defer s.readers.Add(-1)
+	in := s.getBuf()
+	defer bufPool.Put(in)
 	for !s.stopping.Load() {
-		in := s.getBuf()
-		s.readersMu.Lock()
-		s.idle++
-		s.readersMu.Unlock()
-		n, err := s.read(in)
-		s.readersMu.Lock()
-		s.idle--
-		spawn := err == nil && s.idle == 0 && s.readers < maxReaders && !s.stopping.Load()
-		if spawn {
-			s.readers++
-			s.wg.Add(1)
-		}
+		s.idle.Add(1)
+		n, err := s.read(*in)
+		idle := s.idle.Add(-1)
 		if err != nil {
-			s.readers--
-			if !errors.Is(err, os.ErrDeadlineExceeded) && !errors.Is(err, syscall.ENODEV) && s.endErr == nil {
-				s.endErr = err
+			if !errors.Is(err, os.ErrDeadlineExceeded) && !errors.Is(err, syscall.ENODEV) {
+				s.endMu.Lock()
+				if s.endErr == nil {
+					s.endErr = err
+				}
+				s.endMu.Unlock()
 			}
-			s.readersMu.Unlock()
-			putBuf(in)
 			return
 		}
-		s.readersMu.Unlock()
-		if spawn {
-			go s.reader()
+		if idle == 0 && !s.stopping.Load() {
+			if s.readers.Add(1) <= maxReaders {
+				s.wg.Add(1)
+				go s.reader()
+			} else {
+				s.readers.Add(-1)
+			}
 		}
-		s.handle(in[:n])
-		putBuf(in)
-		s.readersMu.Lock()
-		leave := s.idle >= 2
-		if leave {
-			s.readers--
-		}
-		s.readersMu.Unlock()
-		if leave {
+		s.handle((*in)[:n])
+		if s.idle.Load() >= 2 {
 			return
 		}
 	}
-	s.readersMu.Lock()
-	s.readers--
-	s.readersMu.Unlock()
 }
 
 // handle serves one request and writes its reply, if it takes one.
@@ -296,8 +286,9 @@ func (s *session) handle(in []byte) {
 			return
 		}
 	}
-	out := s.getBuf()
-	defer putBuf(out)
+	outp := s.getBuf()
+	defer bufPool.Put(outp)
+	out := *outp
 	w, st := s.ps.HandleRequest([][]byte{in}, [][]byte{out})
 	if noReply {
 		return
@@ -324,8 +315,8 @@ func (s *session) stop() bool {
 	s.dev.SetReadDeadline(time.Now())
 	<-s.done
 	s.dev.SetReadDeadline(time.Time{})
-	s.readersMu.Lock()
-	defer s.readersMu.Unlock()
+	s.endMu.Lock()
+	defer s.endMu.Unlock()
 	return s.endErr == nil && !s.ended()
 }
 
