@@ -98,57 +98,45 @@ func (t takeover) close() {
 // takeSessions gets the sessions of the volumes a previous process served:
 // from that process if it still runs, else from the holder.
 func (d *Driver) takeSessions(logger logr.Logger) takeover {
-	t := takeover{sessions: map[string]fusefs.Session{}, start: time.Now()}
+	start := time.Now()
 	bundles, peer, err := d.askHandover(logger)
-	switch {
-	case err == nil:
-		t.peer, t.how = peer, "handover"
-	case errors.Is(err, errNoPeer):
-		t.resend, t.how = true, "holder"
-		c, err := handoff.Dial(filepath.Join(d.cfg.StateDir, holderSocket))
-		if err != nil {
-			logger.V(2).Info("No session holder to recover volumes from", "err", err)
-			return takeover{sessions: t.sessions, start: t.start}
+	if err != nil {
+		if !errors.Is(err, errNoPeer) {
+			logger.Error(err, "Planned handover failed; recovering from the holder instead")
 		}
-		bundles, err = c.List()
-		c.Close()
-		if err != nil {
-			logger.Error(err, "Getting the volumes' sessions from the holder")
-			return takeover{sessions: t.sessions, start: t.start}
-		}
-	default:
-		logger.Error(err, "Planned handover failed; recovering from the holder instead")
-		return d.takeFromHolder(logger)
+		return d.takeFromHolder(logger, start)
 	}
-	for _, b := range bundles {
-		if s, err := sessionOf(b); err != nil {
-			logger.Error(err, "Ignoring a malformed session")
-		} else {
-			t.sessions[b.ID] = s
-		}
-	}
-	return t
+	return takeover{sessions: sessionsOf(logger, bundles), peer: peer, how: "handover", start: start}
 }
 
-// takeFromHolder is takeSessions after a failed handover.
-func (d *Driver) takeFromHolder(logger logr.Logger) takeover {
-	t := takeover{sessions: map[string]fusefs.Session{}, resend: true, how: "holder", start: time.Now()}
+// takeFromHolder gets the sessions the holder keeps, if there is one.
+func (d *Driver) takeFromHolder(logger logr.Logger, start time.Time) takeover {
+	none := takeover{sessions: map[string]fusefs.Session{}, start: start}
 	c, err := handoff.Dial(filepath.Join(d.cfg.StateDir, holderSocket))
 	if err != nil {
-		return t
+		logger.V(2).Info("No session holder to recover volumes from", "err", err)
+		return none
 	}
 	defer c.Close()
 	bundles, err := c.List()
 	if err != nil {
 		logger.Error(err, "Getting the volumes' sessions from the holder")
-		return t
+		return none
 	}
+	return takeover{sessions: sessionsOf(logger, bundles), resend: true, how: "holder", start: start}
+}
+
+// sessionsOf unpacks bundles by volume id, dropping malformed ones.
+func sessionsOf(logger logr.Logger, bundles []handoff.Bundle) map[string]fusefs.Session {
+	m := map[string]fusefs.Session{}
 	for _, b := range bundles {
-		if s, err := sessionOf(b); err == nil {
-			t.sessions[b.ID] = s
+		if s, err := sessionOf(b); err != nil {
+			logger.Error(err, "Ignoring a malformed session")
+		} else {
+			m[b.ID] = s
 		}
 	}
-	return t
+	return m
 }
 
 // errNoPeer: no process answers on the handover socket.
