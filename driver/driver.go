@@ -166,6 +166,13 @@ type Config struct {
 	// imageNoSync skips the image cache's syncfs (tests only).
 	imageNoSync bool
 
+	// HandoverWait is how long a process told to stop waits for a
+	// successor to take its volumes over before it stops serving them
+	// (the holder keeps them then). A deleted or evicted plugin pod has
+	// its replacement started at once, but its holder goes with it; 0
+	// waits for none.
+	HandoverWait time.Duration
+
 	// DisablePassthrough serves every read and write through the daemon.
 	DisablePassthrough bool
 	// FUSEDebug logs every FUSE request (very verbose).
@@ -345,7 +352,13 @@ func (d *Driver) Run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	defer removeSocket(sockPath, socketID(sockPath))
+	ours := socketID(sockPath)
+	handed := false
+	defer func() {
+		if !handed { // else the path is the successor's
+			removeSocket(sockPath, ours)
+		}
+	}()
 	// A successor takes the volumes over through hlis (handover.go).
 	hlis, err := handoff.Listen(filepath.Join(d.cfg.StateDir, handoverSocket))
 	if err != nil {
@@ -412,9 +425,9 @@ func (d *Driver) Run(ctx context.Context) error {
 		close(regDone)
 	}
 
-	handed := false
 	select {
 	case <-ctx.Done():
+		handed = d.awaitSuccessor(logger, handedOver)
 	case err = <-errc:
 	case <-handedOver:
 		handed = true

@@ -319,6 +319,21 @@ func (d *Driver) stopAll(ctx context.Context) []handoff.Bundle {
 	return bundles
 }
 
+// awaitSuccessor waits up to Config.HandoverWait, once told to stop, for a
+// successor to take the volumes over, and says whether one did.
+func (d *Driver) awaitSuccessor(logger logr.Logger, handedOver <-chan struct{}) bool {
+	if d.cfg.HandoverWait <= 0 || d.vols.len() == 0 {
+		return false
+	}
+	logger.Info("Waiting for a successor to take the volumes over", "volumes", d.vols.len(), "wait", d.cfg.HandoverWait)
+	select {
+	case <-handedOver:
+		return true
+	case <-time.After(d.cfg.HandoverWait):
+		return false
+	}
+}
+
 // errHandingOver refuses CSI calls once volumes are being handed over.
 var errHandingOver = errorf(codes.Unavailable, "this plugin process has handed its volumes over to a newer one")
 

@@ -152,6 +152,14 @@ func newMetrics(d *Driver) *metrics {
 		imageHits:         node("image_cache_hits_total", "Image requests answered from the cache without a pull."),
 		imageEvictions:    node("image_cache_evictions_total", "Unused images collected to keep the cache within its budget."),
 	}
+	// Every documented series exists from the start, at 0.
+	for _, from := range []string{"handover", "holder"} {
+		m.takeovers.WithLabelValues(from)
+		m.takeoverPause.WithLabelValues(from)
+	}
+	for _, result := range []string{"ok", "failed"} {
+		m.handovers.WithLabelValues(result)
+	}
 	m.reg.MustRegister(m.rpcTotal, m.rpcSeconds, m.pulls, m.pullSeconds, m.pullBytes, m.fuse.seconds, m.fuse.errors, m,
 		m.takeovers, m.takeoverPause, m.recovered, m.lost, m.handovers,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))

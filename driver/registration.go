@@ -160,19 +160,27 @@ func (s *registrationServer) NotifyRegistrationStatus(_ context.Context, st *reg
 	return &registerapi.RegistrationStatusResponse{}, nil
 }
 
-// socketID identifies the socket file at path (its inode number), or 0.
-func socketID(path string) uint64 {
+// socketID identifies the socket file at path, or is zero.
+func socketID(path string) fileStamp {
 	var st unix.Stat_t
 	if unix.Lstat(path, &st) != nil {
-		return 0
+		return fileStamp{}
 	}
-	return st.Ino
+	return fileStamp{st.Ino, st.Ctim}
+}
+
+// fileStamp tells one file from another at the same path: a successor's
+// socket may get the inode number of one just removed, never its change
+// time as well.
+type fileStamp struct {
+	ino   uint64
+	ctime unix.Timespec
 }
 
 // removeSocket removes the socket at path if it is still the one bound as
 // id: a successor process may have replaced it.
-func removeSocket(path string, id uint64) {
-	if id != 0 && socketID(path) == id {
+func removeSocket(path string, id fileStamp) {
+	if id != (fileStamp{}) && socketID(path) == id {
 		os.Remove(path)
 	}
 }
