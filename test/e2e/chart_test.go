@@ -183,7 +183,7 @@ func TestChartRendering(t *testing.T) {
 			"- --kubelet-registration-path=/var/lib/kubelet/plugins/memfs.csi.dev/csi.sock",
 			"- --registration-dir=/registration", "path: /var/lib/kubelet/plugins_registry",
 			"path: /dev/fuse", "path: /healthz", "- --image-cache-dir=/var/cache/csi-memfs", "automountServiceAccountToken: false",
-			"clusterIP: None", "maxSurge: 0", "startupProbe:",
+			"clusterIP: None", "maxSurge: 1", "maxUnavailable: 0", "startupProbe:",
 			// The metrics port, 9809, as /proc/net/tcp writes it.
 			"grep -hE ':2651 ")
 		// No container port: on the host network it would become a

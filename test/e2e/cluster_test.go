@@ -804,7 +804,8 @@ func TestMetricsSeries(t *testing.T) {
 	}
 }
 
-// TestDaemonSetRestart runs last: the plugin is restarted; a pod created
+// TestDaemonSetRestart runs after the volume tests (only the restart tests
+// of restart_test.go come after it): the plugin is restarted; a pod created
 // before the restart can still be deleted cleanly, and a new pod's volume
 // works.
 func TestDaemonSetRestart(t *testing.T) {
