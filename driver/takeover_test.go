@@ -503,3 +503,48 @@ func TestCrashLoopLeaksNothing(t *testing.T) {
 		t.Errorf("the holder has %d descriptors open after unpublishing everything, %d before", got, holderFds0)
 	}
 }
+
+// TestStoppedPluginWaitsForSuccessor: a plugin told to stop with
+// --handover-wait (a deleted plugin pod) gives its volumes to a successor
+// started meanwhile, and its volume goes on working with no holder.
+func TestStoppedPluginWaitsForSuccessor(t *testing.T) {
+	requireFUSE(t)
+	root := t.TempDir()
+	os.Chmod(root, 0o755)
+	ctx := context.Background()
+	p1 := startServe(t, root, "--handover-wait", "20s")
+	conn := dial(t, p1.endpoint)
+	os.MkdirAll(filepath.Join(root, "pods", "v"), 0o755)
+	target := filepath.Join(root, "pods", "v", "mount")
+	if _, err := csi.NewNodeClient(conn).NodePublishVolume(ctx, pubReq("vol-w", target, attrs("size", "4Mi"))); err != nil {
+		t.Fatal(err)
+	}
+	conn.Close()
+	f, err := os.OpenFile(filepath.Join(target, "log"), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o644)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	f.WriteString("before\n")
+
+	p1.cmd.Process.Signal(unix.SIGTERM)
+	time.Sleep(200 * time.Millisecond) // it waits, still serving
+	f.WriteString("waiting\n")
+	p2 := startServe(t, root)
+	waitMetric(t, p2, 1, "csi_memfs_volumes_recovered_total")
+	if err := p1.cmd.Wait(); err != nil {
+		t.Errorf("the stopped process exited with %v", err)
+	}
+	if _, err := f.WriteString("after\n"); err != nil {
+		t.Fatalf("write after the handover: %v", err)
+	}
+	if got, err := os.ReadFile(f.Name()); err != nil || string(got) != "before\nwaiting\nafter\n" {
+		t.Errorf("read back %q, %v", got, err)
+	}
+	conn = dial(t, p2.endpoint)
+	defer conn.Close()
+	f.Close()
+	if _, err := csi.NewNodeClient(conn).NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: "vol-w", TargetPath: target}); err != nil {
+		t.Errorf("unpublish: %v", err)
+	}
+}
