@@ -2,8 +2,6 @@ package driver
 
 import (
 	"archive/tar"
-	"bytes"
-	"compress/gzip"
 	"encoding/base64"
 	"encoding/json"
 	"io"
@@ -20,11 +18,9 @@ import (
 	"github.com/google/go-containerregistry/pkg/name"
 	ociregistry "github.com/google/go-containerregistry/pkg/registry"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
-	"github.com/google/go-containerregistry/pkg/v1/empty"
-	"github.com/google/go-containerregistry/pkg/v1/mutate"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
-	"github.com/google/go-containerregistry/pkg/v1/tarball"
-	"github.com/google/go-containerregistry/pkg/v1/types"
+
+	"github.com/csi-memfs/csi-memfs/internal/imagetest"
 )
 
 // testRegistry is go-containerregistry's in-memory registry served on
@@ -71,15 +67,8 @@ func (r *testRegistry) stop() {
 }
 
 func (r *testRegistry) ServeHTTP(w http.ResponseWriter, req *http.Request) {
-	if r.user != "" {
-		u, p, ok := req.BasicAuth()
-		if !ok || u != r.user || p != r.pass {
-			w.Header().Set("WWW-Authenticate", `Basic realm="test"`)
-			w.Header().Set("Content-Type", "application/json")
-			w.WriteHeader(http.StatusUnauthorized)
-			io.WriteString(w, `{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}`)
-			return
-		}
+	if !imagetest.BasicAuth(w, req, r.user, r.pass) {
+		return
 	}
 	var delay time.Duration
 	if req.Method == http.MethodGet {
@@ -144,74 +133,27 @@ func pullSecret(host, user, pass string) map[string]string {
 }
 
 // entry is one entry of a test layer.
-type entry struct {
-	name string
-	typ  byte
-	body string
-	mode int64
-	link string
-}
+type entry = imagetest.Entry
 
-func dirEntry(n string) entry { return entry{name: n, typ: tar.TypeDir, mode: 0o755} }
-func fileEntry(n, body string) entry {
-	return entry{name: n, typ: tar.TypeReg, body: body, mode: 0o644}
-}
-func symlinkEntry(n, target string) entry {
-	return entry{name: n, typ: tar.TypeSymlink, link: target, mode: 0o777}
-}
-func hardlinkEntry(n, target string) entry {
-	return entry{name: n, typ: tar.TypeLink, link: target, mode: 0o644}
-}
+func dirEntry(n string) entry { return imagetest.Dir(n, 0o755) }
+
+var (
+	fileEntry     = imagetest.File
+	symlinkEntry  = imagetest.Symlink
+	hardlinkEntry = imagetest.Hardlink
+)
 
 // layer builds a gzip-compressed layer of entries.
 func layer(t testing.TB, entries ...entry) v1.Layer {
 	t.Helper()
-	var buf bytes.Buffer
-	zw, _ := gzip.NewWriterLevel(&buf, gzip.BestSpeed)
-	tw := tar.NewWriter(zw)
-	for _, e := range entries {
-		h := &tar.Header{Name: e.name, Typeflag: e.typ, Mode: e.mode, Linkname: e.link,
-			ModTime: time.Date(2021, 3, 4, 5, 6, 7, 0, time.UTC), Format: tar.FormatPAX}
-		if e.typ == tar.TypeReg {
-			h.Size = int64(len(e.body))
-		}
-		if err := tw.WriteHeader(h); err != nil {
-			t.Fatal(err)
-		}
-		io.WriteString(tw, e.body)
-	}
-	if err := tw.Close(); err != nil {
-		t.Fatal(err)
-	}
-	zw.Close()
-	b := buf.Bytes()
-	l, err := tarball.LayerFromOpener(func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(b)), nil },
-		tarball.WithMediaType(types.OCILayer))
-	if err != nil {
-		t.Fatal(err)
-	}
-	return l
+	return imagetest.GzLayer(t, imagetest.Tar(t, entries...))
 }
 
 // buildImage makes an image of this node's platform from layers, bottom
 // first.
 func buildImage(t testing.TB, layers ...v1.Layer) v1.Image {
 	t.Helper()
-	img, err := mutate.AppendLayers(empty.Image, layers...)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cf, err := img.ConfigFile()
-	if err != nil {
-		t.Fatal(err)
-	}
-	cf = cf.DeepCopy()
-	cf.OS, cf.Architecture = "linux", runtime.GOARCH
-	img, err = mutate.ConfigFile(img, cf)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return img
+	return imagetest.Image(t, runtime.GOARCH, layers...)
 }
 
 // layeredImage is the image most tests use: three layers with a whiteout,
@@ -225,13 +167,13 @@ func layeredImage(t testing.TB, big int) v1.Image {
 			fileEntry("etc/motd", "hello\n"),
 			dirEntry("data/"), dirEntry("data/old/"), fileEntry("data/old/a", "a"), fileEntry("data/keep", "keep"),
 			fileEntry("gone", "gone"),
-			dirEntry("bin/"), entry{name: "bin/tool", typ: tar.TypeReg, body: "tool-v1", mode: 0o755},
+			dirEntry("bin/"), entry{Name: "bin/tool", Type: tar.TypeReg, Body: "tool-v1", Mode: 0o755},
 			dirEntry("share/"), fileEntry("share/big", strings.Repeat("0123456789abcdef", big/16)),
 		),
 		layer(t,
 			fileEntry(".wh.gone", ""),
 			dirEntry("data/old/"), fileEntry("data/old/.wh..wh..opq", ""), fileEntry("data/old/b", "b"),
-			dirEntry("bin/"), entry{name: "bin/tool", typ: tar.TypeReg, body: "tool-v2", mode: 0o755},
+			dirEntry("bin/"), entry{Name: "bin/tool", Type: tar.TypeReg, Body: "tool-v2", Mode: 0o755},
 			hardlinkEntry("bin/tool-link", "bin/tool"),
 			symlinkEntry("etc/link", "app.conf"),
 		),

@@ -20,16 +20,16 @@ import (
 // hard links within and across layers, replacements.
 func treeImageLayers(t testing.TB) [][]byte {
 	setuid := file("bin/su", "su")
-	setuid.mode, setuid.uid, setuid.gid = 0o4755, 1000, 2000
+	setuid.Mode, setuid.UID, setuid.GID = 0o4755, 1000, 2000
 	xa := file("etc/cap", "cap")
-	xa.xattrs = map[string]string{"user.test": "hello", "trusted.evil": "x", "security.selinux": "label"}
+	xa.Xattrs = map[string]string{"user.test": "hello", "trusted.evil": "x", "security.selinux": "label"}
 	old := file("etc/old", "old")
-	old.mtime = time.Date(2001, 1, 1, 0, 0, 0, 0, time.UTC)
-	cdev := tarEntry{name: "dev/null", typ: tar.TypeChar, mode: 0o666, dev: 1}
-	fifo := tarEntry{name: "run/fifo", typ: tar.TypeFifo, mode: 0o640}
+	old.MTime = time.Date(2001, 1, 1, 0, 0, 0, 0, time.UTC)
+	cdev := tarEntry{Name: "dev/null", Type: tar.TypeChar, Mode: 0o666, Dev: 1}
+	fifo := tarEntry{Name: "run/fifo", Type: tar.TypeFifo, Mode: 0o640}
 	ro := dir("ro", 0o555)
-	ro.uid, ro.gid = 7, 8
-	ro.mtime = time.Date(2010, 1, 1, 0, 0, 0, 0, time.UTC)
+	ro.UID, ro.GID = 7, 8
+	ro.MTime = time.Date(2010, 1, 1, 0, 0, 0, 0, time.UTC)
 	l1 := tarBytes(t,
 		dir("bin", 0o755), setuid,
 		dir("etc", 0o755), file("etc/passwd", "root:x:0:0"), file("etc/hosts", "hosts-1"), xa, old,

@@ -1,9 +1,7 @@
 package image
 
 import (
-	"archive/tar"
 	"bytes"
-	"compress/gzip"
 	"context"
 	"crypto/rand"
 	"io"
@@ -21,12 +19,9 @@ import (
 	"github.com/google/go-containerregistry/pkg/name"
 	"github.com/google/go-containerregistry/pkg/registry"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
-	"github.com/google/go-containerregistry/pkg/v1/empty"
-	"github.com/google/go-containerregistry/pkg/v1/mutate"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
-	"github.com/google/go-containerregistry/pkg/v1/tarball"
-	"github.com/google/go-containerregistry/pkg/v1/types"
-	"github.com/klauspost/compress/zstd"
+
+	"github.com/csi-memfs/csi-memfs/internal/imagetest"
 )
 
 // testRegistry is go-containerregistry's in-memory registry on loopback,
@@ -88,15 +83,8 @@ func blobDigest(req *http.Request) string {
 }
 
 func (r *testRegistry) ServeHTTP(w http.ResponseWriter, req *http.Request) {
-	if r.user != "" {
-		u, p, ok := req.BasicAuth()
-		if !ok || u != r.user || p != r.pass {
-			w.Header().Set("WWW-Authenticate", `Basic realm="test"`)
-			w.Header().Set("Content-Type", "application/json")
-			w.WriteHeader(http.StatusUnauthorized)
-			io.WriteString(w, `{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}`)
-			return
-		}
+	if !imagetest.BasicAuth(w, req, r.user, r.pass) {
+		return
 	}
 	d := blobDigest(req)
 	if d == "" {
@@ -206,115 +194,20 @@ func (r *testRegistry) pushAuth() []remote.Option {
 	return []remote.Option{remote.WithAuth(&authn.Basic{Username: r.user, Password: r.pass})}
 }
 
-// tarEntry describes one entry of a test layer.
-type tarEntry struct {
-	name   string
-	typ    byte
-	body   string
-	mode   int64
-	uid    int
-	gid    int
-	link   string
-	xattrs map[string]string
-	mtime  time.Time
-	dev    int64
-}
+// The layer and image builders, under the names these tests use.
+type tarEntry = imagetest.Entry
 
-var testTime = time.Date(2021, 3, 4, 5, 6, 7, 0, time.UTC)
-
-func dir(n string, mode int64) tarEntry { return tarEntry{name: n, typ: tar.TypeDir, mode: mode} }
-func file(n, body string) tarEntry {
-	return tarEntry{name: n, typ: tar.TypeReg, body: body, mode: 0o644}
-}
-func symlink(n, target string) tarEntry {
-	return tarEntry{name: n, typ: tar.TypeSymlink, link: target, mode: 0o777}
-}
-func hardlink(n, target string) tarEntry {
-	return tarEntry{name: n, typ: tar.TypeLink, link: target, mode: 0o644}
-}
-
-// tarBytes builds an uncompressed layer tar.
-func tarBytes(t testing.TB, entries ...tarEntry) []byte {
-	t.Helper()
-	var buf bytes.Buffer
-	tw := tar.NewWriter(&buf)
-	for _, e := range entries {
-		mt := e.mtime
-		if mt.IsZero() {
-			mt = testTime
-		}
-		h := &tar.Header{Name: e.name, Typeflag: e.typ, Mode: e.mode, Uid: e.uid, Gid: e.gid,
-			Linkname: e.link, ModTime: mt, Format: tar.FormatPAX, Devmajor: e.dev, Devminor: e.dev}
-		if e.typ == tar.TypeReg {
-			h.Size = int64(len(e.body))
-		}
-		if len(e.xattrs) > 0 {
-			h.PAXRecords = map[string]string{}
-			for k, v := range e.xattrs {
-				h.PAXRecords["SCHILY.xattr."+k] = v
-			}
-		}
-		if err := tw.WriteHeader(h); err != nil {
-			t.Fatal(err)
-		}
-		if e.typ == tar.TypeReg {
-			io.WriteString(tw, e.body)
-		}
-	}
-	if err := tw.Close(); err != nil {
-		t.Fatal(err)
-	}
-	return buf.Bytes()
-}
-
-// gzLayer makes a gzip-compressed layer from tar bytes.
-func gzLayer(t testing.TB, tb []byte) v1.Layer {
-	t.Helper()
-	var buf bytes.Buffer
-	zw, _ := gzip.NewWriterLevel(&buf, gzip.BestSpeed)
-	zw.Write(tb)
-	zw.Close()
-	b := buf.Bytes()
-	l, err := tarball.LayerFromOpener(func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(b)), nil },
-		tarball.WithMediaType(types.OCILayer))
-	if err != nil {
-		t.Fatal(err)
-	}
-	return l
-}
-
-// zstdLayer makes a zstd-compressed layer from tar bytes.
-func zstdLayer(t testing.TB, tb []byte) v1.Layer {
-	t.Helper()
-	zw, _ := zstd.NewWriter(nil)
-	b := zw.EncodeAll(tb, nil)
-	l, err := tarball.LayerFromOpener(func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(b)), nil },
-		tarball.WithMediaType(types.OCILayerZStd))
-	if err != nil {
-		t.Fatal(err)
-	}
-	return l
-}
-
-// buildImage makes a linux/arch image of the layers.
-func buildImage(t testing.TB, arch string, layers ...v1.Layer) v1.Image {
-	t.Helper()
-	img, err := mutate.AppendLayers(empty.Image, layers...)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cf, err := img.ConfigFile()
-	if err != nil {
-		t.Fatal(err)
-	}
-	cf = cf.DeepCopy()
-	cf.OS, cf.Architecture = "linux", arch
-	img, err = mutate.ConfigFile(img, cf)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return img
-}
+var (
+	testTime   = imagetest.Time
+	dir        = imagetest.Dir
+	file       = imagetest.File
+	symlink    = imagetest.Symlink
+	hardlink   = imagetest.Hardlink
+	tarBytes   = imagetest.Tar
+	gzLayer    = imagetest.GzLayer
+	zstdLayer  = imagetest.ZstdLayer
+	buildImage = imagetest.Image
+)
 
 // simpleImage makes a one-layer image holding the files name -> body.
 func simpleImage(t testing.TB, files map[string]string) v1.Image {
