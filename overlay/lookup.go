@@ -267,13 +267,16 @@ func (fs *FS) statLocked(n *node) (unix.Stat_t, error) {
 }
 
 // fixStatLocked turns the attributes of n's top layer into the overlay's:
-// its inode number, and the link counts of merged directories and of
-// indexed hard links.
+// its inode number, the link counts of merged directories and of indexed
+// hard links, and the blocks of a partly copied-up file.
 //
 // Preconditions:
-//   - fs.treeMu is locked.
+//   - fs.treeMu is locked; n.mu is not.
 func (fs *FS) fixStatLocked(n *node, st *unix.Stat_t) error {
 	st.Ino = n.ino
+	if n.typ == unix.S_IFREG && n.upper != 0 && n.hasLower {
+		st.Blocks += fs.lowerBlocks(n)
+	}
 	switch {
 	case n.typ == unix.S_IFDIR && n.upper != 0 && n.hasLower:
 		subdirs := 0
@@ -293,6 +296,37 @@ func (fs *FS) fixStatLocked(n *node, st *unix.Stat_t) error {
 		st.Nlink = uint64(int64(st.Nlink) + fs.linkDelta(n))
 	}
 	return nil
+}
+
+// lowerBlocks returns the 512-byte blocks of n's bytes that still live only
+// in the lower, or 0 if n is not partial. The upper copy of a partial file
+// is sparse where it was not copied, so its own st_blocks leaves them out:
+// a file whose metadata alone was copied up (chmod) would show 0 blocks,
+// which tools take for "all holes" (tar --sparse archives it as zeros).
+// The count is the lower file's blocks, capped by the pages not copied.
+//
+// Preconditions:
+//   - fs.treeMu is locked; n.mu is not.
+func (fs *FS) lowerBlocks(n *node) int64 {
+	n.mu.Lock()
+	var missing int64
+	if n.partial {
+		for _, g := range n.copied.gaps(0, n.limit) {
+			missing += g.end - g.start
+		}
+	}
+	n.mu.Unlock()
+	if missing == 0 {
+		return 0
+	}
+	lst, err := fs.lower.Lstat(n.lowerPath)
+	if err != nil {
+		// The lower is read-only and outlives its nodes; if it cannot be
+		// read, reads fail too. Blocks are advisory: report the upper's.
+		return 0
+	}
+	const pageBlocks = 4096 / 512
+	return min(lst.Blocks, (missing+4095)/4096*pageBlocks)
 }
 
 // Readlink returns the target of the symlink ino.

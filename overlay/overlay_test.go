@@ -536,3 +536,64 @@ func TestNoLower(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestPartialCopyUpBlocks checks that a partly copied-up file counts the
+// blocks still in the lower: a chmod copies up the metadata alone, and its
+// sparse upper copy has no blocks, but the file is not a hole (found
+// comparing stat on the overlay with a tmpfs copy of its lower; tar
+// --sparse takes st_blocks 0 for "all holes" and would archive zeros).
+func TestPartialCopyUpBlocks(t *testing.T) {
+	root := makeLower(t)
+	fs := newOverlay(t, root)
+	a, err := fs.Lookup(memfs.RootIno, "a")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer fs.Forget(a.Ino(), 1)
+	for _, name := range []string{"f1", "big"} {
+		var lst unix.Stat_t
+		if err := unix.Lstat(filepath.Join(root, "a", name), &lst); err != nil {
+			t.Fatal(err)
+		}
+		if lst.Blocks == 0 {
+			t.Skipf("the host file system reports no blocks for %s", name)
+		}
+		e, err := fs.Lookup(a.Ino(), name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer fs.Forget(e.Ino(), 1)
+		st, err := fs.SetAttr(e.Ino(), nil, memfs.SetAttr{Valid: memfs.SetMode, Mode: 0o600})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got, want := st.Blocks, lst.Blocks; got != want {
+			t.Errorf("%s after chmod: SetAttr blocks %d, want the lower's %d", name, got, want)
+		}
+		if st, err = fs.GetAttr(e.Ino()); err != nil || st.Blocks != lst.Blocks {
+			t.Errorf("%s after chmod: GetAttr blocks %d (%v), want %d", name, st.Blocks, err, lst.Blocks)
+		}
+	}
+
+	// Writing one page of a partial file moves that page's blocks up, and
+	// the total stays the lower's.
+	e, err := fs.Lookup(a.Ino(), "big")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer fs.Forget(e.Ino(), 1)
+	f, err := fs.Open(e.Ino(), unix.O_WRONLY, memfs.OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteAt([]byte("x"), 8192, false); err != nil {
+		t.Fatal(err)
+	}
+	st, err := f.Stat()
+	f.Release()
+	var lst unix.Stat_t
+	unix.Lstat(filepath.Join(root, "a", "big"), &lst)
+	if err != nil || st.Blocks != lst.Blocks {
+		t.Errorf("big after a one-page write: blocks %d (%v), want %d", st.Blocks, err, lst.Blocks)
+	}
+}
