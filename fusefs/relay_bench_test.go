@@ -182,6 +182,17 @@ func newBenchMount(tb testing.TB, variant string, passthrough bool) *benchMount 
 		m.closed = m.relay.wait
 	case "proto":
 		m.closed = serveProto(m.dev, m.raw)
+	case "session":
+		// The serving loop Mount uses.
+		s, err := newSession(m.dev, m.raw, benchMountOptions(passthrough))
+		if err == nil {
+			err = s.readInit()
+		}
+		if err != nil {
+			tb.Fatal(err)
+		}
+		s.serve()
+		m.closed = func() { s.wait(); s.close() }
 	default:
 		tb.Fatalf("unknown variant %q", variant)
 	}
@@ -733,11 +744,11 @@ func BenchmarkRelayPassthrough(b *testing.B) {
 
 // BenchmarkRelayRoundTrip isolates one round trip: statfs(2) on a FUSE
 // mount is one STATFS request every time (the kernel caches nothing). The
-// three variants take turns every 100 calls, so load changes hit them
+// variants (and "session", the loop Mount uses) take turns every 100 calls, so load changes hit them
 // alike; each reports the median over the turns of the mean time per
 // call (µs/rt). b.N calls per variant.
 func BenchmarkRelayRoundTrip(b *testing.B) {
-	variants := []string{"direct", "relay", "proto"}
+	variants := []string{"direct", "relay", "proto", "session"}
 	mounts := map[string]*benchMount{}
 	for _, v := range variants {
 		mounts[v] = newBenchMount(b, v, false)

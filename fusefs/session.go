@@ -8,7 +8,6 @@ import (
 	"sync"
 	"sync/atomic"
 	"syscall"
-	"time"
 	"unsafe"
 
 	"github.com/hanwen/go-fuse/v2/fuse"
@@ -26,6 +25,20 @@ import (
 // successor replays the record into its own ProtocolServer and drops the
 // reply. Measured against fuse.Server, the loop costs nothing on the
 // metadata path (docs/restart.md, "proto").
+//
+// Readers wait in an epoll set of the session's own, not in the Go
+// runtime's poller. The device is non-blocking (a successor and the holder
+// share its open file description), so a reader reads until EAGAIN and
+// then sleeps in epoll_wait, where the kernel wakes its thread directly,
+// and readers read in parallel (the runtime serializes the reads of one
+// *os.File). The set holds the device edge-triggered, one waiter woken per
+// request, and an eventfd, level-triggered, that stop makes readable to
+// wake every waiter at once. Measured on 2 vCPUs (load1 2.2-3.9): one
+// statfs(2) round trip took 19.5-21.7 us against 22.1-24.3 us for
+// go-fuse's fuse.Server (BenchmarkRelayRoundTrip, "session" against
+// "direct", 3 runs); four processes calling statfs(2) in parallel took
+// 15-20 us a call against 25-28 us for the loop that read through the
+// runtime's poller (3 runs each).
 
 // FUSE protocol constants go-fuse does not export
 // (include/uapi/linux/fuse.h).
@@ -46,16 +59,26 @@ const (
 	maxReaders = 16
 )
 
+// errStopped is what a read returns once stop has begun; errSurplus, to
+// a reader that may end because two others wait.
+var (
+	errStopped = errors.New("fusefs: session stopped")
+	errSurplus = errors.New("fusefs: surplus reader")
+)
+
 // session serves one FUSE connection.
 type session struct {
-	// dev is the connection's /dev/fuse descriptor, non-blocking and so
-	// read through the runtime's poller, which lets stop wake its readers
-	// with a deadline. Immutable; closed by close.
-	dev *os.File
-	// devFd is dev's descriptor number, for ioctls. Immutable.
+	// devFd is the connection's /dev/fuse descriptor, non-blocking.
+	// Immutable; closed by close, once no reader runs.
 	devFd int
-	ps    *fuse.ProtocolServer
-	raw   *rawFS
+	// epFd is the readers' epoll set: devFd edge-triggered and stopFd
+	// level-triggered. Immutable; closed by close.
+	epFd int
+	// stopFd is an eventfd that stop makes readable for good. Immutable;
+	// closed by close.
+	stopFd int
+	ps     *fuse.ProtocolServer
+	raw    *rawFS
 	// init is the INIT request the kernel sent followed by the reply it
 	// got, verbatim (the request's header gives its length). Set before
 	// serving; immutable after.
@@ -65,8 +88,8 @@ type session struct {
 	// their headers, and room for xattr values. Immutable.
 	bufSize int
 
-	// stopping is set once stop has begun: readers finish the request
-	// they hold and end.
+	// stopping is set once stop has begun (before stopFd is written):
+	// readers finish the request they hold and end.
 	stopping atomic.Bool
 	// idle counts readers waiting for a request; readers counts all.
 	// Readers keep idle <= readers <= maxReaders (a moment's excess is
@@ -103,23 +126,48 @@ func (s *session) getBuf() *[]byte {
 	return &b
 }
 
-// newSession makes a session that serves raw on dev, a /dev/fuse
-// descriptor it now owns.
+// newSession makes a session that serves raw on devFd, a /dev/fuse
+// descriptor it now owns (closed here on failure).
 func newSession(devFd int, raw *rawFS, mo *fuse.MountOptions) (*session, error) {
-	if err := unix.SetNonblock(devFd, true); err != nil {
-		unix.Close(devFd)
-		return nil, err
-	}
 	s := &session{
-		dev:     os.NewFile(uintptr(devFd), "/dev/fuse"),
 		devFd:   devFd,
+		epFd:    -1,
+		stopFd:  -1,
 		ps:      fuse.NewProtocolServer(raw, mo),
 		raw:     raw,
 		bufSize: mo.MaxWrite + 64<<10 + 4096,
 		done:    make(chan struct{}),
 	}
+	err := unix.SetNonblock(devFd, true)
+	if err == nil {
+		s.epFd, err = unix.EpollCreate1(unix.EPOLL_CLOEXEC)
+	}
+	if err == nil {
+		s.stopFd, err = unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
+	}
+	if err == nil {
+		err = unix.EpollCtl(s.epFd, unix.EPOLL_CTL_ADD, devFd,
+			&unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLET, Fd: int32(devFd)})
+	}
+	if err == nil {
+		err = unix.EpollCtl(s.epFd, unix.EPOLL_CTL_ADD, s.stopFd,
+			&unix.EpollEvent{Events: unix.EPOLLIN, Fd: int32(s.stopFd)})
+	}
+	if err != nil {
+		s.close()
+		return nil, fmt.Errorf("setting up the FUSE connection's readers: %w", err)
+	}
 	raw.dev = s
 	return s, nil
+}
+
+// close closes the session's descriptors. No reader may be running.
+func (s *session) close() {
+	for _, fd := range []int{s.stopFd, s.epFd, s.devFd} {
+		if fd >= 0 {
+			unix.Close(fd)
+		}
+	}
 }
 
 // readInit reads the connection's first request, which must be INIT,
@@ -138,7 +186,7 @@ func (s *session) readInit() error {
 	if !st.Ok() || w == 0 {
 		return fmt.Errorf("answering INIT: %v", st)
 	}
-	if _, err := s.dev.Write(out[:w]); err != nil {
+	if _, err := unix.Write(s.devFd, out[:w]); err != nil {
 		return fmt.Errorf("replying to INIT: %w", err)
 	}
 	s.init = append(append([]byte(nil), buf[:n]...), out[:w]...)
@@ -207,16 +255,39 @@ func parseInitReply(out []byte) (fuse.InitOut, error) {
 	return io, nil
 }
 
-// read reads one request into buf, retrying what only means "try again".
+// read reads one request into buf, waiting for one if none is queued.
+// It returns errStopped once stop has begun and no request is queued.
+// The caller counts itself in idle; if, with none queued, two other
+// readers wait too, read takes it out of idle and returns errSurplus.
+//
+// A reader ends only here, having found the queue empty: the device is
+// edge-triggered, so a reader that ended with a request queued, whose
+// wake-up another waiter had already taken, would strand it.
 func (s *session) read(buf []byte) (int, error) {
+	var ev [1]unix.EpollEvent
 	for {
-		n, err := s.dev.Read(buf)
-		// EINTR: a signal; ENOENT: the request was interrupted and
-		// withdrawn while being read.
-		if errors.Is(err, syscall.EINTR) || errors.Is(err, syscall.ENOENT) {
-			continue
+		n, err := unix.Read(s.devFd, buf)
+		switch err {
+		case nil:
+			return n, nil
+		case unix.EINTR, unix.ENOENT:
+			// A signal; or the request was interrupted and withdrawn
+			// while being read.
+		case unix.EAGAIN:
+			// Edge-triggered: a request queued since the read above
+			// makes the wait return, so none is missed.
+			if s.stopping.Load() {
+				return 0, errStopped
+			}
+			if v := s.idle.Load(); v > 2 && s.idle.CompareAndSwap(v, v-1) {
+				return 0, errSurplus
+			}
+			if _, err := unix.EpollWait(s.epFd, ev[:], -1); err != nil && err != unix.EINTR {
+				return 0, os.NewSyscallError("epoll_wait", err)
+			}
+		default:
+			return 0, err
 		}
-		return n, err
 	}
 }
 
@@ -240,9 +311,8 @@ func (s *session) serve() {
 
 // reader reads and serves requests until the connection ends or stop. A
 // reader that takes a request while no other waits starts another (up to
-// maxReaders), and one that finishes while two others wait ends, as
-// go-fuse's own loop does. Reads are serialized by the runtime (one read
-// of a descriptor at a time), serving is not.
+// maxReaders), and one that finds no request while two others wait ends,
+// as go-fuse's own loop does.
 func (s *session) reader() {
 	defer s.wg.Done()
 	defer s.readers.Add(-1)
@@ -251,14 +321,22 @@ func (s *session) reader() {
 	for !s.stopping.Load() {
 		s.idle.Add(1)
 		n, err := s.read(*in)
+		if err == errSurplus {
+			return // read took it out of idle
+		}
 		idle := s.idle.Add(-1)
 		if err != nil {
-			if !errors.Is(err, os.ErrDeadlineExceeded) && !errors.Is(err, syscall.ENODEV) {
-				s.endMu.Lock()
-				if s.endErr == nil {
-					s.endErr = err
+			if err != errStopped {
+				if err != syscall.ENODEV {
+					s.endMu.Lock()
+					if s.endErr == nil {
+						s.endErr = err
+					}
+					s.endMu.Unlock()
 				}
-				s.endMu.Unlock()
+				// The device reported its end once, edge-triggered, to
+				// one waiter: wake the others.
+				s.wakeAll()
 			}
 			return
 		}
@@ -271,9 +349,6 @@ func (s *session) reader() {
 			}
 		}
 		s.handle((*in)[:n])
-		if s.idle.Load() >= 2 {
-			return
-		}
 	}
 }
 
@@ -300,7 +375,7 @@ func (s *session) handle(in []byte) {
 	if w == 0 {
 		return
 	}
-	if _, err := s.dev.Write(out[:w]); err != nil && !errors.Is(err, syscall.ENOENT) && !errors.Is(err, syscall.ENODEV) {
+	if _, err := unix.Write(s.devFd, out[:w]); err != nil && err != syscall.ENOENT && err != syscall.ENODEV {
 		// ENOENT: the caller was interrupted and gave up; ENODEV: the
 		// connection ended. Anything else is a malformed reply: a bug.
 		klog.ErrorS(err, "Writing a FUSE reply", "fsName", s.raw.opts.FsName)
@@ -312,12 +387,21 @@ func (s *session) handle(in []byte) {
 // connection's next server. It says whether the connection is still alive.
 func (s *session) stop() bool {
 	s.stopping.Store(true)
-	s.dev.SetReadDeadline(time.Now())
+	s.wakeAll()
 	<-s.done
-	s.dev.SetReadDeadline(time.Time{})
 	s.endMu.Lock()
 	defer s.endMu.Unlock()
 	return s.endErr == nil && !s.ended()
+}
+
+// wakeAll makes stopFd readable for good, which wakes every reader
+// waiting and keeps any from waiting again. Readers then end.
+func (s *session) wakeAll() {
+	s.stopping.Store(true)
+	one := [8]byte{1}
+	// An eventfd write fails only when its counter would overflow, which
+	// takes 2^64-2 writes.
+	unix.Write(s.stopFd, one[:])
 }
 
 // ended says whether the kernel has ended the connection: a read then
@@ -336,7 +420,7 @@ func (s *session) resend() error {
 	var msg [16]byte
 	binary.LittleEndian.PutUint32(msg[0:], 16)
 	binary.LittleEndian.PutUint32(msg[4:], notifyResend)
-	_, err := s.dev.Write(msg[:])
+	_, err := unix.Write(s.devFd, msg[:])
 	return err
 }
 
