@@ -20,7 +20,9 @@ type FileSystem interface {
 	SetAttr(ino uint64, f File, a memfs.SetAttr) (unix.Stat_t, error)
 
 	Mkdir(parent uint64, name string, mode uint32, c memfs.Caller) (memfs.Entry, error)
-	Mknod(parent uint64, name string, mode uint32, c memfs.Caller) (memfs.Entry, error)
+	// Mknod makes a regular file, FIFO, socket or device node; rdev is the
+	// device number (unix.Mkdev's encoding).
+	Mknod(parent uint64, name string, mode uint32, rdev uint64, c memfs.Caller) (memfs.Entry, error)
 	Symlink(parent uint64, name, target string, c memfs.Caller) (memfs.Entry, error)
 	Link(ino, newParent uint64, name string) (memfs.Entry, error)
 	Unlink(parent uint64, name string) error

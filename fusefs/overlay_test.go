@@ -102,6 +102,47 @@ func TestOverlayPosixPassthrough(t *testing.T) { runOverlayPosix(t, Options{}) }
 
 func TestOverlayPosixDaemonIO(t *testing.T) { runOverlayPosix(t, Options{DisablePassthrough: true}) }
 
+// TestOverlayDevices checks device nodes of an overlay through a real
+// mount: a lower one shows with its number and stays inert, a chmod copies
+// it up as a device with the same number, and a new one goes in the upper.
+func TestOverlayDevices(t *testing.T) {
+	lower := makeOverlayLower(t)
+	null := unix.Mkdev(1, 3)
+	if err := unix.Mknod(filepath.Join(lower, "a/null"), unix.S_IFCHR, int(null)); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(filepath.Join(lower, "a/null"), 0o666); err != nil {
+		t.Fatal(err)
+	}
+	before := snapshotTree(t, lower)
+	mnt, _ := testOverlayMount(t, lower, Options{})
+	p := func(s string) string { return filepath.Join(mnt, s) }
+
+	checkInertDevice(t, p("a/null"), unix.S_IFCHR|0o666, null)
+	if err := os.Chmod(p("a/null"), 0o640); err != nil {
+		t.Fatalf("chmod of the lower device: %v", err)
+	}
+	checkInertDevice(t, p("a/null"), unix.S_IFCHR|0o640, null)
+	if err := os.Rename(p("a/null"), p("t/null")); err != nil {
+		t.Fatalf("rename: %v", err)
+	}
+	checkInertDevice(t, p("t/null"), unix.S_IFCHR|0o640, null)
+
+	loop := unix.Mkdev(7, 0)
+	if err := unix.Mknod(p("a/sub/loop"), unix.S_IFBLK|0o600, int(loop)); err != nil {
+		t.Fatalf("mknod in a lower directory: %v", err)
+	}
+	checkInertDevice(t, p("a/sub/loop"), unix.S_IFBLK|0o600, loop)
+	for _, name := range []string{"t/null", "a/sub/loop"} {
+		if err := os.Remove(p(name)); err != nil {
+			t.Errorf("remove %s: %v", name, err)
+		}
+	}
+	if after := snapshotTree(t, lower); after != before {
+		t.Errorf("the lower tree changed")
+	}
+}
+
 // TestOverlayLowerFiles reads, writes and renames lower entries through a
 // real mount.
 func TestOverlayLowerFiles(t *testing.T) {

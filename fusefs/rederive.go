@@ -331,10 +331,10 @@ func (r *rederiver) Mkdir(parent uint64, name string, mode uint32, c memfs.Calle
 	return e, err
 }
 
-func (r *rederiver) Mknod(parent uint64, name string, mode uint32, c memfs.Caller) (memfs.Entry, error) {
-	e, err := r.fs.Mknod(parent, name, mode, c)
+func (r *rederiver) Mknod(parent uint64, name string, mode uint32, rdev uint64, c memfs.Caller) (memfs.Entry, error) {
+	e, err := r.fs.Mknod(parent, name, mode, rdev, c)
 	if err == syscall.ESTALE && r.rederive(parent) {
-		e, err = r.fs.Mknod(parent, name, mode, c)
+		e, err = r.fs.Mknod(parent, name, mode, rdev, c)
 	}
 	if err == nil {
 		r.changed()

@@ -513,7 +513,7 @@ func rederiveTree(b *testing.B, l *memfs.Layer, dirs, files int) (dir, file uint
 	for i := range dirs {
 		dir = rdIno(b)(l.Mkdir(memfs.RootIno, fmt.Sprintf("d%03d", i), 0o755, memfs.Root))
 		for j := range files {
-			file = rdIno(b)(l.Mknod(dir, fmt.Sprintf("file%03d", j), unix.S_IFREG|0o644, memfs.Root))
+			file = rdIno(b)(l.Mknod(dir, fmt.Sprintf("file%03d", j), unix.S_IFREG|0o644, 0, memfs.Root))
 			l.Forget(file, 1)
 		}
 		l.Forget(dir, 1)

@@ -235,7 +235,7 @@ func (r *rawFS) SetAttr(_ <-chan struct{}, in *fuse.SetAttrIn, out *fuse.AttrOut
 
 func (r *rawFS) Mknod(_ <-chan struct{}, in *fuse.MknodIn, name string, out *fuse.EntryOut) fuse.Status {
 	start := r.now()
-	e, err := r.fs.Mknod(in.NodeId, name, in.Mode, caller(&in.InHeader))
+	e, err := r.fs.Mknod(in.NodeId, name, in.Mode, uint64(in.Rdev), caller(&in.InHeader))
 	if m, ok := r.made(&in.InHeader, err, in.NodeId, name); ok {
 		e, err = m, nil
 	}

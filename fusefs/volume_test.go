@@ -49,6 +49,8 @@ func childAction(action, path string) int {
 		_, err = unix.Getxattr(path, "trusted.memfs.seals", make([]byte, 64))
 	case "unseal":
 		err = unix.Removexattr(path, "user.memfs.seals")
+	case "mknod-chr":
+		err = unix.Mknod(path, unix.S_IFCHR|0o666, int(unix.Mkdev(1, 3)))
 	case "fsx":
 		if err := fsx(path, 3000, rand.New(rand.NewPCG(1, 2))); err != nil {
 			fmt.Println(err)
@@ -294,6 +296,103 @@ func TestUnprivilegedWritesClearSetID(t *testing.T) {
 		if got, want := fi.Mode()&(os.ModeSetuid|os.ModeSetgid), os.FileMode(0); got != want {
 			t.Errorf("after an unprivileged %s: mode %v, set-ID bits kept", action, fi.Mode())
 		}
+	}
+}
+
+// TestChownNoChange: chown(path, -1, -1) changes no owner, but Linux
+// updates the change time and clears set-ID bits; FUSE sends it as a
+// SETATTR with nothing to set. The volume behaves as its tmpfs does.
+func TestChownNoChange(t *testing.T) {
+	mnt, l, _ := testMount(t, 16<<20, Options{})
+	for _, dir := range []string{l.Dir(), mnt} {
+		p := filepath.Join(dir, "suid-"+filepath.Base(dir))
+		if err := os.WriteFile(p, nil, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if err := unix.Chmod(p, 0o6755); err != nil {
+			t.Fatal(err)
+		}
+		var before, after unix.Stat_t
+		unix.Stat(p, &before)
+		time.Sleep(10 * time.Millisecond)
+		if err := os.Chown(p, -1, -1); err != nil {
+			t.Fatalf("chown -1 -1 in %s: %v", dir, err)
+		}
+		unix.Stat(p, &after)
+		if after.Mode&07777 != 0o755 || after.Ctim == before.Ctim {
+			t.Errorf("chown -1 -1 in %s: mode %o, ctime changed %v; want 755, true", dir, after.Mode&07777, after.Ctim != before.Ctim)
+		}
+	}
+}
+
+// checkInertDevice checks that path is a device node of mode and number
+// rdev, and that it stays inert: the mount is nodev, so opening it fails
+// with EACCES in the kernel, before any driver or the daemon sees it.
+func checkInertDevice(t *testing.T, path string, mode uint32, rdev uint64) {
+	t.Helper()
+	var st unix.Stat_t
+	if err := unix.Lstat(path, &st); err != nil {
+		t.Fatalf("stat %s: %v", path, err)
+	}
+	if st.Mode != mode || st.Rdev != rdev {
+		t.Errorf("stat %s: mode %o rdev %d:%d, want %o %d:%d", path, st.Mode,
+			unix.Major(st.Rdev), unix.Minor(st.Rdev), mode, unix.Major(rdev), unix.Minor(rdev))
+	}
+	for _, flags := range []int{unix.O_RDONLY, unix.O_WRONLY, unix.O_RDWR | unix.O_NONBLOCK} {
+		fd, err := unix.Open(path, flags|unix.O_CLOEXEC, 0)
+		if err == nil {
+			unix.Close(fd)
+		}
+		if err != unix.EACCES {
+			t.Errorf("open %s with flags %#x: %v, want EACCES (nodev)", path, flags, err)
+		}
+	}
+}
+
+// TestDevicesThroughMount makes device nodes through the mount, as root
+// can on tmpfs, and checks their numbers, that they cannot be opened, that
+// they move, link and go like other files, and that an unprivileged user
+// cannot make one.
+func TestDevicesThroughMount(t *testing.T) {
+	mnt, _, _ := testMount(t, 16<<20, Options{})
+	p := func(s string) string { return filepath.Join(mnt, s) }
+	null, loop := unix.Mkdev(1, 3), unix.Mkdev(7, 0)
+	if err := unix.Mknod(p("null"), unix.S_IFCHR|0o666, int(null)); err != nil {
+		t.Fatalf("mknod c 1 3: %v", err)
+	}
+	if err := unix.Mknod(p("loop"), unix.S_IFBLK|0o660, int(loop)); err != nil {
+		t.Fatalf("mknod b 7 0: %v", err)
+	}
+	checkInertDevice(t, p("null"), unix.S_IFCHR|0o666, null)
+	checkInertDevice(t, p("loop"), unix.S_IFBLK|0o660, loop)
+
+	if err := os.Mkdir(p("d"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(p("null"), p("d/null")); err != nil {
+		t.Fatalf("rename: %v", err)
+	}
+	if err := os.Link(p("d/null"), p("null2")); err != nil {
+		t.Fatalf("link: %v", err)
+	}
+	checkInertDevice(t, p("null2"), unix.S_IFCHR|0o666, null)
+	if err := os.Chmod(p("null2"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	checkInertDevice(t, p("d/null"), unix.S_IFCHR|0o600, null)
+	ents, err := os.ReadDir(p("d"))
+	if err != nil || len(ents) != 1 || ents[0].Type() != os.ModeDevice|os.ModeCharDevice {
+		t.Errorf("readdir: %v %v", ents, err)
+	}
+	for _, name := range []string{"d/null", "null2", "loop"} {
+		if err := os.Remove(p(name)); err != nil {
+			t.Errorf("remove %s: %v", name, err)
+		}
+	}
+
+	os.Chmod(mnt, 0o777)
+	if got := asUser(t, "mknod-chr", p("user-null")); got != unix.EPERM {
+		t.Errorf("mknod of a device as uid 1000: %v, want EPERM", got)
 	}
 }
 

@@ -50,7 +50,9 @@ type SetAttr struct {
 //
 // A size change obeys the seals: EPERM if it grows a grow-sealed or shrinks
 // a shrink-sealed file. A change of owner clears set-ID bits as chown(2)
-// does.
+// does. A SetAttr that changes nothing is chown(2) with owner and group
+// -1, as FUSE sends it: Linux updates the change time and clears the
+// set-ID bits of a non-directory even then.
 //
 // Errors: EPERM (seals), EISDIR or EINVAL (size of a non-regular file),
 // EFBIG, ENOSPC.
@@ -62,7 +64,7 @@ func (l *Layer) SetAttr(ino uint64, f *File, a SetAttr) (unix.Stat_t, error) {
 				return err
 			}
 		}
-		if a.Valid&(SetUid|SetGid) != 0 {
+		if a.Valid&(SetUid|SetGid) != 0 || a.Valid&(SetMode|SetSize|SetAtime|SetMtime) == 0 {
 			uid, gid := -1, -1
 			if a.Valid&SetUid != 0 {
 				uid = int(a.Uid)

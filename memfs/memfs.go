@@ -32,6 +32,11 @@
 // Linux would (write, truncate, chown by a caller). It sets the process
 // umask to 0 (New) so that modes are applied exactly as given.
 //
+// Block and character device nodes can be made (Mknod), renamed, linked
+// and removed like other files, and report their device number, but they
+// are inert: the instance is mounted nodev, and memfs opens only regular
+// files and directories.
+//
 // memfs keeps its own markers (seals; later the overlay's whiteouts, opaque
 // directories and copy-up records) as "trusted.memfs.*" extended attributes.
 // They are invisible to GetXattr and ListXattr and refused by SetXattr and

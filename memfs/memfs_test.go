@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"syscall"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -153,7 +154,7 @@ func TestEscapes(t *testing.T) {
 	d := must[Entry](t)(l.Mkdir(RootIno, "d", 0o755, c))
 	must[struct{}](t)(struct{}{}, l.Rename(RootIno, "d", RootIno, "moved", 0))
 	must[Entry](t)(l.Symlink(RootIno, "d", outside, c))
-	f := must[Entry](t)(l.Mknod(d.Ino(), "secret", unix.S_IFREG|0o644, c))
+	f := must[Entry](t)(l.Mknod(d.Ino(), "secret", unix.S_IFREG|0o644, 0, c))
 	if _, err := os.Lstat(filepath.Join(l.Dir(), "moved", "secret")); err != nil {
 		t.Errorf("file made in the swapped directory is not in the moved one: %v", err)
 	}
@@ -261,6 +262,16 @@ func TestKillSuidGid(t *testing.T) {
 	must[unix.Stat_t](t)(l.SetAttr(e.Ino(), nil, SetAttr{Valid: SetUid, Uid: 5}))
 	if got, want := mode(), uint32(0o755); got != want {
 		t.Errorf("after chown: mode %o, want %o", got, want)
+	}
+	// chown(f, -1, -1) reaches memfs as a SetAttr that changes nothing.
+	before := must[unix.Stat_t](t)(l.SetAttr(e.Ino(), nil, SetAttr{Valid: SetMode, Mode: 0o6755}))
+	time.Sleep(10 * time.Millisecond)
+	st := must[unix.Stat_t](t)(l.SetAttr(e.Ino(), nil, SetAttr{}))
+	if got, want := st.Mode&07777, uint32(0o755); got != want || st.Uid != 5 {
+		t.Errorf("after chown -1 -1: mode %o uid %d, want %o 5", got, st.Uid, want)
+	}
+	if st.Ctim == before.Ctim {
+		t.Errorf("chown -1 -1 left the change time")
 	}
 	if f.Direct() {
 		t.Error("a writable set-ID file was handed out for passthrough")
@@ -451,7 +462,7 @@ func TestReadDirOffsets(t *testing.T) {
 	l := newLayer(t, 1<<20)
 	names := []string{"a", "b", "c", "d", "e"}
 	for _, n := range names {
-		e := must[Entry](t)(l.Mknod(RootIno, n, unix.S_IFREG|0o644, Root))
+		e := must[Entry](t)(l.Mknod(RootIno, n, unix.S_IFREG|0o644, 0, Root))
 		l.Forget(e.Ino(), 1)
 	}
 	d := must[*Dir](t)(l.OpenDir(RootIno))
@@ -506,7 +517,7 @@ func TestFdBudget(t *testing.T) {
 			e := must[Entry](t)(l.Mkdir(RootIno, name, 0o755, Root))
 			held = append(held, e)
 			// Uncached inodes work as well as cached ones.
-			f := must[Entry](t)(l.Mknod(e.Ino(), "f", unix.S_IFREG|0o644, Root))
+			f := must[Entry](t)(l.Mknod(e.Ino(), "f", unix.S_IFREG|0o644, 0, Root))
 			must[unix.Stat_t](t)(l.GetAttr(f.Ino()))
 			must[struct{}](t)(struct{}{}, l.SetXattr(f.Ino(), "user.k", []byte("v"), 0))
 			l.Forget(f.Ino(), 1)
@@ -523,5 +534,106 @@ func TestFdBudget(t *testing.T) {
 	}
 	if got, want := budget.InUse(), int64(2); got != want {
 		t.Errorf("in use after forgetting: %d, want %d (the roots)", got, want)
+	}
+}
+
+// TestMknod checks the types Mknod makes and refuses, as mknodat(2) on
+// tmpfs does, and that a device's number is kept only for devices.
+func TestMknod(t *testing.T) {
+	l := newLayer(t, 1<<20)
+	for _, tc := range []struct {
+		name     string
+		mode     uint32
+		rdev     uint64
+		want     error
+		wantType uint32
+		wantRdev uint64
+	}{
+		{"chr", unix.S_IFCHR | 0o640, unix.Mkdev(1, 3), nil, unix.S_IFCHR, unix.Mkdev(1, 3)},
+		{"blk", unix.S_IFBLK | 0o600, unix.Mkdev(7, 0), nil, unix.S_IFBLK, unix.Mkdev(7, 0)},
+		{"bigdev", unix.S_IFCHR | 0o600, unix.Mkdev(4095, 1<<20-1), nil, unix.S_IFCHR, unix.Mkdev(4095, 1<<20-1)},
+		{"zero", unix.S_IFCHR | 0o600, 0, nil, unix.S_IFCHR, 0},
+		{"fifo", unix.S_IFIFO | 0o644, unix.Mkdev(1, 3), nil, unix.S_IFIFO, 0},
+		{"sock", unix.S_IFSOCK | 0o644, unix.Mkdev(1, 3), nil, unix.S_IFSOCK, 0},
+		{"reg", unix.S_IFREG | 0o644, unix.Mkdev(1, 3), nil, unix.S_IFREG, 0},
+		{"notype", 0o644, 0, nil, unix.S_IFREG, 0},
+		{"toobig", unix.S_IFCHR | 0o600, unix.Mkdev(4096, 0), syscall.EINVAL, 0, 0},
+		{"dir", unix.S_IFDIR | 0o755, 0, syscall.EPERM, 0, 0},
+		{"lnk", unix.S_IFLNK | 0o777, 0, syscall.EINVAL, 0, 0},
+	} {
+		e, err := l.Mknod(RootIno, tc.name, tc.mode, tc.rdev, Root)
+		wantErr(t, "mknod "+tc.name, err, tc.want)
+		if err != nil {
+			continue
+		}
+		st := must[unix.Stat_t](t)(l.GetAttr(e.Ino()))
+		if got, want := st.Mode, tc.wantType|tc.mode&07777; got != want || e.Stat.Mode != want {
+			t.Errorf("%s: mode %o (entry %o), want %o", tc.name, got, e.Stat.Mode, want)
+		}
+		if got, want := st.Rdev, tc.wantRdev; got != want || e.Stat.Rdev != want {
+			t.Errorf("%s: rdev %#x (entry %#x), want %#x", tc.name, got, e.Stat.Rdev, want)
+		}
+		l.Forget(e.Ino(), 1)
+	}
+}
+
+// TestDevices checks that a device node is a file like the others for
+// every operation but opening, which fails here and through the instance
+// (nodev).
+func TestDevices(t *testing.T) {
+	l := newLayer(t, 1<<20)
+	c := Caller{Uid: 1000, Gid: 1001}
+	dev := unix.Mkdev(1, 3) // /dev/null
+	e := must[Entry](t)(l.Mknod(RootIno, "null", unix.S_IFCHR|0o666, dev, c))
+	defer l.Forget(e.Ino(), 1)
+	if e.Stat.Uid != c.Uid || e.Stat.Gid != c.Gid {
+		t.Errorf("owner %d:%d, want %d:%d", e.Stat.Uid, e.Stat.Gid, c.Uid, c.Gid)
+	}
+
+	_, err := l.Open(e.Ino(), unix.O_RDONLY, OpenOptions{})
+	wantErr(t, "open", err, syscall.EINVAL)
+	_, err = unix.Open(filepath.Join(l.dir, "null"), unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	wantErr(t, "open through the instance", err, syscall.EACCES)
+	_, err = l.SetAttr(e.Ino(), nil, SetAttr{Valid: SetSize})
+	wantErr(t, "truncate", err, syscall.EINVAL)
+
+	st := must[unix.Stat_t](t)(l.SetAttr(e.Ino(), nil, SetAttr{Valid: SetMode | SetUid | SetGid, Mode: 0o600, Uid: 7, Gid: 8}))
+	if st.Mode != unix.S_IFCHR|0o600 || st.Uid != 7 || st.Gid != 8 || st.Rdev != dev {
+		t.Errorf("after chmod and chown: mode %o owner %d:%d rdev %#x", st.Mode, st.Uid, st.Gid, st.Rdev)
+	}
+
+	ln := must[Entry](t)(l.Link(e.Ino(), RootIno, "null2"))
+	l.Forget(ln.Ino(), 1)
+	if ln.Ino() != e.Ino() || ln.Stat.Nlink != 2 || ln.Stat.Rdev != dev {
+		t.Errorf("link: ino %d nlink %d rdev %#x", ln.Ino(), ln.Stat.Nlink, ln.Stat.Rdev)
+	}
+	d := must[Entry](t)(l.Mkdir(RootIno, "d", 0o755, Root))
+	defer l.Forget(d.Ino(), 1)
+	wantErr(t, "rename", l.Rename(RootIno, "null", d.Ino(), "moved", 0), nil)
+	moved := must[Entry](t)(l.Lookup(d.Ino(), "moved"))
+	l.Forget(moved.Ino(), 1)
+	if moved.Ino() != e.Ino() || moved.Stat.Rdev != dev {
+		t.Errorf("renamed: ino %d rdev %#x", moved.Ino(), moved.Stat.Rdev)
+	}
+	dir := must[*Dir](t)(l.OpenDir(d.Ino()))
+	var types []uint8
+	dir.ReadDir(0, func(de *DirEntry) bool {
+		if de.Name == "moved" {
+			types = append(types, de.Type)
+		}
+		return true
+	})
+	dir.Close()
+	if len(types) != 1 || types[0] != unix.DT_CHR {
+		t.Errorf("readdir types of the device: %v, want [%d]", types, unix.DT_CHR)
+	}
+
+	wantErr(t, "unlink", l.Unlink(d.Ino(), "moved"), nil)
+	wantErr(t, "unlink", l.Unlink(RootIno, "null2"), nil)
+	_, err = l.Lookup(RootIno, "null2")
+	wantErr(t, "lookup after unlink", err, syscall.ENOENT)
+	st = must[unix.Stat_t](t)(l.GetAttr(e.Ino()))
+	if st.Nlink != 0 || st.Rdev != dev {
+		t.Errorf("unlinked device still held: nlink %d rdev %#x", st.Nlink, st.Rdev)
 	}
 }

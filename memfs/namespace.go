@@ -1,6 +1,7 @@
 package memfs
 
 import (
+	"math"
 	"syscall"
 
 	"golang.org/x/sys/unix"
@@ -17,22 +18,31 @@ func (l *Layer) Mkdir(parent uint64, name string, mode uint32, c Caller) (Entry,
 	})
 }
 
-// Mknod creates a regular file, FIFO or socket. Device nodes are refused
-// with EPERM: a volume never holds a device.
+// Mknod creates a regular file, FIFO, socket, or block or character device
+// with the device number rdev (as unix.Mkdev makes it; ignored for the
+// other types). A device node is inert: the instance is mounted nodev, so
+// nobody can open it through memfs's tree, and memfs never opens one.
 //
-// Errors: as Mkdir, and EPERM for devices and directories.
-func (l *Layer) Mknod(parent uint64, name string, mode uint32, c Caller) (Entry, error) {
+// Errors: as Mkdir, EPERM for a directory, and EINVAL for other types and
+// for an rdev beyond the kernel's 32-bit device numbers.
+func (l *Layer) Mknod(parent uint64, name string, mode uint32, rdev uint64, c Caller) (Entry, error) {
 	switch mode & unix.S_IFMT {
 	case 0:
 		mode |= unix.S_IFREG
+		rdev = 0
 	case unix.S_IFREG, unix.S_IFIFO, unix.S_IFSOCK:
-	case unix.S_IFCHR, unix.S_IFBLK, unix.S_IFDIR:
+		rdev = 0
+	case unix.S_IFCHR, unix.S_IFBLK:
+		if rdev > math.MaxUint32 {
+			return Entry{}, syscall.EINVAL
+		}
+	case unix.S_IFDIR:
 		return Entry{}, syscall.EPERM
 	default:
 		return Entry{}, syscall.EINVAL
 	}
 	return l.create(parent, name, c, func(pfd int) error {
-		return unix.Mknodat(pfd, name, mode, 0)
+		return unix.Mknodat(pfd, name, mode, int(rdev))
 	})
 }
 

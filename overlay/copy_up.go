@@ -15,11 +15,11 @@ import (
 const smallFile = 64 << 10
 
 // copyUpLocked makes n present in the upper layer: parents first, then a
-// copy of n's metadata (mode, owner, times, xattrs) built in WorkName and
-// renamed into place, so that a failure leaves nothing behind. A regular
-// file's bytes stay in the lower (the copy is partial); they are copied
-// range by range as they are written, or whole when a small file is opened
-// for writing.
+// copy of n's metadata (mode, owner, times, xattrs; a device's number)
+// built in WorkName and renamed into place, so that a failure leaves
+// nothing behind. A regular file's bytes stay in the lower (the copy is
+// partial); they are copied range by range as they are written, or whole
+// when a small file is opened for writing.
 //
 // Preconditions:
 //   - fs.treeMu is locked for writing.
@@ -113,11 +113,11 @@ func (fs *FS) buildCopy(n *node, st *unix.Stat_t, tmp string) (e memfs.Entry, pa
 		if target, err = fs.lower.Readlink(n.lowerPath); err == nil {
 			e, err = fs.upper.Symlink(fs.workIno, tmp, target, c)
 		}
-	case unix.S_IFIFO, unix.S_IFSOCK:
-		e, err = fs.upper.Mknod(fs.workIno, tmp, st.Mode, c)
+	case unix.S_IFIFO, unix.S_IFSOCK, unix.S_IFCHR, unix.S_IFBLK:
+		e, err = fs.upper.Mknod(fs.workIno, tmp, st.Mode, st.Rdev, c)
 	default:
-		// Devices cannot live in the upper layer.
-		return memfs.Entry{}, false, syscall.EPERM
+		// No file type of Linux's.
+		return memfs.Entry{}, false, syscall.EIO
 	}
 	if err != nil {
 		if e.Ino() != 0 {

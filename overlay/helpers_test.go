@@ -81,6 +81,35 @@ func makeLower(t testing.TB) string {
 	return root
 }
 
+// Device numbers of the lower device nodes makeDevLower adds.
+var (
+	lowerChr = unix.Mkdev(1, 3)
+	lowerBlk = unix.Mkdev(7, 1)
+)
+
+// makeDevLower is makeLower with device nodes: the character device a/cdev
+// (lowerChr, 0640, owned by 1000:1001) and the block device bdev
+// (lowerBlk, 0600).
+func makeDevLower(t testing.TB) string {
+	t.Helper()
+	root := makeLower(t)
+	must := func(err error) {
+		t.Helper()
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	p := func(s string) string { return filepath.Join(root, s) }
+	must(unix.Mknod(p("a/cdev"), unix.S_IFCHR|0o640, int(lowerChr)))
+	must(os.Lchown(p("a/cdev"), 1000, 1001))
+	must(unix.Mknod(p("bdev"), unix.S_IFBLK|0o600, int(lowerBlk)))
+	ts := []unix.Timespec{unix.NsecToTimespec(oldTime.UnixNano()), unix.NsecToTimespec(oldTime.UnixNano())}
+	for _, path := range []string{"a/cdev", "bdev", "a", ""} {
+		must(unix.UtimesNanoAt(unix.AT_FDCWD, p(path), ts, unix.AT_SYMLINK_NOFOLLOW))
+	}
+	return root
+}
+
 // digestTree describes every byte and attribute of a host tree (except
 // access and change times) for comparing before and after a test.
 func digestTree(t testing.TB, root string) string {
@@ -95,7 +124,7 @@ func digestTree(t testing.TB, root string) string {
 			return err
 		}
 		rel, _ := filepath.Rel(root, path)
-		fmt.Fprintf(&b, "%s ino=%d mode=%o uid=%d gid=%d nlink=%d size=%d mtime=%d", rel, st.Ino, st.Mode, st.Uid, st.Gid, st.Nlink, st.Size, st.Mtim.Nano())
+		fmt.Fprintf(&b, "%s ino=%d mode=%o uid=%d gid=%d nlink=%d size=%d rdev=%d mtime=%d", rel, st.Ino, st.Mode, st.Uid, st.Gid, st.Nlink, st.Size, st.Rdev, st.Mtim.Nano())
 		switch st.Mode & unix.S_IFMT {
 		case unix.S_IFREG:
 			sum, err := hashData(path)
@@ -271,7 +300,7 @@ func copyToLayer(t testing.TB, root string, l *memfs.Layer) {
 				target, _ := os.Readlink(path)
 				e, err = l.Symlink(dir, de.Name(), target, memfs.Root)
 			default:
-				e, err = l.Mknod(dir, de.Name(), st.Mode, memfs.Root)
+				e, err = l.Mknod(dir, de.Name(), st.Mode, st.Rdev, memfs.Root)
 			}
 			if err != nil {
 				t.Fatalf("copy %s: %v", path, err)

@@ -38,7 +38,8 @@ type Lower interface {
 	//
 	// Errors: ENODATA.
 	GetXattr(path, name string) ([]byte, error)
-	// Open opens the regular file path for reading.
+	// Open opens the regular file path for reading. It must not open
+	// anything else, a device above all, even for a moment.
 	//
 	// Errors: ENOENT, EISDIR, EINVAL (not a regular file).
 	Open(path string) (LowerFile, error)
@@ -378,31 +379,31 @@ func (d *DirLower) GetXattr(path, name string) ([]byte, error) {
 	return val, err
 }
 
-// Open implements Lower.Open.
+// Open implements Lower.Open. It checks the type on an O_PATH descriptor
+// before it opens the file, so that it never opens a device or a FIFO:
+// opening a device may act on the device even where the tree is not
+// mounted nodev.
 func (d *DirLower) Open(path string) (LowerFile, error) {
-	fd, err := d.openPath(path, unix.O_RDONLY|unix.O_NOATIME|unix.O_NONBLOCK)
-	if err == syscall.ELOOP {
-		return nil, syscall.EINVAL
-	}
+	pfd, err := d.openPath(path, unix.O_PATH)
 	if err != nil {
 		return nil, err
 	}
+	defer unix.Close(pfd)
 	var st unix.Stat_t
-	if err := unix.Fstat(fd, &st); err != nil {
-		unix.Close(fd)
+	if err := unix.Fstat(pfd, &st); err != nil {
 		return nil, errnoOf(err)
 	}
 	switch st.Mode & unix.S_IFMT {
 	case unix.S_IFREG:
 	case unix.S_IFDIR:
-		unix.Close(fd)
 		return nil, syscall.EISDIR
 	default:
-		unix.Close(fd)
 		return nil, syscall.EINVAL
 	}
-	// O_NONBLOCK kept a FIFO from blocking the open; it means nothing to
-	// a regular file.
+	fd, err := unix.Open(procPath(pfd), unix.O_RDONLY|unix.O_NOATIME|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, errnoOf(err)
+	}
 	return &dirLowerFile{fd: fd}, nil
 }
 

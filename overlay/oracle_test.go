@@ -24,7 +24,7 @@ type tfs interface {
 	GetAttr(ino uint64) (unix.Stat_t, error)
 	setAttr(ino uint64, a memfs.SetAttr) (unix.Stat_t, error)
 	Mkdir(parent uint64, name string, mode uint32, c memfs.Caller) (memfs.Entry, error)
-	Mknod(parent uint64, name string, mode uint32, c memfs.Caller) (memfs.Entry, error)
+	Mknod(parent uint64, name string, mode uint32, rdev uint64, c memfs.Caller) (memfs.Entry, error)
 	Symlink(parent uint64, name, target string, c memfs.Caller) (memfs.Entry, error)
 	Link(ino, newParent uint64, name string) (memfs.Entry, error)
 	Unlink(parent uint64, name string) error
@@ -232,8 +232,11 @@ func entryStr(e memfs.Entry, err error) string {
 	return "ok " + statStr(e.Stat)
 }
 
-// decode turns fuzz bytes into operations.
-func decode(prog []byte) []op {
+// decode turns fuzz bytes into operations on paths.
+func decode(prog []byte) []op { return decodeOn(prog, paths) }
+
+// decodeOn turns fuzz bytes into operations on the paths names.
+func decodeOn(prog []byte, names []string) []op {
 	var ops []op
 	next := func() byte {
 		if len(prog) == 0 {
@@ -243,7 +246,7 @@ func decode(prog []byte) []op {
 		prog = prog[1:]
 		return b
 	}
-	path := func() string { return paths[int(next())%len(paths)] }
+	path := func() string { return names[int(next())%len(names)] }
 	for len(prog) > 0 {
 		kind := next() % 24
 		switch kind {
@@ -764,6 +767,45 @@ func TestOracleSeeds(t *testing.T) {
 	for i, prog := range oracleSeeds {
 		t.Run(fmt.Sprint(i), func(t *testing.T) {
 			newOracle(t, lower).run(decode(prog))
+		})
+	}
+}
+
+// devPaths are the names of TestOracleDevices: the device nodes of
+// makeDevLower, other entries to rename and link them over, new names.
+var devPaths = []string{"a/cdev", "bdev", "a", "c", "a/f1", "fifo", "c/x", "new", "a/new", "b"}
+
+// TestOracleDevices runs programs on devPaths over makeDevLower: stat,
+// chmod, chown, xattrs, truncate and opens of lower and copied-up device
+// nodes, and renames, links and removals of them, must match a plain
+// memfs.
+func TestOracleDevices(t *testing.T) {
+	lower := makeDevLower(t)
+	progs := [][]byte{
+		{0, 0, 0, 1, 18, 2, 18, 3},                                // stat both, readdir a and c
+		{13, 0, 0o11, 4, 0, 0, 4, 0, 1, 18, 2},                    // chmod a/cdev (copy-up), stat, truncate
+		{14, 1, 9, 1, 1, 0, 0, 2, 1, 0, 1, 0, 20, 0, 0, 0},        // chown bdev, read, write and hold opens
+		{9, 1, 6, 0, 7, 6, 0, 1, 0, 6},                            // rename bdev to c/x, remove it
+		{11, 0, 7, 0, 7, 9, 4, 7, 0, 0, 0, 7, 0, 0, 7},            // link a/cdev as new, rename a/f1 over new
+		{10, 0, 3, 3, 0, 3, 0, 0, 10, 3, 0, 3, 9, 1, 4, 2},        // exchange a/cdev and c twice, noreplace bdev
+		{16, 0, 5, 1, 16, 1, 5, 0, 7, 0, 7, 1, 18, 2, 0, 0, 0, 1}, // xattrs, then unlink both
+	}
+	rnd := rand.New(rand.NewPCG(20261123, 2))
+	for range 20 {
+		prog := make([]byte, 20+rnd.IntN(60))
+		for j := range prog {
+			prog[j] = byte(rnd.UintN(256))
+		}
+		progs = append(progs, prog)
+	}
+	for i, prog := range progs {
+		t.Run(fmt.Sprint(i), func(t *testing.T) {
+			defer func() {
+				if t.Failed() {
+					t.Logf("program: %v", prog)
+				}
+			}()
+			newOracle(t, lower).run(decodeOn(prog, devPaths))
 		})
 	}
 }

@@ -83,11 +83,13 @@
 //
 // # Limits
 //
-// Device nodes in the lower show but cannot be copied up (EPERM on any
-// change but removal). A lower file whose last name was removed while it
-// is open cannot be copied up any more (ENOENT). A rename that leaves a
-// whiteout does two upper renames; a crash between them shows the lower
-// entry at the old name again (nothing is lost).
+// Device nodes are inert, in either layer: the upper is mounted nodev and
+// the overlay opens only regular files and directories (Open is EINVAL for
+// a device, as for a FIFO); a change of a lower device's metadata copies
+// it up as a device with the same number. A lower file whose last name was
+// removed while it is open cannot be copied up any more (ENOENT). A
+// rename that leaves a whiteout does two upper renames; a crash between
+// them shows the lower entry at the old name again (nothing is lost).
 //
 // # Errors
 //

@@ -597,3 +597,128 @@ func TestPartialCopyUpBlocks(t *testing.T) {
 		t.Errorf("big after a one-page write: blocks %d (%v), want %d", st.Blocks, err, lst.Blocks)
 	}
 }
+
+// TestDevices checks device nodes in both layers: one made in the upper,
+// lower ones that show with their numbers, a metadata copy-up that makes a
+// device with the same number, and renames, links and removals.
+func TestDevices(t *testing.T) {
+	fs := newOverlay(t, makeDevLower(t))
+	lookup := func(parent uint64, name string) memfs.Entry {
+		t.Helper()
+		e, err := fs.Lookup(parent, name)
+		if err != nil {
+			t.Fatalf("lookup %s: %v", name, err)
+		}
+		t.Cleanup(func() { fs.Forget(e.Ino(), 1) })
+		return e
+	}
+	check := func(what string, st unix.Stat_t, mode uint32, uid uint32, rdev uint64) {
+		t.Helper()
+		if st.Mode != mode || st.Uid != uid || st.Rdev != rdev {
+			t.Errorf("%s: mode %o uid %d rdev %#x, want %o %d %#x", what, st.Mode, st.Uid, st.Rdev, mode, uid, rdev)
+		}
+	}
+
+	udev := unix.Mkdev(8, 1)
+	e, err := fs.Mknod(memfs.RootIno, "udev", unix.S_IFBLK|0o660, udev, memfs.Caller{Uid: 5, Gid: 6})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { fs.Forget(e.Ino(), 1) })
+	check("new upper device", e.Stat, unix.S_IFBLK|0o660, 5, udev)
+	st, _ := fs.GetAttr(e.Ino())
+	check("stat of the upper device", st, unix.S_IFBLK|0o660, 5, udev)
+	if _, err := fs.Open(e.Ino(), unix.O_RDONLY, memfs.OpenOptions{}); err != syscall.EINVAL {
+		t.Errorf("open of the upper device: %v, want EINVAL", err)
+	}
+
+	a := lookup(memfs.RootIno, "a")
+	c := lookup(a.Ino(), "cdev")
+	check("lower device", c.Stat, unix.S_IFCHR|0o640, 1000, lowerChr)
+	if _, err := fs.Open(c.Ino(), unix.O_RDONLY, memfs.OpenOptions{}); err != syscall.EINVAL {
+		t.Errorf("open of the lower device: %v, want EINVAL", err)
+	}
+	d, err := fs.OpenDir(a.Ino())
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.ReadDir(0, func(de *memfs.DirEntry) bool {
+		if de.Name == "cdev" && (de.Type != unix.DT_CHR || de.Ino != c.Ino()) {
+			t.Errorf("readdir: cdev type %d ino %#x, want %d %#x", de.Type, de.Ino, unix.DT_CHR, c.Ino())
+		}
+		return true
+	})
+	d.Close()
+
+	// chmod copies the metadata up: a device with the same number.
+	st, err = fs.SetAttr(c.Ino(), nil, memfs.SetAttr{Valid: memfs.SetMode, Mode: 0o604})
+	if err != nil {
+		t.Fatalf("chmod of the lower device: %v", err)
+	}
+	check("after chmod", st, unix.S_IFCHR|0o604, 1000, lowerChr)
+	if st.Gid != 1001 || st.Ino != c.Ino() || st.Mtim.Nano() != oldTime.UnixNano() {
+		t.Errorf("after chmod: gid %d ino %#x mtime %d, want 1001 %#x %d", st.Gid, st.Ino, st.Mtim.Nano(), c.Ino(), oldTime.UnixNano())
+	}
+	ua, err := fs.upper.Lookup(memfs.RootIno, "a")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer fs.upper.Forget(ua.Ino(), 1)
+	uc, err := fs.upper.Lookup(ua.Ino(), "cdev")
+	if err != nil {
+		t.Fatalf("no upper copy: %v", err)
+	}
+	fs.upper.Forget(uc.Ino(), 1)
+	check("upper copy", uc.Stat, unix.S_IFCHR|0o604, 1000, lowerChr)
+
+	// A lower device renamed, linked and removed.
+	if err := fs.Rename(memfs.RootIno, "bdev", a.Ino(), "bdev2", 0); err != nil {
+		t.Fatalf("rename of the lower device: %v", err)
+	}
+	if _, err := fs.Lookup(memfs.RootIno, "bdev"); err != syscall.ENOENT {
+		t.Errorf("old name after rename: %v, want ENOENT", err)
+	}
+	b := lookup(a.Ino(), "bdev2")
+	check("renamed", b.Stat, unix.S_IFBLK|0o600, 0, lowerBlk)
+	l, err := fs.Link(b.Ino(), memfs.RootIno, "bdev3")
+	if err != nil {
+		t.Fatalf("link: %v", err)
+	}
+	fs.Forget(l.Ino(), 1)
+	if l.Ino() != b.Ino() || l.Stat.Nlink != 2 || l.Stat.Rdev != lowerBlk {
+		t.Errorf("link: ino %#x nlink %d rdev %#x", l.Ino(), l.Stat.Nlink, l.Stat.Rdev)
+	}
+	for _, rm := range []struct {
+		dir  uint64
+		name string
+	}{{a.Ino(), "bdev2"}, {memfs.RootIno, "bdev3"}, {a.Ino(), "cdev"}} {
+		if err := fs.Unlink(rm.dir, rm.name); err != nil {
+			t.Errorf("unlink %s: %v", rm.name, err)
+		}
+		if _, err := fs.Lookup(rm.dir, rm.name); err != syscall.ENOENT {
+			t.Errorf("%s after unlink: %v, want ENOENT", rm.name, err)
+		}
+	}
+}
+
+// TestDirLowerOpenRefusesDevices checks that DirLower.Open never opens a
+// device: the lower tree need not be mounted nodev, and opening a device
+// may act on it. The major number has no driver, so an open would fail
+// with ENXIO rather than EINVAL.
+func TestDirLowerOpenRefusesDevices(t *testing.T) {
+	root := t.TempDir()
+	if err := unix.Mknod(filepath.Join(root, "dev"), unix.S_IFCHR|0o666, int(unix.Mkdev(4095, 0))); err != nil {
+		t.Fatal(err)
+	}
+	l, err := NewDirLower(root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	if f, err := l.Open("dev"); err != syscall.EINVAL {
+		if err == nil {
+			f.Close()
+		}
+		t.Errorf("Open of a device: %v, want EINVAL", err)
+	}
+}

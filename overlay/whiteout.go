@@ -10,7 +10,7 @@ import (
 
 // makeWhiteout creates a whiteout as tmp in WorkName.
 func (fs *FS) makeWhiteout(tmp string) error {
-	e, err := fs.upper.Mknod(fs.workIno, tmp, unix.S_IFREG, memfs.Root)
+	e, err := fs.upper.Mknod(fs.workIno, tmp, unix.S_IFREG, 0, memfs.Root)
 	if err != nil {
 		return err
 	}
@@ -221,10 +221,11 @@ func (fs *FS) Mkdir(parent uint64, name string, mode uint32, c memfs.Caller) (me
 	})
 }
 
-// Mknod creates a regular file, FIFO or socket (see memfs.Layer.Mknod).
-func (fs *FS) Mknod(parent uint64, name string, mode uint32, c memfs.Caller) (memfs.Entry, error) {
+// Mknod creates a regular file, FIFO, socket or device node in the upper
+// (see memfs.Layer.Mknod).
+func (fs *FS) Mknod(parent uint64, name string, mode uint32, rdev uint64, c memfs.Caller) (memfs.Entry, error) {
 	return fs.mkEntry(parent, name, c, false, func(dir uint64, name string, c memfs.Caller, _ uint32) (memfs.Entry, error) {
-		return fs.upper.Mknod(dir, name, mode, c)
+		return fs.upper.Mknod(dir, name, mode, rdev, c)
 	})
 }
 
