@@ -352,7 +352,7 @@ func (d *Driver) Run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	ours := socketID(sockPath)
+	ours := socketID(sockPath) // marked by listenSocket
 	handed := false
 	defer func() {
 		if !handed { // else the path is the successor's
@@ -468,9 +468,8 @@ func (d *Driver) Run(ctx context.Context) error {
 	return err
 }
 
-// listenEndpoint listens on a unix socket endpoint. A stale socket is removed;
-// the socket is made 0600 before anyone can connect to it (it is bound
-// under a temporary name, restricted, then renamed into place).
+// listenEndpoint listens on a unix socket endpoint, unix:///path or /path
+// (listenSocket).
 func listenEndpoint(endpoint string) (net.Listener, string, error) {
 	p, ok := strings.CutPrefix(endpoint, "unix://")
 	if !ok && !strings.HasPrefix(endpoint, "/") {
@@ -482,30 +481,8 @@ func listenEndpoint(endpoint string) (net.Listener, string, error) {
 	if !filepath.IsAbs(p) {
 		return nil, "", fmt.Errorf("endpoint %q: want an absolute socket path, unix:///path/to/csi.sock", endpoint)
 	}
-	if err := os.MkdirAll(filepath.Dir(p), 0o750); err != nil {
-		return nil, "", fmt.Errorf("endpoint: %w", err)
-	}
-	if fi, err := os.Lstat(p); err == nil {
-		if fi.Mode()&os.ModeSocket == 0 {
-			return nil, "", fmt.Errorf("endpoint %s exists and is not a socket", p)
-		}
-		if err := os.Remove(p); err != nil {
-			return nil, "", fmt.Errorf("endpoint: removing stale socket: %w", err)
-		}
-	}
-	tmp := fmt.Sprintf("%s.%d.tmp", p, os.Getpid())
-	os.Remove(tmp)
-	lis, err := net.Listen("unix", tmp)
+	lis, err := listenSocket(p)
 	if err != nil {
-		return nil, "", fmt.Errorf("endpoint: %w", err)
-	}
-	lis.(*net.UnixListener).SetUnlinkOnClose(false)
-	if err := os.Chmod(tmp, 0o600); err == nil {
-		err = os.Rename(tmp, p)
-	}
-	if err != nil {
-		lis.Close()
-		os.Remove(tmp)
 		return nil, "", fmt.Errorf("endpoint: %w", err)
 	}
 	return lis, p, nil

@@ -4,11 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"golang.org/x/sys/unix"
-	"net"
-	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
+	"time"
 
 	"google.golang.org/grpc"
 	"k8s.io/klog/v2"
@@ -68,58 +67,137 @@ func (c RegistrationConfig) validate() error {
 	return nil
 }
 
+// How long ServeRegistration waits before offering itself again after
+// kubelet refused it (doubling up to registrationRetryMax), and how often it
+// checks that its socket is still in place. Variables for the tests.
+var (
+	registrationRetry       = time.Second
+	registrationRetryMax    = time.Minute
+	registrationCheckPeriod = 5 * time.Second
+)
+
 // ServeRegistration serves kubelet's plugin-registration API on
 // cfg.SocketPath until ctx is done, then removes the socket (kubelet then
 // unregisters the plugin) and returns nil. A stale socket left by a
 // previous process is replaced. It returns an error when cfg is invalid or
 // the socket cannot be created or served.
+//
+// kubelet tries a socket once: when it refuses the registration (its
+// NodeGetInfo call failed, say) it never asks again, and when the socket
+// file goes away it unregisters the plugin for good. node-driver-registrar
+// answers the first by exiting, so that its restart offers a new socket;
+// ServeRegistration offers a new socket itself, after a back-off. It also
+// puts the socket back when it has been removed from under it (found
+// missing on two checks in a row). A socket replaced by another one is a
+// successor's (a handover): it is left alone.
 func ServeRegistration(ctx context.Context, cfg RegistrationConfig) error {
 	if err := cfg.validate(); err != nil {
 		return err
 	}
-	lis, err := listenUnix(cfg.SocketPath)
-	if err != nil {
-		return fmt.Errorf("registration socket: %w", err)
-	}
-	ours := socketID(cfg.SocketPath)
 	logger := klog.FromContext(ctx).WithValues("socket", cfg.SocketPath)
-	srv := grpc.NewServer()
-	registerapi.RegisterRegistrationServer(srv, &registrationServer{cfg: cfg, logger: logger})
-
-	done := make(chan error, 1)
-	go func() { done <- srv.Serve(lis) }()
-	logger.Info("Serving kubelet plugin registration", "driver", cfg.DriverName, "endpoint", cfg.KubeletEndpoint)
-
-	select {
-	case <-ctx.Done():
-		// Remove the socket first: kubelet unregisters as soon as it
-		// disappears, before this process stops answering CSI calls. A
-		// successor's socket there (a handover) stays.
-		removeSocket(cfg.SocketPath, ours)
-		srv.Stop()
-		<-done
-		return nil
-	case err := <-done:
-		removeSocket(cfg.SocketPath, ours)
-		return fmt.Errorf("registration server: %w", err)
+	retry := registrationRetry
+	for {
+		offer, err := offerRegistration(cfg, logger)
+		if err != nil {
+			return err
+		}
+		logger.Info("Serving kubelet plugin registration", "driver", cfg.DriverName, "endpoint", cfg.KubeletEndpoint)
+		again, err := offer.wait(ctx, retry)
+		offer.stop()
+		switch {
+		case err != nil:
+			return err
+		case !again:
+			return nil
+		}
+		switch {
+		case offer.refused.Load():
+			retry = min(2*retry, registrationRetryMax)
+		case offer.registered.Load():
+			retry = registrationRetry
+		}
 	}
 }
 
-// listenUnix listens on a unix socket at path, replacing a stale socket
-// there; anything else at path is an error.
-func listenUnix(path string) (net.Listener, error) {
-	if fi, err := os.Lstat(path); err == nil {
-		if fi.Mode().Type() != os.ModeSocket {
-			return nil, fmt.Errorf("%s exists and is not a socket", path)
-		}
-		if err := os.Remove(path); err != nil {
-			return nil, err
+// registrationOffer is one registration socket and the server behind it.
+type registrationOffer struct {
+	path string
+	// ours identifies the socket file this offer bound.
+	ours fileStamp
+	srv  *grpc.Server
+	// served receives Serve's result.
+	served chan error
+	// refused is set, and refusedc signalled, when kubelet refuses the
+	// registration; kubelet will not try this socket again.
+	refused  atomic.Bool
+	refusedc chan struct{}
+	// registered is set when kubelet accepts the registration.
+	registered atomic.Bool
+}
+
+// offerRegistration binds cfg.SocketPath and serves the registration API
+// on it.
+func offerRegistration(cfg RegistrationConfig, logger klog.Logger) (*registrationOffer, error) {
+	lis, err := listenSocket(cfg.SocketPath)
+	if err != nil {
+		return nil, fmt.Errorf("registration socket: %w", err)
+	}
+	o := &registrationOffer{
+		path:     cfg.SocketPath,
+		ours:     socketID(cfg.SocketPath), // marked by listenSocket
+		srv:      grpc.NewServer(),
+		served:   make(chan error, 1),
+		refusedc: make(chan struct{}, 1),
+	}
+	registerapi.RegisterRegistrationServer(o.srv, &registrationServer{cfg: cfg, logger: logger, offer: o})
+	go func() { o.served <- o.srv.Serve(lis) }()
+	return o, nil
+}
+
+// wait returns when the offer should end: with again set when a new socket
+// should be offered (kubelet refused this one, and retry has passed; or the
+// socket was removed), with an error when the server failed, and with
+// neither when ctx is done.
+func (o *registrationOffer) wait(ctx context.Context, retry time.Duration) (again bool, err error) {
+	tick := time.NewTicker(registrationCheckPeriod)
+	defer tick.Stop()
+	missing := 0
+	for {
+		select {
+		case <-ctx.Done():
+			return false, nil
+		case err := <-o.served:
+			return false, fmt.Errorf("registration server: %w", err)
+		case <-o.refusedc:
+			klog.FromContext(ctx).Info("Offering the registration again", "socket", o.path, "after", retry)
+			select {
+			case <-ctx.Done():
+				return false, nil
+			case <-time.After(retry):
+				return true, nil
+			}
+		case <-tick.C:
+			switch id := socketID(o.path); {
+			case id == o.ours:
+				missing = 0
+			case id != (fileStamp{}):
+				missing = 0 // a successor's: not ours to fight over
+			default:
+				if missing++; missing == 2 {
+					klog.FromContext(ctx).Info("Registration socket was removed; offering it again", "socket", o.path)
+					return true, nil
+				}
+			}
 		}
 	}
-	if err := os.MkdirAll(filepath.Dir(path), 0o750); err != nil {
-		return nil, err
-	}
-	return net.Listen("unix", path)
+}
+
+// stop removes the socket first (kubelet unregisters as soon as it
+// disappears, before this process stops answering CSI calls; a successor's
+// socket there stays), then stops the server.
+func (o *registrationOffer) stop() {
+	removeSocket(o.path, o.ours)
+	o.srv.Stop()
 }
 
 // registrationServer answers kubelet's registration calls.
@@ -130,6 +208,8 @@ type registrationServer struct {
 	cfg RegistrationConfig
 	// logger carries the socket path. Immutable.
 	logger klog.Logger
+	// offer is the socket this server answers on.
+	offer *registrationOffer
 	// mu serializes OnStatus calls.
 	mu sync.Mutex
 }
@@ -149,8 +229,12 @@ func (s *registrationServer) GetInfo(context.Context, *registerapi.InfoRequest) 
 func (s *registrationServer) NotifyRegistrationStatus(_ context.Context, st *registerapi.RegistrationStatus) (*registerapi.RegistrationStatusResponse, error) {
 	if st.GetPluginRegistered() {
 		s.logger.Info("Registered with kubelet", "driver", s.cfg.DriverName)
+		s.offer.registered.Store(true)
 	} else {
 		s.logger.Error(errors.New(st.GetError()), "Kubelet refused the registration", "driver", s.cfg.DriverName)
+		if !s.offer.refused.Swap(true) {
+			s.offer.refusedc <- struct{}{}
+		}
 	}
 	if s.cfg.OnStatus != nil {
 		s.mu.Lock()
@@ -158,29 +242,4 @@ func (s *registrationServer) NotifyRegistrationStatus(_ context.Context, st *reg
 		s.mu.Unlock()
 	}
 	return &registerapi.RegistrationStatusResponse{}, nil
-}
-
-// socketID identifies the socket file at path, or is zero.
-func socketID(path string) fileStamp {
-	var st unix.Stat_t
-	if unix.Lstat(path, &st) != nil {
-		return fileStamp{}
-	}
-	return fileStamp{st.Ino, st.Ctim}
-}
-
-// fileStamp tells one file from another at the same path: a successor's
-// socket may get the inode number of one just removed, never its change
-// time as well.
-type fileStamp struct {
-	ino   uint64
-	ctime unix.Timespec
-}
-
-// removeSocket removes the socket at path if it is still the one bound as
-// id: a successor process may have replaced it.
-func removeSocket(path string, id fileStamp) {
-	if id != (fileStamp{}) && socketID(path) == id {
-		os.Remove(path)
-	}
 }

@@ -219,3 +219,111 @@ func TestRunRegistersWithKubelet(t *testing.T) {
 		t.Errorf("name %q, want %q", got, want)
 	}
 }
+
+// TestRegistrationSuccessorKeepsSocket: during a rollout the successor
+// binds the socket path anew while the predecessor still serves; the
+// predecessor stopping must leave the successor's socket in place, or
+// kubelet unregisters the driver for good.
+func TestRegistrationSuccessorKeepsSocket(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), RegistrationSocketName("memfs.csi.dev"))
+	cfg := RegistrationConfig{DriverName: "memfs.csi.dev", KubeletEndpoint: "/csi/csi.sock", SocketPath: sock}
+	_, stopOld := startRegistration(t, cfg)
+	before := socketID(sock)
+	client, _ := startRegistration(t, cfg)
+	waitNewSocket(t, sock, before)
+	if err := stopOld(); err != nil {
+		t.Fatalf("stopping the predecessor: %v", err)
+	}
+	if _, err := os.Lstat(sock); err != nil {
+		t.Fatalf("the predecessor removed the successor's socket: %v", err)
+	}
+	if _, err := client.GetInfo(context.Background(), &registerapi.InfoRequest{}); err != nil {
+		t.Fatalf("GetInfo over the successor's socket: %v", err)
+	}
+}
+
+// waitNewSocket waits until the socket at path is another than old, and
+// answers.
+func waitNewSocket(t *testing.T, path string, old fileStamp) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if id := socketID(path); id != old && id != (fileStamp{}) {
+			if c, err := net.Dial("unix", path); err == nil {
+				c.Close()
+				return
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no new socket at %s", path)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// TestRegistrationOfferedAgainAfterRefusal: kubelet never retries a socket
+// whose registration it refused, so a refusal brings a new socket (a new
+// registration attempt), as node-driver-registrar's restart does.
+func TestRegistrationOfferedAgainAfterRefusal(t *testing.T) {
+	t.Cleanup(func(d time.Duration) func() { return func() { registrationRetry = d } }(registrationRetry))
+	registrationRetry = 10 * time.Millisecond
+	sock := filepath.Join(t.TempDir(), RegistrationSocketName("memfs.csi.dev"))
+	startRegistration(t, RegistrationConfig{
+		DriverName: "memfs.csi.dev", KubeletEndpoint: "/csi/csi.sock", SocketPath: sock})
+	// notify reports a status as kubelet does: over a connection of its
+	// own to the socket there now.
+	notify := func(st *registerapi.RegistrationStatus) {
+		t.Helper()
+		conn, err := grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close()
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		if _, err := registerapi.NewRegistrationClient(conn).NotifyRegistrationStatus(ctx, st); err != nil {
+			t.Fatalf("NotifyRegistrationStatus(%v): %v", st, err)
+		}
+	}
+	for range 2 {
+		before := socketID(sock)
+		notify(&registerapi.RegistrationStatus{PluginRegistered: false, Error: "NodeGetInfo failed"})
+		waitNewSocket(t, sock, before)
+	}
+	// An accepted registration is not offered again.
+	before := socketID(sock)
+	notify(&registerapi.RegistrationStatus{PluginRegistered: true})
+	time.Sleep(100 * time.Millisecond)
+	if socketID(sock) != before {
+		t.Error("the socket was replaced after kubelet accepted the registration")
+	}
+}
+
+// TestRegistrationSocketRestored: a registration socket removed from under
+// the plugin (a cleanup of kubelet's directory) is put back; one replaced by
+// another process's is left alone.
+func TestRegistrationSocketRestored(t *testing.T) {
+	t.Cleanup(func(d time.Duration) func() { return func() { registrationCheckPeriod = d } }(registrationCheckPeriod))
+	registrationCheckPeriod = 10 * time.Millisecond
+	sock := filepath.Join(t.TempDir(), RegistrationSocketName("memfs.csi.dev"))
+	startRegistration(t, RegistrationConfig{
+		DriverName: "memfs.csi.dev", KubeletEndpoint: "/csi/csi.sock", SocketPath: sock})
+	before := socketID(sock)
+	if err := os.Remove(sock); err != nil {
+		t.Fatal(err)
+	}
+	waitNewSocket(t, sock, before)
+
+	// Another process's socket at the path stays.
+	os.Remove(sock)
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	theirs := socketID(sock)
+	time.Sleep(100 * time.Millisecond)
+	if socketID(sock) != theirs {
+		t.Error("another process's registration socket was replaced")
+	}
+}

@@ -99,12 +99,8 @@ func setUp() int {
 		return 1
 	}
 	fmt.Printf("e2e: helm install took %s\n", time.Since(start).Round(time.Second))
-	if err := poll(2*time.Minute, func() (bool, error) {
-		out, err := kubectl("get", "csinode", cl.nodeName, "-o", "jsonpath={.spec.drivers[*].name}")
-		return err == nil && strings.Contains(out, driverName), nil
-	}); err != nil {
-		fmt.Printf("e2e: kubelet did not register %s: %v\n", driverName, err)
-		dumpPlugin()
+	if err := waitRegistered(); err != nil {
+		fmt.Printf("e2e: %v\n", err)
 		return 1
 	}
 	if out, err := kubectl("create", "namespace", testNS); err != nil {
@@ -188,6 +184,29 @@ func poll(timeout time.Duration, f func() (bool, error)) error {
 		}
 		time.Sleep(500 * time.Millisecond)
 	}
+}
+
+// waitRegistered waits for the node's CSINode to list the driver; when it
+// does not, it prints the plugin pods and what kubelet logged about plugin
+// registration.
+func waitRegistered() error {
+	err := poll(2*time.Minute, func() (bool, error) {
+		out, err := kubectl("get", "csinode", cl.nodeName, "-o", "jsonpath={.spec.drivers[*].name}")
+		return err == nil && strings.Contains(out, driverName), nil
+	})
+	if err == nil {
+		return nil
+	}
+	dumpPlugin()
+	if log, rerr := os.ReadFile(filepath.Join(cl.dir, "logs", "kubelet.log")); rerr == nil {
+		fmt.Println("kubelet, on plugin registration:")
+		for _, line := range strings.Split(string(log), "\n") {
+			if strings.Contains(line, "egist") && (strings.Contains(line, driverName) || strings.Contains(line, "plugin")) {
+				fmt.Println(" ", line)
+			}
+		}
+	}
+	return fmt.Errorf("kubelet did not register %s: %w", driverName, err)
 }
 
 // dumpPlugin prints the plugin pods' state and logs.
@@ -828,11 +847,8 @@ func TestDaemonSetRestart(t *testing.T) {
 	if newPods == oldPods {
 		t.Fatalf("plugin pod not replaced: %s", newPods)
 	}
-	if err := poll(2*time.Minute, func() (bool, error) {
-		out, err := kubectl("get", "csinode", cl.nodeName, "-o", "jsonpath={.spec.drivers[*].name}")
-		return err == nil && strings.Contains(out, driverName), nil
-	}); err != nil {
-		t.Fatalf("driver not registered after the restart: %v", err)
+	if err := waitRegistered(); err != nil {
+		t.Fatalf("after the restart: %v", err)
 	}
 
 	runPod(t, pod{Name: "after-restart", Attrs: map[string]string{"size": "8Mi"}})

@@ -333,6 +333,10 @@ func TestRolloutRestart(t *testing.T) {
 			t.Errorf("new plugin pod's %s: %d restarts, ready %v; want 0, true", c, restarts, ready)
 		}
 	}
+	// kubelet registers the plugin anew; pods created from now on need it.
+	if err := waitRegistered(); err != nil {
+		t.Error(err)
+	}
 	time.Sleep(2 * time.Second)
 	checkWriters(t, names, before)
 	deleteWriters(t, names)
@@ -369,6 +373,10 @@ func TestPluginKill(t *testing.T) {
 	}
 	if id2, n, ready := pluginStatus(t, plugin, "holder"); id2 != holderID || n != holderRestarts || !ready {
 		t.Errorf("the holder changed: container %s (was %s), %d restarts (was %d), ready %v", id2, holderID, n, holderRestarts, ready)
+	}
+	// kubelet registers the plugin anew; pods created from now on need it.
+	if err := waitRegistered(); err != nil {
+		t.Error(err)
 	}
 	time.Sleep(2 * time.Second)
 	checkWriters(t, names, before)
