@@ -80,6 +80,9 @@ type busyVolume struct {
 	wmu     sync.Mutex
 	file    *os.File
 	written int
+	// scratch gets the same records; it was removed once opened, so only
+	// its descriptor (and the kernel's passthrough backing file) keeps it.
+	scratch *os.File
 	// reader reads file (and, on an image volume, lowerFile) by name
 	// again and again, and a mapping of mapped is read and written.
 	lowerFile, lowerWant string
@@ -89,6 +92,41 @@ type busyVolume struct {
 	mu      sync.Mutex
 	errs    []error
 	maxWait time.Duration
+}
+
+// newBusyVolume opens the files of a busyVolume on the volume mounted at
+// target: the log, the scratch file (removed at once) and the mapping.
+func newBusyVolume(t *testing.T, target string) *busyVolume {
+	t.Helper()
+	b := &busyVolume{target: target}
+	var err error
+	if b.file, err = os.OpenFile(filepath.Join(target, "log"), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if b.scratch, err = os.OpenFile(filepath.Join(target, "scratch"), os.O_RDWR|os.O_CREATE|os.O_APPEND, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Remove(b.scratch.Name()); err != nil {
+		t.Fatal(err)
+	}
+	mf, err := os.OpenFile(filepath.Join(target, "mapped"), os.O_RDWR|os.O_CREATE, 0o644)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mf.Truncate(4096)
+	b.mapped, err = unix.Mmap(int(mf.Fd()), 0, 4096, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+	mf.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+// close lets go of the volume's files.
+func (b *busyVolume) close() {
+	b.file.Close()
+	b.scratch.Close()
+	unix.Munmap(b.mapped)
 }
 
 func (b *busyVolume) fail(err error) {
@@ -132,7 +170,9 @@ func (b *busyVolume) run(stop <-chan struct{}, wg *sync.WaitGroup) {
 			var err error
 			b.wmu.Lock()
 			b.timed(func() error {
-				_, err = fmt.Fprintf(b.file, "%d\n", b.written+1)
+				if _, err = fmt.Fprintf(b.file, "%d\n", b.written+1); err == nil {
+					_, err = fmt.Fprintf(b.scratch, "%d\n", b.written+1)
+				}
 				return err
 			})
 			if err == nil {
@@ -203,6 +243,14 @@ func (b *busyVolume) check(t *testing.T, phase string) {
 	if err := unix.Fstat(int(b.file.Fd()), &st); err != nil || st.Size != int64(want.Len()) {
 		t.Errorf("%s: fstat of the writer's descriptor: size %d, %v", phase, st.Size, err)
 	}
+	got = make([]byte, want.Len()+1)
+	n, _ := b.scratch.ReadAt(got, 0)
+	if !bytes.Equal(got[:n], want.Bytes()) {
+		t.Errorf("%s: %s's removed scratch file holds %d bytes, want the %d records written (%d bytes)", phase, b.target, n, b.written, want.Len())
+	}
+	if err := unix.Fstat(int(b.scratch.Fd()), &st); err != nil || st.Size != int64(want.Len()) || st.Nlink != 0 {
+		t.Errorf("%s: fstat of the removed scratch file: size %d, nlink %d, %v", phase, st.Size, st.Nlink, err)
+	}
 	if n := int(b.mapped[0]) | int(b.mapped[1])<<8 | int(b.mapped[2])<<16; n != b.written&0xffffff {
 		t.Errorf("%s: the mapping holds %d, want %d", phase, n, b.written)
 	}
@@ -245,23 +293,9 @@ func TestTakeoverKeepsBusyVolumes(t *testing.T) {
 		if _, err := node.NodePublishVolume(ctx, pubReq(id, target, a)); err != nil {
 			t.Fatalf("publish %s: %v", id, err)
 		}
-		b := &busyVolume{target: target}
-		var err error
-		if b.file, err = os.OpenFile(filepath.Join(target, "log"), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o644); err != nil {
-			t.Fatal(err)
-		}
+		b := newBusyVolume(t, target)
 		if i%2 == 1 {
 			b.lowerFile, b.lowerWant = filepath.Join(target, "etc", "app.conf"), "from the image\n"
-		}
-		mf, err := os.OpenFile(filepath.Join(target, "mapped"), os.O_RDWR|os.O_CREATE, 0o644)
-		if err != nil {
-			t.Fatal(err)
-		}
-		mf.Truncate(4096)
-		b.mapped, err = unix.Mmap(int(mf.Fd()), 0, 4096, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
-		mf.Close()
-		if err != nil {
-			t.Fatal(err)
 		}
 		vols[i] = b
 	}
@@ -332,8 +366,7 @@ func TestTakeoverKeepsBusyVolumes(t *testing.T) {
 	defer conn.Close()
 	node = csi.NewNodeClient(conn)
 	for i, b := range vols {
-		b.file.Close()
-		unix.Munmap(b.mapped)
+		b.close()
 		if _, err := node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: fmt.Sprintf("vol-%02d", i), TargetPath: b.target}); err != nil {
 			t.Errorf("unpublish: %v", err)
 		}
@@ -427,18 +460,7 @@ func TestCrashLoopLeaksNothing(t *testing.T) {
 		if _, err := csi.NewNodeClient(conn).NodePublishVolume(ctx, pubReq(id, target, attrs("size", "4Mi"))); err != nil {
 			t.Fatal(err)
 		}
-		f, err := os.OpenFile(filepath.Join(target, "log"), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o644)
-		if err != nil {
-			t.Fatal(err)
-		}
-		mf, _ := os.OpenFile(filepath.Join(target, "mapped"), os.O_RDWR|os.O_CREATE, 0o644)
-		mf.Truncate(4096)
-		m, err := unix.Mmap(int(mf.Fd()), 0, 4096, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
-		mf.Close()
-		if err != nil {
-			t.Fatal(err)
-		}
-		vols[i] = &busyVolume{target: target, file: f, mapped: m}
+		vols[i] = newBusyVolume(t, target)
 	}
 	conn.Close()
 	stop := make(chan struct{})
@@ -494,8 +516,7 @@ func TestCrashLoopLeaksNothing(t *testing.T) {
 	conn = dial(t, p.endpoint)
 	defer conn.Close()
 	for i, b := range vols {
-		b.file.Close()
-		unix.Munmap(b.mapped)
+		b.close()
 		if _, err := csi.NewNodeClient(conn).NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: fmt.Sprintf("vol-%d", i), TargetPath: b.target}); err != nil {
 			t.Errorf("unpublish: %v", err)
 		}

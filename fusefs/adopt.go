@@ -148,6 +148,14 @@ func (r *rawFS) restore() error {
 			// with their offsets, so O_APPEND needs no care.
 			flags := int(rec.Flags) &^ (unix.O_CREAT | unix.O_EXCL | unix.O_TRUNC)
 			f, err = r.fs.Open(rec.Ino, flags, memfs.OpenOptions{Direct: backed})
+			if err == unix.ESTALE && rec.HasData != 0 {
+				// No name leads to it: removed while open, or an
+				// O_TMPFILE. The reference FindOrphan adds stands
+				// for the kernel's lookup count (see rederive.go).
+				if o, ok := r.fs.(orphanFinder); ok && o.FindOrphan(rec.Ino, rec.DataIno, rec.DataGen) == nil {
+					f, err = r.fs.Open(rec.Ino, flags, memfs.OpenOptions{Direct: backed})
+				}
+			}
 			if err == nil {
 				h = &openFile{File: f, ino: rec.Ino, backed: backed}
 			}

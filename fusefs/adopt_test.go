@@ -11,7 +11,10 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/csi-memfs/csi-memfs/memfs"
+	"github.com/csi-memfs/csi-memfs/overlay"
 )
 
 // adoptLayer serves the instance of l again, as a successor process does.
@@ -274,5 +277,145 @@ func TestAdoptWithOtherOptions(t *testing.T) {
 	}
 	if srv2.Passthrough() {
 		t.Errorf("passthrough on a connection mounted without it")
+	}
+}
+
+// TestAdoptFindsFilesWithNoName: files that have no name when the server
+// changes (removed while open, made with O_TMPFILE) go on working through
+// the descriptors that hold them, on a memory volume and on an overlay
+// (including a lower file copied up, then removed). Their handle records
+// name their tmpfs inode, which the kernel's passthrough backing file
+// keeps alive after the old process lets go of everything (Detach stands
+// for its death). Without passthrough nothing keeps such a file, and its
+// descriptors fail (EIO; ESTALE for fstat).
+func TestAdoptFindsFilesWithNoName(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		overlay bool
+		opts    Options
+	}{
+		{"memfs-passthrough", false, Options{}},
+		{"overlay-passthrough", true, Options{}},
+		{"memfs-daemon-io", false, Options{DisablePassthrough: true}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			base, l := newTestLayer(t, 16<<20)
+			lower := ""
+			if tc.overlay {
+				lower = makeOverlayLower(t)
+			}
+			// serve returns the tree of the volume over l, as the
+			// driver makes it.
+			serve := func(l *memfs.Layer) FileSystem {
+				if !tc.overlay {
+					return FromLayer(l)
+				}
+				dl, err := overlay.NewDirLower(lower)
+				if err != nil {
+					t.Fatal(err)
+				}
+				fs, err := overlay.New(l, dl)
+				if err != nil {
+					t.Fatal(err)
+				}
+				t.Cleanup(func() { fs.Close(); dl.Close() })
+				return FromOverlay(fs)
+			}
+			mnt := filepath.Join(base, "mnt")
+			os.Mkdir(mnt, 0o755)
+			srv, err := Mount(mnt, serve(l), tc.opts)
+			if err != nil {
+				t.Fatal(err)
+			}
+
+			type held struct {
+				what string
+				f    *os.File
+				data string
+			}
+			var files []held
+			open := func(what, name string, flags int, data string) {
+				f, err := os.OpenFile(filepath.Join(mnt, name), flags, 0o600)
+				if err != nil {
+					t.Fatalf("%s: %v", what, err)
+				}
+				t.Cleanup(func() { f.Close() })
+				if _, err := f.WriteAt([]byte(data), 0); err != nil {
+					t.Fatalf("%s: %v", what, err)
+				}
+				if name != "" {
+					if err := os.Remove(filepath.Join(mnt, name)); err != nil {
+						t.Fatalf("%s: %v", what, err)
+					}
+				}
+				files = append(files, held{what, f, data})
+			}
+			open("removed while open", "removed", os.O_RDWR|os.O_CREATE, "removed")
+			if tc.overlay {
+				open("lower file copied up, removed", "top", os.O_RDWR, "TOP")
+				files[len(files)-1].data = "TOP\n"
+			}
+			fd, err := unix.Open(mnt, unix.O_TMPFILE|unix.O_RDWR, 0o600)
+			if err != nil {
+				t.Fatal(err)
+			}
+			tf := os.NewFile(uintptr(fd), "tmpfile")
+			t.Cleanup(func() { tf.Close() })
+			if _, err := tf.WriteAt([]byte("tmpfile"), 0); err != nil {
+				t.Fatal(err)
+			}
+			files = append(files, held{"O_TMPFILE", tf, "tmpfile"})
+
+			sess, err := srv.Stop()
+			if err != nil {
+				t.Fatal(err)
+			}
+			l.Detach() // the old process's descriptors die with it
+			srv2, err := Adopt(mnt, sess, serve(adoptLayer(t, l)), tc.opts, false)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer func() {
+				for _, h := range files {
+					h.f.Close()
+				}
+				if err := srv2.Unmount(); err != nil {
+					t.Error(err)
+				}
+			}()
+
+			for _, h := range files {
+				_, werr := h.f.WriteAt([]byte("+after"), int64(len(h.data)))
+				st, serr := h.f.Stat()
+				if tc.opts.DisablePassthrough {
+					if !errors.Is(werr, syscall.EIO) || !(errors.Is(serr, syscall.EIO) || errors.Is(serr, syscall.ESTALE)) {
+						t.Errorf("%s: write %v, fstat %v; want EIO, and EIO or ESTALE (nothing kept the file)", h.what, werr, serr)
+					}
+					continue
+				}
+				want := h.data + "+after"
+				if werr != nil || serr != nil || st.Size() != int64(len(want)) {
+					t.Errorf("%s: write %v, fstat %v %v; want size %d", h.what, werr, st, serr, len(want))
+					continue
+				}
+				if err := h.f.Sync(); err != nil {
+					t.Errorf("%s: fsync: %v", h.what, err)
+				}
+				buf := make([]byte, 64)
+				if n, _ := h.f.ReadAt(buf, 0); string(buf[:n]) != want {
+					t.Errorf("%s: read %q, want %q", h.what, buf[:n], want)
+				}
+				if err := h.f.Truncate(3); err != nil {
+					t.Errorf("%s: ftruncate: %v", h.what, err)
+				} else if st, err := h.f.Stat(); err != nil || st.Size() != 3 {
+					t.Errorf("%s: after ftruncate: %v, %v", h.what, st, err)
+				}
+			}
+			if tc.overlay {
+				if _, err := os.Stat(filepath.Join(mnt, "top")); !errors.Is(err, os.ErrNotExist) {
+					t.Errorf("the removed lower file: %v, want ENOENT", err)
+				}
+			}
+		})
 	}
 }

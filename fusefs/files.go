@@ -67,6 +67,11 @@ func (r *rawFS) opened(of *openFile, flags uint32, out *fuse.OpenOut) fuse.Statu
 				return s
 			}
 			rec := handleRecord{Kind: recFile, Flags: flags, Ino: of.ino}
+			if hf, ok := of.File.(handleFile); ok {
+				if ino, gen, ok := hf.Handle(); ok {
+					rec.HasData, rec.DataGen, rec.DataIno = 1, gen, ino
+				}
+			}
 			if out.OpenFlags&fuse.FOPEN_PASSTHROUGH != 0 {
 				b := r.backing[of.ino]
 				of.backed = true

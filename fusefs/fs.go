@@ -66,12 +66,37 @@ type Dir interface {
 	Close() error
 }
 
+// orphanFinder is implemented by FileSystems that can find a node with no
+// name (a file removed while open, or an O_TMPFILE) by the tmpfs inode
+// holding its data: a successor server reopens such files from their
+// handle records (adopt.go). FindOrphan adds one reference to node ino,
+// whose data is tmpfs inode dataIno of generation gen; ESTALE when that
+// inode is gone or is not ino's.
+type orphanFinder interface {
+	FindOrphan(ino, dataIno uint64, gen uint32) error
+}
+
+// handleFile is implemented by Files that can name the tmpfs inode holding
+// their data (memfs.File.Handle); ok is false when there is none yet.
+type handleFile interface {
+	Handle() (ino uint64, gen uint32, ok bool)
+}
+
 // FromLayer serves a memfs Layer on its own, with no lower layer.
 func FromLayer(l *memfs.Layer) FileSystem { return layerFS{l} }
 
 // layerFS adapts *memfs.Layer's concrete File and Dir types to the
 // interfaces.
 type layerFS struct{ *memfs.Layer }
+
+// FindOrphan: a memfs node is its tmpfs inode.
+func (l layerFS) FindOrphan(ino, dataIno uint64, gen uint32) error {
+	if ino != dataIno {
+		return unix.ESTALE
+	}
+	_, err := l.LookupHandle(ino, gen)
+	return err
+}
 
 func (l layerFS) SetAttr(ino uint64, f File, a memfs.SetAttr) (unix.Stat_t, error) {
 	mf, _ := f.(*memfs.File)

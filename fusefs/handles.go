@@ -18,7 +18,9 @@ import (
 // (the driver hands it to the next server, and a holder keeps a copy for
 // crashes). A record says what to reopen: the inode, the open flags, and
 // the passthrough backing file the kernel does the I/O on. The fh is the
-// record's index plus one.
+// record's index plus one. A file's record also names the tmpfs inode of its
+// data, so that a file removed while open (or an O_TMPFILE) is found again:
+// the kernel's passthrough backing file keeps that inode alive.
 //
 // Records are written before the reply that gives the kernel the fh, and
 // cleared at RELEASE. A server that dies between the two leaves a record
@@ -52,7 +54,14 @@ type handleRecord struct {
 	BackingID  int32
 	BackingDev uint64
 	BackingIno uint64
-	_          [24]byte
+	// HasData is 1 when DataIno and DataGen name the tmpfs inode that
+	// holds the file's bytes (handleFile): a successor finds the file by
+	// them when it has no name (orphanFinder). Records of older servers
+	// have 0 here.
+	HasData uint32
+	DataGen uint32
+	DataIno uint64
+	_       [8]byte
 }
 
 const recordSize = int(unsafe.Sizeof(handleRecord{}))
@@ -77,8 +86,8 @@ type handleTable struct {
 }
 
 // deadHandle stands for a handle a successor could not reopen (its file
-// was removed while open, for example). Requests on it fail with EIO until
-// the kernel releases it.
+// was removed while open and nothing kept it, for example). Requests on it
+// fail with EIO until the kernel releases it.
 type deadHandle struct {
 	ino uint64
 	// backed says the handle holds a reference on ino's backing file.

@@ -67,8 +67,9 @@ import (
 // stay registered (an inode record each, and a cached descriptor within
 // the FdBudget) until a FORGET of more than they hold or the Layer is
 // closed. That bounds the cost by the number of directories. A file that
-// only the previous process held (an unlinked file or O_TMPFILE kept alive
-// by a passthrough backing file) stays ESTALE.
+// has no name (an unlinked file or O_TMPFILE kept alive by a passthrough
+// backing file) stays ESTALE here; a successor finds the open ones by
+// their handle records instead (FindOrphan, adopt.go).
 
 // rederiving returns fs with re-derivation of unknown node ids. Every
 // method of fs that fails with ESTALE for an inode number it takes (but
@@ -422,6 +423,14 @@ func (r *rederiver) Open(ino uint64, flags int, o memfs.OpenOptions) (File, erro
 		f, err = r.fs.Open(ino, flags, o)
 	}
 	return f, err
+}
+
+// FindOrphan finds no name either: it is passed on, or ESTALE.
+func (r *rederiver) FindOrphan(ino, dataIno uint64, gen uint32) error {
+	if o, ok := r.fs.(orphanFinder); ok {
+		return o.FindOrphan(ino, dataIno, gen)
+	}
+	return syscall.ESTALE
 }
 
 // Tmpfile makes no name, so it is no namespace change.

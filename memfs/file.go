@@ -44,6 +44,10 @@ func (f *File) Fd() int { return f.fd }
 // Ino returns the File's inode number.
 func (f *File) Ino() uint64 { return f.i.ino }
 
+// Handle returns the File's inode number and generation, which name it to
+// LookupHandle even once it has no name; ok is always true.
+func (f *File) Handle() (ino uint64, gen uint32, ok bool) { return f.i.ino, f.i.gen, true }
+
 // Direct says whether the caller may read and write on Fd directly.
 func (f *File) Direct() bool { return f.direct }
 

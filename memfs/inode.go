@@ -150,6 +150,45 @@ func (l *Layer) registerFd(fd int, st *unix.Stat_t, adopt bool) (e Entry, adopte
 	return Entry{Stat: *st, Gen: i.gen}, adopted, nil
 }
 
+// LookupHandle adds one reference to the inode ino of generation gen, found
+// by its file handle rather than by a name: it finds a file that has none
+// (removed while open, or made with O_TMPFILE) as long as something keeps
+// it, such as a descriptor of another process or a passthrough backing
+// file the kernel holds. A successor server reopens such files so.
+//
+// Errors: ESTALE (no such inode alive).
+func (l *Layer) LookupHandle(ino uint64, gen uint32) (Entry, error) {
+	b := make([]byte, 12)
+	binary.LittleEndian.PutUint32(b, gen)
+	binary.LittleEndian.PutUint64(b[4:], ino)
+	fd, err := unix.OpenByHandleAt(l.rootFd, unix.NewFileHandle(l.handleType, b), unix.O_PATH|unix.O_CLOEXEC)
+	if err != nil {
+		if err == unix.ENOENT {
+			err = unix.ESTALE
+		}
+		return Entry{}, Errno(err)
+	}
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil || st.Ino != ino {
+		unix.Close(fd)
+		return Entry{}, syscall.ESTALE
+	}
+	e, adopted, err := l.registerFd(fd, &st, true)
+	if !adopted {
+		unix.Close(fd)
+	}
+	return e, err
+}
+
+// Gen returns the generation of the referenced inode ino.
+func (l *Layer) Gen(ino uint64) (uint32, error) {
+	i, err := l.get(ino)
+	if err != nil {
+		return 0, err
+	}
+	return i.gen, nil
+}
+
 // handleGen extracts the generation from a tmpfs file handle, which encodes
 // {generation, ino low, ino high} as 32-bit words.
 func handleGen(h unix.FileHandle) uint32 {
@@ -169,8 +208,12 @@ func (l *Layer) initRoot() error {
 	if st.Ino != RootIno {
 		return fmt.Errorf("tmpfs root has inode %d, want %d", st.Ino, RootIno)
 	}
-	_, err := l.register(l.rootFd, &st)
-	return err
+	if _, err := l.register(l.rootFd, &st); err != nil {
+		return err
+	}
+	// Every handle of the instance has the root's type (LookupHandle).
+	l.handleType = l.inodes[RootIno].handle.Type()
+	return nil
 }
 
 // Forget drops n references to ino. When none are left the inode leaves the
@@ -219,10 +262,13 @@ func (l *Layer) Refs(ino uint64) uint64 {
 }
 
 // CheckInvariants verifies the inode table's invariants and returns a
-// description of the first one broken.
+// description of the first one broken. A detached Layer has none left.
 func (l *Layer) CheckInvariants() error {
 	l.mu.Lock()
 	defer l.mu.Unlock()
+	if l.inodes == nil {
+		return nil
+	}
 	cached := 0
 	for ino, i := range l.inodes {
 		if i.ino != ino {

@@ -152,6 +152,9 @@ type Layer struct {
 	// Protected by mu.
 	opts Options
 
+	// handleType is the type of the instance's file handles. Set once by
+	// initRoot.
+	handleType int32
 	// mu protects the inode table and the descriptor cache count.
 	mu sync.Mutex
 	// inodes maps Ino to the inodes callers hold references to.

@@ -169,3 +169,64 @@ func TestOpenRefuses(t *testing.T) {
 		}
 	})
 }
+
+// TestLookupHandle: a successor Layer finds a file that has no name (removed
+// while open, or an O_TMPFILE) by its inode number and generation while
+// something keeps it open, and answers ESTALE once nothing does or when
+// the generation is wrong.
+func TestLookupHandle(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to mount tmpfs")
+	}
+	dir := filepath.Join(t.TempDir(), "upper")
+	opts := Options{Size: 4 << 20}
+	old, err := New(dir, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer old.Detach()
+	e, removed, err := old.Create(RootIno, "f", unix.O_RDWR, 0o600, Root, OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	must[int](t)(removed.WriteAt([]byte("removed"), 0, false))
+	must[struct{}](t)(struct{}{}, old.Unlink(RootIno, "f"))
+	old.Forget(e.Ino(), 1)
+	te, tmp, err := old.Tmpfile(RootIno, unix.O_RDWR, 0o600, Root, OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	must[int](t)(tmp.WriteAt([]byte("tmpfile"), 0, false))
+	old.Forget(te.Ino(), 1)
+	if ino, gen, _ := removed.Handle(); ino != e.Ino() || gen != e.Gen {
+		t.Errorf("File.Handle %d %d, Entry %d %d", ino, gen, e.Ino(), e.Gen)
+	}
+
+	l := openLayer(t, dir, opts)
+	for _, c := range []struct {
+		e    Entry
+		f    *File
+		want string
+	}{{e, removed, "removed"}, {te, tmp, "tmpfile"}} {
+		_, err := l.LookupHandle(c.e.Ino(), c.e.Gen+1)
+		wantErr(t, c.want+": wrong generation", err, syscall.ESTALE)
+		got := must[Entry](t)(l.LookupHandle(c.e.Ino(), c.e.Gen))
+		if got.Ino() != c.e.Ino() || got.Gen != c.e.Gen || got.Stat.Nlink != 0 {
+			t.Errorf("%s: ino %d gen %d nlink %d, want %d %d 0", c.want, got.Ino(), got.Gen, got.Stat.Nlink, c.e.Ino(), c.e.Gen)
+		}
+		r := must[*File](t)(l.Open(c.e.Ino(), unix.O_RDWR, OpenOptions{}))
+		buf := make([]byte, 16)
+		if n, _ := r.ReadAt(buf, 0); string(buf[:n]) != c.want {
+			t.Errorf("read %q, want %q", buf[:n], c.want)
+		}
+		if l.Refs(c.e.Ino()) != 2 {
+			t.Errorf("%s: %d references, want 2 (the lookup and the File)", c.want, l.Refs(c.e.Ino()))
+		}
+		r.Release()
+		l.Forget(c.e.Ino(), 1)
+		// Once nobody holds it, the inode is gone.
+		c.f.Release()
+		_, err = l.LookupHandle(c.e.Ino(), c.e.Gen)
+		wantErr(t, c.want+": after the last close", err, syscall.ESTALE)
+	}
+}

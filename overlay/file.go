@@ -301,6 +301,25 @@ func (f *File) Fd() int {
 // directly. It is true only for a file wholly in one layer when opened.
 func (f *File) Direct() bool { return f.direct }
 
+// Handle names the File's upper inode to memfs.Layer.LookupHandle (and
+// FindOrphan); ok is false while the file has no upper copy.
+func (f *File) Handle() (ino uint64, gen uint32, ok bool) {
+	f.mu.Lock()
+	uf := f.uf
+	f.mu.Unlock()
+	if uf != nil {
+		return uf.Handle()
+	}
+	f.n.mu.Lock()
+	up := f.n.upper
+	f.n.mu.Unlock()
+	if up == 0 {
+		return 0, 0, false
+	}
+	gen, err := f.fs.upper.Gen(up)
+	return up, gen, err == nil
+}
+
 // upperFile returns the File's upper file, opening it read-only if the node
 // was copied up after the File was opened.
 //

@@ -210,6 +210,36 @@ func (fs *FS) upperNode(p *node, name string, e memfs.Entry) (*node, error) {
 	return n, nil
 }
 
+// FindOrphan adds one reference to node ino, which may have no name (a file
+// removed while open, or an O_TMPFILE), finding it by its upper inode
+// upperIno of generation gen (File.Handle): a successor server reopens such
+// files so. ESTALE when that upper inode is gone or is not ino's.
+func (fs *FS) FindOrphan(ino, upperIno uint64, gen uint32) error {
+	fs.treeMu.RLock()
+	defer fs.treeMu.RUnlock()
+	fs.mu.Lock()
+	if n := fs.nodes[ino]; n != nil {
+		// Known (by a name, say): keep its place.
+		n.refs++
+		fs.mu.Unlock()
+		return nil
+	}
+	fs.mu.Unlock()
+	e, err := fs.upper.LookupHandle(upperIno, gen)
+	if err != nil {
+		return err
+	}
+	n, err := fs.upperNode(nil, "", e)
+	if err != nil {
+		return err
+	}
+	if n.ino != ino {
+		fs.unref(n, 1)
+		return syscall.ESTALE
+	}
+	return nil
+}
+
 // setParent records p/name as n's location, moving n's reference on its
 // parent.
 func (fs *FS) setParent(n, p *node, name string) {
