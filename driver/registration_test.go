@@ -261,15 +261,24 @@ func waitNewSocket(t *testing.T, path string, old fileStamp) {
 	}
 }
 
+// startQuickRegistration sets *period (a registration timing) to 10 ms for
+// the test, serves the registration, and returns its socket's path.
+func startQuickRegistration(t *testing.T, period *time.Duration) string {
+	t.Helper()
+	old := *period
+	t.Cleanup(func() { *period = old }) // after startRegistration's cleanup
+	*period = 10 * time.Millisecond
+	sock := filepath.Join(t.TempDir(), RegistrationSocketName("memfs.csi.dev"))
+	startRegistration(t, RegistrationConfig{
+		DriverName: "memfs.csi.dev", KubeletEndpoint: "/csi/csi.sock", SocketPath: sock})
+	return sock
+}
+
 // TestRegistrationOfferedAgainAfterRefusal: kubelet never retries a socket
 // whose registration it refused, so a refusal brings a new socket (a new
 // registration attempt), as node-driver-registrar's restart does.
 func TestRegistrationOfferedAgainAfterRefusal(t *testing.T) {
-	t.Cleanup(func(d time.Duration) func() { return func() { registrationRetry = d } }(registrationRetry))
-	registrationRetry = 10 * time.Millisecond
-	sock := filepath.Join(t.TempDir(), RegistrationSocketName("memfs.csi.dev"))
-	startRegistration(t, RegistrationConfig{
-		DriverName: "memfs.csi.dev", KubeletEndpoint: "/csi/csi.sock", SocketPath: sock})
+	sock := startQuickRegistration(t, &registrationRetry)
 	// notify reports a status as kubelet does: over a connection of its
 	// own to the socket there now.
 	notify := func(st *registerapi.RegistrationStatus) {
@@ -303,11 +312,7 @@ func TestRegistrationOfferedAgainAfterRefusal(t *testing.T) {
 // the plugin (a cleanup of kubelet's directory) is put back; one replaced by
 // another process's is left alone.
 func TestRegistrationSocketRestored(t *testing.T) {
-	t.Cleanup(func(d time.Duration) func() { return func() { registrationCheckPeriod = d } }(registrationCheckPeriod))
-	registrationCheckPeriod = 10 * time.Millisecond
-	sock := filepath.Join(t.TempDir(), RegistrationSocketName("memfs.csi.dev"))
-	startRegistration(t, RegistrationConfig{
-		DriverName: "memfs.csi.dev", KubeletEndpoint: "/csi/csi.sock", SocketPath: sock})
+	sock := startQuickRegistration(t, &registrationCheckPeriod)
 	before := socketID(sock)
 	if err := os.Remove(sock); err != nil {
 		t.Fatal(err)

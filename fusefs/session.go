@@ -386,7 +386,6 @@ func (s *session) handle(in []byte) {
 // been answered. Requests arriving meanwhile wait in the kernel for the
 // connection's next server. It says whether the connection is still alive.
 func (s *session) stop() bool {
-	s.stopping.Store(true)
 	s.wakeAll()
 	<-s.done
 	s.endMu.Lock()

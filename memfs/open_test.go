@@ -23,16 +23,24 @@ func openLayer(t *testing.T, dir string, opts Options) *Layer {
 	return l
 }
 
-func TestOpenServesExistingInstance(t *testing.T) {
+// newInstance makes a Layer on a fresh instance, for a test that opens the
+// instance again as a successor process does; the caller detaches it.
+func newInstance(t *testing.T, opts Options) (string, *Layer) {
+	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Skip("needs root to mount tmpfs")
 	}
 	dir := filepath.Join(t.TempDir(), "upper")
-	opts := Options{Size: 4 << 20}
-	old, err := New(dir, opts)
+	l, err := New(dir, opts)
 	if err != nil {
 		t.Fatal(err)
 	}
+	return dir, l
+}
+
+func TestOpenServesExistingInstance(t *testing.T) {
+	opts := Options{Size: 4 << 20}
+	dir, old := newInstance(t, opts)
 	data := bytes.Repeat([]byte("open"), 3000)
 	d := must[Entry](t)(old.Mkdir(RootIno, "d", 0o750, Caller{Uid: 1000, Gid: 1000}))
 	e, f, err := old.Create(d.Ino(), "f", unix.O_RDWR, 0o640, Root, OpenOptions{})
@@ -175,15 +183,8 @@ func TestOpenRefuses(t *testing.T) {
 // something keeps it open, and answers ESTALE once nothing does or when
 // the generation is wrong.
 func TestLookupHandle(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root to mount tmpfs")
-	}
-	dir := filepath.Join(t.TempDir(), "upper")
 	opts := Options{Size: 4 << 20}
-	old, err := New(dir, opts)
-	if err != nil {
-		t.Fatal(err)
-	}
+	dir, old := newInstance(t, opts)
 	defer old.Detach()
 	e, removed, err := old.Create(RootIno, "f", unix.O_RDWR, 0o600, Root, OpenOptions{})
 	if err != nil {
