@@ -416,6 +416,7 @@ func (d *Driver) Run(ctx context.Context) error {
 				DriverName:      d.cfg.DriverName,
 				KubeletEndpoint: d.cfg.KubeletRegistrationPath,
 				SocketPath:      filepath.Join(d.cfg.RegistrationDir, RegistrationSocketName(d.cfg.DriverName)),
+				OnStatus:        d.metrics.observeRegistration,
 			})
 			if err != nil {
 				errc <- err

@@ -49,6 +49,11 @@ type metrics struct {
 	takeovers, handovers *prometheus.CounterVec
 	takeoverPause        *prometheus.HistogramVec
 	recovered, lost      prometheus.Counter
+	// registered is 1 when kubelet's last verdict on the built-in
+	// registration accepted it; registrations counts the verdicts by
+	// result. Registered only with the built-in registrar.
+	registered    prometheus.Gauge
+	registrations *prometheus.CounterVec
 	// fuse observes FUSE requests of every volume. Immutable pointer.
 	fuse *fuseObserver
 	// retiredSealViolations sums the seal violations of unpublished
@@ -113,6 +118,14 @@ func newMetrics(d *Driver) *metrics {
 			Name: metricsPrefix + "handovers_total",
 			Help: "Planned handovers of this process's volumes to a successor, by result (ok, failed).",
 		}, []string{"result"}),
+		registered: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: metricsPrefix + "kubelet_registered",
+			Help: "1 when kubelet accepted the plugin's registration (built-in registrar), 0 when it refused it or has not answered.",
+		}),
+		registrations: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: metricsPrefix + "kubelet_registrations_total",
+			Help: "kubelet's verdicts on the plugin's registration (built-in registrar), by result (accepted, refused); a refused one is offered again.",
+		}, []string{"result"}),
 		pullBytes: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: metricsPrefix + "image_pull_bytes_total",
 			Help: "Compressed image bytes fetched by pulls.",
@@ -163,7 +176,20 @@ func newMetrics(d *Driver) *metrics {
 	m.reg.MustRegister(m.rpcTotal, m.rpcSeconds, m.pulls, m.pullSeconds, m.pullBytes, m.fuse.seconds, m.fuse.errors, m,
 		m.takeovers, m.takeoverPause, m.recovered, m.lost, m.handovers,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	if d.cfg.KubeletRegistrationPath != "" {
+		m.reg.MustRegister(m.registered, m.registrations)
+	}
 	return m
+}
+
+// observeRegistration records kubelet's verdict on the registration.
+func (m *metrics) observeRegistration(registered bool, _ string) {
+	result, v := "refused", 0.0
+	if registered {
+		result, v = "accepted", 1
+	}
+	m.registrations.WithLabelValues(result).Inc()
+	m.registered.Set(v)
 }
 
 // observeRPC records one CSI call.

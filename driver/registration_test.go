@@ -185,8 +185,12 @@ func TestRegistrationBadConfig(t *testing.T) {
 
 // TestRunRegistersWithKubelet: with KubeletRegistrationPath set, Run serves
 // the registration socket once the CSI socket listens, answering GetInfo
-// with the path kubelet must dial, and removes it when the plugin stops.
+// with the path kubelet must dial, and reports kubelet's verdicts in its
+// metrics.
 func TestRunRegistersWithKubelet(t *testing.T) {
+	old := registrationRetry
+	t.Cleanup(func() { registrationRetry = old }) // after the driver stops
+	registrationRetry = 10 * time.Millisecond
 	regDir := t.TempDir()
 	env := startDriver(t, func(c *Config) {
 		c.KubeletRegistrationPath = "/var/lib/kubelet/plugins/memfs.csi.dev/csi.sock"
@@ -217,6 +221,38 @@ func TestRunRegistersWithKubelet(t *testing.T) {
 	}
 	if got, want := info.GetName(), env.cfg.DriverName; got != want {
 		t.Errorf("name %q, want %q", got, want)
+	}
+
+	// kubelet's verdicts show in the metrics.
+	before := socketID(sock)
+	if _, err := registerapi.NewRegistrationClient(conn).NotifyRegistrationStatus(context.Background(),
+		&registerapi.RegistrationStatus{PluginRegistered: false, Error: "NodeGetInfo failed"}); err != nil {
+		t.Fatal(err)
+	}
+	text := scrape(t, env.metrics)
+	if v, ok := metricValue(text, "csi_memfs_kubelet_registered"); !ok || v != 0 {
+		t.Errorf("csi_memfs_kubelet_registered after a refusal = %v (%v), want 0", v, ok)
+	}
+	if v, _ := metricValue(text, "csi_memfs_kubelet_registrations_total", `result="refused"`); v != 1 {
+		t.Errorf("refused registrations = %v, want 1", v)
+	}
+	// The refusal brings a new socket; kubelet accepts that one.
+	waitNewSocket(t, sock, before)
+	conn2, err := grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn2.Close()
+	if _, err := registerapi.NewRegistrationClient(conn2).NotifyRegistrationStatus(context.Background(),
+		&registerapi.RegistrationStatus{PluginRegistered: true}); err != nil {
+		t.Fatal(err)
+	}
+	text = scrape(t, env.metrics)
+	if v, _ := metricValue(text, "csi_memfs_kubelet_registered"); v != 1 {
+		t.Errorf("csi_memfs_kubelet_registered after acceptance = %v, want 1", v)
+	}
+	if v, _ := metricValue(text, "csi_memfs_kubelet_registrations_total", `result="accepted"`); v != 1 {
+		t.Errorf("accepted registrations = %v, want 1", v)
 	}
 }
 
