@@ -38,10 +38,13 @@ type Holder struct {
 	// closed after it returns. Set before Serve.
 	Fallback func(dev *os.File, stop <-chan struct{}) error
 
-	// ln is the listener. Immutable.
-	ln *Listener
+	// path is the socket's path. Immutable.
+	path string
 
 	mu sync.Mutex
+	// ln is the listener. Protected by mu; replaced by reclaim, closed by
+	// Serve's end and by Close.
+	ln *Listener
 	// bundles are the held bundles by ID. Protected by mu; a held
 	// bundle's fields are immutable, and its descriptors are closed only
 	// by whoever removes it from the map.
@@ -81,7 +84,53 @@ func NewHolder(sockPath string) (*Holder, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Holder{ln: ln, bundles: map[string]held{}}, nil
+	return &Holder{path: sockPath, ln: ln, bundles: map[string]held{}}, nil
+}
+
+// reclaimPeriod is how often a Holder whose socket path another holder
+// took checks whether that one is gone. A variable for the tests.
+var reclaimPeriod = 2 * time.Second
+
+// listener returns the current listener.
+func (h *Holder) listener() *Listener {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.ln
+}
+
+// reclaim listens on the socket path again when another holder took it
+// and is gone since, so that a plugin restarting later finds this holder.
+// That happens when a rolling update is undone: the new pod's holder took
+// the path, and went with its pod.
+func (h *Holder) reclaim(ctx context.Context) {
+	t := time.NewTicker(reclaimPeriod)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		if h.listener().owns() || !abandoned(h.path) {
+			continue
+		}
+		ln, err := Listen(h.path)
+		if err != nil {
+			klog.ErrorS(err, "Cannot take the holder socket back")
+			continue
+		}
+		h.mu.Lock()
+		if ctx.Err() != nil {
+			h.mu.Unlock()
+			ln.Close()
+			return
+		}
+		old := h.ln
+		h.ln = ln
+		h.mu.Unlock()
+		old.Close() // Serve's Accept moves to ln
+		klog.InfoS("Took the holder socket back: the holder that had taken it is gone", "socket", h.path)
+	}
 }
 
 // Serve serves clients until ctx is done, then stops the fallback and
@@ -101,19 +150,29 @@ func (h *Holder) Serve(ctx context.Context) error {
 	defer conns.Wait()
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	defer context.AfterFunc(ctx, func() { h.ln.Close() })()
+	defer context.AfterFunc(ctx, func() {
+		h.mu.Lock()
+		defer h.mu.Unlock()
+		h.ln.Close()
+	})()
+	conns.Add(1)
+	go func() { defer conns.Done(); h.reclaim(ctx) }()
 
 	h.mu.Lock()
 	if h.clients == 0 {
 		h.armLocked()
 	}
 	h.mu.Unlock()
-	klog.InfoS("Holding sessions", "socket", h.ln.Path(), "deadline", h.Deadline)
+	klog.InfoS("Holding sessions", "socket", h.path, "deadline", h.Deadline)
 	for {
-		c, err := h.ln.Accept()
+		ln := h.listener()
+		c, err := ln.Accept()
 		if err != nil {
 			if ctx.Err() != nil {
 				return nil
+			}
+			if h.listener() != ln {
+				continue // reclaimed: accept on the new listener
 			}
 			if errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE) {
 				klog.ErrorS(err, "Cannot accept a client")
@@ -141,12 +200,12 @@ func (h *Holder) Len() int {
 // connection of which the holder had the last descriptor is aborted by
 // the kernel. Call it after Serve has returned.
 func (h *Holder) Close() error {
+	h.mu.Lock()
+	defer h.mu.Unlock()
 	err := h.ln.Close()
 	if errors.Is(err, net.ErrClosed) {
 		err = nil
 	}
-	h.mu.Lock()
-	defer h.mu.Unlock()
 	for id, b := range h.bundles {
 		closeFds(b.fds)
 		delete(h.bundles, id)
@@ -154,14 +213,25 @@ func (h *Holder) Close() error {
 	return err
 }
 
-// serveConn answers one client until it goes or ctx is done.
+// serveConn answers one client until it goes or ctx is done. A connection
+// counts as a client from its first request on: one that sends nothing (a
+// probe, see abandoned) neither ends the fallback nor restarts the
+// deadline.
 func (h *Holder) serveConn(ctx context.Context, c *Conn) {
 	defer c.Close()
 	defer context.AfterFunc(ctx, func() { c.Close() })()
-	h.connected()
-	defer h.disconnected()
+	counted := false
+	defer func() {
+		if counted {
+			h.disconnected()
+		}
+	}()
 	for {
 		r, err := c.recvRaw()
+		if !counted && err == nil {
+			h.connected()
+			counted = true
+		}
 		if errors.Is(err, ErrBadMessage) {
 			klog.ErrorS(err, "Refusing a client's message")
 			err = c.sendRaw(OpError, "", []byte(err.Error()), nil)
@@ -268,7 +338,7 @@ func (h *Holder) list(c *Conn) error {
 }
 
 // connected counts a client in. It ends a running fallback, and waits for
-// it, before the client's first request is read.
+// it, before the client's first request is handled.
 func (h *Holder) connected() {
 	h.mu.Lock()
 	defer h.mu.Unlock()

@@ -325,3 +325,94 @@ func TestHolderSocketReplaced(t *testing.T) {
 		t.Errorf("new holder holds %d", h2.Len())
 	}
 }
+
+// TestHolderReclaimsItsSocket: a newer holder takes the socket's path and
+// then goes (a rolling update undone); the older one takes the path back,
+// so a plugin restarting later finds the sessions it kept.
+func TestHolderReclaimsItsSocket(t *testing.T) {
+	defer func(d time.Duration) { reclaimPeriod = d }(reclaimPeriod)
+	reclaimPeriod = 20 * time.Millisecond
+	_, path, _ := startHolder(t, 0, nil)
+	if err := dial(t, path).Put(Bundle{ID: "old"}); err != nil {
+		t.Fatal(err)
+	}
+	h2, err := NewHolder(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- h2.Serve(ctx) }()
+	// While the newer holder lives, the path stays its own.
+	time.Sleep(5 * reclaimPeriod)
+	if bs, err := dial(t, path).List(); err != nil || len(bs) != 0 {
+		t.Fatalf("the path reaches %+v, %v; want the newer, empty holder", bs, err)
+	}
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	h2.Close() // its socket file stays, refusing connections
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		if cl, err := Dial(path); err == nil {
+			bs, err := cl.List()
+			cl.Close()
+			if err == nil && len(bs) == 1 && bs[0].ID == "old" {
+				return
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the older holder did not take its socket back")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// TestHolderProbeIsNoClient: a connection that sends nothing (another
+// holder checking whether this one lives) neither ends the fallback nor
+// delays it.
+func TestHolderProbeIsNoClient(t *testing.T) {
+	dev, err := os.OpenFile("/dev/fuse", os.O_RDWR, 0)
+	if err != nil {
+		t.Skipf("needs /dev/fuse: %v", err)
+	}
+	started, stopped := make(chan struct{}, 10), make(chan struct{}, 10)
+	fallback := func(_ *os.File, stop <-chan struct{}) error {
+		started <- struct{}{}
+		<-stop
+		stopped <- struct{}{}
+		return nil
+	}
+	const deadline = 200 * time.Millisecond
+	_, path, _ := startHolder(t, deadline, fallback)
+	cl := dial(t, path)
+	if err := cl.Put(Bundle{ID: "vol", Files: []*os.File{dev}}); err != nil {
+		t.Fatal(err)
+	}
+	dev.Close()
+	cl.Close()
+	// Probes all through the deadline: the fallback starts on time.
+	for start := time.Now(); time.Since(start) < deadline+time.Second; {
+		if abandoned(path) {
+			t.Fatal("a live holder's socket looks abandoned")
+		}
+		select {
+		case <-started:
+			// Probes while it runs do not stop it.
+			for range 5 {
+				abandoned(path)
+				time.Sleep(10 * time.Millisecond)
+			}
+			select {
+			case <-stopped:
+				t.Error("a probe stopped the fallback")
+			default:
+			}
+			return
+		default:
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	t.Fatal("probes kept the fallback from starting")
+}

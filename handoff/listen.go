@@ -8,6 +8,8 @@ import (
 	"os"
 	"path/filepath"
 	"syscall"
+
+	"golang.org/x/sys/unix"
 )
 
 // A Listener accepts handoff connections on a unix socket.
@@ -15,6 +17,10 @@ type Listener struct {
 	ul *net.UnixListener
 	// path is the socket's path. Immutable.
 	path string
+	// ino is the socket file's inode number. Immutable. While the
+	// listener is open the socket holds its file, so no other file at
+	// path can have this number (owns).
+	ino uint64
 }
 
 // Listen listens on the unix socket path, replacing any socket there in
@@ -38,7 +44,11 @@ func Listen(path string) (*Listener, error) {
 	}
 	// The name is about to change; Close must not unlink a successor's.
 	ul.SetUnlinkOnClose(false)
+	var st unix.Stat_t
 	err := os.Chmod(tmp, 0o600)
+	if err == nil {
+		err = unix.Lstat(tmp, &st)
+	}
 	if err == nil {
 		err = os.Rename(tmp, path)
 	}
@@ -47,7 +57,26 @@ func Listen(path string) (*Listener, error) {
 		os.Remove(tmp)
 		return nil, fmt.Errorf("handoff: listen on %s: %w", path, err)
 	}
-	return &Listener{ul: ul, path: path}, nil
+	return &Listener{ul: ul, path: path, ino: st.Ino}, nil
+}
+
+// owns says whether the socket at the path is still this listener's: a
+// newer Listen on the same path replaces it.
+func (l *Listener) owns() bool {
+	var st unix.Stat_t
+	return unix.Lstat(l.path, &st) == nil && st.Ino == l.ino
+}
+
+// abandoned says whether nothing listens on path: no socket is there, or
+// its listener is gone (a connection is refused). A connection that sends
+// nothing is no client to a Holder (see Holder.serveConn).
+func abandoned(path string) bool {
+	c, err := net.Dial("unixpacket", path)
+	if err != nil {
+		return errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, syscall.ENOENT)
+	}
+	c.Close()
+	return false
 }
 
 // Path returns the socket's path.
