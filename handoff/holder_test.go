@@ -18,6 +18,13 @@ import (
 func startHolder(t *testing.T, deadline time.Duration, fallback func(*os.File, <-chan struct{}) error) (*Holder, string, context.CancelFunc) {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), "holder.sock")
+	h, stop := startHolderAt(t, path, deadline, fallback)
+	return h, path, stop
+}
+
+// startHolderAt is startHolder on the socket path.
+func startHolderAt(t *testing.T, path string, deadline time.Duration, fallback func(*os.File, <-chan struct{}) error) (*Holder, context.CancelFunc) {
+	t.Helper()
 	h, err := NewHolder(path)
 	if err != nil {
 		t.Fatal(err)
@@ -42,7 +49,7 @@ func startHolder(t *testing.T, deadline time.Duration, fallback func(*os.File, <
 		})
 	}
 	t.Cleanup(stop)
-	return h, path, stop
+	return h, stop
 }
 
 func dial(t *testing.T, path string) *Client {
@@ -307,14 +314,7 @@ func TestHolderSocketReplaced(t *testing.T) {
 	if err := old.Put(Bundle{ID: "old"}); err != nil {
 		t.Fatal(err)
 	}
-	h2, err := NewHolder(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- h2.Serve(ctx) }()
-	defer func() { cancel(); <-done; h2.Close() }()
+	h2, _ := startHolderAt(t, path, 0, nil)
 	if err := dial(t, path).Put(Bundle{ID: "new"}); err != nil {
 		t.Fatal(err)
 	}
@@ -330,29 +330,20 @@ func TestHolderSocketReplaced(t *testing.T) {
 // then goes (a rolling update undone); the older one takes the path back,
 // so a plugin restarting later finds the sessions it kept.
 func TestHolderReclaimsItsSocket(t *testing.T) {
-	defer func(d time.Duration) { reclaimPeriod = d }(reclaimPeriod)
+	old := reclaimPeriod
+	t.Cleanup(func() { reclaimPeriod = old }) // after the holders stop
 	reclaimPeriod = 20 * time.Millisecond
 	_, path, _ := startHolder(t, 0, nil)
 	if err := dial(t, path).Put(Bundle{ID: "old"}); err != nil {
 		t.Fatal(err)
 	}
-	h2, err := NewHolder(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- h2.Serve(ctx) }()
+	_, stopNew := startHolderAt(t, path, 0, nil)
 	// While the newer holder lives, the path stays its own.
 	time.Sleep(5 * reclaimPeriod)
 	if bs, err := dial(t, path).List(); err != nil || len(bs) != 0 {
 		t.Fatalf("the path reaches %+v, %v; want the newer, empty holder", bs, err)
 	}
-	cancel()
-	if err := <-done; err != nil {
-		t.Fatal(err)
-	}
-	h2.Close() // its socket file stays, refusing connections
+	stopNew() // its socket file stays, refusing connections
 	deadline := time.Now().Add(5 * time.Second)
 	for {
 		if cl, err := Dial(path); err == nil {
