@@ -348,15 +348,14 @@ func (d *Driver) Close() error {
 // are; a successor process finds them in the journal.
 func (d *Driver) Run(ctx context.Context) error {
 	logger := klog.FromContext(ctx)
-	lis, sockPath, err := listenEndpoint(d.cfg.Endpoint)
+	lis, sockPath, ours, err := listenEndpoint(d.cfg.Endpoint)
 	if err != nil {
 		return err
 	}
-	ours := socketID(sockPath) // marked by listenSocket
 	handed := false
 	defer func() {
 		if !handed { // else the path is the successor's
-			removeSocket(sockPath, ours)
+			handoff.RemoveSocket(sockPath, ours)
 		}
 	}()
 	// A successor takes the volumes over through hlis (handover.go).
@@ -470,23 +469,24 @@ func (d *Driver) Run(ctx context.Context) error {
 }
 
 // listenEndpoint listens on a unix socket endpoint, unix:///path or /path
-// (listenSocket).
-func listenEndpoint(endpoint string) (net.Listener, string, error) {
+// (handoff.ListenUnix: a successor binds the same path while this process
+// still serves), and returns the path and the socket's stamp.
+func listenEndpoint(endpoint string) (net.Listener, string, handoff.Stamp, error) {
 	p, ok := strings.CutPrefix(endpoint, "unix://")
 	if !ok && !strings.HasPrefix(endpoint, "/") {
-		return nil, "", fmt.Errorf("endpoint %q: want unix:///path/to/csi.sock", endpoint)
+		return nil, "", handoff.Stamp{}, fmt.Errorf("endpoint %q: want unix:///path/to/csi.sock", endpoint)
 	}
 	if !ok {
 		p = endpoint
 	}
 	if !filepath.IsAbs(p) {
-		return nil, "", fmt.Errorf("endpoint %q: want an absolute socket path, unix:///path/to/csi.sock", endpoint)
+		return nil, "", handoff.Stamp{}, fmt.Errorf("endpoint %q: want an absolute socket path, unix:///path/to/csi.sock", endpoint)
 	}
-	lis, err := listenSocket(p)
+	lis, stamp, err := handoff.ListenUnix("unix", p)
 	if err != nil {
-		return nil, "", fmt.Errorf("endpoint: %w", err)
+		return nil, "", handoff.Stamp{}, fmt.Errorf("endpoint: %w", err)
 	}
-	return lis, p, nil
+	return lis, p, stamp, nil
 }
 
 // fuseUsable reports why FUSE cannot be served, or nil: /dev/fuse must open

@@ -12,6 +12,8 @@ import (
 	"google.golang.org/grpc"
 	"k8s.io/klog/v2"
 	registerapi "k8s.io/kubelet/pkg/apis/pluginregistration/v1"
+
+	"github.com/csi-memfs/csi-memfs/handoff"
 )
 
 // Kubelet plugin registration
@@ -123,7 +125,7 @@ func ServeRegistration(ctx context.Context, cfg RegistrationConfig) error {
 type registrationOffer struct {
 	path string
 	// ours identifies the socket file this offer bound.
-	ours fileStamp
+	ours handoff.Stamp
 	srv  *grpc.Server
 	// served receives Serve's result.
 	served chan error
@@ -138,13 +140,13 @@ type registrationOffer struct {
 // offerRegistration binds cfg.SocketPath and serves the registration API
 // on it.
 func offerRegistration(cfg RegistrationConfig, logger klog.Logger) (*registrationOffer, error) {
-	lis, err := listenSocket(cfg.SocketPath)
+	lis, ours, err := handoff.ListenUnix("unix", cfg.SocketPath)
 	if err != nil {
 		return nil, fmt.Errorf("registration socket: %w", err)
 	}
 	o := &registrationOffer{
 		path:     cfg.SocketPath,
-		ours:     socketID(cfg.SocketPath), // marked by listenSocket
+		ours:     ours,
 		srv:      grpc.NewServer(),
 		served:   make(chan error, 1),
 		refusedc: make(chan struct{}, 1),
@@ -177,10 +179,10 @@ func (o *registrationOffer) wait(ctx context.Context, retry time.Duration) (agai
 				return true, nil
 			}
 		case <-tick.C:
-			switch id := socketID(o.path); {
+			switch id := handoff.StampAt(o.path); {
 			case id == o.ours:
 				missing = 0
-			case id != (fileStamp{}):
+			case id != (handoff.Stamp{}):
 				missing = 0 // a successor's: not ours to fight over
 			default:
 				if missing++; missing == 2 {
@@ -196,7 +198,7 @@ func (o *registrationOffer) wait(ctx context.Context, retry time.Duration) (agai
 // disappears, before this process stops answering CSI calls; a successor's
 // socket there stays), then stops the server.
 func (o *registrationOffer) stop() {
-	removeSocket(o.path, o.ours)
+	handoff.RemoveSocket(o.path, o.ours)
 	o.srv.Stop()
 }
 

@@ -13,6 +13,8 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	registerapi "k8s.io/kubelet/pkg/apis/pluginregistration/v1"
+
+	"github.com/csi-memfs/csi-memfs/handoff"
 )
 
 // startRegistration serves cfg (SocketPath defaulted into a temporary
@@ -224,7 +226,7 @@ func TestRunRegistersWithKubelet(t *testing.T) {
 	}
 
 	// kubelet's verdicts show in the metrics.
-	before := socketID(sock)
+	before := handoff.StampAt(sock)
 	if _, err := registerapi.NewRegistrationClient(conn).NotifyRegistrationStatus(context.Background(),
 		&registerapi.RegistrationStatus{PluginRegistered: false, Error: "NodeGetInfo failed"}); err != nil {
 		t.Fatal(err)
@@ -264,7 +266,7 @@ func TestRegistrationSuccessorKeepsSocket(t *testing.T) {
 	sock := filepath.Join(t.TempDir(), RegistrationSocketName("memfs.csi.dev"))
 	cfg := RegistrationConfig{DriverName: "memfs.csi.dev", KubeletEndpoint: "/csi/csi.sock", SocketPath: sock}
 	_, stopOld := startRegistration(t, cfg)
-	before := socketID(sock)
+	before := handoff.StampAt(sock)
 	client, _ := startRegistration(t, cfg)
 	waitNewSocket(t, sock, before)
 	if err := stopOld(); err != nil {
@@ -280,11 +282,11 @@ func TestRegistrationSuccessorKeepsSocket(t *testing.T) {
 
 // waitNewSocket waits until the socket at path is another than old, and
 // answers.
-func waitNewSocket(t *testing.T, path string, old fileStamp) {
+func waitNewSocket(t *testing.T, path string, old handoff.Stamp) {
 	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
 	for {
-		if id := socketID(path); id != old && id != (fileStamp{}) {
+		if id := handoff.StampAt(path); id != old && id != (handoff.Stamp{}) {
 			if c, err := net.Dial("unix", path); err == nil {
 				c.Close()
 				return
@@ -331,15 +333,15 @@ func TestRegistrationOfferedAgainAfterRefusal(t *testing.T) {
 		}
 	}
 	for range 2 {
-		before := socketID(sock)
+		before := handoff.StampAt(sock)
 		notify(&registerapi.RegistrationStatus{PluginRegistered: false, Error: "NodeGetInfo failed"})
 		waitNewSocket(t, sock, before)
 	}
 	// An accepted registration is not offered again.
-	before := socketID(sock)
+	before := handoff.StampAt(sock)
 	notify(&registerapi.RegistrationStatus{PluginRegistered: true})
 	time.Sleep(100 * time.Millisecond)
-	if socketID(sock) != before {
+	if handoff.StampAt(sock) != before {
 		t.Error("the socket was replaced after kubelet accepted the registration")
 	}
 }
@@ -349,7 +351,7 @@ func TestRegistrationOfferedAgainAfterRefusal(t *testing.T) {
 // another process's is left alone.
 func TestRegistrationSocketRestored(t *testing.T) {
 	sock := startQuickRegistration(t, &registrationCheckPeriod)
-	before := socketID(sock)
+	before := handoff.StampAt(sock)
 	if err := os.Remove(sock); err != nil {
 		t.Fatal(err)
 	}
@@ -362,9 +364,9 @@ func TestRegistrationSocketRestored(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer l.Close()
-	theirs := socketID(sock)
+	theirs := handoff.StampAt(sock)
 	time.Sleep(100 * time.Millisecond)
-	if socketID(sock) != theirs {
+	if handoff.StampAt(sock) != theirs {
 		t.Error("another process's registration socket was replaced")
 	}
 }

@@ -369,3 +369,46 @@ func TestListenReplaces(t *testing.T) {
 		t.Errorf("left in the directory: %v; want the socket alone", ents)
 	}
 }
+
+// TestListenUnixStamps: each socket ListenUnix makes has a stamp of its own,
+// even one bound within the same clock tick on an inode number just freed;
+// RemoveSocket removes only the socket it is given the stamp of; anything
+// but a socket at the path is left alone.
+func TestListenUnixStamps(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "csi.sock")
+	seen := map[Stamp]bool{}
+	var prev Stamp
+	for range 20 {
+		l, s, err := ListenUnix("unix", path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if seen[s] || s != StampAt(path) {
+			t.Fatalf("stamp %v reused or not the path's (%v)", s, StampAt(path))
+		}
+		seen[s] = true
+		l.Close()
+		RemoveSocket(path, prev) // an older socket's stamp: not this one
+		if StampAt(path) != s {
+			t.Fatal("RemoveSocket removed a socket it was not given the stamp of")
+		}
+		prev = s
+	}
+	RemoveSocket(path, prev)
+	if _, err := os.Lstat(path); !os.IsNotExist(err) {
+		t.Errorf("RemoveSocket left its own socket: %v", err)
+	}
+	if names, _ := os.ReadDir(dir); len(names) != 0 {
+		t.Errorf("left behind: %v", names)
+	}
+	if err := os.WriteFile(path, []byte("x"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := ListenUnix("unix", path); err == nil || !strings.Contains(err.Error(), "not a socket") {
+		t.Errorf("ListenUnix over a regular file: %v", err)
+	}
+	if b, _ := os.ReadFile(path); string(b) != "x" {
+		t.Errorf("the regular file became %q", b)
+	}
+}
