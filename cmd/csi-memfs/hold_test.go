@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"syscall"
@@ -271,8 +272,11 @@ func testHoldCrash(t *testing.T, bin string) {
 	if err := holder.Wait(); err != nil {
 		t.Errorf("holder exit: %v; stderr %q", err, holderErr.String())
 	}
-	if !strings.Contains(holderErr.String(), "refused=2") {
-		t.Errorf("the holder did not count 2 refused requests; stderr %q", holderErr.String())
+	// Our statfs and lstat, and perhaps the RELEASE of f's close: the
+	// kernel sends it without waiting, so it may still have been queued
+	// when the server was killed.
+	if m := regexp.MustCompile(`refused=(\d+)`).FindStringSubmatch(holderErr.String()); m == nil || m[1] != "2" && m[1] != "3" {
+		t.Errorf("the holder did not count 2 (or 3) refused requests; stderr %q", holderErr.String())
 	}
 }
 
