@@ -98,19 +98,16 @@ func ServeRegistration(ctx context.Context, cfg RegistrationConfig) error {
 	}
 	logger := klog.FromContext(ctx).WithValues("socket", cfg.SocketPath)
 	retry := registrationRetry
+	offer, err := offerRegistration(cfg, logger)
+	if err != nil {
+		return err
+	}
 	for {
-		offer, err := offerRegistration(cfg, logger)
-		if err != nil {
-			return err
-		}
 		logger.Info("Serving kubelet plugin registration", "driver", cfg.DriverName, "endpoint", cfg.KubeletEndpoint)
 		again, err := offer.wait(ctx, retry)
-		offer.stop()
-		switch {
-		case err != nil:
+		if err != nil || !again {
+			offer.stop()
 			return err
-		case !again:
-			return nil
 		}
 		switch {
 		case offer.refused.Load():
@@ -118,6 +115,14 @@ func ServeRegistration(ctx context.Context, cfg RegistrationConfig) error {
 		case offer.registered.Load():
 			retry = registrationRetry
 		}
+		// The new socket takes the path in one step; the old one's
+		// server then stops, its file already gone.
+		next, err := offerRegistration(cfg, logger)
+		offer.srv.Stop()
+		if err != nil {
+			return err
+		}
+		offer = next
 	}
 }
 
