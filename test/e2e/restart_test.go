@@ -342,6 +342,44 @@ func TestRolloutRestart(t *testing.T) {
 	deleteWriters(t, names)
 }
 
+// TestPluginPodDeleted: the plugin pod deleted (`kubectl delete pod`, as an
+// operator restarts it) loses nothing. With maxSurge the DaemonSet starts a
+// replacement while the deleted pod terminates; the deleted pod's plugin
+// waits for it (--handover-wait) and hands the volumes over, before its
+// holder goes with its pod. The writing pods notice at most a pause.
+func TestPluginPodDeleted(t *testing.T) {
+	requireCluster(t)
+	names := startWriters(t, "delete")
+	oldPod := onePluginPod(t)
+	time.Sleep(time.Second)
+	before := counts(t, names)
+
+	start := time.Now()
+	if out, err := kubectl("-n", pluginNS, "delete", "pod", oldPod, "--wait=false"); err != nil {
+		t.Fatalf("%v\n%s", err, out)
+	}
+	var newPod string
+	if err := poll(3*time.Minute, func() (bool, error) {
+		pods := pluginPods(t)
+		if len(pods) != 1 || pods[0] == oldPod {
+			return false, nil
+		}
+		newPod = pods[0]
+		_, _, ready := pluginStatus(t, newPod, "csi-memfs")
+		return ready, nil
+	}); err != nil {
+		dumpPlugin()
+		t.Fatalf("no replacement plugin pod alone and ready: %v", err)
+	}
+	t.Logf("plugin pod %s deleted, %s alone and ready %s later", oldPod, newPod, time.Since(start).Round(time.Second))
+	if err := waitRegistered(); err != nil {
+		t.Error(err)
+	}
+	time.Sleep(2 * time.Second)
+	checkWriters(t, names, before)
+	deleteWriters(t, names)
+}
+
 // TestPluginKill: the plugin container killed with SIGKILL (as an OOM kill
 // does) is restarted by kubelet, gets the volumes' connections back from
 // the holder, and the writing pods notice at most a pause.
