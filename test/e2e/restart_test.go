@@ -300,15 +300,36 @@ func servePID(t *testing.T, containerID string) int {
 	return 0
 }
 
+// beginRestart starts a restart test: writer pods named after prefix (see
+// startWriters), once running; it returns them, the plugin pod, and the
+// writers' counts.
+func beginRestart(t *testing.T, prefix string) (names []string, plugin string, before map[string]int) {
+	t.Helper()
+	requireCluster(t)
+	names = startWriters(t, prefix)
+	plugin = onePluginPod(t)
+	time.Sleep(time.Second)
+	return names, plugin, counts(t, names)
+}
+
+// finishRestart ends a restart test: kubelet has the plugin registered
+// again (pods created from now on need it), the writers started before
+// lost nothing and saw no error, and they are deleted.
+func finishRestart(t *testing.T, names []string, before map[string]int) {
+	t.Helper()
+	if err := waitRegistered(); err != nil {
+		t.Error(err)
+	}
+	time.Sleep(2 * time.Second)
+	checkWriters(t, names, before)
+	deleteWriters(t, names)
+}
+
 // TestRolloutRestart: a rolling update of the plugin (maxSurge: the new
 // pod takes the volumes over from the old one) goes unnoticed by pods that
 // write all the time.
 func TestRolloutRestart(t *testing.T) {
-	requireCluster(t)
-	names := startWriters(t, "rollout")
-	oldPod := onePluginPod(t)
-	time.Sleep(time.Second)
-	before := counts(t, names)
+	names, oldPod, before := beginRestart(t, "rollout")
 
 	start := time.Now()
 	if out, err := kubectl("-n", pluginNS, "rollout", "restart", "daemonset/csi-memfs"); err != nil {
@@ -333,13 +354,7 @@ func TestRolloutRestart(t *testing.T) {
 			t.Errorf("new plugin pod's %s: %d restarts, ready %v; want 0, true", c, restarts, ready)
 		}
 	}
-	// kubelet registers the plugin anew; pods created from now on need it.
-	if err := waitRegistered(); err != nil {
-		t.Error(err)
-	}
-	time.Sleep(2 * time.Second)
-	checkWriters(t, names, before)
-	deleteWriters(t, names)
+	finishRestart(t, names, before)
 }
 
 // TestPluginPodDeleted: the plugin pod deleted (`kubectl delete pod`, as an
@@ -348,11 +363,7 @@ func TestRolloutRestart(t *testing.T) {
 // waits for it (--handover-wait) and hands the volumes over, before its
 // holder goes with its pod. The writing pods notice at most a pause.
 func TestPluginPodDeleted(t *testing.T) {
-	requireCluster(t)
-	names := startWriters(t, "delete")
-	oldPod := onePluginPod(t)
-	time.Sleep(time.Second)
-	before := counts(t, names)
+	names, oldPod, before := beginRestart(t, "delete")
 
 	start := time.Now()
 	if out, err := kubectl("-n", pluginNS, "delete", "pod", oldPod, "--wait=false"); err != nil {
@@ -372,26 +383,17 @@ func TestPluginPodDeleted(t *testing.T) {
 		t.Fatalf("no replacement plugin pod alone and ready: %v", err)
 	}
 	t.Logf("plugin pod %s deleted, %s alone and ready %s later", oldPod, newPod, time.Since(start).Round(time.Second))
-	if err := waitRegistered(); err != nil {
-		t.Error(err)
-	}
-	time.Sleep(2 * time.Second)
-	checkWriters(t, names, before)
-	deleteWriters(t, names)
+	finishRestart(t, names, before)
 }
 
 // TestPluginKill: the plugin container killed with SIGKILL (as an OOM kill
 // does) is restarted by kubelet, gets the volumes' connections back from
 // the holder, and the writing pods notice at most a pause.
 func TestPluginKill(t *testing.T) {
-	requireCluster(t)
-	names := startWriters(t, "kill")
-	plugin := onePluginPod(t)
+	names, plugin, before := beginRestart(t, "kill")
 	id, restarts, _ := pluginStatus(t, plugin, "csi-memfs")
 	holderID, holderRestarts, _ := pluginStatus(t, plugin, "holder")
 	pid := servePID(t, id)
-	time.Sleep(time.Second)
-	before := counts(t, names)
 
 	start := time.Now()
 	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
@@ -412,11 +414,5 @@ func TestPluginKill(t *testing.T) {
 	if id2, n, ready := pluginStatus(t, plugin, "holder"); id2 != holderID || n != holderRestarts || !ready {
 		t.Errorf("the holder changed: container %s (was %s), %d restarts (was %d), ready %v", id2, holderID, n, holderRestarts, ready)
 	}
-	// kubelet registers the plugin anew; pods created from now on need it.
-	if err := waitRegistered(); err != nil {
-		t.Error(err)
-	}
-	time.Sleep(2 * time.Second)
-	checkWriters(t, names, before)
-	deleteWriters(t, names)
+	finishRestart(t, names, before)
 }
