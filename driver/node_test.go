@@ -17,8 +17,8 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
-	"github.com/csi-memfs/csi-memfs/fusefs"
 	"github.com/csi-memfs/csi-memfs/memfs"
+	"github.com/csi-memfs/csi-memfs/vfs"
 )
 
 // TestHandlerErrors checks the code of every handler's answers over the
@@ -393,13 +393,13 @@ func TestSealAttribute(t *testing.T) {
 		os.MkdirAll(filepath.Join(l.Dir(), filepath.Dir(p)), 0o755)
 		os.WriteFile(filepath.Join(l.Dir(), p), []byte("x"), 0o644)
 	}
-	tree := fusefs.FromLayer(l)
+	tree := l
 	if err := sealMatching(tree, []string{"config/*.json", "bin/app"}); err != nil {
 		t.Fatal(err)
 	}
 	for p, want := range map[string]string{"config/app.json": "write,grow,shrink,seal", "bin/app": "write,grow,shrink,seal",
 		"config/sub/x.json": "", "config/readme": "", "app.json": ""} {
-		var ino uint64 = memfs.RootIno
+		var ino uint64 = vfs.RootIno
 		var refs []uint64
 		for _, name := range strings.Split(p, "/") {
 			e, err := tree.Lookup(ino, name)

@@ -23,6 +23,7 @@ import (
 	"github.com/csi-memfs/csi-memfs/fusefs"
 	"github.com/csi-memfs/csi-memfs/memfs"
 	"github.com/csi-memfs/csi-memfs/overlay"
+	"github.com/csi-memfs/csi-memfs/vfs"
 )
 
 // publishSpec is everything a NodePublishVolume asks for, validated. Two
@@ -364,15 +365,15 @@ func (d *Driver) publish(ctx context.Context, id string, spec publishSpec, pod p
 // buildTree returns the tree a volume serves: the memory layer alone, or
 // an overlay of it over lower (returned too, for its usage and Close). This
 // is the one place a lower layer plugs in.
-func (d *Driver) buildTree(layer *memfs.Layer, lower *lowerImage) (fusefs.FileSystem, *overlay.FS, error) {
+func (d *Driver) buildTree(layer *memfs.Layer, lower *lowerImage) (vfs.FS, *overlay.FS, error) {
 	if lower == nil {
-		return fusefs.FromLayer(layer), nil, nil
+		return layer, nil, nil
 	}
 	ov, err := overlay.New(layer, lower.dir)
 	if err != nil {
 		return nil, nil, fmt.Errorf("overlay over image %s: %w", lower.img.Digest, err)
 	}
-	return fusefs.FromOverlay(ov), ov, nil
+	return ov, ov, nil
 }
 
 // sealError converts a failure of the seal attribute: EBUSY and EPERM
@@ -389,16 +390,16 @@ func sealError(id string, err error) error {
 // group, group-owned by it and group-writable with set-group-ID (02775),
 // as CSI's VOLUME_MOUNT_GROUP asks; without, writable by everyone (0777),
 // like an emptyDir.
-func initRoot(tree fusefs.FileSystem, mountGroup string) error {
-	a := memfs.SetAttr{Valid: memfs.SetMode, Mode: 0o777}
+func initRoot(tree vfs.Attributes, mountGroup string) error {
+	a := vfs.SetAttr{Valid: vfs.SetMode, Mode: 0o777}
 	if mountGroup != "" {
 		gid, err := strconv.ParseUint(mountGroup, 10, 32)
 		if err != nil {
 			return err
 		}
-		a = memfs.SetAttr{Valid: memfs.SetGid | memfs.SetMode, Gid: uint32(gid), Mode: 0o2775}
+		a = vfs.SetAttr{Valid: vfs.SetGid | vfs.SetMode, Gid: uint32(gid), Mode: 0o2775}
 	}
-	_, err := tree.SetAttr(memfs.RootIno, nil, a)
+	_, err := tree.SetAttr(vfs.RootIno, nil, a)
 	return err
 }
 
@@ -407,7 +408,7 @@ var allSeals = []byte("write,grow,shrink,seal")
 
 // sealMatching seals every regular file of tree whose path (relative to the
 // root, slash-separated) matches one of globs.
-func sealMatching(tree fusefs.FileSystem, globs []string) error {
+func sealMatching(tree vfs.FS, globs []string) error {
 	if len(globs) == 0 {
 		return nil
 	}
@@ -422,7 +423,7 @@ func sealMatching(tree fusefs.FileSystem, globs []string) error {
 		if err != nil {
 			return err
 		}
-		err = h.ReadDir(0, func(e *memfs.DirEntry) bool {
+		err = h.ReadDir(0, func(e *vfs.DirEntry) bool {
 			if e.Name != "." && e.Name != ".." {
 				children = append(children, child{e.Name, e.Type})
 			}
@@ -456,7 +457,7 @@ func sealMatching(tree fusefs.FileSystem, globs []string) error {
 		}
 		return nil
 	}
-	return walk(memfs.RootIno, "")
+	return walk(vfs.RootIno, "")
 }
 
 // matchAny says whether name matches one of globs (path.Match).

@@ -8,13 +8,13 @@ import (
 	"golang.org/x/sys/unix"
 	"k8s.io/klog/v2"
 
-	"github.com/csi-memfs/csi-memfs/memfs"
+	"github.com/csi-memfs/csi-memfs/vfs"
 )
 
 // Handing a mounted connection from one server process to another
 // (docs/restart.md). The kernel keeps the mount, the node ids (inode
 // numbers) and the file handles (records of the handle table); the
-// FileSystem keeps the tree. What passes between servers is a Session:
+// file system keeps the tree. What passes between servers is a Session:
 // the /dev/fuse descriptor, the handle table's memory file and the
 // recorded INIT exchange. A successor re-derives node ids on demand (rederiving)
 // and reopens every open file and directory from its record.
@@ -80,7 +80,7 @@ func (s *Server) Stop() (Session, error) {
 // to send again every request it had sent and had no answer to (Linux >=
 // 6.9), and rawFS answers those in the light of what the dead server may
 // have done already (see resent).
-func Adopt(mountpoint string, sess Session, fs FileSystem, opts Options, resend bool) (*Server, error) {
+func Adopt(mountpoint string, sess Session, fs vfs.FS, opts Options, resend bool) (*Server, error) {
 	fail := func(err error) (*Server, error) {
 		return nil, fmt.Errorf("fusefs: adopt %s: %w", mountpoint, err)
 	}
@@ -124,7 +124,7 @@ func Adopt(mountpoint string, sess Session, fs FileSystem, opts Options, resend 
 	return srv, nil
 }
 
-// dupFile returns a new descriptor of fd as a File.
+// dupFile returns a new descriptor of fd as an *os.File.
 func dupFile(fd int, name string) (*os.File, error) {
 	nfd, err := unix.FcntlInt(uintptr(fd), unix.F_DUPFD_CLOEXEC, 0)
 	if err != nil {
@@ -143,17 +143,17 @@ func (r *rawFS) restore() error {
 		var err error
 		switch rec.Kind {
 		case recFile:
-			var f File
+			var f vfs.File
 			// Never create or truncate again; the kernel passes writes
 			// with their offsets, so O_APPEND needs no care.
 			flags := int(rec.Flags) &^ (unix.O_CREAT | unix.O_EXCL | unix.O_TRUNC)
-			f, err = r.fs.Open(rec.Ino, flags, memfs.OpenOptions{Direct: backed})
+			f, err = r.fs.Open(rec.Ino, flags, vfs.OpenOptions{Direct: backed})
 			if err == unix.ESTALE && rec.HasData != 0 {
 				// No name leads to it: removed while open, or an
 				// O_TMPFILE. The reference FindOrphan adds stands
 				// for the kernel's lookup count (see rederive.go).
-				if o, ok := r.fs.(orphanFinder); ok && o.FindOrphan(rec.Ino, rec.DataIno, rec.DataGen) == nil {
-					f, err = r.fs.Open(rec.Ino, flags, memfs.OpenOptions{Direct: backed})
+				if o, ok := r.fs.(vfs.OrphanFinder); ok && o.FindOrphan(rec.Ino, rec.DataIno, rec.DataGen) == nil {
+					f, err = r.fs.Open(rec.Ino, flags, vfs.OpenOptions{Direct: backed})
 				}
 			}
 			if err == nil {
@@ -202,7 +202,7 @@ func (r *rawFS) releaseAll() {
 		switch h := h.(type) {
 		case *openFile:
 			h.Release()
-		case Dir:
+		case vfs.Dir:
 			h.Close()
 		}
 	}

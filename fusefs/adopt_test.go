@@ -15,6 +15,7 @@ import (
 
 	"github.com/csi-memfs/csi-memfs/memfs"
 	"github.com/csi-memfs/csi-memfs/overlay"
+	"github.com/csi-memfs/csi-memfs/vfs"
 )
 
 // adoptLayer serves the instance of l again, as a successor process does.
@@ -52,7 +53,7 @@ func TestStopAndAdopt(t *testing.T) {
 			base, l := newTestLayer(t, 16<<20)
 			mnt := filepath.Join(base, "mnt")
 			os.Mkdir(mnt, 0o755)
-			srv, err := Mount(mnt, FromLayer(l), tc.opts)
+			srv, err := Mount(mnt, l, tc.opts)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -90,7 +91,7 @@ func TestStopAndAdopt(t *testing.T) {
 			}
 
 			l2 := adoptLayer(t, l)
-			srv2, err := Adopt(mnt, sess, FromLayer(l2), tc.opts, false)
+			srv2, err := Adopt(mnt, sess, l2, tc.opts, false)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -188,7 +189,7 @@ func TestAdoptResends(t *testing.T) {
 			base, l := newTestLayer(t, 16<<20)
 			mnt := filepath.Join(base, "mnt")
 			os.Mkdir(mnt, 0o755)
-			srv, err := Mount(mnt, FromLayer(l), Options{})
+			srv, err := Mount(mnt, l, Options{})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -222,7 +223,7 @@ func TestAdoptResends(t *testing.T) {
 				t.Fatalf("answered with no server: %v", err)
 			case <-time.After(20 * time.Millisecond):
 			}
-			srv2, err := Adopt(mnt, sess, FromLayer(adoptLayer(t, l)), Options{}, true)
+			srv2, err := Adopt(mnt, sess, adoptLayer(t, l), Options{}, true)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -246,7 +247,7 @@ func TestAdoptWithOtherOptions(t *testing.T) {
 	base, l := newTestLayer(t, 16<<20)
 	mnt := filepath.Join(base, "mnt")
 	os.Mkdir(mnt, 0o755)
-	srv, err := Mount(mnt, FromLayer(l), Options{DisablePassthrough: true})
+	srv, err := Mount(mnt, l, Options{DisablePassthrough: true})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -254,7 +255,7 @@ func TestAdoptWithOtherOptions(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv2, err := Adopt(mnt, sess, FromLayer(adoptLayer(t, l)), Options{}, false)
+	srv2, err := Adopt(mnt, sess, adoptLayer(t, l), Options{}, false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -306,9 +307,9 @@ func TestAdoptFindsFilesWithNoName(t *testing.T) {
 			}
 			// serve returns the tree of the volume over l, as the
 			// driver makes it.
-			serve := func(l *memfs.Layer) FileSystem {
+			serve := func(l *memfs.Layer) vfs.FS {
 				if !tc.overlay {
-					return FromLayer(l)
+					return l
 				}
 				dl, err := overlay.NewDirLower(lower)
 				if err != nil {
@@ -319,7 +320,7 @@ func TestAdoptFindsFilesWithNoName(t *testing.T) {
 					t.Fatal(err)
 				}
 				t.Cleanup(func() { fs.Close(); dl.Close() })
-				return FromOverlay(fs)
+				return fs
 			}
 			mnt := filepath.Join(base, "mnt")
 			os.Mkdir(mnt, 0o755)

@@ -10,26 +10,27 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/csi-memfs/csi-memfs/memfs"
+	"github.com/csi-memfs/csi-memfs/vfs"
 )
 
 // decoyFS offers, for every write open, a Direct file whose descriptor is
 // a different file (the decoy), as an overlay does when an inode's backing
 // moves from its lower file to its upper copy.
 type decoyFS struct {
-	FileSystem
+	vfs.FS
 	decoyFd int
 }
 
 type decoyFile struct {
-	File
+	vfs.File
 	fd int
 }
 
 func (d decoyFile) Fd() int      { return d.fd }
 func (d decoyFile) Direct() bool { return true }
 
-func (d decoyFS) Open(ino uint64, flags int, o memfs.OpenOptions) (File, error) {
-	f, err := d.FileSystem.Open(ino, flags, o)
+func (d decoyFS) Open(ino uint64, flags int, o vfs.OpenOptions) (vfs.File, error) {
+	f, err := d.FS.Open(ino, flags, o)
 	if err != nil || flags&unix.O_ACCMODE == unix.O_RDONLY {
 		return f, err
 	}
@@ -47,7 +48,7 @@ func TestBackingIsNeverSharedAcrossFiles(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { decoy.Close() }) // after the unmount
-	mnt, _ := mountTest(t, base, decoyFS{FileSystem: FromLayer(l), decoyFd: int(decoy.Fd())}, Options{})
+	mnt, _ := mountTest(t, base, decoyFS{FS: l, decoyFd: int(decoy.Fd())}, Options{})
 
 	p := filepath.Join(mnt, "x")
 	if err := os.WriteFile(p, nil, 0o644); err != nil { // a write open, itself a decoy

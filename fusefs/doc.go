@@ -1,4 +1,4 @@
-// Package fusefs serves a FileSystem (a memfs Layer, or an overlay of one)
+// Package fusefs serves a vfs.FS (a memfs Layer, or an overlay of one)
 // over FUSE with go-fuse's raw protocol API. It is the only package of
 // csi-memfs that speaks FUSE; it knows nothing of CSI, images or Kubernetes.
 //
@@ -27,7 +27,7 @@
 //
 // # Node ids
 //
-// FUSE node ids are the FileSystem's inode numbers, unmapped; the root is
+// FUSE node ids are the file system's inode numbers, unmapped; the root is
 // 1 in both. A successor process serving the same kernel connection can
 // therefore re-derive every node from the tree the kernel still holds.
 //
@@ -47,6 +47,6 @@
 //
 // Mounts use default_permissions and allow_other: the kernel checks every
 // access against the attributes this server reports, for any uid, and the
-// FileSystem runs as root on the caller's behalf (memfs.Caller). Mounts are
+// file system runs as root on the caller's behalf (vfs.Caller). Mounts are
 // always nosuid and nodev.
 package fusefs

@@ -8,11 +8,11 @@ import (
 	"golang.org/x/sys/unix"
 	"k8s.io/klog/v2"
 
-	"github.com/csi-memfs/csi-memfs/memfs"
+	"github.com/csi-memfs/csi-memfs/vfs"
 )
 
-// file returns the File open as fh.
-func (r *rawFS) file(fh uint64) (File, fuse.Status) {
+// file returns the vfs.File open as fh.
+func (r *rawFS) file(fh uint64) (vfs.File, fuse.Status) {
 	switch h := r.handles.get(fh).(type) {
 	case *openFile:
 		return h.File, fuse.OK
@@ -22,10 +22,10 @@ func (r *rawFS) file(fh uint64) (File, fuse.Status) {
 	return nil, fuse.EBADF
 }
 
-// dir returns the Dir open as fh.
-func (r *rawFS) dir(fh uint64) (Dir, fuse.Status) {
+// dir returns the vfs.Dir open as fh.
+func (r *rawFS) dir(fh uint64) (vfs.Dir, fuse.Status) {
 	switch h := r.handles.get(fh).(type) {
-	case Dir:
+	case vfs.Dir:
 		return h, fuse.OK
 	case *deadHandle:
 		return nil, fuse.EIO
@@ -35,18 +35,18 @@ func (r *rawFS) dir(fh uint64) (Dir, fuse.Status) {
 
 // openOptions are the memfs options for an open by the caller h with FUSE
 // open_flags. A caller other than root is taken to lack CAP_FSETID.
-func (r *rawFS) openOptions(h *fuse.InHeader, openFlags uint32) memfs.OpenOptions {
+func (r *rawFS) openOptions(h *fuse.InHeader, openFlags uint32) vfs.OpenOptions {
 	r.backingMu.Lock()
 	pt := r.passthrough
 	r.backingMu.Unlock()
-	return memfs.OpenOptions{
+	return vfs.OpenOptions{
 		Direct:      pt,
 		KillSuidGid: openFlags&fuse.OPEN_KILL_SUIDGID != 0 || h.Uid != 0,
 	}
 }
 
 // opened registers of and tells the kernel how to do its I/O: through
-// passthrough to the backing file where the FileSystem allows it; else
+// passthrough to the backing file where the file system allows it; else
 // through this server, with the page cache when passthrough is off for the
 // whole mount and direct I/O otherwise.
 //
@@ -67,7 +67,7 @@ func (r *rawFS) opened(of *openFile, flags uint32, out *fuse.OpenOut) fuse.Statu
 				return s
 			}
 			rec := handleRecord{Kind: recFile, Flags: flags, Ino: of.ino}
-			if hf, ok := of.File.(handleFile); ok {
+			if hf, ok := of.File.(vfs.HandleFile); ok {
 				if ino, gen, ok := hf.Handle(); ok {
 					rec.HasData, rec.DataGen, rec.DataIno = 1, gen, ino
 				}
@@ -97,7 +97,7 @@ func (r *rawFS) opened(of *openFile, flags uint32, out *fuse.OpenOut) fuse.Statu
 //
 // Preconditions:
 //   - r.backingMu is locked.
-func (r *rawFS) openModeLocked(ino uint64, f File, out *fuse.OpenOut) fuse.Status {
+func (r *rawFS) openModeLocked(ino uint64, f vfs.File, out *fuse.OpenOut) fuse.Status {
 	switch {
 	case !r.passthrough:
 		out.OpenFlags |= fuse.FOPEN_KEEP_CACHE
@@ -184,7 +184,7 @@ func (r *rawFS) passthroughActive() bool {
 }
 
 type openFile struct {
-	File
+	vfs.File
 	ino uint64
 	// backed says the open holds a reference on the inode's backing file.
 	backed bool
@@ -241,7 +241,7 @@ func (r *rawFS) Open(_ <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOut) fuse
 
 // finishOpen answers an open of f with open(2) flags; on failure f is
 // released.
-func (r *rawFS) finishOpen(ino uint64, flags uint32, f File, out *fuse.OpenOut) fuse.Status {
+func (r *rawFS) finishOpen(ino uint64, flags uint32, f vfs.File, out *fuse.OpenOut) fuse.Status {
 	of := &openFile{File: f, ino: ino}
 	if s := r.opened(of, flags, out); s != fuse.OK {
 		f.Release()
@@ -362,7 +362,7 @@ func (r *rawFS) ReadDir(_ <-chan struct{}, in *fuse.ReadIn, out *fuse.DirEntryLi
 	if s != fuse.OK {
 		return s
 	}
-	err := d.ReadDir(int64(in.Offset), func(e *memfs.DirEntry) bool {
+	err := d.ReadDir(int64(in.Offset), func(e *vfs.DirEntry) bool {
 		return out.AddDirEntry(fuse.DirEntry{
 			Name: e.Name,
 			Ino:  e.Ino,
@@ -385,7 +385,7 @@ func (r *rawFS) FsyncDir(_ <-chan struct{}, in *fuse.FsyncIn) fuse.Status {
 }
 
 func (r *rawFS) ReleaseDir(in *fuse.ReleaseIn) {
-	if d, ok := r.handles.remove(in.Fh).(Dir); ok { // a *deadHandle needs nothing more
+	if d, ok := r.handles.remove(in.Fh).(vfs.Dir); ok { // a *deadHandle needs nothing more
 		d.Close()
 	}
 }

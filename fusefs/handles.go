@@ -55,8 +55,8 @@ type handleRecord struct {
 	BackingDev uint64
 	BackingIno uint64
 	// HasData is 1 when DataIno and DataGen name the tmpfs inode that
-	// holds the file's bytes (handleFile): a successor finds the file by
-	// them when it has no name (orphanFinder). Records of older servers
+	// holds the file's bytes (vfs.HandleFile): a successor finds the file by
+	// them when it has no name (vfs.OrphanFinder). Records of older servers
 	// have 0 here.
 	HasData uint32
 	DataGen uint32
@@ -75,7 +75,7 @@ type handleTable struct {
 
 	// mu protects open, free and next.
 	mu sync.Mutex
-	// open maps each fh in use to its *openFile, Dir or deadHandle.
+	// open maps each fh in use to its *openFile, vfs.Dir or *deadHandle.
 	// Invariant: fh is in open exactly when its record's Kind is not
 	// recFree (apart from the moments add and remove write it).
 	open map[uint64]any

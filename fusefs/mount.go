@@ -7,6 +7,8 @@ import (
 
 	"github.com/hanwen/go-fuse/v2/fuse"
 	"golang.org/x/sys/unix"
+
+	"github.com/csi-memfs/csi-memfs/vfs"
 )
 
 // Options configure a mount.
@@ -32,7 +34,7 @@ type Observer interface {
 	ObserveOp(op string, d time.Duration, errno syscall.Errno)
 }
 
-// Server serves one FileSystem on one mountpoint.
+// Server serves one vfs.FS on one mountpoint.
 type Server struct {
 	raw        *rawFS
 	sess       *session
@@ -71,7 +73,7 @@ func mountOptions(opts Options) *fuse.MountOptions {
 // Mount mounts fs on mountpoint (an existing directory) and serves it until
 // Unmount or Stop. Data moves by FUSE passthrough where the kernel allows
 // it (Linux >= 6.9, CAP_SYS_ADMIN); else through this process.
-func Mount(mountpoint string, fs FileSystem, opts Options) (*Server, error) {
+func Mount(mountpoint string, fs vfs.FS, opts Options) (*Server, error) {
 	name := opts.FsName
 	if name == "" {
 		name = "csi-memfs"

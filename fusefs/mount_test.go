@@ -9,6 +9,7 @@ import (
 	"github.com/hanwen/go-fuse/v2/posixtest"
 
 	"github.com/csi-memfs/csi-memfs/memfs"
+	"github.com/csi-memfs/csi-memfs/vfs"
 )
 
 // requireFUSE skips tests that need root and /dev/fuse where they are
@@ -55,7 +56,7 @@ func closeAtCleanup(t testing.TB, l *memfs.Layer, when string) {
 
 // mountTest mounts fs on base/mnt; cleanup unmounts it before any cleanup
 // registered earlier runs.
-func mountTest(t testing.TB, base string, fs FileSystem, opts Options) (string, *Server) {
+func mountTest(t testing.TB, base string, fs vfs.FS, opts Options) (string, *Server) {
 	t.Helper()
 	mnt := filepath.Join(base, "mnt")
 	if err := os.Mkdir(mnt, 0o755); err != nil {
@@ -78,7 +79,7 @@ func mountTest(t testing.TB, base string, fs FileSystem, opts Options) (string, 
 func testMount(t testing.TB, size int64, opts Options) (string, *memfs.Layer, *Server) {
 	t.Helper()
 	base, l := newTestLayer(t, size)
-	mnt, srv := mountTest(t, base, FromLayer(l), opts)
+	mnt, srv := mountTest(t, base, l, opts)
 	return mnt, l, srv
 }
 

@@ -82,7 +82,7 @@ func testOverlayMount(t testing.TB, lower string, opts Options) (string, *overla
 		fs.Close()
 		dl.Close()
 	})
-	mnt, _ := mountTest(t, base, FromOverlay(fs), opts)
+	mnt, _ := mountTest(t, base, fs, opts)
 	return mnt, fs
 }
 

@@ -8,7 +8,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/csi-memfs/csi-memfs/memfs"
+	"github.com/csi-memfs/csi-memfs/vfs"
 )
 
 // Re-derivation of node ids
@@ -16,16 +16,16 @@ import (
 // A process that takes over a FUSE connection inherits the kernel's node
 // ids, which are inode numbers (see doc.go), but none of the references
 // behind them: memfs and overlay answer ESTALE for an inode number they hold
-// no reference to. rederiving wraps a FileSystem so that such an answer
+// no reference to. rederiving wraps a vfs.FS so that such an answer
 // makes it find the node again, by its place in the tree, and retry the
 // call once.
 //
-// Finding inode X: a walk of the whole tree through the FileSystem itself
+// Finding inode X: a walk of the whole tree through the file system itself
 // (OpenDir and ReadDir of every directory, Lookup of each directory to
 // descend into it) builds an index from every inode number it meets to one
 // place of it: its parent's inode number and its name. The index is kept
 // for later derivations. X's path in the index is then looked up from the
-// nearest ancestor the FileSystem knows (the root at worst). Each Lookup
+// nearest ancestor the file system knows (the root at worst). Each Lookup
 // must return the inode number the index says, or the tree has changed
 // since the walk: the index is rebuilt once and the path tried again.
 //
@@ -33,7 +33,7 @@ import (
 // on each ancestor they registered; these stand for the kernel's lookup
 // counts, which this process cannot know, and the kernel's FORGETs drop
 // them (memfs and overlay drop to zero when told to forget more than they
-// hold). Ancestors the FileSystem knew already are not looked up, so their
+// hold). Ancestors the file system knew already are not looked up, so their
 // counts do not change. Registered ancestors are kept, not forgotten: the
 // kernel's dentry cache holds every ancestor of a node it holds, so it
 // holds them too; and dropping a registration to zero while the kernel may
@@ -78,19 +78,19 @@ import (
 // fs must change nothing when it fails with ESTALE (memfs and overlay check
 // every inode number they are given before acting), and its tree must
 // change only through the decorator while the decorator serves it.
-func rederiving(fs FileSystem) FileSystem {
+func rederiving(fs vfs.FS) vfs.FS {
 	return &rederiver{fs: fs}
 }
 
-// rederiver is the FileSystem rederiving returns.
+// rederiver is the file system rederiving returns.
 //
 // Lock order:
 //
 //	rederiver.mu
 //	  the locks of fs (fs never calls back into the rederiver)
 type rederiver struct {
-	// fs is the wrapped FileSystem. Immutable.
-	fs FileSystem
+	// fs is the wrapped file system. Immutable.
+	fs vfs.FS
 	// gen counts the successful namespace changes made through the
 	// rederiver. Accessed atomically.
 	gen atomic.Uint64
@@ -100,7 +100,7 @@ type rederiver struct {
 	mu sync.Mutex
 	// index maps the inode number of every entry the last walk met (the
 	// root excepted) to one place of it; nil before the first walk.
-	// Invariant: following parents from any entry reaches memfs.RootIno
+	// Invariant: following parents from any entry reaches vfs.RootIno
 	// without a cycle (a walk records a directory once, when it first
 	// meets it, and descends only from that place).
 	// Protected by mu.
@@ -153,7 +153,7 @@ func (r *rederiver) rederive(inos ...uint64) bool {
 // Preconditions:
 //   - r.mu is locked (so that no derivation registers ino meanwhile).
 func (r *rederiver) knownLocked(ino uint64) bool {
-	if ino == memfs.RootIno {
+	if ino == vfs.RootIno {
 		return true
 	}
 	_, err := r.fs.GetAttr(ino)
@@ -237,7 +237,7 @@ func (r *rederiver) lookupPathLocked(x uint64) error {
 func (r *rederiver) walkLocked() {
 	gen := r.gen.Load()
 	index := make(map[uint64]place, len(r.index))
-	complete := r.walkDirLocked(memfs.RootIno, index)
+	complete := r.walkDirLocked(vfs.RootIno, index)
 	r.index, r.indexGen, r.complete = index, gen, complete
 	r.walks++
 }
@@ -258,7 +258,7 @@ func (r *rederiver) walkDirLocked(dir uint64, index map[uint64]place) bool {
 		name string
 	}
 	var subdirs []subdir
-	err = d.ReadDir(0, func(e *memfs.DirEntry) bool {
+	err = d.ReadDir(0, func(e *vfs.DirEntry) bool {
 		if e.Name == "." || e.Name == ".." {
 			return true
 		}
@@ -286,7 +286,7 @@ func (r *rederiver) walkDirLocked(dir uint64, index map[uint64]place) bool {
 			complete = r.walkDirLocked(e.Ino(), index) && complete
 		}
 		// The reference is kept (see Limits): forgetting a directory the
-		// FileSystem did not know would drop it to zero, which may close
+		// file system did not know would drop it to zero, which may close
 		// its descriptor under a concurrent request for it.
 	}
 	return complete
@@ -295,7 +295,7 @@ func (r *rederiver) walkDirLocked(dir uint64, index map[uint64]place) bool {
 // The methods below forward to fs; each that fails with ESTALE rederives
 // the inode numbers it takes and is retried once.
 
-func (r *rederiver) Lookup(parent uint64, name string) (memfs.Entry, error) {
+func (r *rederiver) Lookup(parent uint64, name string) (vfs.Entry, error) {
 	e, err := r.fs.Lookup(parent, name)
 	if err == syscall.ESTALE && r.rederive(parent) {
 		e, err = r.fs.Lookup(parent, name)
@@ -313,7 +313,7 @@ func (r *rederiver) GetAttr(ino uint64) (unix.Stat_t, error) {
 	return st, err
 }
 
-func (r *rederiver) SetAttr(ino uint64, f File, a memfs.SetAttr) (unix.Stat_t, error) {
+func (r *rederiver) SetAttr(ino uint64, f vfs.File, a vfs.SetAttr) (unix.Stat_t, error) {
 	st, err := r.fs.SetAttr(ino, f, a)
 	if err == syscall.ESTALE && r.rederive(ino) {
 		st, err = r.fs.SetAttr(ino, f, a)
@@ -321,7 +321,7 @@ func (r *rederiver) SetAttr(ino uint64, f File, a memfs.SetAttr) (unix.Stat_t, e
 	return st, err
 }
 
-func (r *rederiver) Mkdir(parent uint64, name string, mode uint32, c memfs.Caller) (memfs.Entry, error) {
+func (r *rederiver) Mkdir(parent uint64, name string, mode uint32, c vfs.Caller) (vfs.Entry, error) {
 	e, err := r.fs.Mkdir(parent, name, mode, c)
 	if err == syscall.ESTALE && r.rederive(parent) {
 		e, err = r.fs.Mkdir(parent, name, mode, c)
@@ -332,7 +332,7 @@ func (r *rederiver) Mkdir(parent uint64, name string, mode uint32, c memfs.Calle
 	return e, err
 }
 
-func (r *rederiver) Mknod(parent uint64, name string, mode uint32, rdev uint64, c memfs.Caller) (memfs.Entry, error) {
+func (r *rederiver) Mknod(parent uint64, name string, mode uint32, rdev uint64, c vfs.Caller) (vfs.Entry, error) {
 	e, err := r.fs.Mknod(parent, name, mode, rdev, c)
 	if err == syscall.ESTALE && r.rederive(parent) {
 		e, err = r.fs.Mknod(parent, name, mode, rdev, c)
@@ -343,7 +343,7 @@ func (r *rederiver) Mknod(parent uint64, name string, mode uint32, rdev uint64, 
 	return e, err
 }
 
-func (r *rederiver) Symlink(parent uint64, name, target string, c memfs.Caller) (memfs.Entry, error) {
+func (r *rederiver) Symlink(parent uint64, name, target string, c vfs.Caller) (vfs.Entry, error) {
 	e, err := r.fs.Symlink(parent, name, target, c)
 	if err == syscall.ESTALE && r.rederive(parent) {
 		e, err = r.fs.Symlink(parent, name, target, c)
@@ -354,7 +354,7 @@ func (r *rederiver) Symlink(parent uint64, name, target string, c memfs.Caller) 
 	return e, err
 }
 
-func (r *rederiver) Link(ino, newParent uint64, name string) (memfs.Entry, error) {
+func (r *rederiver) Link(ino, newParent uint64, name string) (vfs.Entry, error) {
 	e, err := r.fs.Link(ino, newParent, name)
 	if err == syscall.ESTALE && r.rederive(ino, newParent) {
 		e, err = r.fs.Link(ino, newParent, name)
@@ -406,7 +406,7 @@ func (r *rederiver) Readlink(ino uint64) (string, error) {
 	return s, err
 }
 
-func (r *rederiver) Create(parent uint64, name string, flags int, mode uint32, c memfs.Caller, o memfs.OpenOptions) (memfs.Entry, File, error) {
+func (r *rederiver) Create(parent uint64, name string, flags int, mode uint32, c vfs.Caller, o vfs.OpenOptions) (vfs.Entry, vfs.File, error) {
 	e, f, err := r.fs.Create(parent, name, flags, mode, c, o)
 	if err == syscall.ESTALE && r.rederive(parent) {
 		e, f, err = r.fs.Create(parent, name, flags, mode, c, o)
@@ -417,7 +417,7 @@ func (r *rederiver) Create(parent uint64, name string, flags int, mode uint32, c
 	return e, f, err
 }
 
-func (r *rederiver) Open(ino uint64, flags int, o memfs.OpenOptions) (File, error) {
+func (r *rederiver) Open(ino uint64, flags int, o vfs.OpenOptions) (vfs.File, error) {
 	f, err := r.fs.Open(ino, flags, o)
 	if err == syscall.ESTALE && r.rederive(ino) {
 		f, err = r.fs.Open(ino, flags, o)
@@ -427,14 +427,14 @@ func (r *rederiver) Open(ino uint64, flags int, o memfs.OpenOptions) (File, erro
 
 // FindOrphan finds no name either: it is passed on, or ESTALE.
 func (r *rederiver) FindOrphan(ino, dataIno uint64, gen uint32) error {
-	if o, ok := r.fs.(orphanFinder); ok {
+	if o, ok := r.fs.(vfs.OrphanFinder); ok {
 		return o.FindOrphan(ino, dataIno, gen)
 	}
 	return syscall.ESTALE
 }
 
 // Tmpfile makes no name, so it is no namespace change.
-func (r *rederiver) Tmpfile(parent uint64, flags int, mode uint32, c memfs.Caller, o memfs.OpenOptions) (memfs.Entry, File, error) {
+func (r *rederiver) Tmpfile(parent uint64, flags int, mode uint32, c vfs.Caller, o vfs.OpenOptions) (vfs.Entry, vfs.File, error) {
 	e, f, err := r.fs.Tmpfile(parent, flags, mode, c, o)
 	if err == syscall.ESTALE && r.rederive(parent) {
 		e, f, err = r.fs.Tmpfile(parent, flags, mode, c, o)
@@ -442,7 +442,7 @@ func (r *rederiver) Tmpfile(parent uint64, flags int, mode uint32, c memfs.Calle
 	return e, f, err
 }
 
-func (r *rederiver) OpenDir(ino uint64) (Dir, error) {
+func (r *rederiver) OpenDir(ino uint64) (vfs.Dir, error) {
 	d, err := r.fs.OpenDir(ino)
 	if err == syscall.ESTALE && r.rederive(ino) {
 		d, err = r.fs.OpenDir(ino)

@@ -14,11 +14,12 @@ import (
 
 	"github.com/csi-memfs/csi-memfs/memfs"
 	"github.com/csi-memfs/csi-memfs/overlay"
+	"github.com/csi-memfs/csi-memfs/vfs"
 )
 
-// The tests of this file serve a tree that a previous FileSystem built and
+// The tests of this file serve a tree that a previous file system built and
 // then dropped without closing it, as a process that dies would: the
-// instance stays mounted and its inode numbers are all the new FileSystem
+// instance stays mounted and its inode numbers are all the new file system
 // gets. They need root (tmpfs) but no FUSE mount.
 
 func rdNeedRoot(t testing.TB) {
@@ -56,8 +57,8 @@ func rdOK[T any](t testing.TB) func(v T, err error) T {
 }
 
 // rdIno is rdOK for an Entry, returning its inode number.
-func rdIno(t testing.TB) func(e memfs.Entry, err error) uint64 {
-	return func(e memfs.Entry, err error) uint64 {
+func rdIno(t testing.TB) func(e vfs.Entry, err error) uint64 {
+	return func(e vfs.Entry, err error) uint64 {
 		t.Helper()
 		if err != nil {
 			t.Fatal(err)
@@ -82,9 +83,9 @@ func rdErrno(t testing.TB, what string, got, want error) {
 }
 
 // rdRead reads the file ino through fs.
-func rdRead(t testing.TB, fs FileSystem, ino uint64) string {
+func rdRead(t testing.TB, fs vfs.FS, ino uint64) string {
 	t.Helper()
-	f := rdOK[File](t)(fs.Open(ino, unix.O_RDONLY, memfs.OpenOptions{}))
+	f := rdOK[vfs.File](t)(fs.Open(ino, unix.O_RDONLY, vfs.OpenOptions{}))
 	defer f.Release()
 	buf := make([]byte, 1<<16)
 	n, err := f.ReadAt(buf, 0)
@@ -95,12 +96,12 @@ func rdRead(t testing.TB, fs FileSystem, ino uint64) string {
 }
 
 // rdNames lists the directory ino through fs, "." and ".." left out.
-func rdNames(t testing.TB, fs FileSystem, ino uint64) []string {
+func rdNames(t testing.TB, fs vfs.FS, ino uint64) []string {
 	t.Helper()
-	d := rdOK[Dir](t)(fs.OpenDir(ino))
+	d := rdOK[vfs.Dir](t)(fs.OpenDir(ino))
 	defer d.Close()
 	var out []string
-	if err := d.ReadDir(0, func(e *memfs.DirEntry) bool {
+	if err := d.ReadDir(0, func(e *vfs.DirEntry) bool {
 		if e.Name != "." && e.Name != ".." {
 			out = append(out, e.Name)
 		}
@@ -114,7 +115,7 @@ func rdNames(t testing.TB, fs FileSystem, ino uint64) []string {
 
 // rdForgetAll drops every reference to inos, as the kernel's FORGETs of
 // nodes it had looked up an unknown number of times would.
-func rdForgetAll(fs FileSystem, inos ...uint64) {
+func rdForgetAll(fs vfs.FS, inos ...uint64) {
 	for _, ino := range inos {
 		fs.Forget(ino, 1<<30)
 	}
@@ -135,10 +136,10 @@ func TestRederiveMemfs(t *testing.T) {
 		t.Fatal(err)
 	}
 	mkdir := func(parent uint64, name string) uint64 {
-		return rdIno(t)(old.Mkdir(parent, name, 0o755, memfs.Root))
+		return rdIno(t)(old.Mkdir(parent, name, 0o755, vfs.Root))
 	}
 	create := func(parent uint64, name, data string) uint64 {
-		e, f, err := old.Create(parent, name, unix.O_RDWR, 0o644, memfs.Root, memfs.OpenOptions{})
+		e, f, err := old.Create(parent, name, unix.O_RDWR, 0o644, vfs.Root, vfs.OpenOptions{})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -146,28 +147,28 @@ func TestRederiveMemfs(t *testing.T) {
 		f.Release()
 		return e.Ino()
 	}
-	a := mkdir(memfs.RootIno, "a")
+	a := mkdir(vfs.RootIno, "a")
 	b := mkdir(a, "b")
 	c := mkdir(b, "c")
 	f := create(c, "f", "hello")
 	k := create(c, "k", "kay") // one name, below a, b and c
-	sym := rdIno(t)(old.Symlink(b, "sym", "c/f", memfs.Root))
-	rdOK[memfs.Entry](t)(old.Link(f, a, "hl"))
-	x := mkdir(memfs.RootIno, "x")
+	sym := rdIno(t)(old.Symlink(b, "sym", "c/f", vfs.Root))
+	rdOK[vfs.Entry](t)(old.Link(f, a, "hl"))
+	x := mkdir(vfs.RootIno, "x")
 	y := create(x, "y", "why")
 	// g is removed while a descriptor of it stays open: it is alive but in
 	// no directory.
-	ge, gf, err := old.Create(memfs.RootIno, "g", unix.O_RDWR, 0o644, memfs.Root, memfs.OpenOptions{})
+	ge, gf, err := old.Create(vfs.RootIno, "g", unix.O_RDWR, 0o644, vfs.Root, vfs.OpenOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer gf.Release()
 	g := ge.Ino()
-	rdNoErr(t, old.Unlink(memfs.RootIno, "g"))
+	rdNoErr(t, old.Unlink(vfs.RootIno, "g"))
 	// old is dropped without Close: the instance stays mounted.
 
 	l := reopenLayer(t, dir)
-	raw := FromLayer(l)
+	raw := l
 	r := rederiving(raw).(*rederiver)
 	all := []uint64{a, b, c, f, k, sym, x, y}
 
@@ -175,8 +176,8 @@ func TestRederiveMemfs(t *testing.T) {
 	rdErrno(t, "raw getattr of a node never looked up", err, syscall.ESTALE)
 	// a is known already, with two references: derivation adds none, the
 	// walk keeps the one it took to descend into it (see Limits).
-	rdOK[memfs.Entry](t)(raw.Lookup(memfs.RootIno, "a"))
-	rdOK[memfs.Entry](t)(raw.Lookup(memfs.RootIno, "a"))
+	rdOK[vfs.Entry](t)(raw.Lookup(vfs.RootIno, "a"))
+	rdOK[vfs.Entry](t)(raw.Lookup(vfs.RootIno, "a"))
 
 	t.Run("getattr", func(t *testing.T) {
 		st := rdOK[unix.Stat_t](t)(r.GetAttr(f))
@@ -228,14 +229,14 @@ func TestRederiveMemfs(t *testing.T) {
 	rdForgetAll(raw, all...)
 
 	t.Run("lookup", func(t *testing.T) {
-		if e := rdOK[memfs.Entry](t)(r.Lookup(c, "f")); e.Ino() != f {
+		if e := rdOK[vfs.Entry](t)(r.Lookup(c, "f")); e.Ino() != f {
 			t.Errorf("lookup c/f = %d, want %d", e.Ino(), f)
 		}
 	})
 	rdForgetAll(raw, all...)
 
 	t.Run("setattr and xattrs", func(t *testing.T) {
-		st := rdOK[unix.Stat_t](t)(r.SetAttr(y, nil, memfs.SetAttr{Valid: memfs.SetMode, Mode: 0o600}))
+		st := rdOK[unix.Stat_t](t)(r.SetAttr(y, nil, vfs.SetAttr{Valid: vfs.SetMode, Mode: 0o600}))
 		if st.Mode != unix.S_IFREG|0o600 {
 			t.Errorf("mode after setattr = %o", st.Mode)
 		}
@@ -256,7 +257,7 @@ func TestRederiveMemfs(t *testing.T) {
 		if st := rdOK[unix.Stat_t](t)(r.GetAttr(c)); st.Ino != c {
 			t.Errorf("getattr c = %d", st.Ino)
 		}
-		if e := rdOK[memfs.Entry](t)(raw.Lookup(x, "c2")); e.Ino() != c {
+		if e := rdOK[vfs.Entry](t)(raw.Lookup(x, "c2")); e.Ino() != c {
 			t.Errorf("x/c2 is %d, want c %d", e.Ino(), c)
 		}
 		if got := r.walksDone(); got != 2 {
@@ -272,7 +273,7 @@ func TestRederiveMemfs(t *testing.T) {
 			t.Errorf("nlink after unlink = %d, want 1", st.Nlink)
 		}
 		rdForgetAll(raw, all...)
-		if e := rdOK[memfs.Entry](t)(r.Link(f, x, "f3")); e.Ino() != f {
+		if e := rdOK[vfs.Entry](t)(r.Link(f, x, "f3")); e.Ino() != f {
 			t.Errorf("link = %d", e.Ino())
 		}
 		if got := fmt.Sprint(rdNames(t, r, x)); got != "[c2 f3 y]" {
@@ -282,7 +283,7 @@ func TestRederiveMemfs(t *testing.T) {
 	rdForgetAll(raw, all...)
 
 	t.Run("moved outside the decorator", func(t *testing.T) {
-		rdNoErr(t, raw.Rename(memfs.RootIno, "x", memfs.RootIno, "x2", 0))
+		rdNoErr(t, raw.Rename(vfs.RootIno, "x", vfs.RootIno, "x2", 0))
 		before := r.walksDone()
 		if got := rdRead(t, r, y); got != "why" {
 			t.Errorf("read %q", got)
@@ -297,7 +298,7 @@ func TestRederiveMemfs(t *testing.T) {
 		for _, ino := range []uint64{g, 1 << 40} {
 			_, err := r.GetAttr(ino)
 			rdErrno(t, fmt.Sprintf("getattr %d", ino), err, syscall.ESTALE)
-			_, err = r.Open(ino, unix.O_RDONLY, memfs.OpenOptions{})
+			_, err = r.Open(ino, unix.O_RDONLY, vfs.OpenOptions{})
 			rdErrno(t, fmt.Sprintf("open %d", ino), err, syscall.ESTALE)
 		}
 		before := r.walksDone()
@@ -305,12 +306,12 @@ func TestRederiveMemfs(t *testing.T) {
 		if got := r.walksDone(); got != before {
 			t.Errorf("a repeated miss walked again (%d walks, want %d)", got, before)
 		}
-		rdOK[memfs.Entry](t)(r.Mkdir(memfs.RootIno, "new", 0o755, memfs.Root))
+		rdOK[vfs.Entry](t)(r.Mkdir(vfs.RootIno, "new", 0o755, vfs.Root))
 		r.GetAttr(g)
 		if got := r.walksDone(); got != before+1 {
 			t.Errorf("a miss after a mkdir: %d walks, want %d", got, before+1)
 		}
-		rdOK[unix.Stat_t](t)(r.GetAttr(memfs.RootIno))
+		rdOK[unix.Stat_t](t)(r.GetAttr(vfs.RootIno))
 	})
 
 	t.Run("concurrent", func(t *testing.T) {
@@ -371,7 +372,7 @@ func TestRederiveOverlay(t *testing.T) {
 	dl := rdOK[*overlay.DirLower](t)(overlay.NewDirLower(lowerDir))
 	old := rdOK[*overlay.FS](t)(overlay.New(upper, dl))
 	path := func(names ...string) uint64 {
-		ino := memfs.RootIno
+		ino := vfs.RootIno
 		for _, n := range names {
 			ino = rdIno(t)(old.Lookup(ino, n))
 		}
@@ -380,12 +381,12 @@ func TestRederiveOverlay(t *testing.T) {
 	// Copy cu up, rename the lower directory rd, make an upper directory
 	// and file inside a lower one.
 	cu := path("cu")
-	w := rdOK[*overlay.File](t)(old.Open(cu, unix.O_RDWR, memfs.OpenOptions{}))
+	w := rdOK[vfs.File](t)(old.Open(cu, unix.O_RDWR, vfs.OpenOptions{}))
 	rdOK[int](t)(w.WriteAt([]byte("COPIED"), 0, false))
 	w.Release()
-	rdNoErr(t, old.Rename(memfs.RootIno, "rd", memfs.RootIno, "rd2", 0))
-	up := rdIno(t)(old.Mkdir(path("l1"), "up", 0o755, memfs.Root))
-	e, uf, err := old.Create(up, "u", unix.O_RDWR, 0o644, memfs.Root, memfs.OpenOptions{})
+	rdNoErr(t, old.Rename(vfs.RootIno, "rd", vfs.RootIno, "rd2", 0))
+	up := rdIno(t)(old.Mkdir(path("l1"), "up", 0o755, vfs.Root))
+	e, uf, err := old.Create(up, "u", unix.O_RDWR, 0o644, vfs.Root, vfs.OpenOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -418,7 +419,7 @@ func TestRederiveOverlay(t *testing.T) {
 		ofs.Close()
 		dl2.Close()
 	})
-	raw := FromOverlay(ofs)
+	raw := ofs
 	r := rederiving(raw).(*rederiver)
 	all := func() []uint64 {
 		var out []uint64
@@ -475,14 +476,14 @@ func TestRederiveOverlay(t *testing.T) {
 			t.Errorf("entries of l1 = %s", got)
 		}
 		rdForgetAll(raw, all()...)
-		if e := rdOK[memfs.Entry](t)(r.Lookup(inos["l2"], "deep")); e.Ino() != inos["deep"] {
+		if e := rdOK[vfs.Entry](t)(r.Lookup(inos["l2"], "deep")); e.Ino() != inos["deep"] {
 			t.Errorf("lookup l2/deep = %d, want %d", e.Ino(), inos["deep"])
 		}
 	})
 	rdForgetAll(raw, all()...)
 
 	t.Run("change", func(t *testing.T) {
-		st := rdOK[unix.Stat_t](t)(r.SetAttr(inos["lo/f"], nil, memfs.SetAttr{Valid: memfs.SetMode, Mode: 0o600}))
+		st := rdOK[unix.Stat_t](t)(r.SetAttr(inos["lo/f"], nil, vfs.SetAttr{Valid: vfs.SetMode, Mode: 0o600}))
 		if st.Mode != unix.S_IFREG|0o600 || st.Ino != inos["lo/f"] {
 			t.Errorf("setattr of a lower file: ino %d mode %o", st.Ino, st.Mode)
 		}
@@ -492,7 +493,7 @@ func TestRederiveOverlay(t *testing.T) {
 		if st := rdOK[unix.Stat_t](t)(r.GetAttr(inos["deep"])); st.Ino != inos["deep"] {
 			t.Errorf("getattr of the moved file: ino %d", st.Ino)
 		}
-		if e := rdOK[memfs.Entry](t)(raw.Lookup(inos["rd2"], "moved")); e.Ino() != inos["deep"] {
+		if e := rdOK[vfs.Entry](t)(raw.Lookup(inos["rd2"], "moved")); e.Ino() != inos["deep"] {
 			t.Errorf("rd2/moved = %d, want %d", e.Ino(), inos["deep"])
 		}
 		rdForgetAll(raw, all()...)
@@ -511,9 +512,9 @@ func TestRederiveOverlay(t *testing.T) {
 // numbers.
 func rederiveTree(b *testing.B, l *memfs.Layer, dirs, files int) (dir, file uint64) {
 	for i := range dirs {
-		dir = rdIno(b)(l.Mkdir(memfs.RootIno, fmt.Sprintf("d%03d", i), 0o755, memfs.Root))
+		dir = rdIno(b)(l.Mkdir(vfs.RootIno, fmt.Sprintf("d%03d", i), 0o755, vfs.Root))
 		for j := range files {
-			file = rdIno(b)(l.Mknod(dir, fmt.Sprintf("file%03d", j), unix.S_IFREG|0o644, 0, memfs.Root))
+			file = rdIno(b)(l.Mknod(dir, fmt.Sprintf("file%03d", j), unix.S_IFREG|0o644, 0, vfs.Root))
 			l.Forget(file, 1)
 		}
 		l.Forget(dir, 1)
@@ -534,7 +535,7 @@ func BenchmarkRederive(b *testing.B) {
 	}
 	defer l.Close()
 	dir, file := rederiveTree(b, l, dirs, files)
-	raw := FromLayer(l)
+	raw := l
 
 	lowerDir := b.TempDir()
 	for i := range dirs {
@@ -553,12 +554,12 @@ func BenchmarkRederive(b *testing.B) {
 	defer dl.Close()
 	ofs := rdOK[*overlay.FS](b)(overlay.New(ul, dl))
 	defer ofs.Close()
-	oraw := FromOverlay(ofs)
-	odir := rdIno(b)(oraw.Lookup(memfs.RootIno, fmt.Sprintf("d%03d", dirs-1)))
+	oraw := ofs
+	odir := rdIno(b)(oraw.Lookup(vfs.RootIno, fmt.Sprintf("d%03d", dirs-1)))
 	ofile := rdIno(b)(oraw.Lookup(odir, fmt.Sprintf("file%03d", files-1)))
 	rdForgetAll(oraw, ofile, odir)
 
-	derive := func(b *testing.B, r FileSystem, fs FileSystem, dir, file uint64) {
+	derive := func(b *testing.B, r vfs.FS, fs vfs.FS, dir, file uint64) {
 		if _, err := r.GetAttr(file); err != nil {
 			b.Fatal(err)
 		}
@@ -598,13 +599,13 @@ func BenchmarkRederive(b *testing.B) {
 	})
 	b.Run("known/raw", func(b *testing.B) {
 		for b.Loop() {
-			raw.GetAttr(memfs.RootIno)
+			raw.GetAttr(vfs.RootIno)
 		}
 	})
 	b.Run("known/wrapped", func(b *testing.B) {
 		r := rederiving(raw)
 		for b.Loop() {
-			r.GetAttr(memfs.RootIno)
+			r.GetAttr(vfs.RootIno)
 		}
 	})
 }

@@ -159,7 +159,7 @@ func newBenchMount(tb testing.TB, variant string, passthrough bool) *benchMount 
 	}
 	m := &benchMount{mnt: filepath.Join(base, "mnt"), layer: l, ops: &reqCounter{}, passthrough: passthrough}
 	os.Mkdir(m.mnt, 0o755)
-	m.raw = newRawFS(FromLayer(l), Options{DisablePassthrough: !passthrough, Observer: m.ops}, benchHandles(tb))
+	m.raw = newRawFS(l, Options{DisablePassthrough: !passthrough, Observer: m.ops}, benchHandles(tb))
 	m.dev = mountDevFuse(tb, m.mnt)
 	switch variant {
 	case "direct":
@@ -675,7 +675,7 @@ func BenchmarkRelayHandover(b *testing.B) {
 	for i := 0; i < b.N; i++ {
 		m.relay.detach(srv)
 		var err error
-		srv, err = m.relay.attach(newRawFS(FromLayer(m.layer), Options{DisablePassthrough: true, Observer: m.ops}, benchHandles(b)), false)
+		srv, err = m.relay.attach(newRawFS(m.layer, Options{DisablePassthrough: true, Observer: m.ops}, benchHandles(b)), false)
 		if err != nil {
 			b.Fatal(err)
 		}

@@ -6,7 +6,7 @@ import (
 
 	"github.com/hanwen/go-fuse/v2/fuse"
 
-	"github.com/csi-memfs/csi-memfs/memfs"
+	"github.com/csi-memfs/csi-memfs/vfs"
 )
 
 // Requests the kernel sends again. A server that takes over a connection
@@ -38,19 +38,19 @@ func resent(h *fuse.InHeader) bool { return h.Unique&uniqueResend != 0 }
 
 // made returns the entry of name in parent when a resent request that
 // makes it failed with EEXIST, and the dead server made it (see above).
-func (r *rawFS) made(h *fuse.InHeader, err error, parent uint64, name string) (memfs.Entry, bool) {
+func (r *rawFS) made(h *fuse.InHeader, err error, parent uint64, name string) (vfs.Entry, bool) {
 	if err != syscall.EEXIST || !resent(h) {
-		return memfs.Entry{}, false
+		return vfs.Entry{}, false
 	}
 	e, err := r.fs.Lookup(parent, name)
 	if err != nil {
-		return memfs.Entry{}, false
+		return vfs.Entry{}, false
 	}
 	pst, err := r.fs.GetAttr(parent)
 	ctime := time.Unix(e.Stat.Ctim.Unix()).Add(madeSlack)
 	if err != nil || ctime.Before(time.Unix(pst.Mtim.Unix())) {
 		r.fs.Forget(e.Ino(), 1)
-		return memfs.Entry{}, false
+		return vfs.Entry{}, false
 	}
 	return e, true
 }

@@ -10,6 +10,7 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/csi-memfs/csi-memfs/memfs"
+	"github.com/csi-memfs/csi-memfs/vfs"
 )
 
 // cacheTimeout is how long the kernel may trust entries and attributes,
@@ -18,8 +19,8 @@ import (
 // never stale for long reasons; the timeout only bounds the damage of a bug.
 const cacheTimeout = time.Hour
 
-// rawFS implements fuse.RawFileSystem over a FileSystem. Node ids are the
-// FileSystem's inode numbers: nothing maps them, so a successor process can
+// rawFS implements fuse.RawFileSystem over a vfs.FS. Node ids are the
+// file system's inode numbers: nothing maps them, so a successor process can
 // serve the same kernel connection from the same tree.
 //
 // Lock order:
@@ -28,7 +29,7 @@ const cacheTimeout = time.Hour
 //	  handleTable.mu
 type rawFS struct {
 	fuse.RawFileSystem // ENOSYS for what is not implemented below
-	fs                 FileSystem
+	fs                 vfs.FS
 	opts               Options
 	// dev is the session serving the connection: passthrough backing
 	// files are registered on its descriptor. Set once, before any
@@ -60,7 +61,7 @@ type backingFile struct {
 // fileID names a file by device and inode number.
 type fileID struct{ dev, ino uint64 }
 
-func newRawFS(fs FileSystem, opts Options, handles *handleTable) *rawFS {
+func newRawFS(fs vfs.FS, opts Options, handles *handleTable) *rawFS {
 	return &rawFS{
 		RawFileSystem: fuse.NewDefaultRawFileSystem(),
 		fs:            fs,
@@ -79,7 +80,7 @@ func (r *rawFS) negotiated(flags uint64) {
 	r.passthrough = !r.opts.DisablePassthrough && flags&fuse.CAP_PASSTHROUGH != 0
 }
 
-// status converts an error from the FileSystem to a FUSE status. Anything
+// status converts an error from the file system to a FUSE status. Anything
 // but an errno is a bug: it becomes EIO and one log line.
 func status(op string, err error) fuse.Status {
 	if err == nil {
@@ -107,8 +108,8 @@ func (r *rawFS) now() time.Time {
 	return time.Now()
 }
 
-func caller(h *fuse.InHeader) memfs.Caller {
-	return memfs.Caller{Uid: h.Uid, Gid: h.Gid}
+func caller(h *fuse.InHeader) vfs.Caller {
+	return vfs.Caller{Uid: h.Uid, Gid: h.Gid}
 }
 
 func fillAttr(a *fuse.Attr, st *unix.Stat_t) {
@@ -125,7 +126,7 @@ func fillAttr(a *fuse.Attr, st *unix.Stat_t) {
 	a.Blksize = uint32(st.Blksize)
 }
 
-func fillEntry(out *fuse.EntryOut, e *memfs.Entry) {
+func fillEntry(out *fuse.EntryOut, e *vfs.Entry) {
 	out.NodeId = e.Ino()
 	out.Generation = uint64(e.Gen)
 	out.SetEntryTimeout(cacheTimeout)
@@ -139,7 +140,7 @@ func fillAttrOut(out *fuse.AttrOut, st *unix.Stat_t) {
 }
 
 // entry finishes a request that made or found an entry.
-func (r *rawFS) entry(op string, start time.Time, out *fuse.EntryOut, e memfs.Entry, err error) fuse.Status {
+func (r *rawFS) entry(op string, start time.Time, out *fuse.EntryOut, e vfs.Entry, err error) fuse.Status {
 	st := status(op, err)
 	if st == fuse.OK {
 		fillEntry(out, &e)
@@ -186,41 +187,41 @@ func (r *rawFS) GetAttr(_ <-chan struct{}, in *fuse.GetAttrIn, out *fuse.AttrOut
 
 func (r *rawFS) SetAttr(_ <-chan struct{}, in *fuse.SetAttrIn, out *fuse.AttrOut) fuse.Status {
 	start := r.now()
-	var a memfs.SetAttr
+	var a vfs.SetAttr
 	if in.Valid&fuse.FATTR_MODE != 0 {
-		a.Valid |= memfs.SetMode
+		a.Valid |= vfs.SetMode
 		a.Mode = in.Mode
 	}
 	if in.Valid&fuse.FATTR_UID != 0 {
-		a.Valid |= memfs.SetUid
+		a.Valid |= vfs.SetUid
 		a.Uid = in.Uid
 	}
 	if in.Valid&fuse.FATTR_GID != 0 {
-		a.Valid |= memfs.SetGid
+		a.Valid |= vfs.SetGid
 		a.Gid = in.Gid
 	}
 	if in.Valid&fuse.FATTR_SIZE != 0 {
-		a.Valid |= memfs.SetSize
+		a.Valid |= vfs.SetSize
 		a.Size = int64(in.Size)
 	}
 	if in.Valid&fuse.FATTR_KILL_SUIDGID != 0 {
-		a.Valid |= memfs.KillSuidGid
+		a.Valid |= vfs.KillSuidGid
 	}
 	if in.Valid&fuse.FATTR_ATIME != 0 {
-		a.Valid |= memfs.SetAtime
+		a.Valid |= vfs.SetAtime
 		a.Atime = unix.Timespec{Sec: int64(in.Atime), Nsec: int64(in.Atimensec)}
 		if in.Valid&fuse.FATTR_ATIME_NOW != 0 {
 			a.Atime.Nsec = unix.UTIME_NOW
 		}
 	}
 	if in.Valid&fuse.FATTR_MTIME != 0 {
-		a.Valid |= memfs.SetMtime
+		a.Valid |= vfs.SetMtime
 		a.Mtime = unix.Timespec{Sec: int64(in.Mtime), Nsec: int64(in.Mtimensec)}
 		if in.Valid&fuse.FATTR_MTIME_NOW != 0 {
 			a.Mtime.Nsec = unix.UTIME_NOW
 		}
 	}
-	var f File
+	var f vfs.File
 	if in.Valid&fuse.FATTR_FH != 0 {
 		f, _ = r.file(in.Fh)
 	}

@@ -5,6 +5,8 @@ import (
 	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/csi-memfs/csi-memfs/vfs"
 )
 
 // GetAttr returns the attributes of ino.
@@ -14,34 +16,6 @@ func (l *Layer) GetAttr(ino uint64) (unix.Stat_t, error) {
 		return Errno(unix.Fstatat(fd, "", &st, unix.AT_EMPTY_PATH))
 	})
 	return st, err
-}
-
-// AttrMask says which fields of a SetAttr apply.
-type AttrMask uint32
-
-// The bits of AttrMask.
-const (
-	SetMode AttrMask = 1 << iota
-	SetUid
-	SetGid
-	SetSize
-	SetAtime
-	SetMtime
-	// KillSuidGid clears the set-user-ID bit, and the set-group-ID bit of a
-	// group-executable file, with a size change: set it when the caller
-	// lacks CAP_FSETID, as Linux does on truncate.
-	KillSuidGid
-)
-
-// SetAttr is a change of attributes.
-type SetAttr struct {
-	Valid AttrMask
-	// Mode holds the permission bits, including set-ID and sticky bits.
-	Mode     uint32
-	Uid, Gid uint32
-	Size     int64
-	// Atime and Mtime may carry unix.UTIME_NOW in Nsec.
-	Atime, Mtime unix.Timespec
 }
 
 // SetAttr changes the attributes of ino as a.Valid says, in the order size,
@@ -56,27 +30,28 @@ type SetAttr struct {
 //
 // Errors: EPERM (seals), EISDIR or EINVAL (size of a non-regular file),
 // EFBIG, ENOSPC.
-func (l *Layer) SetAttr(ino uint64, f *File, a SetAttr) (unix.Stat_t, error) {
+func (l *Layer) SetAttr(ino uint64, f vfs.File, a vfs.SetAttr) (unix.Stat_t, error) {
+	mf, _ := f.(*File) // a File of another file system is no File of ino
 	var st unix.Stat_t
 	err := l.withFd(ino, func(i *inode, fd int) error {
-		if a.Valid&SetSize != 0 {
-			if err := l.truncate(i, f, a.Size, a.Valid&KillSuidGid != 0); err != nil {
+		if a.Valid&vfs.SetSize != 0 {
+			if err := l.truncate(i, mf, a.Size, a.Valid&vfs.KillSuidGid != 0); err != nil {
 				return err
 			}
 		}
-		if a.Valid&(SetUid|SetGid) != 0 || a.Valid&(SetMode|SetSize|SetAtime|SetMtime) == 0 {
+		if a.Valid&(vfs.SetUid|vfs.SetGid) != 0 || a.Valid&(vfs.SetMode|vfs.SetSize|vfs.SetAtime|vfs.SetMtime) == 0 {
 			uid, gid := -1, -1
-			if a.Valid&SetUid != 0 {
+			if a.Valid&vfs.SetUid != 0 {
 				uid = int(a.Uid)
 			}
-			if a.Valid&SetGid != 0 {
+			if a.Valid&vfs.SetGid != 0 {
 				gid = int(a.Gid)
 			}
 			if err := unix.Fchownat(fd, "", uid, gid, unix.AT_EMPTY_PATH); err != nil {
 				return Errno(err)
 			}
 		}
-		if a.Valid&SetMode != 0 {
+		if a.Valid&vfs.SetMode != 0 {
 			if i.fileType == unix.S_IFLNK {
 				return syscall.EOPNOTSUPP
 			}
@@ -84,12 +59,12 @@ func (l *Layer) SetAttr(ino uint64, f *File, a SetAttr) (unix.Stat_t, error) {
 				return err
 			}
 		}
-		if a.Valid&(SetAtime|SetMtime) != 0 {
+		if a.Valid&(vfs.SetAtime|vfs.SetMtime) != 0 {
 			ts := []unix.Timespec{{Nsec: unix.UTIME_OMIT}, {Nsec: unix.UTIME_OMIT}}
-			if a.Valid&SetAtime != 0 {
+			if a.Valid&vfs.SetAtime != 0 {
 				ts[0] = a.Atime
 			}
-			if a.Valid&SetMtime != 0 {
+			if a.Valid&vfs.SetMtime != 0 {
 				ts[1] = a.Mtime
 			}
 			if err := unix.UtimesNanoAt(fd, "", ts, unix.AT_EMPTY_PATH|unix.AT_SYMLINK_NOFOLLOW); err != nil {

@@ -5,6 +5,8 @@ import (
 	"syscall"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/csi-memfs/csi-memfs/vfs"
 )
 
 // Dir is an open directory of a Layer. It holds a reference to its inode
@@ -16,21 +18,10 @@ type Dir struct {
 	buf []byte
 }
 
-// DirEntry is one entry of a directory.
-type DirEntry struct {
-	Ino uint64
-	// Off is the offset of the next entry: pass it to ReadDir to continue
-	// after this one. tmpfs offsets stay valid while the directory changes.
-	Off int64
-	// Type is the entry's DT_* type.
-	Type uint8
-	Name string
-}
-
 // OpenDir opens the directory ino for reading.
 //
 // Errors: ENOTDIR.
-func (l *Layer) OpenDir(ino uint64) (*Dir, error) {
+func (l *Layer) OpenDir(ino uint64) (vfs.Dir, error) {
 	i, err := l.get(ino)
 	if err != nil {
 		return nil, err
@@ -49,12 +40,13 @@ func (l *Layer) OpenDir(ino uint64) (*Dir, error) {
 }
 
 // ReadDir calls fn with the entries from offset off on ("." and ".."
-// included) until fn returns false or the directory ends.
-func (d *Dir) ReadDir(off int64, fn func(*DirEntry) bool) error {
+// included) until fn returns false or the directory ends. The offsets are
+// tmpfs's: they stay valid while the directory changes.
+func (d *Dir) ReadDir(off int64, fn func(*vfs.DirEntry) bool) error {
 	if _, err := unix.Seek(d.fd, off, 0); err != nil {
 		return Errno(err)
 	}
-	var e DirEntry
+	var e vfs.DirEntry
 	for {
 		n, err := unix.Getdents(d.fd, d.buf)
 		if err != nil {

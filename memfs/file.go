@@ -4,21 +4,9 @@ import (
 	"syscall"
 
 	"golang.org/x/sys/unix"
-)
 
-// OpenOptions refine Open and Create.
-type OpenOptions struct {
-	// Direct asks for a File whose bytes the caller may move on Fd itself,
-	// bypassing ReadAt and WriteAt (FUSE passthrough). memfs grants it
-	// (File.Direct) unless it must see the writes: a writable file that is
-	// grow-sealed, or set-ID (opened with KillSuidGid false).
-	Direct bool
-	// KillSuidGid says the opener lacks CAP_FSETID. Linux clears set-ID
-	// bits on such a caller's first write or truncate; since a Direct
-	// writer's bytes never pass through memfs, memfs clears them when the
-	// file is opened for writing or with O_TRUNC.
-	KillSuidGid bool
-}
+	"github.com/csi-memfs/csi-memfs/vfs"
+)
 
 // openFlags are the open(2) flags memfs passes on; the rest are either
 // handled by the layer above (O_APPEND, O_DIRECT: the kernel computes
@@ -55,7 +43,7 @@ func (f *File) Direct() bool { return f.direct }
 //
 // Errors: EISDIR, EINVAL (not a regular file), EPERM (write access to a
 // write-sealed file; O_TRUNC of a shrink-sealed one), ENOENT.
-func (l *Layer) Open(ino uint64, flags int, o OpenOptions) (*File, error) {
+func (l *Layer) Open(ino uint64, flags int, o vfs.OpenOptions) (vfs.File, error) {
 	i, err := l.get(ino)
 	if err != nil {
 		return nil, err
@@ -133,7 +121,7 @@ func (l *Layer) withFdLockless(i *inode, st *unix.Stat_t) error {
 //
 // Preconditions:
 //   - i.mu is locked.
-func (l *Layer) newFileLocked(i *inode, fd int, writable bool, seals Seals, mode uint32, o OpenOptions) (*File, error) {
+func (l *Layer) newFileLocked(i *inode, fd int, writable bool, seals Seals, mode uint32, o vfs.OpenOptions) (*File, error) {
 	direct := o.Direct
 	if writable && (direct || o.KillSuidGid) {
 		if mode == 0 {
@@ -175,13 +163,13 @@ func hasSetID(mode uint32) bool {
 // and the File each hold a reference.
 //
 // Errors: as Mkdir and Open.
-func (l *Layer) Create(parent uint64, name string, flags int, mode uint32, c Caller, o OpenOptions) (Entry, *File, error) {
+func (l *Layer) Create(parent uint64, name string, flags int, mode uint32, c vfs.Caller, o vfs.OpenOptions) (vfs.Entry, vfs.File, error) {
 	if err := CheckName(name); err != nil {
-		return Entry{}, nil, err
+		return vfs.Entry{}, nil, err
 	}
 	var (
-		e       Entry
-		f       *File
+		e       vfs.Entry
+		f       vfs.File
 		existed bool
 	)
 	err := l.withFd(parent, func(_ *inode, pfd int) error {
@@ -205,16 +193,16 @@ func (l *Layer) Create(parent uint64, name string, flags int, mode uint32, c Cal
 		if e.Ino() != 0 {
 			l.Forget(e.Ino(), 1)
 		}
-		return Entry{}, nil, err
+		return vfs.Entry{}, nil, err
 	}
 	if existed {
 		if e.Stat.Mode&unix.S_IFMT != unix.S_IFREG {
 			l.Forget(e.Ino(), 1)
-			return Entry{}, nil, syscall.EEXIST
+			return vfs.Entry{}, nil, syscall.EEXIST
 		}
 		if f, err = l.Open(e.Ino(), flags, o); err != nil {
 			l.Forget(e.Ino(), 1)
-			return Entry{}, nil, err
+			return vfs.Entry{}, nil, err
 		}
 	}
 	return e, f, nil
@@ -225,13 +213,13 @@ func (l *Layer) Create(parent uint64, name string, flags int, mode uint32, c Cal
 // and the File each hold a reference.
 //
 // Errors: ENOTDIR, ENOSPC, EINVAL (read-only flags).
-func (l *Layer) Tmpfile(parent uint64, flags int, mode uint32, c Caller, o OpenOptions) (Entry, *File, error) {
+func (l *Layer) Tmpfile(parent uint64, flags int, mode uint32, c vfs.Caller, o vfs.OpenOptions) (vfs.Entry, vfs.File, error) {
 	acc := flags & unix.O_ACCMODE
 	if acc == unix.O_RDONLY {
-		return Entry{}, nil, syscall.EINVAL
+		return vfs.Entry{}, nil, syscall.EINVAL
 	}
 	var (
-		e Entry
+		e vfs.Entry
 		f *File
 	)
 	err := l.withFd(parent, func(_ *inode, pfd int) error {
@@ -242,22 +230,25 @@ func (l *Layer) Tmpfile(parent uint64, flags int, mode uint32, c Caller, o OpenO
 		e, f, err = l.newFile(fd, pfd, c, true, o)
 		return err
 	})
-	return e, f, err
+	if err != nil {
+		return vfs.Entry{}, nil, err
+	}
+	return e, f, nil
 }
 
 // newFile gives the file just created as fd (in the directory pfd) to c,
 // registers it and wraps fd in a File. The Entry and the File each hold a
 // reference. On error fd is closed and no reference is held.
-func (l *Layer) newFile(fd, pfd int, c Caller, writable bool, o OpenOptions) (Entry, *File, error) {
+func (l *Layer) newFile(fd, pfd int, c vfs.Caller, writable bool, o vfs.OpenOptions) (vfs.Entry, *File, error) {
 	var st unix.Stat_t
 	if err := giveTo(fd, pfd, &st, c); err != nil {
 		unix.Close(fd)
-		return Entry{}, nil, err
+		return vfs.Entry{}, nil, err
 	}
 	e, err := l.register(fd, &st)
 	if err != nil {
 		unix.Close(fd)
-		return Entry{}, nil, err
+		return vfs.Entry{}, nil, err
 	}
 	i, err := l.get(e.Ino())
 	if err == nil {
@@ -271,7 +262,7 @@ func (l *Layer) newFile(fd, pfd int, c Caller, writable bool, o OpenOptions) (En
 	}
 	unix.Close(fd)
 	l.Forget(e.Ino(), 1)
-	return Entry{}, nil, err
+	return vfs.Entry{}, nil, err
 }
 
 // ReadAt reads from the file at off; a short count means end of file.

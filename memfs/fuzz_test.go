@@ -12,6 +12,8 @@ import (
 	"testing"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/csi-memfs/csi-memfs/vfs"
 )
 
 // FuzzOps decodes bytes into a sequence of file system operations, runs each
@@ -136,7 +138,7 @@ func (h *harness) step(op fuzzOp) {
 // final name and the references to drop.
 func (h *harness) walk(path string) (uint64, string, []uint64, error) {
 	dir, name := splitPath(path)
-	ino := RootIno
+	ino := vfs.RootIno
 	var refs []uint64
 	if dir != "" {
 		for _, c := range strings.Split(dir, "/") {
@@ -185,7 +187,7 @@ func (h *harness) onMemfs(op fuzzOp) (r result) {
 		drop = append(drop, e.Ino())
 		return e.Ino(), nil
 	}
-	keep := func(e Entry, err error) result {
+	keep := func(e vfs.Entry, err error) result {
 		if err == nil {
 			drop = append(drop, e.Ino())
 		}
@@ -193,9 +195,9 @@ func (h *harness) onMemfs(op fuzzOp) (r result) {
 	}
 	switch op.kind {
 	case 0:
-		return keep(l.Mkdir(parent, name, 0o755, Root))
+		return keep(l.Mkdir(parent, name, 0o755, vfs.Root))
 	case 1:
-		e, f, err := l.Create(parent, name, unix.O_RDWR|unix.O_EXCL, 0o644, Root, OpenOptions{Direct: true})
+		e, f, err := l.Create(parent, name, unix.O_RDWR|unix.O_EXCL, 0o644, vfs.Root, vfs.OpenOptions{Direct: true})
 		if err != nil {
 			return result{err: err}
 		}
@@ -212,7 +214,7 @@ func (h *harness) onMemfs(op fuzzOp) (r result) {
 		if op.kind == 9 {
 			flags = unix.O_RDONLY
 		}
-		f, err := l.Open(ino, flags, OpenOptions{})
+		f, err := l.Open(ino, flags, vfs.OpenOptions{})
 		if err != nil {
 			return result{err: err}
 		}
@@ -222,7 +224,7 @@ func (h *harness) onMemfs(op fuzzOp) (r result) {
 			_, err = f.WriteAt(op.data, int64(op.arg*97), false)
 			return result{err: err}
 		case 3:
-			_, err = l.SetAttr(ino, f, SetAttr{Valid: SetSize, Size: int64(op.arg * 53)})
+			_, err = l.SetAttr(ino, f, vfs.SetAttr{Valid: vfs.SetSize, Size: int64(op.arg * 53)})
 			return result{err: err}
 		}
 		buf := make([]byte, 16<<10)
@@ -247,7 +249,7 @@ func (h *harness) onMemfs(op fuzzOp) (r result) {
 		}
 		return keep(l.Link(ino, np, nname))
 	case 7:
-		return keep(l.Symlink(parent, name, h.target(op.arg), Root))
+		return keep(l.Symlink(parent, name, h.target(op.arg), vfs.Root))
 	case 10:
 		ino, err := lookup()
 		if err != nil {
@@ -266,7 +268,7 @@ func (h *harness) onMemfs(op fuzzOp) (r result) {
 		}
 		defer d.Close()
 		var names []string
-		err = d.ReadDir(0, func(e *DirEntry) bool {
+		err = d.ReadDir(0, func(e *vfs.DirEntry) bool {
 			if e.Name != "." && e.Name != ".." {
 				names = append(names, e.Name)
 			}
@@ -279,7 +281,7 @@ func (h *harness) onMemfs(op fuzzOp) (r result) {
 		if err != nil {
 			return result{err: err}
 		}
-		_, err = l.SetAttr(ino, nil, SetAttr{Valid: SetMode, Mode: uint32(op.arg) & 0o777})
+		_, err = l.SetAttr(ino, nil, vfs.SetAttr{Valid: vfs.SetMode, Mode: uint32(op.arg) & 0o777})
 		return result{err: err}
 	case 13:
 		ino, err := lookup()
@@ -297,7 +299,7 @@ func (h *harness) onMemfs(op fuzzOp) (r result) {
 }
 
 func renameFlags(arg int) uint32 {
-	return []uint32{0, 0, RenameNoReplace, RenameExchange}[arg%4]
+	return []uint32{0, 0, vfs.RenameNoReplace, vfs.RenameExchange}[arg%4]
 }
 
 func (h *harness) target(arg int) string {

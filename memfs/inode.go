@@ -7,6 +7,8 @@ import (
 	"syscall"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/csi-memfs/csi-memfs/vfs"
 )
 
 // inode is an inode of the instance that some caller holds a reference to.
@@ -96,7 +98,7 @@ func (l *Layer) withFd(ino uint64, fn func(i *inode, fd int) error) error {
 // register adds one reference to the inode open as fd (any kind of
 // descriptor of it) with attributes st, registering it first if it is new.
 // fd is not consumed.
-func (l *Layer) register(fd int, st *unix.Stat_t) (Entry, error) {
+func (l *Layer) register(fd int, st *unix.Stat_t) (vfs.Entry, error) {
 	e, _, err := l.registerFd(fd, st, false)
 	return e, err
 }
@@ -105,18 +107,18 @@ func (l *Layer) register(fd int, st *unix.Stat_t) (Entry, error) {
 // and it becomes the inode's cached descriptor if the inode is new and the
 // cache has room, in which case adopted is true and the caller must not
 // close fd.
-func (l *Layer) registerFd(fd int, st *unix.Stat_t, adopt bool) (e Entry, adopted bool, err error) {
+func (l *Layer) registerFd(fd int, st *unix.Stat_t, adopt bool) (e vfs.Entry, adopted bool, err error) {
 	l.mu.Lock()
 	if i := l.inodes[st.Ino]; i != nil {
 		i.refs++
 		l.mu.Unlock()
-		return Entry{Stat: *st, Gen: i.gen}, false, nil
+		return vfs.Entry{Stat: *st, Gen: i.gen}, false, nil
 	}
 	l.mu.Unlock()
 
 	h, _, err := unix.NameToHandleAt(fd, "", unix.AT_EMPTY_PATH)
 	if err != nil {
-		return Entry{}, false, Errno(err)
+		return vfs.Entry{}, false, Errno(err)
 	}
 	i := &inode{
 		ino:      st.Ino,
@@ -132,7 +134,7 @@ func (l *Layer) registerFd(fd int, st *unix.Stat_t, adopt bool) (e Entry, adopte
 	if old := l.inodes[st.Ino]; old != nil {
 		// Registered by a concurrent caller meanwhile.
 		old.refs++
-		return Entry{Stat: *st, Gen: old.gen}, false, nil
+		return vfs.Entry{Stat: *st, Gen: old.gen}, false, nil
 	}
 	if l.opts.Fds.take() {
 		if adopt {
@@ -147,7 +149,7 @@ func (l *Layer) registerFd(fd int, st *unix.Stat_t, adopt bool) (e Entry, adopte
 		}
 	}
 	l.inodes[st.Ino] = i
-	return Entry{Stat: *st, Gen: i.gen}, adopted, nil
+	return vfs.Entry{Stat: *st, Gen: i.gen}, adopted, nil
 }
 
 // LookupHandle adds one reference to the inode ino of generation gen, found
@@ -157,7 +159,7 @@ func (l *Layer) registerFd(fd int, st *unix.Stat_t, adopt bool) (e Entry, adopte
 // file the kernel holds. A successor server reopens such files so.
 //
 // Errors: ESTALE (no such inode alive).
-func (l *Layer) LookupHandle(ino uint64, gen uint32) (Entry, error) {
+func (l *Layer) LookupHandle(ino uint64, gen uint32) (vfs.Entry, error) {
 	b := make([]byte, 12)
 	binary.LittleEndian.PutUint32(b, gen)
 	binary.LittleEndian.PutUint64(b[4:], ino)
@@ -166,18 +168,31 @@ func (l *Layer) LookupHandle(ino uint64, gen uint32) (Entry, error) {
 		if err == unix.ENOENT {
 			err = unix.ESTALE
 		}
-		return Entry{}, Errno(err)
+		return vfs.Entry{}, Errno(err)
 	}
 	var st unix.Stat_t
 	if err := unix.Fstat(fd, &st); err != nil || st.Ino != ino {
 		unix.Close(fd)
-		return Entry{}, syscall.ESTALE
+		return vfs.Entry{}, syscall.ESTALE
 	}
 	e, adopted, err := l.registerFd(fd, &st, true)
 	if !adopted {
 		unix.Close(fd)
 	}
 	return e, err
+}
+
+// FindOrphan adds one reference to the inode ino of generation gen, which
+// may have no name (see LookupHandle); it implements vfs.OrphanFinder. A
+// memfs inode is its own tmpfs inode, so dataIno must be ino.
+//
+// Errors: ESTALE (no such inode alive, or dataIno is not ino).
+func (l *Layer) FindOrphan(ino, dataIno uint64, gen uint32) error {
+	if ino != dataIno {
+		return syscall.ESTALE
+	}
+	_, err := l.LookupHandle(ino, gen)
+	return err
 }
 
 // Gen returns the generation of the referenced inode ino.
@@ -205,14 +220,14 @@ func (l *Layer) initRoot() error {
 	if err := unix.Fstat(l.rootFd, &st); err != nil {
 		return err
 	}
-	if st.Ino != RootIno {
-		return fmt.Errorf("tmpfs root has inode %d, want %d", st.Ino, RootIno)
+	if st.Ino != vfs.RootIno {
+		return fmt.Errorf("tmpfs root has inode %d, want %d", st.Ino, vfs.RootIno)
 	}
 	if _, err := l.register(l.rootFd, &st); err != nil {
 		return err
 	}
 	// Every handle of the instance has the root's type (LookupHandle).
-	l.handleType = l.inodes[RootIno].handle.Type()
+	l.handleType = l.inodes[vfs.RootIno].handle.Type()
 	return nil
 }
 
@@ -225,7 +240,7 @@ func (l *Layer) Forget(ino uint64, n uint64) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	i := l.inodes[ino]
-	if i == nil || ino == RootIno {
+	if i == nil || ino == vfs.RootIno {
 		return
 	}
 	if n >= i.refs {
@@ -293,7 +308,7 @@ func (l *Layer) CheckInvariants() error {
 	if used := l.opts.Fds.InUse(); used < 0 || used > l.opts.Fds.limit {
 		return fmt.Errorf("descriptor budget: %d in use of %d", used, l.opts.Fds.limit)
 	}
-	if l.inodes[RootIno] == nil {
+	if l.inodes[vfs.RootIno] == nil {
 		return fmt.Errorf("root is not registered")
 	}
 	return nil

@@ -6,29 +6,36 @@
 // kernel: memfs holds no file data in the Go heap. Because the tree lives in
 // the kernel it can outlive the process that made it.
 //
+// A *Layer implements vfs.FS (and vfs.OrphanFinder) directly, so it can be
+// served on its own or be the upper layer of an overlay; its Files
+// implement vfs.File and vfs.HandleFile, its Dirs vfs.Dir. The types the
+// methods speak in (Entry, Caller, SetAttr, OpenOptions, DirEntry) are
+// vfs's.
+//
 // # Addressing
 //
-// Inodes are named by their tmpfs inode number (Ino). The root is RootIno.
-// memfs never resolves a path: every inode it knows is reopened from a
-// kernel file handle (open_by_handle_at), and every name an operation takes
-// is a single component checked by checkName and used with an *at call that
-// does not follow symlinks. A pod that plants a symlink, a ".." entry or
+// Inodes are named by their tmpfs inode number (Ino). The root is
+// vfs.RootIno. memfs never resolves a path: every inode it knows is reopened
+// from a kernel file handle (open_by_handle_at), and every name an operation
+// takes is a single component checked by CheckName and used with an *at
+// call that does not follow symlinks. A pod that plants a symlink, a ".." entry or
 // renames directories under an operation cannot steer memfs outside the
 // instance.
 //
 // # References
 //
-// Every call that returns an Entry (Lookup, Create, Mkdir, Mknod, Symlink,
-// Link) adds one reference to that inode, exactly as FUSE counts lookups; the
-// caller drops references with Forget. An Ino may only be passed to a method
-// while the caller holds a reference to it (RootIno always has one).
+// Every call that returns a vfs.Entry (Lookup, Create, Tmpfile, Mkdir,
+// Mknod, Symlink, Link, LookupHandle) adds one reference to that inode,
+// exactly as FUSE counts lookups; the caller drops references with Forget.
+// An Ino may only be passed to a method while the caller holds a reference
+// to it (vfs.RootIno always has one); otherwise the method returns ESTALE.
 //
 // # Users, permissions and internal state
 //
 // memfs runs as root and does not check permissions: the FUSE layer above
 // mounts with default_permissions, so the kernel has already checked the
 // caller's access against the attributes memfs reports. memfs gives what it
-// creates to the Caller and clears set-user-ID and set-group-ID bits where
+// creates to the vfs.Caller and clears set-user-ID and set-group-ID bits where
 // Linux would (write, truncate, chown by a caller). It sets the process
 // umask to 0 (New) so that modes are applied exactly as given.
 //
@@ -37,10 +44,11 @@
 // are inert: the instance is mounted nodev, and memfs opens only regular
 // files and directories.
 //
-// memfs keeps its own markers (seals; later the overlay's whiteouts, opaque
+// memfs keeps its own markers (seals, and the overlay's whiteouts, opaque
 // directories and copy-up records) as "trusted.memfs.*" extended attributes.
 // They are invisible to GetXattr and ListXattr and refused by SetXattr and
-// RemoveXattr; Markers gives internal users access to them.
+// RemoveXattr; GetMarker, SetMarker, RemoveMarker and GetMarkerAt give
+// layers built on memfs access to them.
 //
 // # Errors
 //
@@ -61,12 +69,8 @@ import (
 	"sync/atomic"
 	"syscall"
 
-	"golang.org/x/sys/unix"
+	"github.com/csi-memfs/csi-memfs/vfs"
 )
-
-// RootIno is the inode number of the root directory of every Layer (tmpfs
-// numbers its root 1, which is also FUSE's root node id).
-const RootIno uint64 = 1
 
 // Options configure a Layer's tmpfs instance.
 type Options struct {
@@ -119,27 +123,6 @@ func (o Options) withDefaults() Options {
 	return o
 }
 
-// Caller is the identity an operation acts for: the process that made the
-// file system request.
-type Caller struct {
-	Uid, Gid uint32
-}
-
-// Root is the Caller of operations memfs does for itself.
-var Root = Caller{}
-
-// Entry describes an inode returned by a namespace operation.
-type Entry struct {
-	// Stat holds the inode's attributes; Stat.Ino is its Ino.
-	Stat unix.Stat_t
-	// Gen is the inode's generation from its file handle. With Ino it names
-	// the inode uniquely for the life of the instance.
-	Gen uint32
-}
-
-// Ino returns the inode number of e.
-func (e *Entry) Ino() uint64 { return e.Stat.Ino }
-
 // Layer is one volume's memory layer: a tmpfs instance and the table of
 // inodes its users hold references to.
 type Layer struct {
@@ -169,6 +152,15 @@ type Layer struct {
 	// sealViolations counts operations refused because of a seal.
 	sealViolations atomic.Uint64
 }
+
+// A Layer is served directly: no adapter stands between it and the server.
+var (
+	_ vfs.FS           = (*Layer)(nil)
+	_ vfs.OrphanFinder = (*Layer)(nil)
+	_ vfs.File         = (*File)(nil)
+	_ vfs.HandleFile   = (*File)(nil)
+	_ vfs.Dir          = (*Dir)(nil)
+)
 
 // SealViolations returns how many operations the seals have refused.
 func (l *Layer) SealViolations() uint64 { return l.sealViolations.Load() }

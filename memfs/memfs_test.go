@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/csi-memfs/csi-memfs/vfs"
 )
 
 func newLayer(t testing.TB, size int64) *Layer {
@@ -106,29 +108,29 @@ func TestEscapes(t *testing.T) {
 	}
 	before := snapshot(t, outside)
 
-	c := Caller{Uid: 1000, Gid: 1000}
+	c := vfs.Caller{Uid: 1000, Gid: 1000}
 	for _, target := range []string{"/", outside, "..", "../..", "/proc/self/root", filepath.Join(outside, "secret")} {
-		e := must[Entry](t)(l.Symlink(RootIno, "evil", target, c))
+		e := must[vfs.Entry](t)(l.Symlink(vfs.RootIno, "evil", target, c))
 		if got, want := e.Stat.Mode&unix.S_IFMT, uint32(unix.S_IFLNK); got != want {
 			t.Fatalf("symlink type %o, want %o", got, want)
 		}
 		ino := e.Ino()
 		_, err := l.Mkdir(ino, "x", 0o755, c)
 		wantErr(t, "mkdir under symlink "+target, err, syscall.ENOTDIR)
-		_, _, err = l.Create(ino, "secret", unix.O_RDWR, 0o644, c, OpenOptions{})
+		_, _, err = l.Create(ino, "secret", unix.O_RDWR, 0o644, c, vfs.OpenOptions{})
 		wantErr(t, "create under symlink "+target, err, syscall.ENOTDIR)
 		_, err = l.Lookup(ino, "secret")
 		wantErr(t, "lookup under symlink "+target, err, syscall.ENOTDIR)
-		_, err = l.Open(ino, unix.O_RDWR|unix.O_TRUNC, OpenOptions{})
+		_, err = l.Open(ino, unix.O_RDWR|unix.O_TRUNC, vfs.OpenOptions{})
 		wantErr(t, "open of symlink "+target, err, syscall.EINVAL)
 		_, err = l.OpenDir(ino)
 		wantErr(t, "opendir of symlink "+target, err, syscall.ENOTDIR)
-		_, err = l.SetAttr(ino, nil, SetAttr{Valid: SetSize, Size: 0})
+		_, err = l.SetAttr(ino, nil, vfs.SetAttr{Valid: vfs.SetSize, Size: 0})
 		wantErr(t, "truncate of symlink "+target, err, syscall.EINVAL)
-		_, err = l.SetAttr(ino, nil, SetAttr{Valid: SetMode, Mode: 0o777})
+		_, err = l.SetAttr(ino, nil, vfs.SetAttr{Valid: vfs.SetMode, Mode: 0o777})
 		wantErr(t, "chmod of symlink "+target, err, syscall.EOPNOTSUPP)
 		// chown and utimes act on the link itself, as lchown does.
-		st := must[unix.Stat_t](t)(l.SetAttr(ino, nil, SetAttr{Valid: SetUid | SetGid, Uid: 7, Gid: 7}))
+		st := must[unix.Stat_t](t)(l.SetAttr(ino, nil, vfs.SetAttr{Valid: vfs.SetUid | vfs.SetGid, Uid: 7, Gid: 7}))
 		if st.Mode&unix.S_IFMT != unix.S_IFLNK || st.Uid != 7 {
 			t.Errorf("lchown: got mode %o uid %d", st.Mode, st.Uid)
 		}
@@ -138,23 +140,23 @@ func TestEscapes(t *testing.T) {
 			t.Errorf("readlink = %q, want %q", got, target)
 		}
 		l.Forget(ino, 1)
-		must[struct{}](t)(struct{}{}, l.Unlink(RootIno, "evil"))
+		must[struct{}](t)(struct{}{}, l.Unlink(vfs.RootIno, "evil"))
 	}
 
 	for _, name := range []string{"..", ".", "../x", "a/b", "/etc"} {
-		_, err := l.Lookup(RootIno, name)
+		_, err := l.Lookup(vfs.RootIno, name)
 		wantErr(t, "lookup "+name, err, syscall.EINVAL)
-		_, err = l.Mkdir(RootIno, name, 0o755, c)
+		_, err = l.Mkdir(vfs.RootIno, name, 0o755, c)
 		wantErr(t, "mkdir "+name, err, syscall.EINVAL)
-		wantErr(t, "rename to "+name, l.Rename(RootIno, "nothing", RootIno, name, 0), syscall.EINVAL)
+		wantErr(t, "rename to "+name, l.Rename(vfs.RootIno, "nothing", vfs.RootIno, name, 0), syscall.EINVAL)
 	}
 
 	// A directory swapped for a symlink while an operation holds it: the
 	// operation follows the inode, not the name.
-	d := must[Entry](t)(l.Mkdir(RootIno, "d", 0o755, c))
-	must[struct{}](t)(struct{}{}, l.Rename(RootIno, "d", RootIno, "moved", 0))
-	must[Entry](t)(l.Symlink(RootIno, "d", outside, c))
-	f := must[Entry](t)(l.Mknod(d.Ino(), "secret", unix.S_IFREG|0o644, 0, c))
+	d := must[vfs.Entry](t)(l.Mkdir(vfs.RootIno, "d", 0o755, c))
+	must[struct{}](t)(struct{}{}, l.Rename(vfs.RootIno, "d", vfs.RootIno, "moved", 0))
+	must[vfs.Entry](t)(l.Symlink(vfs.RootIno, "d", outside, c))
+	f := must[vfs.Entry](t)(l.Mknod(d.Ino(), "secret", unix.S_IFREG|0o644, 0, c))
 	if _, err := os.Lstat(filepath.Join(l.Dir(), "moved", "secret")); err != nil {
 		t.Errorf("file made in the swapped directory is not in the moved one: %v", err)
 	}
@@ -201,7 +203,7 @@ func snapshot(t testing.TB, dir string) string {
 
 func TestOwnership(t *testing.T) {
 	l := newLayer(t, 16<<20)
-	user := Caller{Uid: 1000, Gid: 2000}
+	user := vfs.Caller{Uid: 1000, Gid: 2000}
 	for _, tc := range []struct {
 		name       string
 		parentMode uint32
@@ -216,10 +218,10 @@ func TestOwnership(t *testing.T) {
 		{"setuid file kept", 0o777, 0, 0o4755, 1000, 2000, 0o4755},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			p := must[Entry](t)(l.Mkdir(RootIno, tc.name, 0o777, Root))
+			p := must[vfs.Entry](t)(l.Mkdir(vfs.RootIno, tc.name, 0o777, vfs.Root))
 			defer l.Forget(p.Ino(), 1)
-			must[unix.Stat_t](t)(l.SetAttr(p.Ino(), nil, SetAttr{Valid: SetGid | SetMode, Gid: tc.parentGid, Mode: tc.parentMode}))
-			e, f, err := l.Create(p.Ino(), "f", unix.O_RDWR|unix.O_EXCL, tc.mode, user, OpenOptions{})
+			must[unix.Stat_t](t)(l.SetAttr(p.Ino(), nil, vfs.SetAttr{Valid: vfs.SetGid | vfs.SetMode, Gid: tc.parentGid, Mode: tc.parentMode}))
+			e, f, err := l.Create(p.Ino(), "f", unix.O_RDWR|unix.O_EXCL, tc.mode, user, vfs.OpenOptions{})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -237,7 +239,7 @@ func TestOwnership(t *testing.T) {
 
 func TestKillSuidGid(t *testing.T) {
 	l := newLayer(t, 16<<20)
-	e, f, err := l.Create(RootIno, "f", unix.O_RDWR, 0o6755, Root, OpenOptions{})
+	e, f, err := l.Create(vfs.RootIno, "f", unix.O_RDWR, 0o6755, vfs.Root, vfs.OpenOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -253,20 +255,20 @@ func TestKillSuidGid(t *testing.T) {
 	if got, want := mode(), uint32(0o755); got != want {
 		t.Errorf("after an unprivileged write: mode %o, want %o", got, want)
 	}
-	must[unix.Stat_t](t)(l.SetAttr(e.Ino(), nil, SetAttr{Valid: SetMode, Mode: 0o2750}))
-	must[unix.Stat_t](t)(l.SetAttr(e.Ino(), f, SetAttr{Valid: SetSize | KillSuidGid, Size: 0}))
+	must[unix.Stat_t](t)(l.SetAttr(e.Ino(), nil, vfs.SetAttr{Valid: vfs.SetMode, Mode: 0o2750}))
+	must[unix.Stat_t](t)(l.SetAttr(e.Ino(), f, vfs.SetAttr{Valid: vfs.SetSize | vfs.KillSuidGid, Size: 0}))
 	if got, want := mode(), uint32(0o750); got != want {
 		t.Errorf("after an unprivileged truncate: mode %o, want %o", got, want)
 	}
-	must[unix.Stat_t](t)(l.SetAttr(e.Ino(), nil, SetAttr{Valid: SetMode, Mode: 0o4755}))
-	must[unix.Stat_t](t)(l.SetAttr(e.Ino(), nil, SetAttr{Valid: SetUid, Uid: 5}))
+	must[unix.Stat_t](t)(l.SetAttr(e.Ino(), nil, vfs.SetAttr{Valid: vfs.SetMode, Mode: 0o4755}))
+	must[unix.Stat_t](t)(l.SetAttr(e.Ino(), nil, vfs.SetAttr{Valid: vfs.SetUid, Uid: 5}))
 	if got, want := mode(), uint32(0o755); got != want {
 		t.Errorf("after chown: mode %o, want %o", got, want)
 	}
 	// chown(f, -1, -1) reaches memfs as a SetAttr that changes nothing.
-	before := must[unix.Stat_t](t)(l.SetAttr(e.Ino(), nil, SetAttr{Valid: SetMode, Mode: 0o6755}))
+	before := must[unix.Stat_t](t)(l.SetAttr(e.Ino(), nil, vfs.SetAttr{Valid: vfs.SetMode, Mode: 0o6755}))
 	time.Sleep(10 * time.Millisecond)
-	st := must[unix.Stat_t](t)(l.SetAttr(e.Ino(), nil, SetAttr{}))
+	st := must[unix.Stat_t](t)(l.SetAttr(e.Ino(), nil, vfs.SetAttr{}))
 	if got, want := st.Mode&07777, uint32(0o755); got != want || st.Uid != 5 {
 		t.Errorf("after chown -1 -1: mode %o uid %d, want %o 5", got, st.Uid, want)
 	}
@@ -281,8 +283,8 @@ func TestKillSuidGid(t *testing.T) {
 func TestSeals(t *testing.T) {
 	l := newLayer(t, 16<<20)
 	data := bytes.Repeat([]byte("s"), 5000) // EOF inside the second page
-	newFile := func(t *testing.T, name string) (uint64, *File) {
-		e, f, err := l.Create(RootIno, name, unix.O_RDWR, 0o644, Root, OpenOptions{Direct: true})
+	newFile := func(t *testing.T, name string) (uint64, vfs.File) {
+		e, f, err := l.Create(vfs.RootIno, name, unix.O_RDWR, 0o644, vfs.Root, vfs.OpenOptions{Direct: true})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -299,11 +301,11 @@ func TestSeals(t *testing.T) {
 		}
 		f.Release()
 		must[struct{}](t)(struct{}{}, l.AddSeals(ino, SealWrite))
-		_, err := l.Open(ino, unix.O_WRONLY, OpenOptions{})
+		_, err := l.Open(ino, unix.O_WRONLY, vfs.OpenOptions{})
 		wantErr(t, "write open of a write-sealed file", err, syscall.EPERM)
-		_, err = l.Open(ino, unix.O_RDONLY|unix.O_TRUNC, OpenOptions{})
+		_, err = l.Open(ino, unix.O_RDONLY|unix.O_TRUNC, vfs.OpenOptions{})
 		wantErr(t, "O_TRUNC of a write-sealed file", err, syscall.EPERM)
-		r := must[*File](t)(l.Open(ino, unix.O_RDONLY, OpenOptions{Direct: true}))
+		r := must[vfs.File](t)(l.Open(ino, unix.O_RDONLY, vfs.OpenOptions{Direct: true}))
 		if !r.Direct() {
 			t.Error("a read-only open of a sealed file could use passthrough")
 		}
@@ -316,7 +318,7 @@ func TestSeals(t *testing.T) {
 		wantErr(t, "add grow seal with a passthrough writer", l.AddSeals(ino, SealGrow), syscall.EBUSY)
 		f.Release()
 		must[struct{}](t)(struct{}{}, l.AddSeals(ino, SealGrow))
-		w := must[*File](t)(l.Open(ino, unix.O_RDWR, OpenOptions{Direct: true}))
+		w := must[vfs.File](t)(l.Open(ino, unix.O_RDWR, vfs.OpenOptions{Direct: true}))
 		defer w.Release()
 		if w.Direct() {
 			t.Error("a writer of a grow-sealed file could use passthrough")
@@ -338,11 +340,11 @@ func TestSeals(t *testing.T) {
 				t.Errorf("WriteAt(%d bytes at %d) = %d, %v; want %d, %v", tc.n, tc.off, n, err, tc.wantN, tc.wantErr)
 			}
 		}
-		_, err := l.SetAttr(ino, nil, SetAttr{Valid: SetSize, Size: 6000})
+		_, err := l.SetAttr(ino, nil, vfs.SetAttr{Valid: vfs.SetSize, Size: 6000})
 		wantErr(t, "grow by truncate", err, syscall.EPERM)
 		wantErr(t, "grow by fallocate", w.Allocate(0, 0, 8192), syscall.EPERM)
 		must[struct{}](t)(struct{}{}, w.Allocate(unix.FALLOC_FL_KEEP_SIZE, 0, 8192))
-		must[unix.Stat_t](t)(l.SetAttr(ino, nil, SetAttr{Valid: SetSize, Size: 10}))
+		must[unix.Stat_t](t)(l.SetAttr(ino, nil, vfs.SetAttr{Valid: vfs.SetSize, Size: 10}))
 	})
 
 	t.Run("shrink and seal", func(t *testing.T) {
@@ -354,18 +356,18 @@ func TestSeals(t *testing.T) {
 		if got, want := string(buf[:n]), "shrink,seal"; got != want {
 			t.Errorf("seals xattr = %q, want %q", got, want)
 		}
-		_, err := l.SetAttr(ino, nil, SetAttr{Valid: SetSize, Size: 1})
+		_, err := l.SetAttr(ino, nil, vfs.SetAttr{Valid: vfs.SetSize, Size: 1})
 		wantErr(t, "shrink", err, syscall.EPERM)
-		_, err = l.Open(ino, unix.O_RDWR|unix.O_TRUNC, OpenOptions{})
+		_, err = l.Open(ino, unix.O_RDWR|unix.O_TRUNC, vfs.OpenOptions{})
 		wantErr(t, "O_TRUNC", err, syscall.EPERM)
-		must[unix.Stat_t](t)(l.SetAttr(ino, nil, SetAttr{Valid: SetSize, Size: 9000}))
+		must[unix.Stat_t](t)(l.SetAttr(ino, nil, vfs.SetAttr{Valid: vfs.SetSize, Size: 9000}))
 		wantErr(t, "add after seal", l.AddSeals(ino, SealWrite), syscall.EPERM)
 		wantErr(t, "remove seals", l.RemoveXattr(ino, SealsXattr), syscall.EPERM)
 		wantErr(t, "bad seal name", l.SetXattr(ino, SealsXattr, []byte("write,nope"), 0), syscall.EINVAL)
 	})
 
 	t.Run("not a regular file", func(t *testing.T) {
-		d := must[Entry](t)(l.Mkdir(RootIno, "dir", 0o755, Root))
+		d := must[vfs.Entry](t)(l.Mkdir(vfs.RootIno, "dir", 0o755, vfs.Root))
 		defer l.Forget(d.Ino(), 1)
 		wantErr(t, "seal a directory", l.AddSeals(d.Ino(), SealWrite), syscall.EINVAL)
 		_, err := l.GetXattr(d.Ino(), SealsXattr, nil)
@@ -402,7 +404,7 @@ func TestParseSeals(t *testing.T) {
 // ENOSPC) and loses nothing written; Usage and StatFS agree with df.
 func TestLimits(t *testing.T) {
 	l := newLayer(t, 1<<20)
-	e, f, err := l.Create(RootIno, "big", unix.O_RDWR, 0o644, Root, OpenOptions{})
+	e, f, err := l.Create(vfs.RootIno, "big", unix.O_RDWR, 0o644, vfs.Root, vfs.OpenOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -438,12 +440,12 @@ func TestLimits(t *testing.T) {
 
 func TestReferences(t *testing.T) {
 	l := newLayer(t, 1<<20)
-	e := must[Entry](t)(l.Mkdir(RootIno, "d", 0o755, Root))
-	must[Entry](t)(l.Lookup(RootIno, "d"))
+	e := must[vfs.Entry](t)(l.Mkdir(vfs.RootIno, "d", 0o755, vfs.Root))
+	must[vfs.Entry](t)(l.Lookup(vfs.RootIno, "d"))
 	if got, want := l.Refs(e.Ino()), uint64(2); got != want {
 		t.Errorf("refs = %d, want %d", got, want)
 	}
-	d := must[*Dir](t)(l.OpenDir(e.Ino()))
+	d := must[vfs.Dir](t)(l.OpenDir(e.Ino()))
 	l.Forget(e.Ino(), 2)
 	if got, want := l.Refs(e.Ino()), uint64(1); got != want {
 		t.Errorf("refs with the dir open = %d, want %d", got, want)
@@ -454,22 +456,22 @@ func TestReferences(t *testing.T) {
 	}
 	_, err := l.GetAttr(e.Ino())
 	wantErr(t, "getattr of a forgotten inode", err, syscall.ESTALE)
-	l.Forget(RootIno, 100) // the root is never forgotten
-	must[unix.Stat_t](t)(l.GetAttr(RootIno))
+	l.Forget(vfs.RootIno, 100) // the root is never forgotten
+	must[unix.Stat_t](t)(l.GetAttr(vfs.RootIno))
 }
 
 func TestReadDirOffsets(t *testing.T) {
 	l := newLayer(t, 1<<20)
 	names := []string{"a", "b", "c", "d", "e"}
 	for _, n := range names {
-		e := must[Entry](t)(l.Mknod(RootIno, n, unix.S_IFREG|0o644, 0, Root))
+		e := must[vfs.Entry](t)(l.Mknod(vfs.RootIno, n, unix.S_IFREG|0o644, 0, vfs.Root))
 		l.Forget(e.Ino(), 1)
 	}
-	d := must[*Dir](t)(l.OpenDir(RootIno))
+	d := must[vfs.Dir](t)(l.OpenDir(vfs.RootIno))
 	defer d.Close()
 	var seen []string
 	var resume int64
-	d.ReadDir(0, func(e *DirEntry) bool {
+	d.ReadDir(0, func(e *vfs.DirEntry) bool {
 		seen = append(seen, e.Name)
 		resume = e.Off
 		return len(seen) < 4 // ".", "..", and two names
@@ -477,9 +479,9 @@ func TestReadDirOffsets(t *testing.T) {
 	first := seen[2:]
 	// Remove an entry already read and one not yet read: the offset stays
 	// valid, nothing is repeated, the remaining names follow.
-	must[struct{}](t)(struct{}{}, l.Unlink(RootIno, first[0]))
+	must[struct{}](t)(struct{}{}, l.Unlink(vfs.RootIno, first[0]))
 	var rest []string
-	d.ReadDir(resume, func(e *DirEntry) bool { rest = append(rest, e.Name); return true })
+	d.ReadDir(resume, func(e *vfs.DirEntry) bool { rest = append(rest, e.Name); return true })
 	all := map[string]int{}
 	for _, n := range append(first, rest...) {
 		all[n]++
@@ -511,13 +513,13 @@ func TestFdBudget(t *testing.T) {
 	if got, want := budget.InUse(), int64(2); got != want {
 		t.Fatalf("in use after two roots: %d, want %d", got, want)
 	}
-	var held []Entry
+	var held []vfs.Entry
 	for _, l := range layers {
 		for _, name := range []string{"a", "b", "c"} {
-			e := must[Entry](t)(l.Mkdir(RootIno, name, 0o755, Root))
+			e := must[vfs.Entry](t)(l.Mkdir(vfs.RootIno, name, 0o755, vfs.Root))
 			held = append(held, e)
 			// Uncached inodes work as well as cached ones.
-			f := must[Entry](t)(l.Mknod(e.Ino(), "f", unix.S_IFREG|0o644, 0, Root))
+			f := must[vfs.Entry](t)(l.Mknod(e.Ino(), "f", unix.S_IFREG|0o644, 0, vfs.Root))
 			must[unix.Stat_t](t)(l.GetAttr(f.Ino()))
 			must[struct{}](t)(struct{}{}, l.SetXattr(f.Ino(), "user.k", []byte("v"), 0))
 			l.Forget(f.Ino(), 1)
@@ -561,7 +563,7 @@ func TestMknod(t *testing.T) {
 		{"dir", unix.S_IFDIR | 0o755, 0, syscall.EPERM, 0, 0},
 		{"lnk", unix.S_IFLNK | 0o777, 0, syscall.EINVAL, 0, 0},
 	} {
-		e, err := l.Mknod(RootIno, tc.name, tc.mode, tc.rdev, Root)
+		e, err := l.Mknod(vfs.RootIno, tc.name, tc.mode, tc.rdev, vfs.Root)
 		wantErr(t, "mknod "+tc.name, err, tc.want)
 		if err != nil {
 			continue
@@ -582,42 +584,42 @@ func TestMknod(t *testing.T) {
 // (nodev).
 func TestDevices(t *testing.T) {
 	l := newLayer(t, 1<<20)
-	c := Caller{Uid: 1000, Gid: 1001}
+	c := vfs.Caller{Uid: 1000, Gid: 1001}
 	dev := unix.Mkdev(1, 3) // /dev/null
-	e := must[Entry](t)(l.Mknod(RootIno, "null", unix.S_IFCHR|0o666, dev, c))
+	e := must[vfs.Entry](t)(l.Mknod(vfs.RootIno, "null", unix.S_IFCHR|0o666, dev, c))
 	defer l.Forget(e.Ino(), 1)
 	if e.Stat.Uid != c.Uid || e.Stat.Gid != c.Gid {
 		t.Errorf("owner %d:%d, want %d:%d", e.Stat.Uid, e.Stat.Gid, c.Uid, c.Gid)
 	}
 
-	_, err := l.Open(e.Ino(), unix.O_RDONLY, OpenOptions{})
+	_, err := l.Open(e.Ino(), unix.O_RDONLY, vfs.OpenOptions{})
 	wantErr(t, "open", err, syscall.EINVAL)
 	_, err = unix.Open(filepath.Join(l.dir, "null"), unix.O_RDONLY|unix.O_CLOEXEC, 0)
 	wantErr(t, "open through the instance", err, syscall.EACCES)
-	_, err = l.SetAttr(e.Ino(), nil, SetAttr{Valid: SetSize})
+	_, err = l.SetAttr(e.Ino(), nil, vfs.SetAttr{Valid: vfs.SetSize})
 	wantErr(t, "truncate", err, syscall.EINVAL)
 
-	st := must[unix.Stat_t](t)(l.SetAttr(e.Ino(), nil, SetAttr{Valid: SetMode | SetUid | SetGid, Mode: 0o600, Uid: 7, Gid: 8}))
+	st := must[unix.Stat_t](t)(l.SetAttr(e.Ino(), nil, vfs.SetAttr{Valid: vfs.SetMode | vfs.SetUid | vfs.SetGid, Mode: 0o600, Uid: 7, Gid: 8}))
 	if st.Mode != unix.S_IFCHR|0o600 || st.Uid != 7 || st.Gid != 8 || st.Rdev != dev {
 		t.Errorf("after chmod and chown: mode %o owner %d:%d rdev %#x", st.Mode, st.Uid, st.Gid, st.Rdev)
 	}
 
-	ln := must[Entry](t)(l.Link(e.Ino(), RootIno, "null2"))
+	ln := must[vfs.Entry](t)(l.Link(e.Ino(), vfs.RootIno, "null2"))
 	l.Forget(ln.Ino(), 1)
 	if ln.Ino() != e.Ino() || ln.Stat.Nlink != 2 || ln.Stat.Rdev != dev {
 		t.Errorf("link: ino %d nlink %d rdev %#x", ln.Ino(), ln.Stat.Nlink, ln.Stat.Rdev)
 	}
-	d := must[Entry](t)(l.Mkdir(RootIno, "d", 0o755, Root))
+	d := must[vfs.Entry](t)(l.Mkdir(vfs.RootIno, "d", 0o755, vfs.Root))
 	defer l.Forget(d.Ino(), 1)
-	wantErr(t, "rename", l.Rename(RootIno, "null", d.Ino(), "moved", 0), nil)
-	moved := must[Entry](t)(l.Lookup(d.Ino(), "moved"))
+	wantErr(t, "rename", l.Rename(vfs.RootIno, "null", d.Ino(), "moved", 0), nil)
+	moved := must[vfs.Entry](t)(l.Lookup(d.Ino(), "moved"))
 	l.Forget(moved.Ino(), 1)
 	if moved.Ino() != e.Ino() || moved.Stat.Rdev != dev {
 		t.Errorf("renamed: ino %d rdev %#x", moved.Ino(), moved.Stat.Rdev)
 	}
-	dir := must[*Dir](t)(l.OpenDir(d.Ino()))
+	dir := must[vfs.Dir](t)(l.OpenDir(d.Ino()))
 	var types []uint8
-	dir.ReadDir(0, func(de *DirEntry) bool {
+	dir.ReadDir(0, func(de *vfs.DirEntry) bool {
 		if de.Name == "moved" {
 			types = append(types, de.Type)
 		}
@@ -629,8 +631,8 @@ func TestDevices(t *testing.T) {
 	}
 
 	wantErr(t, "unlink", l.Unlink(d.Ino(), "moved"), nil)
-	wantErr(t, "unlink", l.Unlink(RootIno, "null2"), nil)
-	_, err = l.Lookup(RootIno, "null2")
+	wantErr(t, "unlink", l.Unlink(vfs.RootIno, "null2"), nil)
+	_, err = l.Lookup(vfs.RootIno, "null2")
 	wantErr(t, "lookup after unlink", err, syscall.ENOENT)
 	st = must[unix.Stat_t](t)(l.GetAttr(e.Ino()))
 	if st.Nlink != 0 || st.Rdev != dev {

@@ -5,6 +5,8 @@ import (
 	"syscall"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/csi-memfs/csi-memfs/vfs"
 )
 
 // Mkdir creates the directory name in parent, owned by c, with mode's
@@ -12,7 +14,7 @@ import (
 // Linux), and returns it with one reference.
 //
 // Errors: EEXIST, ENOENT (parent was removed), ENOSPC, EINVAL, ENAMETOOLONG.
-func (l *Layer) Mkdir(parent uint64, name string, mode uint32, c Caller) (Entry, error) {
+func (l *Layer) Mkdir(parent uint64, name string, mode uint32, c vfs.Caller) (vfs.Entry, error) {
 	return l.create(parent, name, c, func(pfd int) error {
 		return unix.Mkdirat(pfd, name, mode&07777)
 	})
@@ -25,7 +27,7 @@ func (l *Layer) Mkdir(parent uint64, name string, mode uint32, c Caller) (Entry,
 //
 // Errors: as Mkdir, EPERM for a directory, and EINVAL for other types and
 // for an rdev beyond the kernel's 32-bit device numbers.
-func (l *Layer) Mknod(parent uint64, name string, mode uint32, rdev uint64, c Caller) (Entry, error) {
+func (l *Layer) Mknod(parent uint64, name string, mode uint32, rdev uint64, c vfs.Caller) (vfs.Entry, error) {
 	switch mode & unix.S_IFMT {
 	case 0:
 		mode |= unix.S_IFREG
@@ -34,12 +36,12 @@ func (l *Layer) Mknod(parent uint64, name string, mode uint32, rdev uint64, c Ca
 		rdev = 0
 	case unix.S_IFCHR, unix.S_IFBLK:
 		if rdev > math.MaxUint32 {
-			return Entry{}, syscall.EINVAL
+			return vfs.Entry{}, syscall.EINVAL
 		}
 	case unix.S_IFDIR:
-		return Entry{}, syscall.EPERM
+		return vfs.Entry{}, syscall.EPERM
 	default:
-		return Entry{}, syscall.EINVAL
+		return vfs.Entry{}, syscall.EINVAL
 	}
 	return l.create(parent, name, c, func(pfd int) error {
 		return unix.Mknodat(pfd, name, mode, int(rdev))
@@ -50,9 +52,9 @@ func (l *Layer) Mknod(parent uint64, name string, mode uint32, rdev uint64, c Ca
 // is stored as given and never followed by memfs.
 //
 // Errors: as Mkdir, and ENOENT for an empty target.
-func (l *Layer) Symlink(parent uint64, name, target string, c Caller) (Entry, error) {
+func (l *Layer) Symlink(parent uint64, name, target string, c vfs.Caller) (vfs.Entry, error) {
 	if target == "" {
-		return Entry{}, syscall.ENOENT
+		return vfs.Entry{}, syscall.ENOENT
 	}
 	return l.create(parent, name, c, func(pfd int) error {
 		return unix.Symlinkat(target, pfd, name)
@@ -61,11 +63,11 @@ func (l *Layer) Symlink(parent uint64, name, target string, c Caller) (Entry, er
 
 // create checks name, runs mk to create it in parent, gives the new inode
 // to c and returns it with one reference.
-func (l *Layer) create(parent uint64, name string, c Caller, mk func(pfd int) error) (Entry, error) {
+func (l *Layer) create(parent uint64, name string, c vfs.Caller, mk func(pfd int) error) (vfs.Entry, error) {
 	if err := CheckName(name); err != nil {
-		return Entry{}, err
+		return vfs.Entry{}, err
 	}
-	var e Entry
+	var e vfs.Entry
 	err := l.withFd(parent, func(_ *inode, pfd int) error {
 		if err := mk(pfd); err != nil {
 			return Errno(err)
@@ -89,11 +91,11 @@ func (l *Layer) create(parent uint64, name string, c Caller, mk func(pfd int) er
 // as if c had created it, and stores its final attributes in st. The group
 // is c's unless the directory is set-group-ID, in which case the kernel has
 // already given the inode the directory's group.
-func giveTo(fd, pfd int, st *unix.Stat_t, c Caller) error {
+func giveTo(fd, pfd int, st *unix.Stat_t, c vfs.Caller) error {
 	if err := unix.Fstat(fd, st); err != nil {
 		return Errno(err)
 	}
-	if c == Root {
+	if c == vfs.Root {
 		return nil
 	}
 	uid, gid := c.Uid, c.Gid
@@ -132,11 +134,11 @@ func giveTo(fd, pfd int, st *unix.Stat_t, c Caller) error {
 //
 // Errors: EPERM (ino is a directory), EEXIST, ENOENT (ino was removed),
 // EMLINK, ENOSPC, EINVAL.
-func (l *Layer) Link(ino, newParent uint64, name string) (Entry, error) {
+func (l *Layer) Link(ino, newParent uint64, name string) (vfs.Entry, error) {
 	if err := CheckName(name); err != nil {
-		return Entry{}, err
+		return vfs.Entry{}, err
 	}
-	var e Entry
+	var e vfs.Entry
 	err := l.withFd(ino, func(i *inode, fd int) error {
 		if i.fileType == unix.S_IFDIR {
 			return syscall.EPERM
@@ -180,19 +182,13 @@ func (l *Layer) remove(parent uint64, name string, flags int) error {
 	})
 }
 
-// Rename flags accepted by Rename.
-const (
-	RenameNoReplace = unix.RENAME_NOREPLACE
-	RenameExchange  = unix.RENAME_EXCHANGE
-)
-
 // Rename moves name in parent to newName in newParent, as renameat2 with
-// flags (0, RenameNoReplace or RenameExchange).
+// flags (0, vfs.RenameNoReplace or vfs.RenameExchange).
 //
 // Errors: as renameat2(2): ENOENT, EEXIST, ENOTEMPTY, EISDIR, ENOTDIR,
 // EINVAL (moving a directory into itself, or other flags).
 func (l *Layer) Rename(parent uint64, name string, newParent uint64, newName string, flags uint32) error {
-	if flags&^(RenameNoReplace|RenameExchange) != 0 {
+	if flags&^(vfs.RenameNoReplace|vfs.RenameExchange) != 0 {
 		return syscall.EINVAL
 	}
 	if err := CheckName(name); err != nil {

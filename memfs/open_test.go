@@ -9,6 +9,8 @@ import (
 	"testing"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/csi-memfs/csi-memfs/vfs"
 )
 
 // openLayer opens the instance on dir; cleanup checks the Layer's
@@ -42,8 +44,8 @@ func TestOpenServesExistingInstance(t *testing.T) {
 	opts := Options{Size: 4 << 20}
 	dir, old := newInstance(t, opts)
 	data := bytes.Repeat([]byte("open"), 3000)
-	d := must[Entry](t)(old.Mkdir(RootIno, "d", 0o750, Caller{Uid: 1000, Gid: 1000}))
-	e, f, err := old.Create(d.Ino(), "f", unix.O_RDWR, 0o640, Root, OpenOptions{})
+	d := must[vfs.Entry](t)(old.Mkdir(vfs.RootIno, "d", 0o750, vfs.Caller{Uid: 1000, Gid: 1000}))
+	e, f, err := old.Create(d.Ino(), "f", unix.O_RDWR, 0o640, vfs.Root, vfs.OpenOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -52,23 +54,23 @@ func TestOpenServesExistingInstance(t *testing.T) {
 	must[struct{}](t)(struct{}{}, old.AddSeals(e.Ino(), SealGrow|SealShrink))
 	must[struct{}](t)(struct{}{}, old.SetXattr(e.Ino(), "user.k", []byte("v"), 0))
 	must[struct{}](t)(struct{}{}, old.SetMarker(d.Ino(), "m", []byte("mark"), 0))
-	must[Entry](t)(old.Symlink(RootIno, "s", "d/f", Root))
+	must[vfs.Entry](t)(old.Symlink(vfs.RootIno, "s", "d/f", vfs.Root))
 	wantStat := must[unix.Statfs_t](t)(old.StatFS())
 	old.Detach()
 
 	l := openLayer(t, dir, opts)
-	if got := must[Entry](t)(l.Lookup(RootIno, "d")); got.Ino() != d.Ino() || got.Gen != d.Gen || got.Stat.Uid != 1000 || got.Stat.Mode != unix.S_IFDIR|0o750 {
+	if got := must[vfs.Entry](t)(l.Lookup(vfs.RootIno, "d")); got.Ino() != d.Ino() || got.Gen != d.Gen || got.Stat.Uid != 1000 || got.Stat.Mode != unix.S_IFDIR|0o750 {
 		t.Errorf("lookup d = ino %d gen %d uid %d mode %o, want ino %d gen %d uid 1000 mode %o",
 			got.Ino(), got.Gen, got.Stat.Uid, got.Stat.Mode, d.Ino(), d.Gen, unix.S_IFDIR|0o750)
 	}
-	fe := must[Entry](t)(l.Lookup(d.Ino(), "f"))
+	fe := must[vfs.Entry](t)(l.Lookup(d.Ino(), "f"))
 	if fe.Ino() != e.Ino() || fe.Gen != e.Gen {
 		t.Errorf("lookup d/f = ino %d gen %d, want %d %d", fe.Ino(), fe.Gen, e.Ino(), e.Gen)
 	}
 	if st := must[unix.Stat_t](t)(l.GetAttr(e.Ino())); st.Size != int64(len(data)) || st.Mode != unix.S_IFREG|0o640 {
 		t.Errorf("getattr d/f: size %d mode %o", st.Size, st.Mode)
 	}
-	r := must[*File](t)(l.Open(e.Ino(), unix.O_RDWR, OpenOptions{}))
+	r := must[vfs.File](t)(l.Open(e.Ino(), unix.O_RDWR, vfs.OpenOptions{}))
 	got := make([]byte, len(data)+10)
 	if n := must[int](t)(r.ReadAt(got, 0)); !bytes.Equal(got[:n], data) {
 		t.Errorf("read %d bytes that differ from the %d written", n, len(data))
@@ -86,7 +88,7 @@ func TestOpenServesExistingInstance(t *testing.T) {
 	if n := must[int](t)(l.GetMarker(d.Ino(), "m", buf)); string(buf[:n]) != "mark" {
 		t.Errorf("marker = %q", buf[:n])
 	}
-	se := must[Entry](t)(l.Lookup(RootIno, "s"))
+	se := must[vfs.Entry](t)(l.Lookup(vfs.RootIno, "s"))
 	if target := must[string](t)(l.Readlink(se.Ino())); target != "d/f" {
 		t.Errorf("readlink = %q", target)
 	}
@@ -186,36 +188,36 @@ func TestLookupHandle(t *testing.T) {
 	opts := Options{Size: 4 << 20}
 	dir, old := newInstance(t, opts)
 	defer old.Detach()
-	e, removed, err := old.Create(RootIno, "f", unix.O_RDWR, 0o600, Root, OpenOptions{})
+	e, removed, err := old.Create(vfs.RootIno, "f", unix.O_RDWR, 0o600, vfs.Root, vfs.OpenOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
 	must[int](t)(removed.WriteAt([]byte("removed"), 0, false))
-	must[struct{}](t)(struct{}{}, old.Unlink(RootIno, "f"))
+	must[struct{}](t)(struct{}{}, old.Unlink(vfs.RootIno, "f"))
 	old.Forget(e.Ino(), 1)
-	te, tmp, err := old.Tmpfile(RootIno, unix.O_RDWR, 0o600, Root, OpenOptions{})
+	te, tmp, err := old.Tmpfile(vfs.RootIno, unix.O_RDWR, 0o600, vfs.Root, vfs.OpenOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
 	must[int](t)(tmp.WriteAt([]byte("tmpfile"), 0, false))
 	old.Forget(te.Ino(), 1)
-	if ino, gen, _ := removed.Handle(); ino != e.Ino() || gen != e.Gen {
+	if ino, gen, _ := removed.(*File).Handle(); ino != e.Ino() || gen != e.Gen {
 		t.Errorf("File.Handle %d %d, Entry %d %d", ino, gen, e.Ino(), e.Gen)
 	}
 
 	l := openLayer(t, dir, opts)
 	for _, c := range []struct {
-		e    Entry
-		f    *File
+		e    vfs.Entry
+		f    vfs.File
 		want string
 	}{{e, removed, "removed"}, {te, tmp, "tmpfile"}} {
 		_, err := l.LookupHandle(c.e.Ino(), c.e.Gen+1)
 		wantErr(t, c.want+": wrong generation", err, syscall.ESTALE)
-		got := must[Entry](t)(l.LookupHandle(c.e.Ino(), c.e.Gen))
+		got := must[vfs.Entry](t)(l.LookupHandle(c.e.Ino(), c.e.Gen))
 		if got.Ino() != c.e.Ino() || got.Gen != c.e.Gen || got.Stat.Nlink != 0 {
 			t.Errorf("%s: ino %d gen %d nlink %d, want %d %d 0", c.want, got.Ino(), got.Gen, got.Stat.Nlink, c.e.Ino(), c.e.Gen)
 		}
-		r := must[*File](t)(l.Open(c.e.Ino(), unix.O_RDWR, OpenOptions{}))
+		r := must[vfs.File](t)(l.Open(c.e.Ino(), unix.O_RDWR, vfs.OpenOptions{}))
 		buf := make([]byte, 16)
 		if n, _ := r.ReadAt(buf, 0); string(buf[:n]) != c.want {
 			t.Errorf("read %q, want %q", buf[:n], c.want)

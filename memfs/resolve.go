@@ -5,6 +5,8 @@ import (
 	"syscall"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/csi-memfs/csi-memfs/vfs"
 )
 
 // maxNameLen is the longest name tmpfs accepts.
@@ -32,11 +34,11 @@ func CheckName(name string) error {
 //
 // Errors: ENOENT, ENOTDIR (parent is not a directory), EINVAL (name is not
 // one component), ENAMETOOLONG.
-func (l *Layer) Lookup(parent uint64, name string) (Entry, error) {
+func (l *Layer) Lookup(parent uint64, name string) (vfs.Entry, error) {
 	if err := CheckName(name); err != nil {
-		return Entry{}, err
+		return vfs.Entry{}, err
 	}
-	var e Entry
+	var e vfs.Entry
 	err := l.withFd(parent, func(_ *inode, pfd int) error {
 		var err error
 		e, err = l.entryAt(pfd, name)
@@ -47,16 +49,16 @@ func (l *Layer) Lookup(parent uint64, name string) (Entry, error) {
 
 // entryAt registers the entry name of the directory open as dirfd, without
 // following a symlink, and returns it with one reference added.
-func (l *Layer) entryAt(dirfd int, name string) (Entry, error) {
+func (l *Layer) entryAt(dirfd int, name string) (vfs.Entry, error) {
 	var st unix.Stat_t
 	if err := unix.Fstatat(dirfd, name, &st, unix.AT_SYMLINK_NOFOLLOW); err != nil {
-		return Entry{}, Errno(err)
+		return vfs.Entry{}, Errno(err)
 	}
 	l.mu.Lock()
 	if i := l.inodes[st.Ino]; i != nil {
 		i.refs++
 		l.mu.Unlock()
-		return Entry{Stat: st, Gen: i.gen}, nil
+		return vfs.Entry{Stat: st, Gen: i.gen}, nil
 	}
 	l.mu.Unlock()
 
@@ -65,7 +67,7 @@ func (l *Layer) entryAt(dirfd int, name string) (Entry, error) {
 	st = unix.Stat_t{}
 	fd, err := unix.Openat(dirfd, name, unix.O_PATH|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
 	if err != nil {
-		return Entry{}, Errno(err)
+		return vfs.Entry{}, Errno(err)
 	}
 	return l.registerPath(fd, &st)
 }
@@ -73,11 +75,11 @@ func (l *Layer) entryAt(dirfd int, name string) (Entry, error) {
 // registerPath registers the inode open as the O_PATH descriptor fd, which
 // it consumes: fd becomes the inode's cached descriptor or is closed.
 // st is filled in from fd unless st.Ino is already set.
-func (l *Layer) registerPath(fd int, st *unix.Stat_t) (Entry, error) {
+func (l *Layer) registerPath(fd int, st *unix.Stat_t) (vfs.Entry, error) {
 	if st.Ino == 0 {
 		if err := unix.Fstat(fd, st); err != nil {
 			unix.Close(fd)
-			return Entry{}, Errno(err)
+			return vfs.Entry{}, Errno(err)
 		}
 	}
 	e, adopted, err := l.registerFd(fd, st, true)

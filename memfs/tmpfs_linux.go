@@ -8,6 +8,8 @@ import (
 	"syscall"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/csi-memfs/csi-memfs/vfs"
 )
 
 // mountFlags are the flags of every instance: a pod must never be able to
@@ -140,7 +142,7 @@ func checkInstance(fd int) error {
 	if err := unix.Fstat(fd, &st); err != nil {
 		return err
 	}
-	if st.Ino != RootIno {
+	if st.Ino != vfs.RootIno {
 		return fmt.Errorf("%w: a mount of a directory inside an instance (inode %d)", ErrNotInstance, st.Ino)
 	}
 	if sfs.Flags&(unix.ST_NOSUID|unix.ST_NODEV) != unix.ST_NOSUID|unix.ST_NODEV {

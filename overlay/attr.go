@@ -3,17 +3,17 @@ package overlay
 import (
 	"syscall"
 
+	"github.com/csi-memfs/csi-memfs/vfs"
 	"golang.org/x/sys/unix"
-
-	"github.com/csi-memfs/csi-memfs/memfs"
 )
 
 // SetAttr changes the attributes of ino (see memfs.Layer.SetAttr), copying
-// it up first; f is an open File of ino or nil. Shrinking a partly
+// it up first; f is an open File of ino or nil (a vfs.File that is not one
+// of this overlay's is ignored). Shrinking a partly
 // copied-up file below its lower limit forgets the lower bytes beyond.
 //
 // Errors: as memfs.Layer.SetAttr.
-func (fs *FS) SetAttr(ino uint64, f *File, a memfs.SetAttr) (unix.Stat_t, error) {
+func (fs *FS) SetAttr(ino uint64, f vfs.File, a vfs.SetAttr) (unix.Stat_t, error) {
 	n, err := fs.get(ino)
 	if err != nil {
 		return unix.Stat_t{}, err
@@ -23,12 +23,12 @@ func (fs *FS) SetAttr(ino uint64, f *File, a memfs.SetAttr) (unix.Stat_t, error)
 	if err := fs.copyUpLocked(n); err != nil {
 		return unix.Stat_t{}, err
 	}
-	var mf *memfs.File
-	if f != nil && f.n == n && f.writable {
-		mf = f.uf
+	var mf vfs.File
+	if of, _ := f.(*File); of != nil && of.n == n && of.writable && of.uf != nil {
+		mf = of.uf
 	}
 	var st unix.Stat_t
-	if a.Valid&memfs.SetSize != 0 && n.typ == unix.S_IFREG {
+	if a.Valid&vfs.SetSize != 0 && n.typ == unix.S_IFREG {
 		st, err = fs.truncateLocked(n, mf, a)
 	} else {
 		st, err = fs.upper.SetAttr(n.upper, mf, a)
@@ -43,7 +43,7 @@ func (fs *FS) SetAttr(ino uint64, f *File, a memfs.SetAttr) (unix.Stat_t, error)
 //
 // Preconditions:
 //   - fs.treeMu is locked for writing; n.upper != 0.
-func (fs *FS) truncateLocked(n *node, mf *memfs.File, a memfs.SetAttr) (unix.Stat_t, error) {
+func (fs *FS) truncateLocked(n *node, mf vfs.File, a vfs.SetAttr) (unix.Stat_t, error) {
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	if !n.partial || a.Size >= n.limit {

@@ -9,6 +9,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/csi-memfs/csi-memfs/memfs"
+	"github.com/csi-memfs/csi-memfs/vfs"
 )
 
 // benchOverlay returns a fresh overlay over lower, without the lower-tree
@@ -46,11 +47,11 @@ func BenchmarkAppendByteToLowerFile(b *testing.B) {
 		fs := benchOverlay(b, lower)
 		before, _ := fs.Usage()
 		b.StartTimer()
-		e, err := fs.Lookup(memfs.RootIno, "f")
+		e, err := fs.Lookup(vfs.RootIno, "f")
 		if err != nil {
 			b.Fatal(err)
 		}
-		of, err := fs.Open(e.Ino(), unix.O_WRONLY, memfs.OpenOptions{})
+		of, err := fs.Open(e.Ino(), unix.O_WRONLY, vfs.OpenOptions{})
 		if err != nil {
 			b.Fatal(err)
 		}
@@ -82,7 +83,7 @@ func BenchmarkRenameLowerDir(b *testing.B) {
 		b.StopTimer()
 		fs := benchOverlay(b, lower)
 		b.StartTimer()
-		if err := fs.Rename(memfs.RootIno, "d", memfs.RootIno, "e", 0); err != nil {
+		if err := fs.Rename(vfs.RootIno, "d", vfs.RootIno, "e", 0); err != nil {
 			b.Fatal(err)
 		}
 		b.StopTimer()
@@ -110,13 +111,13 @@ func BenchmarkWalkLowerTree(b *testing.B) {
 	b.ResetTimer()
 	for i := 0; i < b.N; i++ {
 		for d := 0; d < 50; d++ {
-			de, err := fs.Lookup(memfs.RootIno, fmt.Sprint("d", d))
+			de, err := fs.Lookup(vfs.RootIno, fmt.Sprint("d", d))
 			if err != nil {
 				b.Fatal(err)
 			}
 			dir, _ := fs.OpenDir(de.Ino())
 			var names []string
-			dir.ReadDir(0, func(e *memfs.DirEntry) bool {
+			dir.ReadDir(0, func(e *vfs.DirEntry) bool {
 				if e.Name != "." && e.Name != ".." {
 					names = append(names, e.Name)
 				}
@@ -128,7 +129,7 @@ func BenchmarkWalkLowerTree(b *testing.B) {
 				if err != nil {
 					b.Fatal(err)
 				}
-				f, err := fs.Open(e.Ino(), unix.O_RDONLY, memfs.OpenOptions{})
+				f, err := fs.Open(e.Ino(), unix.O_RDONLY, vfs.OpenOptions{})
 				if err != nil {
 					b.Fatal(err)
 				}

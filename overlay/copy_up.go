@@ -5,9 +5,8 @@ import (
 	"strings"
 	"syscall"
 
+	"github.com/csi-memfs/csi-memfs/vfs"
 	"golang.org/x/sys/unix"
-
-	"github.com/csi-memfs/csi-memfs/memfs"
 )
 
 // smallFile is the size up to which a write open copies a partial file's
@@ -62,7 +61,7 @@ func (fs *FS) copyUpLocked(n *node) error {
 			return fail(err)
 		}
 	}
-	if err := fs.placeLocked(p, tmp, name, memfs.RenameNoReplace); err != nil {
+	if err := fs.placeLocked(p, tmp, name, vfs.RenameNoReplace); err != nil {
 		return fail(err)
 	}
 	n.mu.Lock()
@@ -85,8 +84,8 @@ func (fs *FS) copyUpLocked(n *node) error {
 // buildCopy makes in WorkName, as tmp, a copy of the lower entry of n with
 // attributes st, and returns it with one memfs reference. partial says the
 // bytes of a regular file were left in the lower.
-func (fs *FS) buildCopy(n *node, st *unix.Stat_t, tmp string) (e memfs.Entry, partial bool, err error) {
-	c := memfs.Caller{Uid: st.Uid, Gid: st.Gid}
+func (fs *FS) buildCopy(n *node, st *unix.Stat_t, tmp string) (e vfs.Entry, partial bool, err error) {
+	c := vfs.Caller{Uid: st.Uid, Gid: st.Gid}
 	mode := st.Mode & 07777
 	m := meta{ino: n.ino}
 	switch st.Mode & unix.S_IFMT {
@@ -94,8 +93,8 @@ func (fs *FS) buildCopy(n *node, st *unix.Stat_t, tmp string) (e memfs.Entry, pa
 		e, err = fs.upper.Mkdir(fs.workIno, tmp, mode, c)
 		m.hasLower, m.lowerPath = true, n.lowerPath
 	case unix.S_IFREG:
-		var f *memfs.File
-		e, f, err = fs.upper.Create(fs.workIno, tmp, unix.O_RDWR|unix.O_EXCL, mode, c, memfs.OpenOptions{})
+		var f vfs.File
+		e, f, err = fs.upper.Create(fs.workIno, tmp, unix.O_RDWR|unix.O_EXCL, mode, c, vfs.OpenOptions{})
 		if err != nil {
 			break
 		}
@@ -117,19 +116,19 @@ func (fs *FS) buildCopy(n *node, st *unix.Stat_t, tmp string) (e memfs.Entry, pa
 		e, err = fs.upper.Mknod(fs.workIno, tmp, st.Mode, st.Rdev, c)
 	default:
 		// No file type of Linux's.
-		return memfs.Entry{}, false, syscall.EIO
+		return vfs.Entry{}, false, syscall.EIO
 	}
 	if err != nil {
 		if e.Ino() != 0 {
 			fs.upper.Forget(e.Ino(), 1)
 			fs.removeAll(fs.workIno, tmp)
 		}
-		return memfs.Entry{}, false, err
+		return vfs.Entry{}, false, err
 	}
-	fail := func(err error) (memfs.Entry, bool, error) {
+	fail := func(err error) (vfs.Entry, bool, error) {
 		fs.upper.Forget(e.Ino(), 1)
 		fs.removeAll(fs.workIno, tmp)
-		return memfs.Entry{}, false, err
+		return vfs.Entry{}, false, err
 	}
 	if err := fs.copyXattrs(n.lowerPath, e.Ino()); err != nil {
 		return fail(err)
@@ -137,13 +136,13 @@ func (fs *FS) buildCopy(n *node, st *unix.Stat_t, tmp string) (e memfs.Entry, pa
 	if err := fs.upper.SetMarker(e.Ino(), markerOv, m.encode(), 0); err != nil {
 		return fail(err)
 	}
-	a := memfs.SetAttr{
-		Valid: memfs.SetAtime | memfs.SetMtime,
+	a := vfs.SetAttr{
+		Valid: vfs.SetAtime | vfs.SetMtime,
 		Atime: st.Atim, Mtime: st.Mtim,
 	}
 	if st.Mode&unix.S_IFMT != unix.S_IFLNK {
 		// Creating may have dropped set-ID bits.
-		a.Valid |= memfs.SetMode
+		a.Valid |= vfs.SetMode
 		a.Mode = mode
 	}
 	if _, err := fs.upper.SetAttr(e.Ino(), nil, a); err != nil {
@@ -205,8 +204,8 @@ func (fs *FS) keepTimes(dir uint64, fn func() error) error {
 	if err := fn(); err != nil {
 		return err
 	}
-	_, err = fs.upper.SetAttr(dir, nil, memfs.SetAttr{
-		Valid: memfs.SetAtime | memfs.SetMtime,
+	_, err = fs.upper.SetAttr(dir, nil, vfs.SetAttr{
+		Valid: vfs.SetAtime | vfs.SetMtime,
 		Atime: st.Atim, Mtime: st.Mtim,
 	})
 	return err
@@ -285,7 +284,7 @@ func (fs *FS) placeIndexedLocked(p *node, name string, lowerIno uint64, write bo
 	if err != nil {
 		return nil, err
 	}
-	var e memfs.Entry
+	var e vfs.Entry
 	err = fs.keepTimes(p.upper, func() error {
 		if err := fs.setMixed(p.upper); err != nil {
 			return err

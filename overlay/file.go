@@ -7,6 +7,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/csi-memfs/csi-memfs/memfs"
+	"github.com/csi-memfs/csi-memfs/vfs"
 )
 
 // File is an open regular file of an overlay. It holds a reference to its
@@ -26,8 +27,9 @@ type File struct {
 
 	// mu protects the fields below.
 	mu sync.Mutex
-	// uf is the open upper file, or nil while the File has not needed one.
-	uf *memfs.File
+	// uf is the open upper file (a *memfs.File), or nil while the File has
+	// not needed one.
+	uf vfs.File
 	// lf is the open lower file, or nil.
 	lf LowerFile
 }
@@ -40,7 +42,16 @@ type File struct {
 // when o.Direct.
 //
 // Errors: EISDIR, EINVAL (not a regular file), EPERM (seals), ENOENT.
-func (fs *FS) Open(ino uint64, flags int, o memfs.OpenOptions) (*File, error) {
+func (fs *FS) Open(ino uint64, flags int, o vfs.OpenOptions) (vfs.File, error) {
+	f, err := fs.open(ino, flags, o)
+	if err != nil {
+		return nil, err // a nil vfs.File, not a nil *File
+	}
+	return f, nil
+}
+
+// open is Open with the overlay's own File type.
+func (fs *FS) open(ino uint64, flags int, o vfs.OpenOptions) (*File, error) {
 	n, err := fs.get(ino)
 	if err != nil {
 		return nil, err
@@ -70,7 +81,7 @@ func (fs *FS) Open(ino uint64, flags int, o memfs.OpenOptions) (*File, error) {
 //
 // Preconditions:
 //   - fs.treeMu is locked.
-func (fs *FS) openReadLocked(n *node, o memfs.OpenOptions) (*File, error) {
+func (fs *FS) openReadLocked(n *node, o vfs.OpenOptions) (*File, error) {
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	f := &File{fs: fs, n: n}
@@ -86,7 +97,7 @@ func (fs *FS) openReadLocked(n *node, o memfs.OpenOptions) (*File, error) {
 			n.lowerDirect++
 		}
 	case n.partial:
-		uf, err := fs.upper.Open(n.upper, unix.O_RDONLY, memfs.OpenOptions{})
+		uf, err := fs.upper.Open(n.upper, unix.O_RDONLY, vfs.OpenOptions{})
 		if err != nil {
 			return nil, err
 		}
@@ -107,7 +118,7 @@ func (fs *FS) openReadLocked(n *node, o memfs.OpenOptions) (*File, error) {
 //
 // Preconditions:
 //   - fs.treeMu is locked for writing; n.upper != 0.
-func (fs *FS) openUpperLocked(n *node, flags int, o memfs.OpenOptions) (*File, error) {
+func (fs *FS) openUpperLocked(n *node, flags int, o vfs.OpenOptions) (*File, error) {
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	trunc := flags&unix.O_TRUNC != 0
@@ -120,7 +131,7 @@ func (fs *FS) openUpperLocked(n *node, flags int, o memfs.OpenOptions) (*File, e
 	o.Direct = o.Direct && n.lowerDirect == 0 && (!n.partial || trunc || whole)
 	if n.partial && trunc {
 		// Check the seals before forgetting the lower bytes.
-		uf, err := fs.upper.Open(n.upper, flags&^unix.O_TRUNC, memfs.OpenOptions{})
+		uf, err := fs.upper.Open(n.upper, flags&^unix.O_TRUNC, vfs.OpenOptions{})
 		if err != nil {
 			return nil, err
 		}
@@ -187,23 +198,23 @@ func (n *node) restoreState(s rangeState) {
 // memfs.Layer.Create).
 //
 // Errors: as Mkdir and Open.
-func (fs *FS) Create(parent uint64, name string, flags int, mode uint32, c memfs.Caller, o memfs.OpenOptions) (memfs.Entry, *File, error) {
+func (fs *FS) Create(parent uint64, name string, flags int, mode uint32, c vfs.Caller, o vfs.OpenOptions) (vfs.Entry, vfs.File, error) {
 	p, err := fs.get(parent)
 	if err != nil {
-		return memfs.Entry{}, nil, err
+		return vfs.Entry{}, nil, err
 	}
 	fs.treeMu.Lock()
 	defer fs.treeMu.Unlock()
 	if p.typ != unix.S_IFDIR {
-		return memfs.Entry{}, nil, syscall.ENOTDIR
+		return vfs.Entry{}, nil, syscall.ENOTDIR
 	}
 	if err := checkName(name); err != nil {
-		return memfs.Entry{}, nil, err
+		return vfs.Entry{}, nil, err
 	}
 	if n, err := fs.lookupLocked(p, name, true); err == nil {
 		if flags&unix.O_EXCL != 0 {
 			fs.unref(n, 1)
-			return memfs.Entry{}, nil, syscall.EEXIST
+			return vfs.Entry{}, nil, syscall.EEXIST
 		}
 		var f *File
 		switch n.typ {
@@ -221,26 +232,26 @@ func (fs *FS) Create(parent uint64, name string, flags int, mode uint32, c memfs
 		}
 		if err != nil {
 			fs.unref(n, 1)
-			return memfs.Entry{}, nil, err
+			return vfs.Entry{}, nil, err
 		}
 		e, err := fs.entryOf(n)
 		if err != nil {
 			f.Release()
 			fs.unref(n, 1)
-			return memfs.Entry{}, nil, err
+			return vfs.Entry{}, nil, err
 		}
 		return e, f, nil
 	} else if err != syscall.ENOENT {
-		return memfs.Entry{}, nil, err
+		return vfs.Entry{}, nil, err
 	}
-	var uf *memfs.File
-	n, err := fs.createLocked(p, name, c, false, func(dir uint64, name string, c memfs.Caller, _ uint32) (memfs.Entry, error) {
+	var uf vfs.File
+	n, err := fs.createLocked(p, name, c, false, func(dir uint64, name string, c vfs.Caller, _ uint32) (vfs.Entry, error) {
 		e, f, err := fs.upper.Create(dir, name, flags|unix.O_EXCL, mode, c, o)
 		uf = f
 		return e, err
 	})
 	if err != nil {
-		return memfs.Entry{}, nil, err
+		return vfs.Entry{}, nil, err
 	}
 	fs.ref(n) // the File's
 	f := &File{fs: fs, n: n, uf: uf, writable: flags&unix.O_ACCMODE != unix.O_RDONLY, direct: uf.Direct()}
@@ -248,7 +259,7 @@ func (fs *FS) Create(parent uint64, name string, flags int, mode uint32, c memfs
 	if err != nil {
 		f.Release()
 		fs.unref(n, 1)
-		return memfs.Entry{}, nil, err
+		return vfs.Entry{}, nil, err
 	}
 	return e, f, nil
 }
@@ -257,22 +268,22 @@ func (fs *FS) Create(parent uint64, name string, flags int, mode uint32, c memfs
 // memfs.Layer.Tmpfile); Link can name it later.
 //
 // Errors: ENOTDIR, ENOSPC, EINVAL.
-func (fs *FS) Tmpfile(parent uint64, flags int, mode uint32, c memfs.Caller, o memfs.OpenOptions) (memfs.Entry, *File, error) {
+func (fs *FS) Tmpfile(parent uint64, flags int, mode uint32, c vfs.Caller, o vfs.OpenOptions) (vfs.Entry, vfs.File, error) {
 	p, err := fs.get(parent)
 	if err != nil {
-		return memfs.Entry{}, nil, err
+		return vfs.Entry{}, nil, err
 	}
 	fs.treeMu.Lock()
 	defer fs.treeMu.Unlock()
 	if p.typ != unix.S_IFDIR {
-		return memfs.Entry{}, nil, syscall.ENOTDIR
+		return vfs.Entry{}, nil, syscall.ENOTDIR
 	}
 	if err := fs.copyUpLocked(p); err != nil {
-		return memfs.Entry{}, nil, err
+		return vfs.Entry{}, nil, err
 	}
 	e, uf, err := fs.upper.Tmpfile(p.upper, flags, mode, c, o)
 	if err != nil {
-		return memfs.Entry{}, nil, err
+		return vfs.Entry{}, nil, err
 	}
 	n := &node{ino: e.Ino(), typ: unix.S_IFREG, refs: 2, upper: e.Ino()}
 	fs.mu.Lock()
@@ -308,7 +319,10 @@ func (f *File) Handle() (ino uint64, gen uint32, ok bool) {
 	uf := f.uf
 	f.mu.Unlock()
 	if uf != nil {
-		return uf.Handle()
+		// Every upper file is a *memfs.File (memfs returns it as a
+		// vfs.File so that a Layer is served with no adapter), whose
+		// Handle always names its tmpfs inode: FindOrphan relies on that.
+		return uf.(*memfs.File).Handle()
 	}
 	f.n.mu.Lock()
 	up := f.n.upper
@@ -325,11 +339,11 @@ func (f *File) Handle() (ino uint64, gen uint32, ok bool) {
 //
 // Preconditions:
 //   - f.n.mu is locked; f.n.upper != 0.
-func (f *File) upperFile() (*memfs.File, error) {
+func (f *File) upperFile() (vfs.File, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if f.uf == nil {
-		uf, err := f.fs.upper.Open(f.n.upper, unix.O_RDONLY, memfs.OpenOptions{})
+		uf, err := f.fs.upper.Open(f.n.upper, unix.O_RDONLY, vfs.OpenOptions{})
 		if err != nil {
 			return nil, err
 		}

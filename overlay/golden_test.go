@@ -12,7 +12,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/csi-memfs/csi-memfs/memfs"
+	"github.com/csi-memfs/csi-memfs/vfs"
 )
 
 var update = flag.Bool("update", false, "rewrite the golden files in testdata/golden")
@@ -66,7 +66,7 @@ type goldenRunner struct {
 	fs *FS
 }
 
-func (r *goldenRunner) s() tfs { return overlayT{r.fs} }
+func (r *goldenRunner) s() tfs { return overlayT(r.fs) }
 
 // typeChar names a file type in listings.
 func typeChar(mode uint32) string {
@@ -122,7 +122,7 @@ func (r *goldenRunner) do(args []string) string {
 		})
 	case "cat":
 		return onPath(s, arg(1), func(ino uint64) string {
-			f, err := s.open(ino, unix.O_RDONLY)
+			f, err := s.Open(ino, unix.O_RDONLY, s.opts)
 			if err != nil {
 				return errStr(err)
 			}
@@ -161,7 +161,7 @@ func (r *goldenRunner) do(args []string) string {
 		return fmt.Sprintf("same=%v", a == b && a != 0)
 	case "write", "append":
 		return onPath(s, arg(1), func(ino uint64) string {
-			f, err := s.open(ino, unix.O_RDWR)
+			f, err := s.Open(ino, unix.O_RDWR, s.opts)
 			if err != nil {
 				return errStr(err)
 			}
@@ -179,12 +179,12 @@ func (r *goldenRunner) do(args []string) string {
 		})
 	case "truncate":
 		return onPath(s, arg(1), func(ino uint64) string {
-			_, err := s.setAttr(ino, memfs.SetAttr{Valid: memfs.SetSize, Size: num(2)})
+			_, err := s.SetAttr(ino, nil, vfs.SetAttr{Valid: vfs.SetSize, Size: num(2)})
 			return errStr(err)
 		})
 	case "punch":
 		return onPath(s, arg(1), func(ino uint64) string {
-			f, err := s.open(ino, unix.O_RDWR)
+			f, err := s.Open(ino, unix.O_RDWR, s.opts)
 			if err != nil {
 				return errStr(err)
 			}
@@ -197,7 +197,7 @@ func (r *goldenRunner) do(args []string) string {
 		return parentDo(arg(1), func(dir uint64, name string) string { return errStr(s.Rmdir(dir, name)) })
 	case "mkdir":
 		return parentDo(arg(1), func(dir uint64, name string) string {
-			e, err := s.Mkdir(dir, name, 0o755, memfs.Root)
+			e, err := s.Mkdir(dir, name, 0o755, vfs.Root)
 			if err == nil {
 				s.Forget(e.Ino(), 1)
 			}
@@ -205,7 +205,7 @@ func (r *goldenRunner) do(args []string) string {
 		})
 	case "touch":
 		return parentDo(arg(1), func(dir uint64, name string) string {
-			e, f, err := s.create(dir, name, unix.O_RDWR|unix.O_EXCL, 0o644, memfs.Root)
+			e, f, err := s.Create(dir, name, unix.O_RDWR|unix.O_EXCL, 0o644, vfs.Root, s.opts)
 			if err == nil {
 				f.Release()
 				s.Forget(e.Ino(), 1)
@@ -217,9 +217,9 @@ func (r *goldenRunner) do(args []string) string {
 		from, to := arg(1), arg(2)
 		switch arg(1) {
 		case "noreplace":
-			flags, from, to = memfs.RenameNoReplace, arg(2), arg(3)
+			flags, from, to = vfs.RenameNoReplace, arg(2), arg(3)
 		case "exchange":
-			flags, from, to = memfs.RenameExchange, arg(2), arg(3)
+			flags, from, to = vfs.RenameExchange, arg(2), arg(3)
 		}
 		return parentDo(from, func(pd uint64, pn string) string {
 			return parentDo(to, func(qd uint64, qn string) string {
@@ -238,7 +238,7 @@ func (r *goldenRunner) do(args []string) string {
 		})
 	case "chmod":
 		return onPath(s, arg(1), func(ino uint64) string {
-			_, err := s.setAttr(ino, memfs.SetAttr{Valid: memfs.SetMode, Mode: uint32(num(2))})
+			_, err := s.SetAttr(ino, nil, vfs.SetAttr{Valid: vfs.SetMode, Mode: uint32(num(2))})
 			return errStr(err)
 		})
 	case "setxattr":
@@ -266,7 +266,7 @@ func (r *goldenRunner) do(args []string) string {
 		})
 	case "open-write":
 		return onPath(s, arg(1), func(ino uint64) string {
-			f, err := s.open(ino, unix.O_WRONLY)
+			f, err := s.Open(ino, unix.O_WRONLY, s.opts)
 			if err == nil {
 				f.Release()
 			}
@@ -281,7 +281,7 @@ func (r *goldenRunner) do(args []string) string {
 		if err != nil {
 			return errStr(err)
 		}
-		d.ReadDir(0, func(e *memfs.DirEntry) bool {
+		d.ReadDir(0, func(e *vfs.DirEntry) bool {
 			if strings.HasPrefix(e.Name, "i") {
 				n++
 			}
@@ -310,7 +310,7 @@ func (r *goldenRunner) do(args []string) string {
 
 // upperState describes the raw upper entry at path: its type and markers.
 func (r *goldenRunner) upperState(path string) string {
-	l := layerT{r.fs.upper}
+	l := layerT(r.fs.upper)
 	return onPath(l, path, func(ino uint64) string {
 		st, err := l.GetAttr(ino)
 		if err != nil {

@@ -15,6 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/csi-memfs/csi-memfs/memfs"
+	"github.com/csi-memfs/csi-memfs/vfs"
 )
 
 // oldTime is the modification time of every lower entry; anything the
@@ -253,9 +254,9 @@ func copyToLayer(t testing.TB, root string, l *memfs.Layer) {
 				}
 			}
 		}
-		a := memfs.SetAttr{Valid: memfs.SetUid | memfs.SetGid | memfs.SetAtime | memfs.SetMtime, Uid: st.Uid, Gid: st.Gid, Atime: st.Atim, Mtime: st.Mtim}
+		a := vfs.SetAttr{Valid: vfs.SetUid | vfs.SetGid | vfs.SetAtime | vfs.SetMtime, Uid: st.Uid, Gid: st.Gid, Atime: st.Atim, Mtime: st.Mtim}
 		if st.Mode&unix.S_IFMT != unix.S_IFLNK {
-			a.Valid |= memfs.SetMode
+			a.Valid |= vfs.SetMode
 			a.Mode = st.Mode & 07777
 		}
 		if _, err := l.SetAttr(ino, nil, a); err != nil {
@@ -273,10 +274,10 @@ func copyToLayer(t testing.TB, root string, l *memfs.Layer) {
 			if err := unix.Lstat(path, &st); err != nil {
 				t.Fatal(err)
 			}
-			var e memfs.Entry
+			var e vfs.Entry
 			switch st.Mode & unix.S_IFMT {
 			case unix.S_IFDIR:
-				e, err = l.Mkdir(dir, de.Name(), 0o700, memfs.Root)
+				e, err = l.Mkdir(dir, de.Name(), 0o700, vfs.Root)
 				if err == nil {
 					walk(path, e.Ino())
 				}
@@ -288,8 +289,8 @@ func copyToLayer(t testing.TB, root string, l *memfs.Layer) {
 					}
 					continue
 				}
-				var f *memfs.File
-				e, f, err = l.Create(dir, de.Name(), unix.O_RDWR|unix.O_EXCL, 0o600, memfs.Root, memfs.OpenOptions{})
+				var f vfs.File
+				e, f, err = l.Create(dir, de.Name(), unix.O_RDWR|unix.O_EXCL, 0o600, vfs.Root, vfs.OpenOptions{})
 				if err == nil {
 					data, _ := os.ReadFile(path)
 					_, err = f.WriteAt(data, 0, false)
@@ -298,9 +299,9 @@ func copyToLayer(t testing.TB, root string, l *memfs.Layer) {
 				links[st.Ino] = e.Ino()
 			case unix.S_IFLNK:
 				target, _ := os.Readlink(path)
-				e, err = l.Symlink(dir, de.Name(), target, memfs.Root)
+				e, err = l.Symlink(dir, de.Name(), target, vfs.Root)
 			default:
-				e, err = l.Mknod(dir, de.Name(), st.Mode, st.Rdev, memfs.Root)
+				e, err = l.Mknod(dir, de.Name(), st.Mode, st.Rdev, vfs.Root)
 			}
 			if err != nil {
 				t.Fatalf("copy %s: %v", path, err)
@@ -314,7 +315,7 @@ func copyToLayer(t testing.TB, root string, l *memfs.Layer) {
 		unix.Lstat(host, &st)
 		setMeta(host, dir, &st)
 	}
-	walk(root, memfs.RootIno)
+	walk(root, vfs.RootIno)
 }
 
 // errStr names an error for comparisons.

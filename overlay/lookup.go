@@ -8,6 +8,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/csi-memfs/csi-memfs/memfs"
+	"github.com/csi-memfs/csi-memfs/vfs"
 )
 
 // checkName accepts exactly one path component (memfs.CheckName).
@@ -21,10 +22,10 @@ func (fs *FS) hidden(parent *node, name string) bool {
 // Lookup finds name in the directory parent and adds a reference to it.
 //
 // Errors: ENOENT, ENOTDIR, EINVAL, ENAMETOOLONG.
-func (fs *FS) Lookup(parent uint64, name string) (memfs.Entry, error) {
+func (fs *FS) Lookup(parent uint64, name string) (vfs.Entry, error) {
 	p, err := fs.get(parent)
 	if err != nil {
-		return memfs.Entry{}, err
+		return vfs.Entry{}, err
 	}
 	fs.treeMu.RLock()
 	n, st, fresh, err := fs.lookupStatLocked(p, name, false)
@@ -37,7 +38,7 @@ func (fs *FS) Lookup(parent uint64, name string) (memfs.Entry, error) {
 	}
 	if err != nil {
 		fs.treeMu.RUnlock()
-		return memfs.Entry{}, err
+		return vfs.Entry{}, err
 	}
 	if fresh {
 		err = fs.fixStatLocked(n, &st)
@@ -47,9 +48,9 @@ func (fs *FS) Lookup(parent uint64, name string) (memfs.Entry, error) {
 	fs.treeMu.RUnlock()
 	if err != nil {
 		fs.unref(n, 1)
-		return memfs.Entry{}, err
+		return vfs.Entry{}, err
 	}
-	return memfs.Entry{Stat: st}, nil
+	return vfs.Entry{Stat: st}, nil
 }
 
 // errNeedWrite tells a lookup under a read lock to retry under the write
@@ -145,7 +146,7 @@ func (fs *FS) lookupStatLocked(p *node, name string, write bool) (n *node, st un
 //
 // Preconditions:
 //   - fs.treeMu is locked.
-func (fs *FS) upperNode(p *node, name string, e memfs.Entry) (*node, error) {
+func (fs *FS) upperNode(p *node, name string, e vfs.Entry) (*node, error) {
 	m, err := fs.readMeta(e.Ino())
 	if err != nil {
 		fs.upper.Forget(e.Ino(), 1)

@@ -15,112 +15,49 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/csi-memfs/csi-memfs/memfs"
+	"github.com/csi-memfs/csi-memfs/vfs"
 )
 
 // tfs is what the oracle test drives: the overlay or the memfs oracle.
-type tfs interface {
-	Lookup(parent uint64, name string) (memfs.Entry, error)
-	Forget(ino, n uint64)
-	GetAttr(ino uint64) (unix.Stat_t, error)
-	setAttr(ino uint64, a memfs.SetAttr) (unix.Stat_t, error)
-	Mkdir(parent uint64, name string, mode uint32, c memfs.Caller) (memfs.Entry, error)
-	Mknod(parent uint64, name string, mode uint32, rdev uint64, c memfs.Caller) (memfs.Entry, error)
-	Symlink(parent uint64, name, target string, c memfs.Caller) (memfs.Entry, error)
-	Link(ino, newParent uint64, name string) (memfs.Entry, error)
-	Unlink(parent uint64, name string) error
-	Rmdir(parent uint64, name string) error
-	Rename(parent uint64, name string, newParent uint64, newName string, flags uint32) error
-	Readlink(ino uint64) (string, error)
-	create(parent uint64, name string, flags int, mode uint32, c memfs.Caller) (memfs.Entry, tfile, error)
-	open(ino uint64, flags int) (tfile, error)
-	readDir(ino uint64) ([]memfs.DirEntry, error)
-	GetXattr(ino uint64, name string, dest []byte) (int, error)
-	ListXattr(ino uint64, dest []byte) (int, error)
-	SetXattr(ino uint64, name string, value []byte, flags int) error
-	RemoveXattr(ino uint64, name string) error
+// tfs is a file system under test, the overlay or the memfs oracle, held
+// through the contract fusefs serves. opts are the OpenOptions its opens
+// use; step is how many entries each ReadDir call takes (0: all at once).
+type tfs struct {
+	vfs.FS
+	opts vfs.OpenOptions
+	step int
 }
 
-type tfile interface {
-	ReadAt(p []byte, off int64) (int, error)
-	WriteAt(p []byte, off int64, kill bool) (int, error)
-	Allocate(mode uint32, off, length int64) error
-	Release()
-}
+// overlayT tests an overlay as fusefs uses it: Direct opens, and readdir in
+// small steps to exercise offsets.
+func overlayT(fs *FS) tfs { return tfs{FS: fs, opts: vfs.OpenOptions{Direct: true}, step: 3} }
 
-type layerT struct{ *memfs.Layer }
+// layerT tests a memfs Layer, the oracle.
+func layerT(l *memfs.Layer) tfs { return tfs{FS: l} }
 
-func (l layerT) setAttr(ino uint64, a memfs.SetAttr) (unix.Stat_t, error) {
-	return l.Layer.SetAttr(ino, nil, a)
-}
-
-func (l layerT) create(parent uint64, name string, flags int, mode uint32, c memfs.Caller) (memfs.Entry, tfile, error) {
-	e, f, err := l.Layer.Create(parent, name, flags, mode, c, memfs.OpenOptions{})
-	if err != nil {
-		return e, nil, err
-	}
-	return e, f, nil
-}
-
-func (l layerT) open(ino uint64, flags int) (tfile, error) {
-	f, err := l.Layer.Open(ino, flags, memfs.OpenOptions{})
-	if err != nil {
-		return nil, err
-	}
-	return f, nil
-}
-
-func (l layerT) readDir(ino uint64) ([]memfs.DirEntry, error) {
-	d, err := l.Layer.OpenDir(ino)
+// readDir returns the entries of the directory ino.
+func (s tfs) readDir(ino uint64) ([]vfs.DirEntry, error) {
+	d, err := s.OpenDir(ino)
 	if err != nil {
 		return nil, err
 	}
 	defer d.Close()
-	var out []memfs.DirEntry
-	err = d.ReadDir(0, func(e *memfs.DirEntry) bool {
-		out = append(out, *e)
-		return true
-	})
-	return out, err
-}
-
-type overlayT struct{ *FS }
-
-func (o overlayT) setAttr(ino uint64, a memfs.SetAttr) (unix.Stat_t, error) {
-	return o.FS.SetAttr(ino, nil, a)
-}
-
-func (o overlayT) create(parent uint64, name string, flags int, mode uint32, c memfs.Caller) (memfs.Entry, tfile, error) {
-	e, f, err := o.FS.Create(parent, name, flags, mode, c, memfs.OpenOptions{Direct: true})
-	if err != nil {
-		return e, nil, err
+	var out []vfs.DirEntry
+	if s.step == 0 {
+		err = d.ReadDir(0, func(e *vfs.DirEntry) bool {
+			out = append(out, *e)
+			return true
+		})
+		return out, err
 	}
-	return e, f, nil
-}
-
-func (o overlayT) open(ino uint64, flags int) (tfile, error) {
-	f, err := o.FS.Open(ino, flags, memfs.OpenOptions{Direct: true})
-	if err != nil {
-		return nil, err
-	}
-	return f, nil
-}
-
-func (o overlayT) readDir(ino uint64) ([]memfs.DirEntry, error) {
-	d, err := o.FS.OpenDir(ino)
-	if err != nil {
-		return nil, err
-	}
-	defer d.Close()
-	var out []memfs.DirEntry
-	// Read in small steps to exercise offsets.
 	off := int64(0)
 	for {
 		got := 0
-		err := d.ReadDir(off, func(e *memfs.DirEntry) bool {
+		err := d.ReadDir(off, func(e *vfs.DirEntry) bool {
 			out = append(out, *e)
 			off = e.Off
 			got++
-			return got < 3
+			return got < s.step
 		})
 		if err != nil {
 			return nil, err
@@ -162,18 +99,18 @@ func newOracle(t testing.TB, lowerDir string) *oracle {
 	fs := newOverlay(t, lowerDir)
 	ol := newLayer(t)
 	copyToLayer(t, lowerDir, ol)
-	return &oracle{t: t, ov: overlayT{fs}, or: layerT{ol}, fs: fs, inos: map[uint64]uint64{}, back: map[uint64]uint64{}}
+	return &oracle{t: t, ov: overlayT(fs), or: layerT(ol), fs: fs, inos: map[uint64]uint64{}, back: map[uint64]uint64{}}
 }
 
 // resolve walks path from the root; the result holds one reference.
 func resolve(s tfs, path string) (uint64, error) {
-	ino := memfs.RootIno
+	ino := vfs.RootIno
 	if path == "" {
 		return ino, nil
 	}
 	for _, c := range strings.Split(path, "/") {
 		e, err := s.Lookup(ino, c)
-		if ino != memfs.RootIno {
+		if ino != vfs.RootIno {
 			s.Forget(ino, 1)
 		}
 		if err != nil {
@@ -206,7 +143,7 @@ func onPath(s tfs, path string, fn func(ino uint64) string) string {
 		return "resolve:" + errStr(err)
 	}
 	defer func() {
-		if ino != memfs.RootIno {
+		if ino != vfs.RootIno {
 			s.Forget(ino, 1)
 		}
 	}()
@@ -225,7 +162,7 @@ func statStr(st unix.Stat_t) string {
 	return fmt.Sprintf("mode=%o uid=%d gid=%d nlink=%d size=%d rdev=%d mtime=%s", st.Mode, st.Uid, st.Gid, st.Nlink, size, st.Rdev, mt)
 }
 
-func entryStr(e memfs.Entry, err error) string {
+func entryStr(e vfs.Entry, err error) string {
 	if err != nil {
 		return errStr(err)
 	}
@@ -265,7 +202,7 @@ func decodeOn(prog []byte, names []string) []op {
 			p, off, n := path(), int64(next())*2000, int(next())*600
 			ops = append(ops, op{fmt.Sprintf("read %s %d %d", p, off, n), func(s tfs) string {
 				return onPath(s, p, func(ino uint64) string {
-					f, err := s.open(ino, unix.O_RDONLY)
+					f, err := s.Open(ino, unix.O_RDONLY, s.opts)
 					if err != nil {
 						return errStr(err)
 					}
@@ -285,7 +222,7 @@ func decodeOn(prog []byte, names []string) []op {
 					if trunc {
 						flags |= unix.O_TRUNC
 					}
-					f, err := s.open(ino, flags)
+					f, err := s.Open(ino, flags, s.opts)
 					if err != nil {
 						return errStr(err)
 					}
@@ -298,7 +235,7 @@ func decodeOn(prog []byte, names []string) []op {
 			p, size := path(), int64(next())*3000
 			ops = append(ops, op{fmt.Sprintf("truncate %s %d", p, size), func(s tfs) string {
 				return onPath(s, p, func(ino uint64) string {
-					_, err := s.setAttr(ino, memfs.SetAttr{Valid: memfs.SetSize, Size: size})
+					_, err := s.SetAttr(ino, nil, vfs.SetAttr{Valid: vfs.SetSize, Size: size})
 					return errStr(err)
 				})
 			}})
@@ -311,7 +248,7 @@ func decodeOn(prog []byte, names []string) []op {
 					if excl {
 						flags |= unix.O_EXCL
 					}
-					e, f, err := s.create(ino, name, flags, 0o640, memfs.Caller{Uid: 7, Gid: 8})
+					e, f, err := s.Create(ino, name, flags, 0o640, vfs.Caller{Uid: 7, Gid: 8}, s.opts)
 					if err != nil {
 						return errStr(err)
 					}
@@ -325,7 +262,7 @@ func decodeOn(prog []byte, names []string) []op {
 			ops = append(ops, op{fmt.Sprintf("mkdir %s %o", p, mode), func(s tfs) string {
 				dir, name := split(p)
 				return onPath(s, dir, func(ino uint64) string {
-					e, err := s.Mkdir(ino, name, mode, memfs.Root)
+					e, err := s.Mkdir(ino, name, mode, vfs.Root)
 					if err == nil {
 						s.Forget(e.Ino(), 1)
 					}
@@ -349,9 +286,9 @@ func decodeOn(prog []byte, names []string) []op {
 			var flags uint32
 			switch fl {
 			case 2:
-				flags = memfs.RenameNoReplace
+				flags = vfs.RenameNoReplace
 			case 3:
-				flags = memfs.RenameExchange
+				flags = vfs.RenameExchange
 			}
 			ops = append(ops, op{fmt.Sprintf("rename %s %s %d", p, q, flags), func(s tfs) string {
 				pd, pn := split(p)
@@ -381,7 +318,7 @@ func decodeOn(prog []byte, names []string) []op {
 			ops = append(ops, op{fmt.Sprintf("symlink %s %s", p, target), func(s tfs) string {
 				dir, name := split(p)
 				return onPath(s, dir, func(ino uint64) string {
-					e, err := s.Symlink(ino, name, target, memfs.Root)
+					e, err := s.Symlink(ino, name, target, vfs.Root)
 					if err == nil {
 						s.Forget(e.Ino(), 1)
 					}
@@ -392,7 +329,7 @@ func decodeOn(prog []byte, names []string) []op {
 			p, mode := path(), uint32(next())<<3&0o7777|uint32(next())&7
 			ops = append(ops, op{fmt.Sprintf("chmod %s %o", p, mode), func(s tfs) string {
 				return onPath(s, p, func(ino uint64) string {
-					st, err := s.setAttr(ino, memfs.SetAttr{Valid: memfs.SetMode, Mode: mode})
+					st, err := s.SetAttr(ino, nil, vfs.SetAttr{Valid: vfs.SetMode, Mode: mode})
 					if err != nil {
 						return errStr(err)
 					}
@@ -403,7 +340,7 @@ func decodeOn(prog []byte, names []string) []op {
 			p, uid := path(), uint32(next())
 			ops = append(ops, op{fmt.Sprintf("chown %s %d", p, uid), func(s tfs) string {
 				return onPath(s, p, func(ino uint64) string {
-					st, err := s.setAttr(ino, memfs.SetAttr{Valid: memfs.SetUid | memfs.SetGid, Uid: uid, Gid: uid + 1})
+					st, err := s.SetAttr(ino, nil, vfs.SetAttr{Valid: vfs.SetUid | vfs.SetGid, Uid: uid, Gid: uid + 1})
 					if err != nil {
 						return errStr(err)
 					}
@@ -415,7 +352,7 @@ func decodeOn(prog []byte, names []string) []op {
 			ops = append(ops, op{fmt.Sprintf("utimes %s %d", p, sec), func(s tfs) string {
 				return onPath(s, p, func(ino uint64) string {
 					ts := unix.Timespec{Sec: 1500000000 + sec, Nsec: 7}
-					_, err := s.setAttr(ino, memfs.SetAttr{Valid: memfs.SetAtime | memfs.SetMtime, Atime: ts, Mtime: ts})
+					_, err := s.SetAttr(ino, nil, vfs.SetAttr{Valid: vfs.SetAtime | vfs.SetMtime, Atime: ts, Mtime: ts})
 					return errStr(err)
 				})
 			}})
@@ -434,7 +371,7 @@ func decodeOn(prog []byte, names []string) []op {
 			p, off, n, mode := path(), int64(next())*1000, int64(next())*300+1, next()%3
 			ops = append(ops, op{fmt.Sprintf("fallocate %s %d %d %d", p, off, n, mode), func(s tfs) string {
 				return onPath(s, p, func(ino uint64) string {
-					f, err := s.open(ino, unix.O_RDWR)
+					f, err := s.Open(ino, unix.O_RDWR, s.opts)
 					if err != nil {
 						return errStr(err)
 					}
@@ -473,7 +410,7 @@ func decodeOn(prog []byte, names []string) []op {
 					if rw {
 						flags = unix.O_RDWR
 					}
-					f, err := s.open(ino, flags)
+					f, err := s.Open(ino, flags, s.opts)
 					if err != nil {
 						return errStr(err)
 					}
@@ -525,10 +462,10 @@ func decodeOn(prog []byte, names []string) []op {
 // slots hold files the operations keep open, per file system.
 var (
 	slotsMu sync.Mutex
-	slots   = map[tfs]*[3]tfile{}
+	slots   = map[tfs]*[3]vfs.File{}
 )
 
-func getSlot(s tfs, k int) tfile {
+func getSlot(s tfs, k int) vfs.File {
 	slotsMu.Lock()
 	defer slotsMu.Unlock()
 	if a := slots[s]; a != nil {
@@ -538,11 +475,11 @@ func getSlot(s tfs, k int) tfile {
 }
 
 // setSlot puts f in slot k, closing what was there.
-func setSlot(s tfs, k int, f tfile) {
+func setSlot(s tfs, k int, f vfs.File) {
 	slotsMu.Lock()
 	a := slots[s]
 	if a == nil {
-		a = new([3]tfile)
+		a = new([3]vfs.File)
 		slots[s] = a
 	}
 	old := a[k]
@@ -592,7 +529,7 @@ func dump(t testing.TB, s tfs, checkDino bool) (string, map[string]uint64) {
 		}
 		switch st.Mode & unix.S_IFMT {
 		case unix.S_IFREG:
-			f, err := s.open(ino, unix.O_RDONLY)
+			f, err := s.Open(ino, unix.O_RDONLY, s.opts)
 			if err != nil {
 				fmt.Fprintf(&b, " open %s\n", errStr(err))
 				return
@@ -642,7 +579,7 @@ func dump(t testing.TB, s tfs, checkDino bool) (string, map[string]uint64) {
 			b.WriteByte('\n')
 		}
 	}
-	walk(memfs.RootIno, "")
+	walk(vfs.RootIno, "")
 	return b.String(), inos
 }
 
@@ -658,7 +595,7 @@ func (o *oracle) check() {
 	if err != nil {
 		o.t.Fatal(err)
 	}
-	reDump, reInos := dump(o.t, overlayT{fs2}, true)
+	reDump, reInos := dump(o.t, overlayT(fs2), true)
 	fs2.Close()
 	if reDump != ovDump {
 		o.t.Fatalf("a new FS over the same upper differs after:\n%s\nnew:\n%s\nold:\n%s", strings.Join(o.log, "\n"), reDump, ovDump)
@@ -714,7 +651,7 @@ func (o *oracle) run(ops []op) {
 	if testing.Verbose() {
 		o.t.Logf("ran:\n%s", strings.Join(o.log, "\n"))
 	}
-	if r := o.fs.upper.Refs(memfs.RootIno); r == 0 {
+	if r := o.fs.upper.Refs(vfs.RootIno); r == 0 {
 		o.t.Fatal("root lost")
 	}
 }

@@ -4,7 +4,8 @@
 //
 // # Model
 //
-// An overlay FS serves one tree. A name is looked up in the upper layer
+// An overlay FS serves one tree, and implements vfs.FS (and
+// vfs.OrphanFinder) directly: fusefs serves it with no adapter. A name is looked up in the upper layer
 // first, then (unless the upper directory is opaque) in the lower
 // directory the upper directory stands for. The upper layer holds every
 // change; the lower is never written. The state that makes the union, which
@@ -39,7 +40,7 @@
 // An entry that came from the lower has inode number lowerIno|1<<63 (see
 // lowerOvIno) before and after copy-up (the upper copy records it); an entry
 // made in the upper has its upper inode number, which tmpfs keeps below
-// 1<<63. The root is memfs.RootIno. Hard links within the lower share a
+// 1<<63. The root is vfs.RootIno. Hard links within the lower share a
 // lower inode number and so an overlay one.
 //
 // # Hard links
@@ -69,8 +70,8 @@
 //
 // # References
 //
-// As in memfs: every Entry, File and Dir returned holds a reference on the
-// overlay inode, dropped by Forget, Release and Close. A node also holds one
+// As the vfs contract says: every Entry, File and Dir returned holds a
+// reference on the overlay inode, dropped by Forget, Release and Close. A node also holds one
 // reference on its parent node, and one memfs reference on its upper inode.
 //
 // # Lock order
@@ -108,6 +109,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/csi-memfs/csi-memfs/memfs"
+	"github.com/csi-memfs/csi-memfs/vfs"
 )
 
 // WorkName is the hidden directory in the upper root.
@@ -134,6 +136,15 @@ func lowerOvIno(ino uint64) uint64 {
 	}
 	return ino | lowerBit
 }
+
+// An FS is served directly: no adapter stands between it and the server.
+var (
+	_ vfs.FS           = (*FS)(nil)
+	_ vfs.OrphanFinder = (*FS)(nil)
+	_ vfs.File         = (*File)(nil)
+	_ vfs.HandleFile   = (*File)(nil)
+	_ vfs.Dir          = (*Dir)(nil)
+)
 
 // FS is an overlay of a memfs upper Layer over a Lower.
 type FS struct {
@@ -220,9 +231,9 @@ type node struct {
 // attributes.
 func New(upper *memfs.Layer, lower Lower) (*FS, error) {
 	fs := &FS{upper: upper, lower: lower, nodes: map[uint64]*node{}}
-	e, err := upper.Lookup(memfs.RootIno, WorkName)
+	e, err := upper.Lookup(vfs.RootIno, WorkName)
 	if err == syscall.ENOENT {
-		e, err = upper.Mkdir(memfs.RootIno, WorkName, 0o700, memfs.Root)
+		e, err = upper.Mkdir(vfs.RootIno, WorkName, 0o700, vfs.Root)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("overlay: work directory: %w", err)
@@ -233,13 +244,13 @@ func New(upper *memfs.Layer, lower Lower) (*FS, error) {
 		return nil, fmt.Errorf("overlay: clean work directory: %w", err)
 	}
 	var cb [24]byte
-	if n, err := upper.GetMarker(memfs.RootIno, markerCopied, cb[:]); err == nil {
+	if n, err := upper.GetMarker(vfs.RootIno, markerCopied, cb[:]); err == nil {
 		if v, err := strconv.ParseInt(string(cb[:n]), 10, 64); err == nil {
 			fs.copiedUp.Store(v)
 		}
 	}
-	fs.root = &node{ino: memfs.RootIno, typ: unix.S_IFDIR, refs: 1, upper: memfs.RootIno, hasLower: lower != nil}
-	fs.nodes[memfs.RootIno] = fs.root
+	fs.root = &node{ino: vfs.RootIno, typ: unix.S_IFDIR, refs: 1, upper: vfs.RootIno, hasLower: lower != nil}
+	fs.nodes[vfs.RootIno] = fs.root
 	if lower != nil {
 		if err := fs.initRoot(); err != nil {
 			upper.Forget(fs.workIno, 1)
@@ -261,27 +272,27 @@ func (fs *FS) Upper() *memfs.Layer { return fs.upper }
 // initRoot copies the lower root's attributes to the upper root once.
 func (fs *FS) initRoot() error {
 	var b [4]byte
-	if _, err := fs.upper.GetMarker(memfs.RootIno, markerRoot, b[:]); err == nil {
+	if _, err := fs.upper.GetMarker(vfs.RootIno, markerRoot, b[:]); err == nil {
 		return nil
 	}
 	st, err := fs.lower.Lstat("")
 	if err != nil {
 		return err
 	}
-	if err := fs.copyXattrs("", memfs.RootIno); err != nil {
+	if err := fs.copyXattrs("", vfs.RootIno); err != nil {
 		return err
 	}
-	if _, err := fs.upper.SetAttr(memfs.RootIno, nil, memfs.SetAttr{
-		Valid: memfs.SetUid | memfs.SetGid | memfs.SetMode | memfs.SetAtime | memfs.SetMtime,
+	if _, err := fs.upper.SetAttr(vfs.RootIno, nil, vfs.SetAttr{
+		Valid: vfs.SetUid | vfs.SetGid | vfs.SetMode | vfs.SetAtime | vfs.SetMtime,
 		Uid:   st.Uid, Gid: st.Gid, Mode: st.Mode & 07777,
 		Atime: st.Atim, Mtime: st.Mtim,
 	}); err != nil {
 		return err
 	}
-	if err := fs.upper.SetMarker(memfs.RootIno, markerMixed, []byte("1"), 0); err != nil {
+	if err := fs.upper.SetMarker(vfs.RootIno, markerMixed, []byte("1"), 0); err != nil {
 		return err
 	}
-	return fs.upper.SetMarker(memfs.RootIno, markerRoot, []byte("1"), 0)
+	return fs.upper.SetMarker(vfs.RootIno, markerRoot, []byte("1"), 0)
 }
 
 // cleanWork removes the temporaries in WorkName.
@@ -291,7 +302,7 @@ func (fs *FS) cleanWork() error {
 	if err != nil {
 		return err
 	}
-	err = d.ReadDir(0, func(e *memfs.DirEntry) bool {
+	err = d.ReadDir(0, func(e *vfs.DirEntry) bool {
 		if strings.HasPrefix(e.Name, "t") {
 			names = append(names, e.Name)
 		}
@@ -521,7 +532,7 @@ func (fs *FS) addCopied(n int64) {
 	defer fs.copiedMu.Unlock()
 	v := fs.copiedUp.Add(n)
 	// Best effort: a lost update only makes the count low.
-	fs.upper.SetMarker(memfs.RootIno, markerCopied, []byte(strconv.FormatInt(v, 10)), 0)
+	fs.upper.SetMarker(vfs.RootIno, markerCopied, []byte(strconv.FormatInt(v, 10)), 0)
 }
 
 // Usage is a volume's usage: the upper layer's, and how much of it holds
@@ -601,7 +612,7 @@ func (fs *FS) upperNames(ino uint64) ([]string, error) {
 	}
 	defer d.Close()
 	var names []string
-	err = d.ReadDir(0, func(e *memfs.DirEntry) bool {
+	err = d.ReadDir(0, func(e *vfs.DirEntry) bool {
 		if e.Name != "." && e.Name != ".." {
 			names = append(names, e.Name)
 		}

@@ -13,6 +13,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/csi-memfs/csi-memfs/memfs"
+	"github.com/csi-memfs/csi-memfs/vfs"
 )
 
 func TestRangeSet(t *testing.T) {
@@ -117,14 +118,14 @@ func TestAppendToHugeLowerFile(t *testing.T) {
 	f.WriteAt([]byte("tail"), size-4)
 	f.Close()
 	fs := newOverlay(t, root)
-	e, err := fs.Lookup(memfs.RootIno, "huge")
+	e, err := fs.Lookup(vfs.RootIno, "huge")
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer fs.Forget(e.Ino(), 1)
 	before, _ := fs.Usage()
 	start := time.Now()
-	of, err := fs.Open(e.Ino(), unix.O_WRONLY|unix.O_APPEND, memfs.OpenOptions{Direct: true})
+	of, err := fs.Open(e.Ino(), unix.O_WRONLY|unix.O_APPEND, vfs.OpenOptions{Direct: true})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -144,7 +145,7 @@ func TestAppendToHugeLowerFile(t *testing.T) {
 	if grew := after.BytesUsed - before.BytesUsed; grew > 1<<20 {
 		t.Errorf("upper grew by %d bytes", grew)
 	}
-	rf, err := fs.Open(e.Ino(), unix.O_RDONLY, memfs.OpenOptions{})
+	rf, err := fs.Open(e.Ino(), unix.O_RDONLY, vfs.OpenOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -166,12 +167,12 @@ func TestAppendToHugeLowerFile(t *testing.T) {
 // file entirely in the lower, and stops offering it once copied up.
 func TestLowerPassthroughFd(t *testing.T) {
 	fs := newOverlay(t, makeLower(t))
-	e, err := fs.Lookup(memfs.RootIno, "top")
+	e, err := fs.Lookup(vfs.RootIno, "top")
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer fs.Forget(e.Ino(), 1)
-	rf, err := fs.Open(e.Ino(), unix.O_RDONLY, memfs.OpenOptions{Direct: true})
+	rf, err := fs.Open(e.Ino(), unix.O_RDONLY, vfs.OpenOptions{Direct: true})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -185,7 +186,7 @@ func TestLowerPassthroughFd(t *testing.T) {
 	if _, err := unix.Pwrite(rf.Fd(), []byte("x"), 0); err == nil {
 		t.Errorf("the lower fd is writable")
 	}
-	wf, err := fs.Open(e.Ino(), unix.O_RDWR, memfs.OpenOptions{Direct: true})
+	wf, err := fs.Open(e.Ino(), unix.O_RDWR, vfs.OpenOptions{Direct: true})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -199,7 +200,7 @@ func TestLowerPassthroughFd(t *testing.T) {
 		t.Errorf("read after copy-up: %q", buf[:n])
 	}
 	rf.Release()
-	rf2, err := fs.Open(e.Ino(), unix.O_RDONLY, memfs.OpenOptions{Direct: true})
+	rf2, err := fs.Open(e.Ino(), unix.O_RDONLY, vfs.OpenOptions{Direct: true})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -216,7 +217,7 @@ func TestLowerPassthroughFd(t *testing.T) {
 // run with -race.
 func TestConcurrent(t *testing.T) {
 	fs := newOverlay(t, makeLower(t))
-	s := overlayT{fs}
+	s := overlayT(fs)
 	var wg sync.WaitGroup
 	for w := 0; w < 4; w++ {
 		wg.Add(1)
@@ -226,7 +227,7 @@ func TestConcurrent(t *testing.T) {
 				switch (i + w) % 6 {
 				case 0:
 					onPath(s, "a/big", func(ino uint64) string {
-						f, err := s.open(ino, unix.O_RDWR)
+						f, err := s.Open(ino, unix.O_RDWR, s.opts)
 						if err == nil {
 							f.WriteAt([]byte{byte(i)}, int64(i*5000), false)
 							f.Release()
@@ -235,7 +236,7 @@ func TestConcurrent(t *testing.T) {
 					})
 				case 1:
 					onPath(s, "a/big", func(ino uint64) string {
-						f, err := s.open(ino, unix.O_RDONLY)
+						f, err := s.Open(ino, unix.O_RDONLY, s.opts)
 						if err == nil {
 							buf := make([]byte, 10000)
 							f.ReadAt(buf, int64(i*3000))
@@ -258,7 +259,7 @@ func TestConcurrent(t *testing.T) {
 				case 4:
 					onPath(s, "c", func(ino uint64) string {
 						name := fmt.Sprintf("f%d", w)
-						e, f, err := s.create(ino, name, unix.O_RDWR, 0o644, memfs.Root)
+						e, f, err := s.Create(ino, name, unix.O_RDWR, 0o644, vfs.Root, s.opts)
 						if err == nil {
 							f.Release()
 							s.Forget(e.Ino(), 1)
@@ -285,20 +286,20 @@ func TestConcurrent(t *testing.T) {
 // that a new FS removes a copy-up's leftovers.
 func TestWorkDirHidden(t *testing.T) {
 	fs := newOverlay(t, makeLower(t))
-	if _, err := fs.Lookup(memfs.RootIno, WorkName); err != syscall.ENOENT {
+	if _, err := fs.Lookup(vfs.RootIno, WorkName); err != syscall.ENOENT {
 		t.Errorf("lookup of the work directory: %v", err)
 	}
-	if _, err := fs.Mkdir(memfs.RootIno, WorkName, 0o755, memfs.Root); err != syscall.EPERM {
+	if _, err := fs.Mkdir(vfs.RootIno, WorkName, 0o755, vfs.Root); err != syscall.EPERM {
 		t.Errorf("mkdir of the work directory: %v", err)
 	}
-	ents, _ := overlayT{fs}.readDir(memfs.RootIno)
+	ents, _ := overlayT(fs).readDir(vfs.RootIno)
 	for _, e := range ents {
 		if e.Name == WorkName {
 			t.Errorf("readdir shows the work directory")
 		}
 	}
 	// A leftover from an interrupted copy-up.
-	e, err := fs.upper.Mkdir(fs.workIno, "t999", 0o755, memfs.Root)
+	e, err := fs.upper.Mkdir(fs.workIno, "t999", 0o755, vfs.Root)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -333,7 +334,7 @@ func TestCopyUpFailureLeavesNothing(t *testing.T) {
 			t.Fatal(err)
 		}
 		t.Cleanup(fs.Close)
-		m, err := fs.Lookup(memfs.RootIno, "mid")
+		m, err := fs.Lookup(vfs.RootIno, "mid")
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -346,7 +347,7 @@ func TestCopyUpFailureLeavesNothing(t *testing.T) {
 		return fs, l, m.Ino()
 	}
 	intact := func(t *testing.T, fs *FS, ino uint64) {
-		f, err := fs.Open(ino, unix.O_RDONLY, memfs.OpenOptions{})
+		f, err := fs.Open(ino, unix.O_RDONLY, vfs.OpenOptions{})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -358,7 +359,7 @@ func TestCopyUpFailureLeavesNothing(t *testing.T) {
 		}
 		var names []string
 		d, _ := fs.upper.OpenDir(fs.workIno)
-		d.ReadDir(0, func(e *memfs.DirEntry) bool {
+		d.ReadDir(0, func(e *vfs.DirEntry) bool {
 			if e.Name != "." && e.Name != ".." {
 				names = append(names, e.Name)
 			}
@@ -376,16 +377,16 @@ func TestCopyUpFailureLeavesNothing(t *testing.T) {
 		i := 0
 		fs, l, ino := setup(t, memfs.Options{Size: 1 << 20, Inodes: 64}, func(fs *FS) error {
 			i++
-			e, err := fs.Mkdir(memfs.RootIno, fmt.Sprint("d", i), 0o755, memfs.Root)
+			e, err := fs.Mkdir(vfs.RootIno, fmt.Sprint("d", i), 0o755, vfs.Root)
 			if err == nil {
 				fs.Forget(e.Ino(), 1)
 			}
 			return err
 		})
-		if _, err := fs.SetAttr(ino, nil, memfs.SetAttr{Valid: memfs.SetMode, Mode: 0o600}); err != syscall.ENOSPC {
+		if _, err := fs.SetAttr(ino, nil, vfs.SetAttr{Valid: vfs.SetMode, Mode: 0o600}); err != syscall.ENOSPC {
 			t.Errorf("copy-up with no inode left: %v", err)
 		}
-		if _, err := l.Lookup(memfs.RootIno, "mid"); err != syscall.ENOENT {
+		if _, err := l.Lookup(vfs.RootIno, "mid"); err != syscall.ENOENT {
 			t.Errorf("half copy in the upper: %v", err)
 		}
 		if st, _ := fs.GetAttr(ino); st.Mode&0o777 != 0o644 {
@@ -394,11 +395,11 @@ func TestCopyUpFailureLeavesNothing(t *testing.T) {
 		intact(t, fs, ino)
 	})
 	t.Run("bytes", func(t *testing.T) {
-		var f *File
+		var f vfs.File
 		off := int64(0)
 		fs, _, ino := setup(t, memfs.Options{Size: 1 << 20}, func(fs *FS) error {
 			if f == nil {
-				e, nf, err := fs.Create(memfs.RootIno, "fill", unix.O_RDWR, 0o644, memfs.Root, memfs.OpenOptions{})
+				e, nf, err := fs.Create(vfs.RootIno, "fill", unix.O_RDWR, 0o644, vfs.Root, vfs.OpenOptions{})
 				if err != nil {
 					return err
 				}
@@ -412,7 +413,7 @@ func TestCopyUpFailureLeavesNothing(t *testing.T) {
 		f.Release()
 		// The metadata copy fits, the bytes do not: the write open fails
 		// and the file is as it was, partial in the upper.
-		if _, err := fs.Open(ino, unix.O_RDWR, memfs.OpenOptions{}); err != syscall.ENOSPC {
+		if _, err := fs.Open(ino, unix.O_RDWR, vfs.OpenOptions{}); err != syscall.ENOSPC {
 			t.Errorf("copy-up into a full layer: %v", err)
 		}
 		intact(t, fs, ino)
@@ -427,7 +428,7 @@ func TestCopyUpFailureLeavesNothing(t *testing.T) {
 // valid.
 func TestReaddirOffsetsStable(t *testing.T) {
 	fs := newOverlay(t, makeLower(t))
-	a, err := fs.Lookup(memfs.RootIno, "a")
+	a, err := fs.Lookup(vfs.RootIno, "a")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -436,7 +437,7 @@ func TestReaddirOffsetsStable(t *testing.T) {
 	if err := fs.Unlink(a.Ino(), "f1"); err != nil {
 		t.Fatal(err)
 	}
-	e, err := fs.Mkdir(a.Ino(), "up", 0o755, memfs.Root)
+	e, err := fs.Mkdir(a.Ino(), "up", 0o755, vfs.Root)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -451,7 +452,7 @@ func TestReaddirOffsetsStable(t *testing.T) {
 	step := 0
 	for {
 		got := 0
-		d.ReadDir(off, func(e *memfs.DirEntry) bool {
+		d.ReadDir(off, func(e *vfs.DirEntry) bool {
 			seen[e.Name]++
 			off = e.Off
 			got++
@@ -462,7 +463,7 @@ func TestReaddirOffsetsStable(t *testing.T) {
 		}
 		// Change the directory between steps.
 		name := fmt.Sprintf("n%d", step)
-		e, err := fs.Mkdir(a.Ino(), name, 0o755, memfs.Root)
+		e, err := fs.Mkdir(a.Ino(), name, 0o755, vfs.Root)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -487,7 +488,7 @@ func TestReaddirOffsetsStable(t *testing.T) {
 	}
 	// Rewinding sees the changes.
 	seen = map[string]int{}
-	d.ReadDir(0, func(e *memfs.DirEntry) bool { seen[e.Name]++; return true })
+	d.ReadDir(0, func(e *vfs.DirEntry) bool { seen[e.Name]++; return true })
 	if seen["n0"] != 1 || seen["link"] != 0 {
 		t.Errorf("after rewind: %v", seen)
 	}
@@ -500,16 +501,16 @@ func TestNoLower(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer fs.Close()
-	st, err := fs.GetAttr(memfs.RootIno)
+	st, err := fs.GetAttr(vfs.RootIno)
 	if err != nil || st.Nlink != 2 {
 		t.Fatalf("root: nlink %d %v", st.Nlink, err)
 	}
-	d, err := fs.Mkdir(memfs.RootIno, "d", 0o755, memfs.Root)
+	d, err := fs.Mkdir(vfs.RootIno, "d", 0o755, vfs.Root)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer fs.Forget(d.Ino(), 1)
-	e, f, err := fs.Create(d.Ino(), "f", unix.O_RDWR, 0o644, memfs.Root, memfs.OpenOptions{Direct: true})
+	e, f, err := fs.Create(d.Ino(), "f", unix.O_RDWR, 0o644, vfs.Root, vfs.OpenOptions{Direct: true})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -519,16 +520,16 @@ func TestNoLower(t *testing.T) {
 	f.WriteAt([]byte("x"), 0, false)
 	f.Release()
 	fs.Forget(e.Ino(), 1)
-	if err := fs.Rename(d.Ino(), "f", memfs.RootIno, "g", 0); err != nil {
+	if err := fs.Rename(d.Ino(), "f", vfs.RootIno, "g", 0); err != nil {
 		t.Fatal(err)
 	}
-	if err := fs.Unlink(memfs.RootIno, "g"); err != nil {
+	if err := fs.Unlink(vfs.RootIno, "g"); err != nil {
 		t.Fatal(err)
 	}
-	if err := fs.Rmdir(memfs.RootIno, "d"); err != nil {
+	if err := fs.Rmdir(vfs.RootIno, "d"); err != nil {
 		t.Fatal(err)
 	}
-	ents, _ := overlayT{fs}.readDir(memfs.RootIno)
+	ents, _ := overlayT(fs).readDir(vfs.RootIno)
 	if len(ents) != 2 {
 		t.Errorf("root holds %v", ents)
 	}
@@ -545,7 +546,7 @@ func TestNoLower(t *testing.T) {
 func TestPartialCopyUpBlocks(t *testing.T) {
 	root := makeLower(t)
 	fs := newOverlay(t, root)
-	a, err := fs.Lookup(memfs.RootIno, "a")
+	a, err := fs.Lookup(vfs.RootIno, "a")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -563,7 +564,7 @@ func TestPartialCopyUpBlocks(t *testing.T) {
 			t.Fatal(err)
 		}
 		defer fs.Forget(e.Ino(), 1)
-		st, err := fs.SetAttr(e.Ino(), nil, memfs.SetAttr{Valid: memfs.SetMode, Mode: 0o600})
+		st, err := fs.SetAttr(e.Ino(), nil, vfs.SetAttr{Valid: vfs.SetMode, Mode: 0o600})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -582,7 +583,7 @@ func TestPartialCopyUpBlocks(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer fs.Forget(e.Ino(), 1)
-	f, err := fs.Open(e.Ino(), unix.O_WRONLY, memfs.OpenOptions{})
+	f, err := fs.Open(e.Ino(), unix.O_WRONLY, vfs.OpenOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -603,7 +604,7 @@ func TestPartialCopyUpBlocks(t *testing.T) {
 // device with the same number, and renames, links and removals.
 func TestDevices(t *testing.T) {
 	fs := newOverlay(t, makeDevLower(t))
-	lookup := func(parent uint64, name string) memfs.Entry {
+	lookup := func(parent uint64, name string) vfs.Entry {
 		t.Helper()
 		e, err := fs.Lookup(parent, name)
 		if err != nil {
@@ -620,7 +621,7 @@ func TestDevices(t *testing.T) {
 	}
 
 	udev := unix.Mkdev(8, 1)
-	e, err := fs.Mknod(memfs.RootIno, "udev", unix.S_IFBLK|0o660, udev, memfs.Caller{Uid: 5, Gid: 6})
+	e, err := fs.Mknod(vfs.RootIno, "udev", unix.S_IFBLK|0o660, udev, vfs.Caller{Uid: 5, Gid: 6})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -628,21 +629,21 @@ func TestDevices(t *testing.T) {
 	check("new upper device", e.Stat, unix.S_IFBLK|0o660, 5, udev)
 	st, _ := fs.GetAttr(e.Ino())
 	check("stat of the upper device", st, unix.S_IFBLK|0o660, 5, udev)
-	if _, err := fs.Open(e.Ino(), unix.O_RDONLY, memfs.OpenOptions{}); err != syscall.EINVAL {
+	if _, err := fs.Open(e.Ino(), unix.O_RDONLY, vfs.OpenOptions{}); err != syscall.EINVAL {
 		t.Errorf("open of the upper device: %v, want EINVAL", err)
 	}
 
-	a := lookup(memfs.RootIno, "a")
+	a := lookup(vfs.RootIno, "a")
 	c := lookup(a.Ino(), "cdev")
 	check("lower device", c.Stat, unix.S_IFCHR|0o640, 1000, lowerChr)
-	if _, err := fs.Open(c.Ino(), unix.O_RDONLY, memfs.OpenOptions{}); err != syscall.EINVAL {
+	if _, err := fs.Open(c.Ino(), unix.O_RDONLY, vfs.OpenOptions{}); err != syscall.EINVAL {
 		t.Errorf("open of the lower device: %v, want EINVAL", err)
 	}
 	d, err := fs.OpenDir(a.Ino())
 	if err != nil {
 		t.Fatal(err)
 	}
-	d.ReadDir(0, func(de *memfs.DirEntry) bool {
+	d.ReadDir(0, func(de *vfs.DirEntry) bool {
 		if de.Name == "cdev" && (de.Type != unix.DT_CHR || de.Ino != c.Ino()) {
 			t.Errorf("readdir: cdev type %d ino %#x, want %d %#x", de.Type, de.Ino, unix.DT_CHR, c.Ino())
 		}
@@ -651,7 +652,7 @@ func TestDevices(t *testing.T) {
 	d.Close()
 
 	// chmod copies the metadata up: a device with the same number.
-	st, err = fs.SetAttr(c.Ino(), nil, memfs.SetAttr{Valid: memfs.SetMode, Mode: 0o604})
+	st, err = fs.SetAttr(c.Ino(), nil, vfs.SetAttr{Valid: vfs.SetMode, Mode: 0o604})
 	if err != nil {
 		t.Fatalf("chmod of the lower device: %v", err)
 	}
@@ -659,7 +660,7 @@ func TestDevices(t *testing.T) {
 	if st.Gid != 1001 || st.Ino != c.Ino() || st.Mtim.Nano() != oldTime.UnixNano() {
 		t.Errorf("after chmod: gid %d ino %#x mtime %d, want 1001 %#x %d", st.Gid, st.Ino, st.Mtim.Nano(), c.Ino(), oldTime.UnixNano())
 	}
-	ua, err := fs.upper.Lookup(memfs.RootIno, "a")
+	ua, err := fs.upper.Lookup(vfs.RootIno, "a")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -672,15 +673,15 @@ func TestDevices(t *testing.T) {
 	check("upper copy", uc.Stat, unix.S_IFCHR|0o604, 1000, lowerChr)
 
 	// A lower device renamed, linked and removed.
-	if err := fs.Rename(memfs.RootIno, "bdev", a.Ino(), "bdev2", 0); err != nil {
+	if err := fs.Rename(vfs.RootIno, "bdev", a.Ino(), "bdev2", 0); err != nil {
 		t.Fatalf("rename of the lower device: %v", err)
 	}
-	if _, err := fs.Lookup(memfs.RootIno, "bdev"); err != syscall.ENOENT {
+	if _, err := fs.Lookup(vfs.RootIno, "bdev"); err != syscall.ENOENT {
 		t.Errorf("old name after rename: %v, want ENOENT", err)
 	}
 	b := lookup(a.Ino(), "bdev2")
 	check("renamed", b.Stat, unix.S_IFBLK|0o600, 0, lowerBlk)
-	l, err := fs.Link(b.Ino(), memfs.RootIno, "bdev3")
+	l, err := fs.Link(b.Ino(), vfs.RootIno, "bdev3")
 	if err != nil {
 		t.Fatalf("link: %v", err)
 	}
@@ -691,7 +692,7 @@ func TestDevices(t *testing.T) {
 	for _, rm := range []struct {
 		dir  uint64
 		name string
-	}{{a.Ino(), "bdev2"}, {memfs.RootIno, "bdev3"}, {a.Ino(), "cdev"}} {
+	}{{a.Ino(), "bdev2"}, {vfs.RootIno, "bdev3"}, {a.Ino(), "cdev"}} {
 		if err := fs.Unlink(rm.dir, rm.name); err != nil {
 			t.Errorf("unlink %s: %v", rm.name, err)
 		}

@@ -7,7 +7,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/csi-memfs/csi-memfs/memfs"
+	"github.com/csi-memfs/csi-memfs/vfs"
 )
 
 // rng is the byte range [start, end).
@@ -214,7 +214,7 @@ func pwriteAll(fd int, p []byte, off int64) error {
 //
 // Preconditions:
 //   - n.mu is locked; n.partial.
-func (fs *FS) readPartialLocked(n *node, uf *memfs.File, lf LowerFile, p []byte, off int64) (int, error) {
+func (fs *FS) readPartialLocked(n *node, uf vfs.File, lf LowerFile, p []byte, off int64) (int, error) {
 	st, err := uf.Stat()
 	if err != nil {
 		return 0, err

@@ -5,7 +5,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/csi-memfs/csi-memfs/memfs"
+	"github.com/csi-memfs/csi-memfs/vfs"
 )
 
 // mergedEntriesLocked returns the entries the directory n shows: its upper
@@ -14,19 +14,19 @@ import (
 //
 // Preconditions:
 //   - fs.treeMu is locked.
-func (fs *FS) mergedEntriesLocked(n *node) ([]memfs.DirEntry, error) {
-	var out []memfs.DirEntry
+func (fs *FS) mergedEntriesLocked(n *node) ([]vfs.DirEntry, error) {
+	var out []vfs.DirEntry
 	var seen map[string]bool
 	if n.upper != 0 {
 		d, err := fs.upper.OpenDir(n.upper)
 		if err != nil {
 			return nil, err
 		}
-		err = d.ReadDir(0, func(e *memfs.DirEntry) bool {
+		err = d.ReadDir(0, func(e *vfs.DirEntry) bool {
 			if e.Name == "." || e.Name == ".." || (n == fs.root && e.Name == WorkName) {
 				return true
 			}
-			out = append(out, memfs.DirEntry{Ino: e.Ino, Type: e.Type, Name: e.Name})
+			out = append(out, vfs.DirEntry{Ino: e.Ino, Type: e.Type, Name: e.Name})
 			return true
 		})
 		d.Close()
@@ -75,7 +75,7 @@ func (fs *FS) mergedEntriesLocked(n *node) ([]memfs.DirEntry, error) {
 		if seen[le.Name] || (n == fs.root && le.Name == WorkName) {
 			continue
 		}
-		out = append(out, memfs.DirEntry{Ino: lowerOvIno(le.Ino), Type: le.Type, Name: le.Name})
+		out = append(out, vfs.DirEntry{Ino: lowerOvIno(le.Ino), Type: le.Type, Name: le.Name})
 	}
 	return out, nil
 }
@@ -89,13 +89,13 @@ type Dir struct {
 	fs *FS
 	n  *node
 	// ents is the snapshot, "." and ".." first; nil before the first read.
-	ents []memfs.DirEntry
+	ents []vfs.DirEntry
 }
 
 // OpenDir opens the directory ino for reading.
 //
 // Errors: ENOTDIR.
-func (fs *FS) OpenDir(ino uint64) (*Dir, error) {
+func (fs *FS) OpenDir(ino uint64) (vfs.Dir, error) {
 	n, err := fs.get(ino)
 	if err != nil {
 		return nil, err
@@ -110,7 +110,7 @@ func (fs *FS) OpenDir(ino uint64) (*Dir, error) {
 // ReadDir calls fn with the entries from offset off on ("." and ".."
 // included) until fn returns false or the directory ends. Offset 0 takes a
 // fresh snapshot.
-func (d *Dir) ReadDir(off int64, fn func(*memfs.DirEntry) bool) error {
+func (d *Dir) ReadDir(off int64, fn func(*vfs.DirEntry) bool) error {
 	if off == 0 || d.ents == nil {
 		fs := d.fs
 		fs.treeMu.RLock()
@@ -124,7 +124,7 @@ func (d *Dir) ReadDir(off int64, fn func(*memfs.DirEntry) bool) error {
 		if parent != nil {
 			pino = parent.ino
 		}
-		d.ents = append([]memfs.DirEntry{
+		d.ents = append([]vfs.DirEntry{
 			{Ino: d.n.ino, Type: unix.DT_DIR, Name: "."},
 			{Ino: pino, Type: unix.DT_DIR, Name: ".."},
 		}, ents...)

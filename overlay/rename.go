@@ -3,9 +3,8 @@ package overlay
 import (
 	"syscall"
 
+	"github.com/csi-memfs/csi-memfs/vfs"
 	"golang.org/x/sys/unix"
-
-	"github.com/csi-memfs/csi-memfs/memfs"
 )
 
 // isAncestor says whether a is d or one of d's ancestors.
@@ -22,7 +21,7 @@ func (fs *FS) isAncestor(a, d *node) bool {
 }
 
 // Rename moves name in parent to newName in newParent, as renameat2 with
-// flags (0, memfs.RenameNoReplace or memfs.RenameExchange). Lower files and
+// flags (0, vfs.RenameNoReplace or vfs.RenameExchange). Lower files and
 // directories are copied up (metadata only; a directory keeps its lower
 // contents through the lower path recorded in its copy), and a whiteout
 // hides the old name if the lower has it: no EXDEV.
@@ -30,7 +29,7 @@ func (fs *FS) isAncestor(a, d *node) bool {
 // Errors: ENOENT, EEXIST, ENOTEMPTY, EISDIR, ENOTDIR, EINVAL (a directory
 // into itself, bad flags), EPERM (WorkName).
 func (fs *FS) Rename(parent uint64, name string, newParent uint64, newName string, flags uint32) error {
-	if flags&^(memfs.RenameNoReplace|memfs.RenameExchange) != 0 || flags == memfs.RenameNoReplace|memfs.RenameExchange {
+	if flags&^(vfs.RenameNoReplace|vfs.RenameExchange) != 0 || flags == vfs.RenameNoReplace|vfs.RenameExchange {
 		return syscall.EINVAL
 	}
 	p, err := fs.get(parent)
@@ -66,13 +65,13 @@ func (fs *FS) Rename(parent uint64, name string, newParent uint64, newName strin
 	default:
 		return err
 	}
-	exchange := flags&memfs.RenameExchange != 0
+	exchange := flags&vfs.RenameExchange != 0
 	// The checks in renameat2(2)'s order: existence, ancestry, identity,
 	// types, emptiness.
 	switch {
 	case exchange && t == nil:
 		return syscall.ENOENT
-	case flags&memfs.RenameNoReplace != 0 && t != nil:
+	case flags&vfs.RenameNoReplace != 0 && t != nil:
 		return syscall.EEXIST
 	case s.typ == unix.S_IFDIR && fs.isAncestor(s, q):
 		return syscall.EINVAL
@@ -115,7 +114,7 @@ func (fs *FS) Rename(parent uint64, name string, newParent uint64, newName strin
 		if err := fs.setMixed(q.upper); err != nil {
 			return err
 		}
-		if err := fs.upper.Rename(p.upper, name, q.upper, newName, memfs.RenameExchange); err != nil {
+		if err := fs.upper.Rename(p.upper, name, q.upper, newName, vfs.RenameExchange); err != nil {
 			return err
 		}
 		fs.setParent(s, q, newName)
@@ -160,7 +159,7 @@ func (fs *FS) Rename(parent uint64, name string, newParent uint64, newName strin
 		if err := fs.setMixed(p.upper); err != nil {
 			return err
 		}
-		if err := fs.upper.Rename(fs.workIno, tmp, p.upper, name, memfs.RenameNoReplace); err != nil {
+		if err := fs.upper.Rename(fs.workIno, tmp, p.upper, name, vfs.RenameNoReplace); err != nil {
 			fs.upper.Unlink(fs.workIno, tmp)
 			return err
 		}

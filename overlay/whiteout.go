@@ -3,14 +3,13 @@ package overlay
 import (
 	"syscall"
 
+	"github.com/csi-memfs/csi-memfs/vfs"
 	"golang.org/x/sys/unix"
-
-	"github.com/csi-memfs/csi-memfs/memfs"
 )
 
 // makeWhiteout creates a whiteout as tmp in WorkName.
 func (fs *FS) makeWhiteout(tmp string) error {
-	e, err := fs.upper.Mknod(fs.workIno, tmp, unix.S_IFREG, 0, memfs.Root)
+	e, err := fs.upper.Mknod(fs.workIno, tmp, unix.S_IFREG, 0, vfs.Root)
 	if err != nil {
 		return err
 	}
@@ -71,7 +70,7 @@ func (fs *FS) upperAt(p *node, name string) (upperState, error) {
 
 // newNode registers the new upper entry e (made by a user in p as name)
 // as a node with one reference, consuming e's memfs reference.
-func (fs *FS) newNode(p *node, name string, e memfs.Entry) *node {
+func (fs *FS) newNode(p *node, name string, e vfs.Entry) *node {
 	n := &node{ino: e.Ino(), typ: e.Stat.Mode & unix.S_IFMT, refs: 1, upper: e.Ino()}
 	fs.mu.Lock()
 	if old := fs.nodes[n.ino]; old != nil {
@@ -117,7 +116,7 @@ func (fs *FS) prepareCreateLocked(p *node, name string) (whiteout bool, err erro
 
 // creatorIn returns the caller and extra mode bits for an entry built in
 // WorkName on behalf of c in p: what creating it in p directly would give.
-func (fs *FS) creatorIn(p *node, c memfs.Caller, isDir bool) (memfs.Caller, uint32, error) {
+func (fs *FS) creatorIn(p *node, c vfs.Caller, isDir bool) (vfs.Caller, uint32, error) {
 	st, err := fs.upper.GetAttr(p.upper)
 	if err != nil {
 		return c, 0, err
@@ -137,7 +136,7 @@ func (fs *FS) creatorIn(p *node, c memfs.Caller, isDir bool) (memfs.Caller, uint
 //
 // Preconditions:
 //   - fs.treeMu is locked for writing.
-func (fs *FS) createLocked(p *node, name string, c memfs.Caller, isDir bool, mk func(dir uint64, name string, c memfs.Caller, extra uint32) (memfs.Entry, error)) (*node, error) {
+func (fs *FS) createLocked(p *node, name string, c vfs.Caller, isDir bool, mk func(dir uint64, name string, c vfs.Caller, extra uint32) (vfs.Entry, error)) (*node, error) {
 	whiteout, err := fs.prepareCreateLocked(p, name)
 	if err != nil {
 		return nil, err
@@ -163,14 +162,14 @@ func (fs *FS) createLocked(p *node, name string, c memfs.Caller, isDir bool, mk 
 	if extra != 0 && e.Stat.Mode&extra != extra {
 		// mkdir(2) ignores set-group-ID in its mode: the bit comes only
 		// from the parent, and the work directory is not the parent.
-		e.Stat, err = fs.upper.SetAttr(e.Ino(), nil, memfs.SetAttr{Valid: memfs.SetMode, Mode: e.Stat.Mode&07777 | extra})
+		e.Stat, err = fs.upper.SetAttr(e.Ino(), nil, vfs.SetAttr{Valid: vfs.SetMode, Mode: e.Stat.Mode&07777 | extra})
 		if err != nil {
 			fs.upper.Forget(e.Ino(), 1)
 			fs.removeAll(fs.workIno, tmp)
 			return nil, err
 		}
 	}
-	if err := fs.upper.Rename(fs.workIno, tmp, p.upper, name, memfs.RenameExchange); err != nil {
+	if err := fs.upper.Rename(fs.workIno, tmp, p.upper, name, vfs.RenameExchange); err != nil {
 		fs.upper.Forget(e.Ino(), 1)
 		fs.removeAll(fs.workIno, tmp)
 		return nil, err
@@ -183,26 +182,26 @@ func (fs *FS) createLocked(p *node, name string, c memfs.Caller, isDir bool, mk 
 //
 // Preconditions:
 //   - fs.treeMu is locked.
-func (fs *FS) entryOf(n *node) (memfs.Entry, error) {
+func (fs *FS) entryOf(n *node) (vfs.Entry, error) {
 	st, err := fs.statLocked(n)
 	if err != nil {
-		return memfs.Entry{}, err
+		return vfs.Entry{}, err
 	}
-	return memfs.Entry{Stat: st}, nil
+	return vfs.Entry{Stat: st}, nil
 }
 
 // mkEntry runs a namespace creation under the tree lock and returns the
 // new entry with one reference.
-func (fs *FS) mkEntry(parent uint64, name string, c memfs.Caller, isDir bool, mk func(dir uint64, name string, c memfs.Caller, extra uint32) (memfs.Entry, error)) (memfs.Entry, error) {
+func (fs *FS) mkEntry(parent uint64, name string, c vfs.Caller, isDir bool, mk func(dir uint64, name string, c vfs.Caller, extra uint32) (vfs.Entry, error)) (vfs.Entry, error) {
 	p, err := fs.get(parent)
 	if err != nil {
-		return memfs.Entry{}, err
+		return vfs.Entry{}, err
 	}
 	fs.treeMu.Lock()
 	defer fs.treeMu.Unlock()
 	n, err := fs.createLocked(p, name, c, isDir, mk)
 	if err != nil {
-		return memfs.Entry{}, err
+		return vfs.Entry{}, err
 	}
 	e, err := fs.entryOf(n)
 	if err != nil {
@@ -215,23 +214,23 @@ func (fs *FS) mkEntry(parent uint64, name string, c memfs.Caller, isDir bool, mk
 // Over a deleted lower directory the new one is opaque.
 //
 // Errors: EEXIST, ENOTDIR, ENOSPC, EINVAL, ENAMETOOLONG, EPERM (WorkName).
-func (fs *FS) Mkdir(parent uint64, name string, mode uint32, c memfs.Caller) (memfs.Entry, error) {
-	return fs.mkEntry(parent, name, c, true, func(dir uint64, name string, c memfs.Caller, extra uint32) (memfs.Entry, error) {
+func (fs *FS) Mkdir(parent uint64, name string, mode uint32, c vfs.Caller) (vfs.Entry, error) {
+	return fs.mkEntry(parent, name, c, true, func(dir uint64, name string, c vfs.Caller, extra uint32) (vfs.Entry, error) {
 		return fs.upper.Mkdir(dir, name, mode|extra, c)
 	})
 }
 
 // Mknod creates a regular file, FIFO, socket or device node in the upper
 // (see memfs.Layer.Mknod).
-func (fs *FS) Mknod(parent uint64, name string, mode uint32, rdev uint64, c memfs.Caller) (memfs.Entry, error) {
-	return fs.mkEntry(parent, name, c, false, func(dir uint64, name string, c memfs.Caller, _ uint32) (memfs.Entry, error) {
+func (fs *FS) Mknod(parent uint64, name string, mode uint32, rdev uint64, c vfs.Caller) (vfs.Entry, error) {
+	return fs.mkEntry(parent, name, c, false, func(dir uint64, name string, c vfs.Caller, _ uint32) (vfs.Entry, error) {
 		return fs.upper.Mknod(dir, name, mode, rdev, c)
 	})
 }
 
 // Symlink creates the symlink name in parent (see memfs.Layer.Symlink).
-func (fs *FS) Symlink(parent uint64, name, target string, c memfs.Caller) (memfs.Entry, error) {
-	return fs.mkEntry(parent, name, c, false, func(dir uint64, name string, c memfs.Caller, _ uint32) (memfs.Entry, error) {
+func (fs *FS) Symlink(parent uint64, name, target string, c vfs.Caller) (vfs.Entry, error) {
+	return fs.mkEntry(parent, name, c, false, func(dir uint64, name string, c vfs.Caller, _ uint32) (vfs.Entry, error) {
 		return fs.upper.Symlink(dir, name, target, c)
 	})
 }
@@ -239,28 +238,28 @@ func (fs *FS) Symlink(parent uint64, name, target string, c memfs.Caller) (memfs
 // Link makes name in newParent a new link to ino, copying ino up first.
 //
 // Errors: EPERM (a directory), EEXIST, ENOENT, EMLINK, ENOSPC, EINVAL.
-func (fs *FS) Link(ino, newParent uint64, name string) (memfs.Entry, error) {
+func (fs *FS) Link(ino, newParent uint64, name string) (vfs.Entry, error) {
 	n, err := fs.get(ino)
 	if err != nil {
-		return memfs.Entry{}, err
+		return vfs.Entry{}, err
 	}
 	p, err := fs.get(newParent)
 	if err != nil {
-		return memfs.Entry{}, err
+		return vfs.Entry{}, err
 	}
 	fs.treeMu.Lock()
 	defer fs.treeMu.Unlock()
 	if n.typ == unix.S_IFDIR {
-		return memfs.Entry{}, syscall.EPERM
+		return vfs.Entry{}, syscall.EPERM
 	}
 	whiteout, err := fs.prepareCreateLocked(p, name)
 	if err != nil {
-		return memfs.Entry{}, err
+		return vfs.Entry{}, err
 	}
 	if err := fs.copyUpLocked(n); err != nil {
-		return memfs.Entry{}, err
+		return vfs.Entry{}, err
 	}
-	var e memfs.Entry
+	var e vfs.Entry
 	if whiteout {
 		tmp := fs.tmpName()
 		if e, err = fs.upper.Link(n.upper, fs.workIno, tmp); err == nil {
@@ -275,7 +274,7 @@ func (fs *FS) Link(ino, newParent uint64, name string) (memfs.Entry, error) {
 		if e.Ino() != 0 {
 			fs.upper.Forget(e.Ino(), 1)
 		}
-		return memfs.Entry{}, err
+		return vfs.Entry{}, err
 	}
 	fs.upper.Forget(e.Ino(), 1)
 	if m, err := fs.readMeta(n.upper); err == nil && m.ino != 0 {
@@ -424,7 +423,7 @@ func (fs *FS) removeLocked(p *node, name string) error {
 		if err := fs.makeWhiteout(tmp); err != nil {
 			return err
 		}
-		if err := fs.upper.Rename(fs.workIno, tmp, p.upper, name, memfs.RenameExchange); err != nil {
+		if err := fs.upper.Rename(fs.workIno, tmp, p.upper, name, vfs.RenameExchange); err != nil {
 			fs.upper.Unlink(fs.workIno, tmp)
 			return err
 		}
@@ -436,7 +435,7 @@ func (fs *FS) removeLocked(p *node, name string) error {
 			if err == syscall.ENOTEMPTY {
 				// Only whiteouts are left in it.
 				tmp := fs.tmpName()
-				if err := fs.upper.Rename(p.upper, name, fs.workIno, tmp, memfs.RenameNoReplace); err != nil {
+				if err := fs.upper.Rename(p.upper, name, fs.workIno, tmp, vfs.RenameNoReplace); err != nil {
 					return err
 				}
 				return fs.removeAll(fs.workIno, tmp)

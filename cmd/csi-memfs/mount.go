@@ -19,6 +19,7 @@ import (
 	"github.com/csi-memfs/csi-memfs/image"
 	"github.com/csi-memfs/csi-memfs/memfs"
 	"github.com/csi-memfs/csi-memfs/overlay"
+	"github.com/csi-memfs/csi-memfs/vfs"
 )
 
 type mountFlags struct {
@@ -185,7 +186,7 @@ func serveMount(m *mountFlags) error {
 			return fmt.Errorf("--image-path: %w", err)
 		}
 	}
-	tree := fusefs.FromLayer(layer)
+	var tree vfs.FS = layer
 	if lowerDir != "" {
 		lower, err := overlay.NewDirLower(lowerDir)
 		if err != nil {
@@ -197,7 +198,7 @@ func serveMount(m *mountFlags) error {
 			return err
 		}
 		defer ov.Close()
-		tree = fusefs.FromOverlay(ov)
+		tree = ov
 	}
 	srv, err := fusefs.Mount(m.mountpoint, tree, fusefs.Options{
 		FsName:             "csi-memfs",
