@@ -1,11 +1,102 @@
 package overlay
 
 import (
-	"syscall"
+	"golang.org/x/sys/unix"
 
 	"github.com/csi-memfs/csi-memfs/vfs"
-	"golang.org/x/sys/unix"
 )
+
+// GetAttr returns the attributes of ino.
+func (fs *FS) GetAttr(ino uint64) (unix.Stat_t, error) {
+	n, err := fs.get(ino)
+	if err != nil {
+		return unix.Stat_t{}, err
+	}
+	fs.treeMu.RLock()
+	defer fs.treeMu.RUnlock()
+	return fs.statLocked(n)
+}
+
+// statLocked returns n's attributes as the overlay shows them.
+//
+// Preconditions:
+//   - fs.treeMu is locked.
+func (fs *FS) statLocked(n *node) (unix.Stat_t, error) {
+	var st unix.Stat_t
+	var err error
+	if n.upper != 0 {
+		st, err = fs.upper.GetAttr(n.upper)
+	} else {
+		st, err = fs.lower.Lstat(n.lowerPath)
+	}
+	if err != nil {
+		return st, err
+	}
+	return st, fs.fixStatLocked(n, &st)
+}
+
+// fixStatLocked turns the attributes of n's top layer into the overlay's:
+// its inode number, the link counts of merged directories and of indexed
+// hard links, and the blocks of a partly copied-up file.
+//
+// Preconditions:
+//   - fs.treeMu is locked; n.mu is not.
+func (fs *FS) fixStatLocked(n *node, st *unix.Stat_t) error {
+	st.Ino = n.ino
+	if n.typ == unix.S_IFREG && n.upper != 0 && n.hasLower {
+		st.Blocks += fs.lowerBlocks(n)
+	}
+	switch {
+	case n.typ == unix.S_IFDIR && n.upper != 0 && n.hasLower:
+		subdirs := 0
+		ents, err := fs.mergedEntriesLocked(n)
+		if err != nil {
+			return err
+		}
+		for _, e := range ents {
+			if e.Type == unix.DT_DIR {
+				subdirs++
+			}
+		}
+		st.Nlink = uint64(2 + subdirs)
+	case n == fs.root:
+		st.Nlink-- // WorkName
+	case n.indexed && n.upper != 0:
+		st.Nlink = uint64(int64(st.Nlink) + fs.linkDelta(n))
+	}
+	return nil
+}
+
+// lowerBlocks returns the 512-byte blocks of n's bytes that still live only
+// in the lower, or 0 if n is not partial. The upper copy of a partial file
+// is sparse where it was not copied, so its own st_blocks leaves them out:
+// a file whose metadata alone was copied up (chmod) would show 0 blocks,
+// which tools take for "all holes" (tar --sparse archives it as zeros).
+// The count is the lower file's blocks, capped by the pages not copied.
+//
+// Preconditions:
+//   - fs.treeMu is locked; n.mu is not.
+func (fs *FS) lowerBlocks(n *node) int64 {
+	n.mu.Lock()
+	var missing int64
+	if n.partial {
+		for _, g := range n.copied.gaps(0, n.limit) {
+			missing += g.end - g.start
+		}
+	}
+	n.mu.Unlock()
+	if missing == 0 {
+		return 0
+	}
+	lst, err := fs.lower.Lstat(n.lowerPath)
+	if err != nil {
+		// The lower is read-only and outlives its nodes; if it cannot be
+		// read, reads fail too. Blocks are advisory: report the upper's.
+		return 0
+	}
+	const pageBlocks = 4096 / 512
+	return min(lst.Blocks, (missing+4095)/4096*pageBlocks)
+}
 
 // SetAttr changes the attributes of ino (see memfs.Layer.SetAttr), copying
 // it up first; f is an open File of ino or nil (a vfs.File that is not one
@@ -63,38 +154,4 @@ func (fs *FS) truncateLocked(n *node, mf vfs.File, a vfs.SetAttr) (unix.Stat_t, 
 		fs.saveRangesLocked(n)
 	}
 	return st, err
-}
-
-// SetXattr sets the attribute name of ino (see memfs.Layer.SetXattr),
-// copying it up first. Sealing a lower file copies up its metadata only.
-func (fs *FS) SetXattr(ino uint64, name string, value []byte, flags int) error {
-	n, err := fs.get(ino)
-	if err != nil {
-		return err
-	}
-	fs.treeMu.Lock()
-	defer fs.treeMu.Unlock()
-	if err := fs.copyUpLocked(n); err != nil {
-		return err
-	}
-	return fs.upper.SetXattr(n.upper, name, value, flags)
-}
-
-// RemoveXattr removes the attribute name of ino, copying it up first.
-//
-// Errors: ENODATA, EPERM.
-func (fs *FS) RemoveXattr(ino uint64, name string) error {
-	n, err := fs.get(ino)
-	if err != nil {
-		return err
-	}
-	fs.treeMu.Lock()
-	defer fs.treeMu.Unlock()
-	if n.upper == 0 && !lowerXattrVisible(name) {
-		return syscall.EPERM
-	}
-	if err := fs.copyUpLocked(n); err != nil {
-		return err
-	}
-	return fs.upper.RemoveXattr(n.upper, name)
 }

@@ -5,8 +5,9 @@ import (
 	"strings"
 	"syscall"
 
-	"github.com/csi-memfs/csi-memfs/vfs"
 	"golang.org/x/sys/unix"
+
+	"github.com/csi-memfs/csi-memfs/vfs"
 )
 
 // smallFile is the size up to which a write open copies a partial file's
@@ -302,4 +303,10 @@ func (fs *FS) placeIndexedLocked(p *node, name string, lowerIno uint64, write bo
 		return nil, err
 	}
 	return fs.upperNode(p, name, e)
+}
+
+// indexName is the name in the hard-link index of the lower file whose
+// overlay inode number is ino.
+func indexName(ino uint64) string {
+	return "i" + strconv.FormatUint(ino, 16)
 }

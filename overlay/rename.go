@@ -3,8 +3,9 @@ package overlay
 import (
 	"syscall"
 
-	"github.com/csi-memfs/csi-memfs/vfs"
 	"golang.org/x/sys/unix"
+
+	"github.com/csi-memfs/csi-memfs/vfs"
 )
 
 // isAncestor says whether a is d or one of d's ancestors.
@@ -171,23 +172,5 @@ func (fs *FS) Rename(parent uint64, name string, newParent uint64, newName strin
 		}
 	}
 	fs.setParent(s, q, newName)
-	return nil
-}
-
-// clearWhiteouts removes the whiteouts from the upper directory of the
-// empty-looking directory t.
-//
-// Preconditions:
-//   - fs.treeMu is locked for writing; t shows no entries.
-func (fs *FS) clearWhiteouts(t *node) error {
-	names, err := fs.upperNames(t.upper)
-	if err != nil {
-		return err
-	}
-	for _, name := range names {
-		if err := fs.upper.Unlink(t.upper, name); err != nil {
-			return err
-		}
-	}
 	return nil
 }

@@ -3,8 +3,9 @@ package overlay
 import (
 	"syscall"
 
-	"github.com/csi-memfs/csi-memfs/vfs"
 	"golang.org/x/sys/unix"
+
+	"github.com/csi-memfs/csi-memfs/vfs"
 )
 
 // makeWhiteout creates a whiteout as tmp in WorkName.
@@ -66,22 +67,6 @@ func (fs *FS) upperAt(p *node, name string) (upperState, error) {
 		return upperWhiteout, nil
 	}
 	return upperEntry, nil
-}
-
-// newNode registers the new upper entry e (made by a user in p as name)
-// as a node with one reference, consuming e's memfs reference.
-func (fs *FS) newNode(p *node, name string, e vfs.Entry) *node {
-	n := &node{ino: e.Ino(), typ: e.Stat.Mode & unix.S_IFMT, refs: 1, upper: e.Ino()}
-	fs.mu.Lock()
-	if old := fs.nodes[n.ino]; old != nil {
-		// A stale node of a recycled inode number; it keeps its own
-		// references but leaves the table.
-		delete(fs.nodes, n.ino)
-	}
-	fs.nodes[n.ino] = n
-	fs.mu.Unlock()
-	fs.setParent(n, p, name)
-	return n
 }
 
 // prepareCreateLocked checks that name is free in p and makes p ready to
@@ -178,228 +163,6 @@ func (fs *FS) createLocked(p *node, name string, c vfs.Caller, isDir bool, mk fu
 	return fs.newNode(p, name, e), nil
 }
 
-// entryOf returns n's Entry.
-//
-// Preconditions:
-//   - fs.treeMu is locked.
-func (fs *FS) entryOf(n *node) (vfs.Entry, error) {
-	st, err := fs.statLocked(n)
-	if err != nil {
-		return vfs.Entry{}, err
-	}
-	return vfs.Entry{Stat: st}, nil
-}
-
-// mkEntry runs a namespace creation under the tree lock and returns the
-// new entry with one reference.
-func (fs *FS) mkEntry(parent uint64, name string, c vfs.Caller, isDir bool, mk func(dir uint64, name string, c vfs.Caller, extra uint32) (vfs.Entry, error)) (vfs.Entry, error) {
-	p, err := fs.get(parent)
-	if err != nil {
-		return vfs.Entry{}, err
-	}
-	fs.treeMu.Lock()
-	defer fs.treeMu.Unlock()
-	n, err := fs.createLocked(p, name, c, isDir, mk)
-	if err != nil {
-		return vfs.Entry{}, err
-	}
-	e, err := fs.entryOf(n)
-	if err != nil {
-		fs.unref(n, 1)
-	}
-	return e, err
-}
-
-// Mkdir creates the directory name in parent (see memfs.Layer.Mkdir).
-// Over a deleted lower directory the new one is opaque.
-//
-// Errors: EEXIST, ENOTDIR, ENOSPC, EINVAL, ENAMETOOLONG, EPERM (WorkName).
-func (fs *FS) Mkdir(parent uint64, name string, mode uint32, c vfs.Caller) (vfs.Entry, error) {
-	return fs.mkEntry(parent, name, c, true, func(dir uint64, name string, c vfs.Caller, extra uint32) (vfs.Entry, error) {
-		return fs.upper.Mkdir(dir, name, mode|extra, c)
-	})
-}
-
-// Mknod creates a regular file, FIFO, socket or device node in the upper
-// (see memfs.Layer.Mknod).
-func (fs *FS) Mknod(parent uint64, name string, mode uint32, rdev uint64, c vfs.Caller) (vfs.Entry, error) {
-	return fs.mkEntry(parent, name, c, false, func(dir uint64, name string, c vfs.Caller, _ uint32) (vfs.Entry, error) {
-		return fs.upper.Mknod(dir, name, mode, rdev, c)
-	})
-}
-
-// Symlink creates the symlink name in parent (see memfs.Layer.Symlink).
-func (fs *FS) Symlink(parent uint64, name, target string, c vfs.Caller) (vfs.Entry, error) {
-	return fs.mkEntry(parent, name, c, false, func(dir uint64, name string, c vfs.Caller, _ uint32) (vfs.Entry, error) {
-		return fs.upper.Symlink(dir, name, target, c)
-	})
-}
-
-// Link makes name in newParent a new link to ino, copying ino up first.
-//
-// Errors: EPERM (a directory), EEXIST, ENOENT, EMLINK, ENOSPC, EINVAL.
-func (fs *FS) Link(ino, newParent uint64, name string) (vfs.Entry, error) {
-	n, err := fs.get(ino)
-	if err != nil {
-		return vfs.Entry{}, err
-	}
-	p, err := fs.get(newParent)
-	if err != nil {
-		return vfs.Entry{}, err
-	}
-	fs.treeMu.Lock()
-	defer fs.treeMu.Unlock()
-	if n.typ == unix.S_IFDIR {
-		return vfs.Entry{}, syscall.EPERM
-	}
-	whiteout, err := fs.prepareCreateLocked(p, name)
-	if err != nil {
-		return vfs.Entry{}, err
-	}
-	if err := fs.copyUpLocked(n); err != nil {
-		return vfs.Entry{}, err
-	}
-	var e vfs.Entry
-	if whiteout {
-		tmp := fs.tmpName()
-		if e, err = fs.upper.Link(n.upper, fs.workIno, tmp); err == nil {
-			if err = fs.upper.Rename(fs.workIno, tmp, p.upper, name, 0); err != nil {
-				fs.upper.Unlink(fs.workIno, tmp)
-			}
-		}
-	} else {
-		e, err = fs.upper.Link(n.upper, p.upper, name)
-	}
-	if err != nil {
-		if e.Ino() != 0 {
-			fs.upper.Forget(e.Ino(), 1)
-		}
-		return vfs.Entry{}, err
-	}
-	fs.upper.Forget(e.Ino(), 1)
-	if m, err := fs.readMeta(n.upper); err == nil && m.ino != 0 {
-		fs.setMixed(p.upper)
-	}
-	fs.ref(n)
-	out, err := fs.entryOf(n)
-	if err != nil {
-		fs.unref(n, 1)
-	}
-	return out, err
-}
-
-// Unlink removes the non-directory name from parent; a lower entry is
-// hidden by a whiteout.
-//
-// Errors: ENOENT, EISDIR, ENOTDIR, EINVAL.
-func (fs *FS) Unlink(parent uint64, name string) error {
-	return fs.remove(parent, name, false)
-}
-
-// Rmdir removes the empty directory name from parent.
-//
-// Errors: ENOENT, ENOTDIR, ENOTEMPTY, EINVAL.
-func (fs *FS) Rmdir(parent uint64, name string) error {
-	return fs.remove(parent, name, true)
-}
-
-func (fs *FS) remove(parent uint64, name string, dir bool) error {
-	p, err := fs.get(parent)
-	if err != nil {
-		return err
-	}
-	fs.treeMu.Lock()
-	defer fs.treeMu.Unlock()
-	n, err := fs.lookupLocked(p, name, true)
-	if err != nil {
-		return err
-	}
-	defer fs.unref(n, 1)
-	switch {
-	case dir && n.typ != unix.S_IFDIR:
-		return syscall.ENOTDIR
-	case !dir && n.typ == unix.S_IFDIR:
-		return syscall.EISDIR
-	case !dir:
-		if err := fs.copyUpLinkLocked(n); err != nil {
-			return err
-		}
-	case dir:
-		empty, err := fs.emptyLocked(n)
-		if err != nil {
-			return err
-		}
-		if !empty {
-			return syscall.ENOTEMPTY
-		}
-	}
-	if err := fs.removeLocked(p, name); err != nil {
-		return err
-	}
-	fs.detach(n, p, name)
-	return fs.dropIndexLocked(n)
-}
-
-// dropIndexLocked removes n's index entry once it is n's only link and no
-// lower name of n is left to place, so that the bytes of a removed file
-// are freed.
-//
-// Preconditions:
-//   - fs.treeMu is locked for writing.
-func (fs *FS) dropIndexLocked(n *node) error {
-	if !n.indexed {
-		return nil
-	}
-	st, err := fs.upper.GetAttr(n.upper)
-	if err != nil {
-		return err
-	}
-	lowerNlink, placed, err := fs.readLinks(n.upper)
-	if err != nil || st.Nlink != 1 || placed < lowerNlink {
-		return err
-	}
-	if err := fs.upper.Unlink(fs.workIno, indexName(n.ino)); err != nil {
-		return err
-	}
-	n.indexed = false
-	return nil
-}
-
-// copyUpLinkLocked copies n up if it is a lower file with other names, so
-// that the index counts the removal of this name in their link count.
-//
-// Preconditions:
-//   - fs.treeMu is locked for writing.
-func (fs *FS) copyUpLinkLocked(n *node) error {
-	if n.typ != unix.S_IFREG || n.upper != 0 {
-		return nil
-	}
-	st, err := fs.lower.Lstat(n.lowerPath)
-	if err != nil || st.Nlink < 2 {
-		return err
-	}
-	return fs.copyUpLocked(n)
-}
-
-// detach forgets that n is at p/name.
-func (fs *FS) detach(n, p *node, name string) {
-	fs.mu.Lock()
-	at := n.parent == p && n.name == name
-	fs.mu.Unlock()
-	if at {
-		fs.setParent(n, nil, "")
-	}
-}
-
-// emptyLocked says whether the directory n shows no entries.
-//
-// Preconditions:
-//   - fs.treeMu is locked.
-func (fs *FS) emptyLocked(n *node) (bool, error) {
-	ents, err := fs.mergedEntriesLocked(n)
-	return len(ents) == 0, err
-}
-
 // removeLocked removes the entry name of p (checked by the caller) from the
 // union: its upper entry goes, and a whiteout hides a lower one.
 //
@@ -458,4 +221,22 @@ func (fs *FS) removeLocked(p *node, name string) error {
 		return nil
 	}
 	return syscall.ENOENT
+}
+
+// clearWhiteouts removes the whiteouts from the upper directory of the
+// empty-looking directory t.
+//
+// Preconditions:
+//   - fs.treeMu is locked for writing; t shows no entries.
+func (fs *FS) clearWhiteouts(t *node) error {
+	names, err := fs.upperNames(t.upper)
+	if err != nil {
+		return err
+	}
+	for _, name := range names {
+		if err := fs.upper.Unlink(t.upper, name); err != nil {
+			return err
+		}
+	}
+	return nil
 }

@@ -1,8 +1,6 @@
 package overlay
 
 import (
-	"strconv"
-	"strings"
 	"syscall"
 
 	"golang.org/x/sys/unix"
@@ -268,98 +266,6 @@ func (fs *FS) location(n *node) (*node, string) {
 	return n.parent, n.name
 }
 
-// GetAttr returns the attributes of ino.
-func (fs *FS) GetAttr(ino uint64) (unix.Stat_t, error) {
-	n, err := fs.get(ino)
-	if err != nil {
-		return unix.Stat_t{}, err
-	}
-	fs.treeMu.RLock()
-	defer fs.treeMu.RUnlock()
-	return fs.statLocked(n)
-}
-
-// statLocked returns n's attributes as the overlay shows them.
-//
-// Preconditions:
-//   - fs.treeMu is locked.
-func (fs *FS) statLocked(n *node) (unix.Stat_t, error) {
-	var st unix.Stat_t
-	var err error
-	if n.upper != 0 {
-		st, err = fs.upper.GetAttr(n.upper)
-	} else {
-		st, err = fs.lower.Lstat(n.lowerPath)
-	}
-	if err != nil {
-		return st, err
-	}
-	return st, fs.fixStatLocked(n, &st)
-}
-
-// fixStatLocked turns the attributes of n's top layer into the overlay's:
-// its inode number, the link counts of merged directories and of indexed
-// hard links, and the blocks of a partly copied-up file.
-//
-// Preconditions:
-//   - fs.treeMu is locked; n.mu is not.
-func (fs *FS) fixStatLocked(n *node, st *unix.Stat_t) error {
-	st.Ino = n.ino
-	if n.typ == unix.S_IFREG && n.upper != 0 && n.hasLower {
-		st.Blocks += fs.lowerBlocks(n)
-	}
-	switch {
-	case n.typ == unix.S_IFDIR && n.upper != 0 && n.hasLower:
-		subdirs := 0
-		ents, err := fs.mergedEntriesLocked(n)
-		if err != nil {
-			return err
-		}
-		for _, e := range ents {
-			if e.Type == unix.DT_DIR {
-				subdirs++
-			}
-		}
-		st.Nlink = uint64(2 + subdirs)
-	case n == fs.root:
-		st.Nlink-- // WorkName
-	case n.indexed && n.upper != 0:
-		st.Nlink = uint64(int64(st.Nlink) + fs.linkDelta(n))
-	}
-	return nil
-}
-
-// lowerBlocks returns the 512-byte blocks of n's bytes that still live only
-// in the lower, or 0 if n is not partial. The upper copy of a partial file
-// is sparse where it was not copied, so its own st_blocks leaves them out:
-// a file whose metadata alone was copied up (chmod) would show 0 blocks,
-// which tools take for "all holes" (tar --sparse archives it as zeros).
-// The count is the lower file's blocks, capped by the pages not copied.
-//
-// Preconditions:
-//   - fs.treeMu is locked; n.mu is not.
-func (fs *FS) lowerBlocks(n *node) int64 {
-	n.mu.Lock()
-	var missing int64
-	if n.partial {
-		for _, g := range n.copied.gaps(0, n.limit) {
-			missing += g.end - g.start
-		}
-	}
-	n.mu.Unlock()
-	if missing == 0 {
-		return 0
-	}
-	lst, err := fs.lower.Lstat(n.lowerPath)
-	if err != nil {
-		// The lower is read-only and outlives its nodes; if it cannot be
-		// read, reads fail too. Blocks are advisory: report the upper's.
-		return 0
-	}
-	const pageBlocks = 4096 / 512
-	return min(lst.Blocks, (missing+4095)/4096*pageBlocks)
-}
-
 // Readlink returns the target of the symlink ino.
 //
 // Errors: EINVAL (not a symlink).
@@ -379,74 +285,240 @@ func (fs *FS) Readlink(ino uint64) (string, error) {
 	return fs.lower.Readlink(n.lowerPath)
 }
 
-// lowerXattrVisible says whether the lower attribute name is shown.
-func lowerXattrVisible(name string) bool {
-	return !strings.HasPrefix(name, "trusted.memfs.") && name != memfs.SealsXattr
+// newNode registers the new upper entry e (made by a user in p as name)
+// as a node with one reference, consuming e's memfs reference.
+func (fs *FS) newNode(p *node, name string, e vfs.Entry) *node {
+	n := &node{ino: e.Ino(), typ: e.Stat.Mode & unix.S_IFMT, refs: 1, upper: e.Ino()}
+	fs.mu.Lock()
+	if old := fs.nodes[n.ino]; old != nil {
+		// A stale node of a recycled inode number; it keeps its own
+		// references but leaves the table.
+		delete(fs.nodes, n.ino)
+	}
+	fs.nodes[n.ino] = n
+	fs.mu.Unlock()
+	fs.setParent(n, p, name)
+	return n
 }
 
-// GetXattr reads the attribute name of ino (see memfs.Layer.GetXattr).
+// entryOf returns n's Entry.
 //
-// Errors: ENODATA, ERANGE.
-func (fs *FS) GetXattr(ino uint64, name string, dest []byte) (int, error) {
-	n, err := fs.get(ino)
+// Preconditions:
+//   - fs.treeMu is locked.
+func (fs *FS) entryOf(n *node) (vfs.Entry, error) {
+	st, err := fs.statLocked(n)
 	if err != nil {
-		return 0, err
+		return vfs.Entry{}, err
 	}
-	fs.treeMu.RLock()
-	defer fs.treeMu.RUnlock()
-	if n.upper != 0 {
-		return fs.upper.GetXattr(n.upper, name, dest)
-	}
-	if !lowerXattrVisible(name) {
-		return 0, syscall.ENODATA
-	}
-	v, err := fs.lower.GetXattr(n.lowerPath, name)
-	if err != nil {
-		return 0, err
-	}
-	return copyOut(dest, v)
+	return vfs.Entry{Stat: st}, nil
 }
 
-// ListXattr writes the NUL-terminated attribute names of ino into dest.
+// mkEntry runs a namespace creation under the tree lock and returns the
+// new entry with one reference.
+func (fs *FS) mkEntry(parent uint64, name string, c vfs.Caller, isDir bool, mk func(dir uint64, name string, c vfs.Caller, extra uint32) (vfs.Entry, error)) (vfs.Entry, error) {
+	p, err := fs.get(parent)
+	if err != nil {
+		return vfs.Entry{}, err
+	}
+	fs.treeMu.Lock()
+	defer fs.treeMu.Unlock()
+	n, err := fs.createLocked(p, name, c, isDir, mk)
+	if err != nil {
+		return vfs.Entry{}, err
+	}
+	e, err := fs.entryOf(n)
+	if err != nil {
+		fs.unref(n, 1)
+	}
+	return e, err
+}
+
+// Mkdir creates the directory name in parent (see memfs.Layer.Mkdir).
+// Over a deleted lower directory the new one is opaque.
 //
-// Errors: ERANGE.
-func (fs *FS) ListXattr(ino uint64, dest []byte) (int, error) {
+// Errors: EEXIST, ENOTDIR, ENOSPC, EINVAL, ENAMETOOLONG, EPERM (WorkName).
+func (fs *FS) Mkdir(parent uint64, name string, mode uint32, c vfs.Caller) (vfs.Entry, error) {
+	return fs.mkEntry(parent, name, c, true, func(dir uint64, name string, c vfs.Caller, extra uint32) (vfs.Entry, error) {
+		return fs.upper.Mkdir(dir, name, mode|extra, c)
+	})
+}
+
+// Mknod creates a regular file, FIFO, socket or device node in the upper
+// (see memfs.Layer.Mknod).
+func (fs *FS) Mknod(parent uint64, name string, mode uint32, rdev uint64, c vfs.Caller) (vfs.Entry, error) {
+	return fs.mkEntry(parent, name, c, false, func(dir uint64, name string, c vfs.Caller, _ uint32) (vfs.Entry, error) {
+		return fs.upper.Mknod(dir, name, mode, rdev, c)
+	})
+}
+
+// Symlink creates the symlink name in parent (see memfs.Layer.Symlink).
+func (fs *FS) Symlink(parent uint64, name, target string, c vfs.Caller) (vfs.Entry, error) {
+	return fs.mkEntry(parent, name, c, false, func(dir uint64, name string, c vfs.Caller, _ uint32) (vfs.Entry, error) {
+		return fs.upper.Symlink(dir, name, target, c)
+	})
+}
+
+// Link makes name in newParent a new link to ino, copying ino up first.
+//
+// Errors: EPERM (a directory), EEXIST, ENOENT, EMLINK, ENOSPC, EINVAL.
+func (fs *FS) Link(ino, newParent uint64, name string) (vfs.Entry, error) {
 	n, err := fs.get(ino)
 	if err != nil {
-		return 0, err
+		return vfs.Entry{}, err
 	}
-	fs.treeMu.RLock()
-	defer fs.treeMu.RUnlock()
-	if n.upper != 0 {
-		return fs.upper.ListXattr(n.upper, dest)
-	}
-	names, err := fs.lower.ListXattr(n.lowerPath)
+	p, err := fs.get(newParent)
 	if err != nil {
-		return 0, err
+		return vfs.Entry{}, err
 	}
-	var b []byte
-	for _, s := range names {
-		if lowerXattrVisible(s) {
-			b = append(append(b, s...), 0)
+	fs.treeMu.Lock()
+	defer fs.treeMu.Unlock()
+	if n.typ == unix.S_IFDIR {
+		return vfs.Entry{}, syscall.EPERM
+	}
+	whiteout, err := fs.prepareCreateLocked(p, name)
+	if err != nil {
+		return vfs.Entry{}, err
+	}
+	if err := fs.copyUpLocked(n); err != nil {
+		return vfs.Entry{}, err
+	}
+	var e vfs.Entry
+	if whiteout {
+		tmp := fs.tmpName()
+		if e, err = fs.upper.Link(n.upper, fs.workIno, tmp); err == nil {
+			if err = fs.upper.Rename(fs.workIno, tmp, p.upper, name, 0); err != nil {
+				fs.upper.Unlink(fs.workIno, tmp)
+			}
+		}
+	} else {
+		e, err = fs.upper.Link(n.upper, p.upper, name)
+	}
+	if err != nil {
+		if e.Ino() != 0 {
+			fs.upper.Forget(e.Ino(), 1)
+		}
+		return vfs.Entry{}, err
+	}
+	fs.upper.Forget(e.Ino(), 1)
+	if m, err := fs.readMeta(n.upper); err == nil && m.ino != 0 {
+		fs.setMixed(p.upper)
+	}
+	fs.ref(n)
+	out, err := fs.entryOf(n)
+	if err != nil {
+		fs.unref(n, 1)
+	}
+	return out, err
+}
+
+// Unlink removes the non-directory name from parent; a lower entry is
+// hidden by a whiteout.
+//
+// Errors: ENOENT, EISDIR, ENOTDIR, EINVAL.
+func (fs *FS) Unlink(parent uint64, name string) error {
+	return fs.remove(parent, name, false)
+}
+
+// Rmdir removes the empty directory name from parent.
+//
+// Errors: ENOENT, ENOTDIR, ENOTEMPTY, EINVAL.
+func (fs *FS) Rmdir(parent uint64, name string) error {
+	return fs.remove(parent, name, true)
+}
+
+func (fs *FS) remove(parent uint64, name string, dir bool) error {
+	p, err := fs.get(parent)
+	if err != nil {
+		return err
+	}
+	fs.treeMu.Lock()
+	defer fs.treeMu.Unlock()
+	n, err := fs.lookupLocked(p, name, true)
+	if err != nil {
+		return err
+	}
+	defer fs.unref(n, 1)
+	switch {
+	case dir && n.typ != unix.S_IFDIR:
+		return syscall.ENOTDIR
+	case !dir && n.typ == unix.S_IFDIR:
+		return syscall.EISDIR
+	case !dir:
+		if err := fs.copyUpLinkLocked(n); err != nil {
+			return err
+		}
+	case dir:
+		empty, err := fs.emptyLocked(n)
+		if err != nil {
+			return err
+		}
+		if !empty {
+			return syscall.ENOTEMPTY
 		}
 	}
-	return copyOut(dest, b)
+	if err := fs.removeLocked(p, name); err != nil {
+		return err
+	}
+	fs.detach(n, p, name)
+	return fs.dropIndexLocked(n)
 }
 
-// copyOut copies v to dest as getxattr(2) does: the size alone for an
-// empty dest, ERANGE for a short one.
-func copyOut(dest, v []byte) (int, error) {
-	if len(dest) == 0 {
-		return len(v), nil
+// dropIndexLocked removes n's index entry once it is n's only link and no
+// lower name of n is left to place, so that the bytes of a removed file
+// are freed.
+//
+// Preconditions:
+//   - fs.treeMu is locked for writing.
+func (fs *FS) dropIndexLocked(n *node) error {
+	if !n.indexed {
+		return nil
 	}
-	if len(dest) < len(v) {
-		return 0, syscall.ERANGE
+	st, err := fs.upper.GetAttr(n.upper)
+	if err != nil {
+		return err
 	}
-	return copy(dest, v), nil
+	lowerNlink, placed, err := fs.readLinks(n.upper)
+	if err != nil || st.Nlink != 1 || placed < lowerNlink {
+		return err
+	}
+	if err := fs.upper.Unlink(fs.workIno, indexName(n.ino)); err != nil {
+		return err
+	}
+	n.indexed = false
+	return nil
 }
 
-// indexName is the name in the hard-link index of the lower file whose
-// overlay inode number is ino.
-func indexName(ino uint64) string {
-	return "i" + strconv.FormatUint(ino, 16)
+// copyUpLinkLocked copies n up if it is a lower file with other names, so
+// that the index counts the removal of this name in their link count.
+//
+// Preconditions:
+//   - fs.treeMu is locked for writing.
+func (fs *FS) copyUpLinkLocked(n *node) error {
+	if n.typ != unix.S_IFREG || n.upper != 0 {
+		return nil
+	}
+	st, err := fs.lower.Lstat(n.lowerPath)
+	if err != nil || st.Nlink < 2 {
+		return err
+	}
+	return fs.copyUpLocked(n)
+}
+
+// detach forgets that n is at p/name.
+func (fs *FS) detach(n, p *node, name string) {
+	fs.mu.Lock()
+	at := n.parent == p && n.name == name
+	fs.mu.Unlock()
+	if at {
+		fs.setParent(n, nil, "")
+	}
+}
+
+// emptyLocked says whether the directory n shows no entries.
+//
+// Preconditions:
+//   - fs.treeMu is locked.
+func (fs *FS) emptyLocked(n *node) (bool, error) {
+	ents, err := fs.mergedEntriesLocked(n)
+	return len(ents) == 0, err
 }
