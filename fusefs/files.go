@@ -389,3 +389,21 @@ func (r *rawFS) ReleaseDir(in *fuse.ReleaseIn) {
 		d.Close()
 	}
 }
+
+// releaseAll lets go of every open file and directory, when the server
+// ends. Passthrough backing files stay registered: the kernel drops them
+// with the connection, or a successor takes them over.
+func (r *rawFS) releaseAll() {
+	r.handles.mu.Lock()
+	open := r.handles.open
+	r.handles.open = map[uint64]any{}
+	r.handles.mu.Unlock()
+	for _, h := range open {
+		switch h := h.(type) {
+		case *openFile:
+			h.Release()
+		case vfs.Dir:
+			h.Close()
+		}
+	}
+}

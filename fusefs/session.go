@@ -198,49 +198,6 @@ func (s *session) readInit() error {
 	return nil
 }
 
-// replayInit feeds the recorded INIT of a connection that another process
-// began (see session.init) into this session's ProtocolServer, which needs
-// it to parse requests, and drops the reply: the kernel had its answer
-// long ago. What counts is what that answer negotiated: its capabilities,
-// and its max_write, which sizes the request buffers. A server with other
-// options would have answered otherwise; that is logged.
-func (s *session) replayInit(init []byte) error {
-	if len(init) < 8 || binary.LittleEndian.Uint32(init[4:]) != opInit {
-		return errors.New("the recorded INIT request is not one")
-	}
-	n := int(binary.LittleEndian.Uint32(init))
-	if n > len(init) {
-		return errors.New("the recorded INIT request is cut short")
-	}
-	req, reply := init[:n], init[n:]
-	out := make([]byte, s.bufSize)
-	w, st := s.ps.HandleRequest([][]byte{req}, [][]byte{out})
-	if !st.Ok() || w == 0 {
-		return fmt.Errorf("replaying INIT: %v", st)
-	}
-	ours, err := parseInitReply(out[:w])
-	if err != nil {
-		return err
-	}
-	kernel := ours
-	if len(reply) > 0 {
-		if kernel, err = parseInitReply(reply); err != nil {
-			return fmt.Errorf("the recorded INIT reply: %w", err)
-		}
-		s.bufSize = max(s.bufSize, int(kernel.MaxWrite)+64<<10+4096)
-	} else {
-		reply = out[:w]
-	}
-	if ours.Flags64() != kernel.Flags64() || ours.MaxWrite != kernel.MaxWrite {
-		klog.InfoS("This server's options differ from those the connection was mounted with; serving by the mount's",
-			"fsName", s.raw.opts.FsName, "flags", kernel.Flags64(), "ourFlags", ours.Flags64(),
-			"maxWrite", kernel.MaxWrite, "ourMaxWrite", ours.MaxWrite)
-	}
-	s.init = append(append([]byte(nil), req...), reply...)
-	s.raw.negotiated(kernel.Flags64())
-	return nil
-}
-
 // parseInitReply parses an INIT reply (with its fuse_out_header).
 func parseInitReply(out []byte) (fuse.InitOut, error) {
 	const hdr = 16 // fuse_out_header
@@ -382,17 +339,6 @@ func (s *session) handle(in []byte) {
 	}
 }
 
-// stop stops reading requests and returns once every request read has
-// been answered. Requests arriving meanwhile wait in the kernel for the
-// connection's next server. It says whether the connection is still alive.
-func (s *session) stop() bool {
-	s.wakeAll()
-	<-s.done
-	s.endMu.Lock()
-	defer s.endMu.Unlock()
-	return s.endErr == nil && !s.ended()
-}
-
 // wakeAll makes stopFd readable for good, which wakes every reader
 // waiting and keeps any from waiting again. Readers then end.
 func (s *session) wakeAll() {
@@ -401,26 +347,6 @@ func (s *session) wakeAll() {
 	// An eventfd write fails only when its counter would overflow, which
 	// takes 2^64-2 writes.
 	unix.Write(s.stopFd, one[:])
-}
-
-// ended says whether the kernel has ended the connection: a read then
-// fails with ENODEV at once.
-func (s *session) ended() bool {
-	var pfd = []unix.PollFd{{Fd: int32(s.devFd), Events: unix.POLLIN}}
-	n, err := unix.Poll(pfd, 0)
-	return err == nil && n == 1 && pfd[0].Revents&(unix.POLLERR|unix.POLLHUP) != 0
-}
-
-// resend asks the kernel to queue again every request it sent on this
-// connection and has had no answer to (FUSE_NOTIFY_RESEND, Linux >= 6.9):
-// those a dead server read and never answered. It must come before the
-// first read, while every unanswered request is the dead server's.
-func (s *session) resend() error {
-	var msg [16]byte
-	binary.LittleEndian.PutUint32(msg[0:], 16)
-	binary.LittleEndian.PutUint32(msg[4:], notifyResend)
-	_, err := unix.Write(s.devFd, msg[:])
-	return err
 }
 
 // openBacking registers fd as a passthrough backing file of the

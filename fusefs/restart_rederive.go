@@ -69,7 +69,7 @@ import (
 // closed. That bounds the cost by the number of directories. A file that
 // has no name (an unlinked file or O_TMPFILE kept alive by a passthrough
 // backing file) stays ESTALE here; a successor finds the open ones by
-// their handle records instead (FindOrphan, adopt.go).
+// their handle records instead (FindOrphan, restart.go).
 
 // rederiving returns fs with re-derivation of unknown node ids. Every
 // method of fs that fails with ESTALE for an inode number it takes (but

@@ -1,6 +1,7 @@
 package fusefs
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"os"
@@ -151,7 +152,7 @@ func (r *rawFS) restore() error {
 			if err == unix.ESTALE && rec.HasData != 0 {
 				// No name leads to it: removed while open, or an
 				// O_TMPFILE. The reference FindOrphan adds stands
-				// for the kernel's lookup count (see rederive.go).
+				// for the kernel's lookup count (see restart_rederive.go).
 				if o, ok := r.fs.(vfs.OrphanFinder); ok && o.FindOrphan(rec.Ino, rec.DataIno, rec.DataGen) == nil {
 					f, err = r.fs.Open(rec.Ino, flags, vfs.OpenOptions{Direct: backed})
 				}
@@ -190,20 +191,76 @@ func (r *rawFS) restore() error {
 	return err
 }
 
-// releaseAll lets go of every open file and directory, when the server
-// ends. Passthrough backing files stay registered: the kernel drops them
-// with the connection, or a successor takes them over.
-func (r *rawFS) releaseAll() {
-	r.handles.mu.Lock()
-	open := r.handles.open
-	r.handles.open = map[uint64]any{}
-	r.handles.mu.Unlock()
-	for _, h := range open {
-		switch h := h.(type) {
-		case *openFile:
-			h.Release()
-		case vfs.Dir:
-			h.Close()
-		}
+// replayInit feeds the recorded INIT of a connection that another process
+// began (see session.init) into this session's ProtocolServer, which needs
+// it to parse requests, and drops the reply: the kernel had its answer
+// long ago. What counts is what that answer negotiated: its capabilities,
+// and its max_write, which sizes the request buffers. A server with other
+// options would have answered otherwise; that is logged.
+func (s *session) replayInit(init []byte) error {
+	if len(init) < 8 || binary.LittleEndian.Uint32(init[4:]) != opInit {
+		return errors.New("the recorded INIT request is not one")
 	}
+	n := int(binary.LittleEndian.Uint32(init))
+	if n > len(init) {
+		return errors.New("the recorded INIT request is cut short")
+	}
+	req, reply := init[:n], init[n:]
+	out := make([]byte, s.bufSize)
+	w, st := s.ps.HandleRequest([][]byte{req}, [][]byte{out})
+	if !st.Ok() || w == 0 {
+		return fmt.Errorf("replaying INIT: %v", st)
+	}
+	ours, err := parseInitReply(out[:w])
+	if err != nil {
+		return err
+	}
+	kernel := ours
+	if len(reply) > 0 {
+		if kernel, err = parseInitReply(reply); err != nil {
+			return fmt.Errorf("the recorded INIT reply: %w", err)
+		}
+		s.bufSize = max(s.bufSize, int(kernel.MaxWrite)+64<<10+4096)
+	} else {
+		reply = out[:w]
+	}
+	if ours.Flags64() != kernel.Flags64() || ours.MaxWrite != kernel.MaxWrite {
+		klog.InfoS("This server's options differ from those the connection was mounted with; serving by the mount's",
+			"fsName", s.raw.opts.FsName, "flags", kernel.Flags64(), "ourFlags", ours.Flags64(),
+			"maxWrite", kernel.MaxWrite, "ourMaxWrite", ours.MaxWrite)
+	}
+	s.init = append(append([]byte(nil), req...), reply...)
+	s.raw.negotiated(kernel.Flags64())
+	return nil
+}
+
+// stop stops reading requests and returns once every request read has
+// been answered. Requests arriving meanwhile wait in the kernel for the
+// connection's next server. It says whether the connection is still alive.
+func (s *session) stop() bool {
+	s.wakeAll()
+	<-s.done
+	s.endMu.Lock()
+	defer s.endMu.Unlock()
+	return s.endErr == nil && !s.ended()
+}
+
+// ended says whether the kernel has ended the connection: a read then
+// fails with ENODEV at once.
+func (s *session) ended() bool {
+	var pfd = []unix.PollFd{{Fd: int32(s.devFd), Events: unix.POLLIN}}
+	n, err := unix.Poll(pfd, 0)
+	return err == nil && n == 1 && pfd[0].Revents&(unix.POLLERR|unix.POLLHUP) != 0
+}
+
+// resend asks the kernel to queue again every request it sent on this
+// connection and has had no answer to (FUSE_NOTIFY_RESEND, Linux >= 6.9):
+// those a dead server read and never answered. It must come before the
+// first read, while every unanswered request is the dead server's.
+func (s *session) resend() error {
+	var msg [16]byte
+	binary.LittleEndian.PutUint32(msg[0:], 16)
+	binary.LittleEndian.PutUint32(msg[4:], notifyResend)
+	_, err := unix.Write(s.devFd, msg[:])
+	return err
 }
