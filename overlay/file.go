@@ -15,6 +15,7 @@ import (
 // read-only one follows its node into the upper layer if another File
 // copies it up meanwhile.
 type File struct {
+	// fs and n are the File's overlay and node. Immutable.
 	fs *FS
 	n  *node
 	// writable says the File may write. Immutable.
@@ -546,6 +547,9 @@ func (f *File) Stat() (unix.Stat_t, error) {
 	defer fs.treeMu.RUnlock()
 	var st unix.Stat_t
 	var err error
+	f.mu.Lock()
+	lf := f.lf
+	f.mu.Unlock()
 	switch {
 	case f.n.upper != 0:
 		f.n.mu.Lock()
@@ -555,8 +559,8 @@ func (f *File) Stat() (unix.Stat_t, error) {
 			return st, err1
 		}
 		st, err = uf.Stat()
-	case f.lf != nil && f.lf.Fd() >= 0:
-		err = errnoOf(unix.Fstat(f.lf.Fd(), &st))
+	case lf != nil && lf.Fd() >= 0:
+		err = errnoOf(unix.Fstat(lf.Fd(), &st))
 	default:
 		st, err = fs.lower.Lstat(f.n.lowerPath)
 	}

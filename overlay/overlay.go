@@ -79,7 +79,7 @@
 //	FS.treeMu (namespace: lookups read-lock, changes and copy-up write-lock)
 //	  node.mu (a file's data state: partial copy-up ranges)
 //	    File.mu
-//	      FS.mu (the node table)
+//	      FS.mu (the node table; nodes' references and locations)
 //	    FS.copiedMu (the copied-up byte count)
 //
 // # Limits
@@ -168,7 +168,7 @@ type FS struct {
 	// each other and against lookups.
 	treeMu sync.RWMutex
 
-	// mu protects nodes.
+	// mu protects nodes, and the refs, parent and name of every node.
 	mu sync.Mutex
 	// nodes holds every node someone holds a reference to.
 	// Invariant: every node in nodes has refs > 0, except the root, which
@@ -191,7 +191,8 @@ type node struct {
 
 	// parent and name locate the node (one of its names, for a hard link);
 	// parent is nil for the root and for a node whose name was removed.
-	// Protected by FS.treeMu.
+	// Protected by FS.mu: lookups, which hold FS.treeMu only for reading,
+	// move them too (setParent).
 	parent *node
 	name   string
 
@@ -405,26 +406,6 @@ func (fs *FS) unref(n *node, k uint64) {
 	}
 }
 
-// setParentLocked moves n under parent as name, moving its reference on its
-// parent.
-//
-// Preconditions:
-//   - fs.treeMu is locked for writing, or n is new and unshared.
-func (fs *FS) setParentLocked(n, parent *node, name string) {
-	old := n.parent
-	if old == parent {
-		n.name = name
-		return
-	}
-	if parent != nil {
-		fs.ref(parent)
-	}
-	n.parent, n.name = parent, name
-	if old != nil {
-		fs.unref(old, 1)
-	}
-}
-
 // meta is the decoded "ov" marker of an upper entry.
 type meta struct {
 	whiteout  bool
@@ -574,13 +555,14 @@ func (fs *FS) CheckInvariants() error {
 			fs.mu.Unlock()
 			return fmt.Errorf("node %#x registered with no reference", ino)
 		}
+		if n.parent != nil && fs.nodes[n.parent.ino] != n.parent {
+			fs.mu.Unlock()
+			return fmt.Errorf("node %#x has an unregistered parent %#x", n.ino, n.parent.ino)
+		}
 		nodes = append(nodes, n)
 	}
 	fs.mu.Unlock()
 	for _, n := range nodes {
-		if n.parent != nil && fs.nodes[n.parent.ino] != n.parent {
-			return fmt.Errorf("node %#x has an unregistered parent %#x", n.ino, n.parent.ino)
-		}
 		n.mu.Lock()
 		bad := n.partial && (n.upper == 0 || !n.hasLower)
 		n.mu.Unlock()
