@@ -20,7 +20,8 @@ func (l *Layer) GetAttr(ino uint64) (unix.Stat_t, error) {
 
 // SetAttr changes the attributes of ino as a.Valid says, in the order size,
 // owner, mode, times, and returns the attributes after the change. If f is
-// an open writable File of ino, a size change uses it.
+// an open writable File of ino, a size change uses it (a vfs.File of
+// another file system is ignored).
 //
 // A size change obeys the seals: EPERM if it grows a grow-sealed or shrinks
 // a shrink-sealed file. A change of owner clears set-ID bits as chown(2)
