@@ -31,17 +31,28 @@
 // 1 in both. A successor process serving the same kernel connection can
 // therefore re-derive every node from the tree the kernel still holds.
 //
-// # Serving loop and restarts
+// # Serving
 //
-// A session (session.go) owns each connection's /dev/fuse descriptor and
-// serves it with go-fuse's ProtocolServer, not fuse.Server, so that a
-// connection can outlive the process serving it (docs/restart.md): Stop
-// hands a Session (the descriptor, the open-handle table's memory file and
-// the recorded INIT) to a successor, which Adopts it; after a crash a
-// holder's copy of the Session is adopted with a resend of the requests
-// the dead server never answered (resend.go). File handles are records of
-// the handle table (handles.go), so a successor reopens every open file;
-// node ids it never looked up are found again in the tree (rederive.go).
+// Mount (mount.go) mounts a vfs.FS and returns its Server. A session
+// (session.go, the serving loop) owns each connection's /dev/fuse
+// descriptor and serves it with go-fuse's ProtocolServer, not fuse.Server,
+// so that a connection can outlive the process serving it. Requests land
+// on rawFS: node, attribute and xattr requests in rawfs.go, open files and
+// directories (and passthrough backing files) in files.go. File handles
+// are records of the open-handle table (handles.go), kept in a memory
+// file so that they outlive the process too.
+//
+// # Restarts
+//
+// The restart_*.go files hold what only a change of server process needs
+// (docs/restart.md). Stop hands a Session (the descriptor, the open-handle
+// table's memory file and the recorded INIT) to a successor, which Adopts
+// it (restart.go) and reopens every open file from its record; after a
+// crash a holder's copy of the Session is adopted with a resend of the
+// requests the dead server never answered (restart_resend.go), and while
+// no server runs the holder answers with Refuse (restart_refuse.go). Node
+// ids a successor never looked up are found again in the tree
+// (restart_rederive.go).
 //
 // # Permissions
 //
@@ -49,4 +60,18 @@
 // access against the attributes this server reports, for any uid, and the
 // file system runs as root on the caller's behalf (vfs.Caller). Mounts are
 // always nosuid and nodev.
+//
+// # Lock order
+//
+//	rawFS.backingMu (passthrough backing files)
+//	  handleTable.mu (the open-handle table)
+//	  the file system's locks, through methods of a vfs.File (Fd, Handle)
+//	rederiver.mu (one re-derivation at a time, across calls into the
+//	file system)
+//	  the file system's locks (a file system never calls back into fusefs)
+//	session.endMu (why serving ended)
+//
+// rawFS.backingMu and rederiver.mu are never held together: no call into
+// the file system is made with backingMu held but those on an open File,
+// which the rederiver does not wrap.
 package fusefs

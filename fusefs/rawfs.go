@@ -22,15 +22,13 @@ const cacheTimeout = time.Hour
 // rawFS implements fuse.RawFileSystem over a vfs.FS. Node ids are the
 // file system's inode numbers: nothing maps them, so a successor process can
 // serve the same kernel connection from the same tree.
-//
-// Lock order:
-//
-//	rawFS.backingMu
-//	  handleTable.mu
 type rawFS struct {
 	fuse.RawFileSystem // ENOSYS for what is not implemented below
-	fs                 vfs.FS
-	opts               Options
+	// fs is the tree served (wrapped by rederiving in a successor).
+	// Immutable.
+	fs vfs.FS
+	// opts are the server's options. Immutable.
+	opts Options
 	// dev is the session serving the connection: passthrough backing
 	// files are registered on its descriptor. Set once, before any
 	// request.
@@ -51,8 +49,12 @@ type rawFS struct {
 	passthrough bool
 }
 
+// backingFile is an inode's registered passthrough backing file. Its
+// fields are protected by rawFS.backingMu.
 type backingFile struct {
-	id   int32
+	// id is the kernel's backing id.
+	id int32
+	// refs counts the passthrough opens that use it.
 	refs int
 	// file is the backing file's identity.
 	file fileID

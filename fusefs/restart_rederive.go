@@ -53,14 +53,9 @@ import (
 // also one more comparison and an atomic add. Derivations run one at a
 // time (rederiver.mu), each holding the lock for its walk and its path.
 //
-// Measured with BenchmarkRederive (go1.26, 2 vCPUs, load1 about 2.5): on a
-// tree of 10,100 entries (100 directories of 100 files), the first
-// re-derivation of a file, which walks the tree, took 9.5-10.5 ms on memfs
-// and 9.3-15.6 ms on an overlay of a lower tree of the same shape, with
-// 2.2 MB and 4.5 MB allocated; with the index built, a derivation took
-// 13-15 us. The index held 73 bytes per entry after GC. A wrapped GetAttr
-// of a known inode took 785-878 ns against 760-842 ns unwrapped: within
-// the noise.
+// Design rule: a derivation follows the index; only the first, and the
+// first after a namespace change or a path the index got wrong, walks the
+// tree (figures: BENCHMARKS.md, "Notes behind the serving loop").
 //
 // Limits: every directory a walk met, and the ancestors that a failed path
 // lookup registered, keep a reference that no FORGET may ever drop: they
@@ -83,11 +78,6 @@ func rederiving(fs vfs.FS) vfs.FS {
 }
 
 // rederiver is the file system rederiving returns.
-//
-// Lock order:
-//
-//	rederiver.mu
-//	  the locks of fs (fs never calls back into the rederiver)
 type rederiver struct {
 	// fs is the wrapped file system. Immutable.
 	fs vfs.FS

@@ -23,22 +23,18 @@ import (
 // INIT itself, and the kernel sends INIT once per connection. Here INIT is
 // just a request: the first server answers it and records it, and a
 // successor replays the record into its own ProtocolServer and drops the
-// reply. Measured against fuse.Server, the loop costs nothing on the
-// metadata path (docs/restart.md, "proto").
+// reply (restart.go).
 //
-// Readers wait in an epoll set of the session's own, not in the Go
-// runtime's poller. The device is non-blocking (a successor and the holder
-// share its open file description), so a reader reads until EAGAIN and
-// then sleeps in epoll_wait, where the kernel wakes its thread directly,
-// and readers read in parallel (the runtime serializes the reads of one
-// *os.File). The set holds the device edge-triggered, one waiter woken per
-// request, and an eventfd, level-triggered, that stop makes readable to
-// wake every waiter at once. Measured on 2 vCPUs (load1 2.2-3.9): one
-// statfs(2) round trip took 19.5-21.7 us against 22.1-24.3 us for
-// go-fuse's fuse.Server (BenchmarkRelayRoundTrip, "session" against
-// "direct", 3 runs); four processes calling statfs(2) in parallel took
-// 15-20 us a call against 25-28 us for the loop that read through the
-// runtime's poller (3 runs each).
+// Readers wait in an epoll set of the session's own: the device is
+// non-blocking (a successor and the holder share its open file
+// description), so a reader reads until EAGAIN and then sleeps in
+// epoll_wait. The set holds the device edge-triggered, one waiter woken
+// per request, and an eventfd, level-triggered, that stop makes readable
+// to wake every waiter at once.
+//
+// Design rule: readers block in epoll_wait on our own set, never in the Go
+// runtime's poller (why, with figures: BENCHMARKS.md, "Notes behind the
+// serving loop").
 
 // FUSE protocol constants go-fuse does not export
 // (include/uapi/linux/fuse.h).
