@@ -1,7 +1,8 @@
 // Package driver is the csi-memfs CSI node plugin: the Identity and Node
 // services kubelet calls over a unix socket, the registry of published
 // volumes with its on-disk journal, NodeGetVolumeStats, and the Prometheus
-// collectors.
+// collectors. Kubelet registration is package registrar's, which Run
+// starts.
 //
 // # Volumes
 //
@@ -100,6 +101,7 @@ import (
 	"github.com/csi-memfs/csi-memfs/handoff"
 	"github.com/csi-memfs/csi-memfs/image"
 	"github.com/csi-memfs/csi-memfs/memfs"
+	"github.com/csi-memfs/csi-memfs/registrar"
 )
 
 // DefaultDriverName is the CSI driver name when Config.DriverName is empty.
@@ -165,6 +167,8 @@ type Config struct {
 	ImagePullProgressInterval time.Duration
 	// imageNoSync skips the image cache's syncfs (tests only).
 	imageNoSync bool
+	// registrationRetry is registrar.Config.Retry (tests only).
+	registrationRetry time.Duration
 
 	// HandoverWait is how long a process told to stop waits for a
 	// successor to take its volumes over before it stops serving them
@@ -411,11 +415,12 @@ func (d *Driver) Run(ctx context.Context) error {
 	if d.cfg.KubeletRegistrationPath != "" {
 		go func() {
 			defer close(regDone)
-			err := ServeRegistration(regCtx, RegistrationConfig{
+			err := registrar.Serve(regCtx, registrar.Config{
 				DriverName:      d.cfg.DriverName,
 				KubeletEndpoint: d.cfg.KubeletRegistrationPath,
-				SocketPath:      filepath.Join(d.cfg.RegistrationDir, RegistrationSocketName(d.cfg.DriverName)),
+				SocketPath:      filepath.Join(d.cfg.RegistrationDir, registrar.SocketName(d.cfg.DriverName)),
 				OnStatus:        d.metrics.observeRegistration,
+				Retry:           d.cfg.registrationRetry,
 			})
 			if err != nil {
 				errc <- err
