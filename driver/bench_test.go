@@ -101,7 +101,7 @@ func bigImage(b testing.TB, total int) v1.Image {
 	var layers []v1.Layer
 	const perLayer = 25 << 20
 	for l := 0; l*perLayer < total; l++ {
-		es := []entry{dirEntry(fmt.Sprintf("l%d/", l))}
+		es := []layerEntry{dirEntry(fmt.Sprintf("l%d/", l))}
 		for n, size := 0, 0; n < min(perLayer, total-l*perLayer); n += size {
 			size = sizes[len(es)%len(sizes)]
 			buf := make([]byte, size)

@@ -2,8 +2,11 @@ package driver
 
 import (
 	"context"
+	"errors"
+	"fmt"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
+	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/protobuf/types/known/wrapperspb"
 )
@@ -33,10 +36,33 @@ func (d *Driver) Probe(context.Context, *csi.ProbeRequest) (*csi.ProbeResponse, 
 	return &csi.ProbeResponse{Ready: wrapperspb.Bool(d.ready.Load())}, nil
 }
 
+// healthy returns why the plugin cannot serve volumes now, or nil:
+// /healthz answers with it.
+func (d *Driver) healthy() error {
+	if err := d.probe(); err != nil {
+		return err
+	}
+	if !d.ready.Load() {
+		return errors.New("recovering the volume journal")
+	}
+	return nil
+}
+
 // probe returns why the plugin is unhealthy, or nil.
 func (d *Driver) probe() error {
 	if err := fuseUsable(); err != nil {
 		return errorf(codes.FailedPrecondition, "%v", err)
 	}
+	return nil
+}
+
+// fuseUsable reports why FUSE cannot be served, or nil: /dev/fuse must open
+// read-write (the device exists and we may use it).
+func fuseUsable() error {
+	fd, err := unix.Open("/dev/fuse", unix.O_RDWR|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("cannot open /dev/fuse: %w; csi-memfs needs the /dev/fuse device and CAP_SYS_ADMIN", err)
+	}
+	unix.Close(fd)
 	return nil
 }

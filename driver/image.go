@@ -12,37 +12,7 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/csi-memfs/csi-memfs/image"
-	"github.com/csi-memfs/csi-memfs/overlay"
 )
-
-// LocalImagePrefix starts the image attribute of a local image: "oci:NAME",
-// "oci:NAME:TAG" or "oci:NAME@DIGEST" name the OCI image layout directory
-// or image tarball NAME under Config.LocalImagesDir.
-const LocalImagePrefix = "oci:"
-
-// lowerImage is the lower layer of an image volume: the pinned image and a
-// Lower over its imagePath directory. Close releases both.
-type lowerImage struct {
-	// img is the pinned image. Immutable.
-	img *image.Image
-	// dir is a Lower over img's imagePath directory. Immutable.
-	dir *overlay.DirLower
-}
-
-// close closes the Lower and unpins the image. It may be called more than
-// once.
-func (l *lowerImage) close() error {
-	if l == nil {
-		return nil
-	}
-	var err error
-	if l.dir != nil {
-		err = l.dir.Close()
-		l.dir = nil
-	}
-	l.img.Release()
-	return err
-}
 
 // newImageCache opens the node's image cache as cfg says. Pulls report to
 // the metrics and, when they take longer than the progress interval, to
@@ -79,58 +49,51 @@ func newImageCache(cfg *Config, m *metrics, logger logr.Logger) (*image.Cache, e
 	})
 }
 
-// lowerLayer returns the read-only lower layer the volume's image gives, or
-// nil for a pure memory volume. It runs before anything is reserved, so a
-// slow pull holds no memory of the budget. The caller closes the result.
+// lowerLayer returns the image the volume's image attribute names,
+// pinned, and its imagePath directory, the volume's lower directory; nil
+// and "" for a pure memory volume. It runs before anything is reserved, so
+// a slow pull holds no memory of the budget. The caller releases the
+// image once no volume serves the directory.
 //
 // A pull that outlasts ctx (kubelet gives a publish about two minutes) goes
 // on in the cache; the publish fails with DeadlineExceeded and kubelet's
 // retry joins the pull or finds the image cached.
-func (d *Driver) lowerLayer(ctx context.Context, p volumeParams, secrets map[string]string) (*lowerImage, error) {
+func (d *Driver) lowerLayer(ctx context.Context, p volumeParams, secrets map[string]string) (*image.Image, string, error) {
 	if p.Image == "" {
-		return nil, nil
+		return nil, "", nil
 	}
 	kc, err := image.KeychainFromSecrets(secrets)
 	if err != nil {
 		// The message never quotes the secret.
-		return nil, errorf(codes.InvalidArgument,
+		return nil, "", errorf(codes.InvalidArgument,
 			"secrets (nodePublishSecretRef): %v; want a kubernetes.io/dockerconfigjson or kubernetes.io/dockercfg secret", err)
 	}
-	policy, err := image.ParsePullPolicy(string(p.PullPolicy))
-	if err != nil {
-		return nil, imageError(attrImagePullPolicy, err)
-	}
 	start := time.Now()
-	img, err := d.images.Get(ctx, p.Image, policy, kc)
+	img, err := d.images.Get(ctx, p.Image, p.PullPolicy.policy, kc)
 	if err != nil {
 		if ctx.Err() != nil {
-			return nil, fmt.Errorf("volumeAttributes.%s %q: gave up waiting after %v; the pull goes on and a retry finds it: %w",
+			return nil, "", fmt.Errorf("volumeAttributes.%s %q: gave up waiting after %v; the pull goes on and a retry finds it: %w",
 				attrImage, p.Image, time.Since(start).Round(time.Millisecond), ctx.Err())
 		}
-		return nil, imageError(attrImage, err)
+		return nil, "", imageError(attrImage, err)
 	}
-	lower, err := d.openLower(img, p.ImagePath)
+	dir, err := lowerDir(img, p.ImagePath)
 	if err != nil {
-		return nil, err
+		return nil, "", err
 	}
 	klog.FromContext(ctx).V(4).Info("Image ready", "image", p.Image, "digest", img.Digest, "duration", time.Since(start))
-	return lower, nil
+	return img, dir, nil
 }
 
-// openLower opens the directory imagePath of the pinned image img as a
-// lower layer. On failure img is released.
-func (d *Driver) openLower(img *image.Image, imagePath string) (*lowerImage, error) {
-	root, err := img.Subdir(imagePath)
+// lowerDir returns the directory imagePath of the pinned image img, a
+// volume's lower directory. On failure img is released.
+func lowerDir(img *image.Image, imagePath string) (string, error) {
+	dir, err := img.Subdir(imagePath)
 	if err != nil {
 		img.Release()
-		return nil, imageError(attrImagePath, err)
+		return "", imageError(attrImagePath, err)
 	}
-	dir, err := overlay.NewDirLower(root)
-	if err != nil {
-		img.Release()
-		return nil, fmt.Errorf("volumeAttributes.%s %q of image %s: %w", attrImagePath, imagePath, img.Digest, err)
-	}
-	return &lowerImage{img: img, dir: dir}, nil
+	return dir, nil
 }
 
 // imageError converts an error of the image cache about the attribute attr
@@ -171,4 +134,101 @@ func (d *Driver) repin(logger logr.Logger, r record) *image.Image {
 		return nil
 	}
 	return img
+}
+
+// ImagePull is the image of a volume outside Kubernetes (`csi-memfs mount
+// --image`), which PullImage gets from an image cache of its own as the
+// plugin gets a volume's.
+type ImagePull struct {
+	// Image is the image's reference, or LocalImagePrefix+NAME[:TAG] for
+	// a local image.
+	Image string
+	// ImagePath is the directory of the image used as the volume root.
+	ImagePath string
+	// PullPolicy says when Image is pulled; the zero value is
+	// IfNotPresent.
+	PullPolicy PullPolicy
+	// PullSecret is a Docker config.json, or a .dockerconfigjson pull
+	// secret's content, with registry credentials; nil: anonymous.
+	PullSecret []byte
+	// CacheDir is the directory of the image cache, which one process at
+	// a time uses.
+	CacheDir string
+	// InsecureRegistries lists registries ("host" or "host:port") that may
+	// be pulled from over plain HTTP; loopback registries always may.
+	InsecureRegistries []string
+	// LocalImagesDir holds the local images Image may name; empty: none.
+	LocalImagesDir string
+	// Progress, if set, is called every few seconds while a pull runs,
+	// with the layer being fetched (from 0) of layers, and the bytes
+	// fetched of totalBytes.
+	Progress func(ref string, layer, layers int, bytes, totalBytes int64)
+}
+
+// PullError is PullImage's error: Field names the ImagePull field at
+// fault.
+type PullError struct {
+	Field string
+	Err   error
+}
+
+func (e *PullError) Error() string { return e.Field + ": " + e.Err.Error() }
+
+func (e *PullError) Unwrap() error { return e.Err }
+
+// PulledImage is an image PullImage got, pinned in its cache.
+type PulledImage struct {
+	// Dir is the image's ImagePath directory: a volume's lower
+	// directory. Immutable.
+	Dir string
+	// cache is the open cache, and img the image pinned in it. Immutable.
+	cache *image.Cache
+	img   *image.Image
+}
+
+// Close unpins the image and closes the cache. Call it once nothing
+// serves Dir.
+func (p *PulledImage) Close() error {
+	p.img.Release()
+	return p.cache.Close()
+}
+
+// PullImage opens the image cache p.CacheDir and gets p.Image from it,
+// pulling it if needed; ctx abandons the pull. The cache stays open (and
+// locked) until Close, so that no other process collects the image. A
+// failure is a *PullError.
+func PullImage(ctx context.Context, p ImagePull) (*PulledImage, error) {
+	secrets := map[string]string{}
+	if p.PullSecret != nil {
+		secrets[image.DockerConfigJSONKey] = string(p.PullSecret)
+	}
+	kc, err := image.KeychainFromSecrets(secrets)
+	if err != nil {
+		return nil, &PullError{"PullSecret", err}
+	}
+	cfg := image.Config{
+		Dir:                p.CacheDir,
+		InsecureRegistries: p.InsecureRegistries,
+		LocalPrefix:        LocalImagePrefix,
+		LocalDir:           p.LocalImagesDir,
+	}
+	if p.Progress != nil {
+		cfg.Progress = func(pr image.Progress) { p.Progress(pr.Ref, pr.Layer, pr.Layers, pr.Bytes, pr.TotalBytes) }
+	}
+	cache, err := image.NewCache(cfg)
+	if err != nil {
+		return nil, &PullError{"CacheDir", err}
+	}
+	img, err := cache.Get(ctx, p.Image, p.PullPolicy.policy, kc)
+	if err != nil {
+		cache.Close()
+		return nil, &PullError{"Image", err}
+	}
+	dir, err := img.Subdir(p.ImagePath)
+	if err != nil {
+		img.Release()
+		cache.Close()
+		return nil, &PullError{"ImagePath", err}
+	}
+	return &PulledImage{Dir: dir, cache: cache, img: img}, nil
 }

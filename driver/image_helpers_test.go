@@ -132,10 +132,10 @@ func pullSecret(host, user, pass string) map[string]string {
 	return map[string]string{".dockerconfigjson": string(b)}
 }
 
-// entry is one entry of a test layer.
-type entry = imagetest.Entry
+// layerEntry is one entry of a test layer.
+type layerEntry = imagetest.Entry
 
-func dirEntry(n string) entry { return imagetest.Dir(n, 0o755) }
+func dirEntry(n string) layerEntry { return imagetest.Dir(n, 0o755) }
 
 var (
 	fileEntry     = imagetest.File
@@ -144,7 +144,7 @@ var (
 )
 
 // layer builds a gzip-compressed layer of entries.
-func layer(t testing.TB, entries ...entry) v1.Layer {
+func layer(t testing.TB, entries ...layerEntry) v1.Layer {
 	t.Helper()
 	return imagetest.GzLayer(t, imagetest.Tar(t, entries...))
 }
@@ -167,13 +167,13 @@ func layeredImage(t testing.TB, big int) v1.Image {
 			fileEntry("etc/motd", "hello\n"),
 			dirEntry("data/"), dirEntry("data/old/"), fileEntry("data/old/a", "a"), fileEntry("data/keep", "keep"),
 			fileEntry("gone", "gone"),
-			dirEntry("bin/"), entry{Name: "bin/tool", Type: tar.TypeReg, Body: "tool-v1", Mode: 0o755},
+			dirEntry("bin/"), layerEntry{Name: "bin/tool", Type: tar.TypeReg, Body: "tool-v1", Mode: 0o755},
 			dirEntry("share/"), fileEntry("share/big", strings.Repeat("0123456789abcdef", big/16)),
 		),
 		layer(t,
 			fileEntry(".wh.gone", ""),
 			dirEntry("data/old/"), fileEntry("data/old/.wh..wh..opq", ""), fileEntry("data/old/b", "b"),
-			dirEntry("bin/"), entry{Name: "bin/tool", Type: tar.TypeReg, Body: "tool-v2", Mode: 0o755},
+			dirEntry("bin/"), layerEntry{Name: "bin/tool", Type: tar.TypeReg, Body: "tool-v2", Mode: 0o755},
 			hardlinkEntry("bin/tool-link", "bin/tool"),
 			symlinkEntry("etc/link", "app.conf"),
 		),

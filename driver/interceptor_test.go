@@ -22,7 +22,7 @@ func TestInterceptorLogsNoSecrets(t *testing.T) {
 	logger := funcr.New(func(prefix, args string) { buf.WriteString(prefix + args + "\n") }, funcr.Options{Verbosity: 4})
 	ctx := klog.NewContext(context.Background(), logger)
 	d := &Driver{vols: newRegistry(), budget: &budget{}}
-	d.metrics = newMetrics(d)
+	d.metrics = newMetrics(d.vols.samples, d.budget, false)
 
 	req := pubReq("vol-1", "/target", attrs(attrTokens, `{"aud":{"token":"TOKEN-VALUE"}}`))
 	req.Secrets = map[string]string{".dockerconfigjson": "SECRET-VALUE"}

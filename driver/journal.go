@@ -5,14 +5,11 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"regexp"
 	"time"
 
 	"github.com/go-logr/logr"
-	"google.golang.org/grpc/codes"
-	"k8s.io/mount-utils"
 
-	"github.com/csi-memfs/csi-memfs/handoff"
+	"github.com/csi-memfs/csi-memfs/volume"
 )
 
 // recordVersion is the version of the journal record format.
@@ -109,7 +106,7 @@ func (j journal) load(logger logr.Logger) ([]record, error) {
 		data, err := os.ReadFile(filepath.Join(j.volumeDir(id), recordFile))
 		if isNotExist(err) {
 			logger.V(1).Info("Removing a journal entry without a record", "volumeID", id)
-			if err := unmountUpper(j.upperDir(id)); err != nil {
+			if err := volume.RemoveUpper(j.upperDir(id)); err != nil {
 				return nil, err
 			}
 			if err := j.remove(id); err != nil {
@@ -131,78 +128,4 @@ func (j journal) load(logger logr.Logger) ([]record, error) {
 		recs = append(recs, r)
 	}
 	return recs, nil
-}
-
-// recover serves again the volumes the journal records, from the sessions
-// a predecessor hands over or the holder kept (handover.go); a recorded
-// volume with no session, or one that cannot be served again, is
-// registered as lost (see "Restarts" in the package doc). A lost volume
-// whose memory layer is still mounted keeps its reservation in the budget.
-func (d *Driver) recover(logger logr.Logger, t takeover) error {
-	recs, err := d.journal.load(logger)
-	if err != nil {
-		t.close()
-		return err
-	}
-	var adopted, lost int
-	for _, r := range recs {
-		if s, ok := t.sessions[r.VolumeID]; ok {
-			delete(t.sessions, r.VolumeID)
-			v, err := d.adopt(logger, r, s, t.resend)
-			if err == nil {
-				d.budget.force(v.reserved)
-				d.vols.put(v)
-				adopted++
-				continue
-			}
-			logger.Error(err, "Could not serve a volume of the previous plugin process again; it is lost", "volumeID", r.VolumeID)
-		}
-		lost++
-		held, err := mount.IsNotMountPoint(d.mounter, d.journal.upperDir(r.VolumeID))
-		held = err == nil && !held
-		v := &volume{rec: r, lost: true, upper: d.journal.upperDir(r.VolumeID)}
-		if held {
-			v.reserved = r.Spec.Params.Size
-		}
-		if img := d.repin(logger, r); img != nil {
-			v.lower = &lowerImage{img: img}
-		}
-		d.budget.force(v.reserved)
-		d.vols.put(v)
-		logger.Info("Found a volume of a previous plugin process that no session serves; it stays lost until unpublished",
-			"volumeID", r.VolumeID, "podNamespace", r.Pod.Namespace, "podName", r.Pod.Name,
-			"targetPath", r.Spec.TargetPath, "memoryHeld", held)
-	}
-	for id, s := range t.sessions {
-		// A session with no record: its volume was unpublished, and only
-		// the holder's copy kept the connection.
-		logger.V(2).Info("Dropping the session of a volume that is not recorded", "volumeID", id)
-		s.Close()
-	}
-	if t.peer != nil {
-		t.peer.Send(handoff.Msg{Op: handoff.OpAck})
-		t.peer.Close()
-	}
-	if t.how != "" {
-		d.metrics.observeTakeover(t.how, time.Since(t.start), adopted, lost)
-		logger.Info("Took over the volumes of the previous plugin process", "from", t.how,
-			"recovered", adopted, "lost", lost, "pause", time.Since(t.start))
-	}
-	return nil
-}
-
-// volumeIDRE is what a volume id may look like: it names a directory.
-// kubelet's inline volume ids ("csi-<sha256 hex>") fit.
-var volumeIDRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$`)
-
-// validVolumeID checks a volume id.
-func validVolumeID(id string) error {
-	if id == "" {
-		return errorf(codes.InvalidArgument, "volume_id is required")
-	}
-	if !volumeIDRE.MatchString(id) {
-		return errorf(codes.InvalidArgument,
-			"volume_id %q: want 1 to 128 letters, digits, '.', '_' or '-', starting with a letter or digit", id)
-	}
-	return nil
 }

@@ -34,30 +34,30 @@ type VolumeInfo struct {
 // the same numbers as the metrics.
 func (d *Driver) Volumes() []VolumeInfo {
 	var out []VolumeInfo
-	for _, v := range d.vols.snapshot() {
-		s, ok := v.sample()
+	for _, e := range d.vols.snapshot() {
+		s, ok := e.sample()
 		if !ok {
 			continue // being unpublished
 		}
 		info := VolumeInfo{
-			ID:             v.id(),
-			PodNamespace:   v.rec.Pod.Namespace,
-			PodName:        v.rec.Pod.Name,
-			Image:          v.rec.Spec.Params.Image,
-			ImageDigest:    v.rec.ImageDigest,
-			PublishedAt:    v.rec.PublishedAt,
+			ID:             e.id(),
+			PodNamespace:   e.rec.Pod.Namespace,
+			PodName:        e.rec.Pod.Name,
+			Image:          e.rec.Spec.Params.Image,
+			ImageDigest:    e.rec.ImageDigest,
+			PublishedAt:    e.rec.PublishedAt,
 			State:          "published",
-			ReadOnly:       v.rec.Spec.ReadOnly,
+			ReadOnly:       e.rec.Spec.ReadOnly,
 			BytesUsed:      s.u.BytesUsed,
 			BytesLimit:     s.u.BytesLimit,
 			InodesUsed:     s.u.InodesUsed,
 			InodesLimit:    s.u.InodesLimit,
-			CopiedUpBytes:  s.copiedUp,
-			Seal:           v.rec.Spec.Params.Seal,
+			CopiedUpBytes:  s.u.CopiedUpBytes,
+			Seal:           e.rec.Spec.Params.Seal,
 			SealViolations: s.sealViolations,
 			Passthrough:    s.passthrough,
 		}
-		if v.lost {
+		if e.lost {
 			info.State = "lost"
 		}
 		out = append(out, info)

@@ -15,7 +15,7 @@ import (
 	"google.golang.org/grpc/codes"
 
 	"github.com/csi-memfs/csi-memfs/image"
-	"github.com/csi-memfs/csi-memfs/memfs"
+	"github.com/csi-memfs/csi-memfs/volume"
 )
 
 // metricsPrefix starts every metric name.
@@ -29,8 +29,13 @@ var volumeLabels = []string{"volume_id", "pod_namespace", "pod_name"}
 type metrics struct {
 	// reg is the registry /metrics serves. Immutable.
 	reg *prometheus.Registry
-	// d is the driver whose volumes are reported. Immutable.
-	d *Driver
+	// samples reads the volumes at scrape time. Immutable.
+	samples func() []volumeSample
+	// budget is the node's budget. Immutable pointer.
+	budget *budget
+	// images is the node's image cache; nil until New opens it, before
+	// anything scrapes. Set once.
+	images *image.Cache
 
 	// rpcTotal counts CSI calls by method and gRPC code.
 	rpcTotal *prometheus.CounterVec
@@ -69,7 +74,9 @@ type metrics struct {
 	imageInFlight, imageHits, imageEvictions                   *prometheus.Desc
 }
 
-func newMetrics(d *Driver) *metrics {
+// newMetrics returns the collectors of volumes read by samples and of
+// budget; registration adds those of the built-in kubelet registrar.
+func newMetrics(samples func() []volumeSample, budget *budget, registration bool) *metrics {
 	vol := func(name, help string) *prometheus.Desc {
 		return prometheus.NewDesc(metricsPrefix+name, help, volumeLabels, nil)
 	}
@@ -77,8 +84,9 @@ func newMetrics(d *Driver) *metrics {
 		return prometheus.NewDesc(metricsPrefix+name, help, labels, nil)
 	}
 	m := &metrics{
-		reg: prometheus.NewRegistry(),
-		d:   d,
+		reg:     prometheus.NewRegistry(),
+		samples: samples,
+		budget:  budget,
 		rpcTotal: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: metricsPrefix + "csi_operations_total",
 			Help: "CSI calls served, by method and gRPC status code (OK for success).",
@@ -176,7 +184,7 @@ func newMetrics(d *Driver) *metrics {
 	m.reg.MustRegister(m.rpcTotal, m.rpcSeconds, m.pulls, m.pullSeconds, m.pullBytes, m.fuse.seconds, m.fuse.errors, m,
 		m.takeovers, m.takeoverPause, m.recovered, m.lost, m.handovers,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	if d.cfg.KubeletRegistrationPath != "" {
+	if registration {
 		m.reg.MustRegister(m.registered, m.registrations)
 	}
 	return m
@@ -214,10 +222,10 @@ func (m *metrics) observeTakeover(from string, pause time.Duration, recovered, l
 	m.lost.Add(float64(lost))
 }
 
-// retire keeps the seal violations of a layer about to be closed in the
+// retire keeps the seal violations of a volume about to be closed in the
 // node total.
-func (m *metrics) retire(l *memfs.Layer) {
-	m.retiredSealViolations.Add(l.SealViolations())
+func (m *metrics) retire(v *volume.Volume) {
+	m.retiredSealViolations.Add(v.SealViolations())
 }
 
 // Describe implements prometheus.Collector for the series computed at
@@ -239,13 +247,9 @@ func (m *metrics) Collect(ch chan<- prometheus.Metric) {
 	}
 	var published, lost, used float64
 	sealed := m.retiredSealViolations.Load()
-	for _, v := range m.d.vols.snapshot() {
-		labels := []string{v.id(), v.rec.Pod.Namespace, v.rec.Pod.Name}
-		s, ok := v.sample()
-		if !ok {
-			continue // being unpublished
-		}
-		if v.lost {
+	for _, s := range m.samples() {
+		labels := []string{s.id, s.podNamespace, s.podName}
+		if s.lost {
 			lost++
 			gauge(m.volLost, 1, labels...)
 			if !s.held {
@@ -262,18 +266,18 @@ func (m *metrics) Collect(ch chan<- prometheus.Metric) {
 		gauge(m.volBytesLimit, float64(s.u.BytesLimit), labels...)
 		gauge(m.volInodesUsed, float64(s.u.InodesUsed), labels...)
 		gauge(m.volInodesLimit, float64(s.u.InodesLimit), labels...)
-		gauge(m.volCopiedUp, float64(s.copiedUp), labels...)
+		gauge(m.volCopiedUp, float64(s.u.CopiedUpBytes), labels...)
 		used += float64(s.u.BytesUsed)
 	}
 	gauge(m.nodeVolumes, published, "published")
 	gauge(m.nodeVolumes, lost, "lost")
 	gauge(m.nodeBytesUsed, used)
-	gauge(m.nodeBytesReserved, float64(m.d.budget.bytes.Load()))
-	gauge(m.nodeBudget, float64(m.d.budget.limit))
-	gauge(m.nodeMaxVolumes, float64(m.d.budget.maxVolumes))
+	gauge(m.nodeBytesReserved, float64(m.budget.bytes.Load()))
+	gauge(m.nodeBudget, float64(m.budget.limit))
+	gauge(m.nodeMaxVolumes, float64(m.budget.maxVolumes))
 	ch <- prometheus.MustNewConstMetric(m.sealViolations, prometheus.CounterValue, float64(sealed))
-	if m.d.images != nil {
-		st := m.d.images.Stats()
+	if m.images != nil {
+		st := m.images.Stats()
 		gauge(m.imageBytes, float64(st.Bytes))
 		gauge(m.imageImages, float64(st.Images))
 		gauge(m.imagePinned, float64(st.Pinned))
@@ -286,50 +290,14 @@ func (m *metrics) Collect(ch chan<- prometheus.Metric) {
 
 // volumeSample is what a scrape reports of one volume.
 type volumeSample struct {
-	u              memfs.Usage
-	held           bool // a lost volume's memory layer is still mounted
+	id, podNamespace, podName string
+	// lost: the volume is a previous process's that no session serves.
+	lost bool
+	// held: a lost volume's memory layer is still mounted.
+	held           bool
+	u              volume.Usage
 	passthrough    bool
 	sealViolations uint64
-	copiedUp       uint64 // bytes copied up from the image lower layer
-}
-
-// sample reads v for a scrape; false when v is being unpublished. A lost
-// volume's memory layer, still mounted under the state directory, is
-// measured by statfs on its mount point.
-func (v *volume) sample() (volumeSample, bool) {
-	v.mu.RLock()
-	defer v.mu.RUnlock()
-	var s volumeSample
-	if v.lost {
-		if v.reserved == 0 {
-			return s, true
-		}
-		var st unix.Statfs_t
-		if err := unix.Statfs(v.upper, &st); err != nil {
-			return s, true
-		}
-		bs := uint64(st.Bsize)
-		s.held = true
-		s.u = memfs.Usage{BytesUsed: (st.Blocks - st.Bfree) * bs, BytesLimit: st.Blocks * bs,
-			InodesUsed: st.Files - st.Ffree, InodesLimit: st.Files}
-		return s, true
-	}
-	if v.layer == nil || v.server == nil {
-		return s, false
-	}
-	u, err := v.layer.Usage()
-	if err != nil {
-		return s, false
-	}
-	s.u, s.passthrough, s.sealViolations = u, v.server.Passthrough(), v.layer.SealViolations()
-	if v.ov != nil {
-		ou, err := v.ov.Usage()
-		if err != nil {
-			return s, false
-		}
-		s.copiedUp = ou.CopiedUpBytes
-	}
-	return s, true
 }
 
 func b2f(b bool) float64 {
@@ -339,24 +307,20 @@ func b2f(b bool) float64 {
 	return 0
 }
 
-// handler serves /metrics, /healthz (200 while Probe would succeed, for
-// the livenessprobe sidecar or a plain httpGet probe) and /volumes (the
-// list `csi-memfs volumes` prints).
-func (m *metrics) handler() http.Handler {
+// handler serves /metrics, /healthz (200 while healthy returns nil, else
+// 503 with its error, for the livenessprobe sidecar or a plain httpGet
+// probe) and volumes on /volumes.
+func (m *metrics) handler(healthy func() error, volumes http.HandlerFunc) http.Handler {
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{Registry: m.reg}))
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) {
-		if err := m.d.probe(); err != nil {
+		if err := healthy(); err != nil {
 			http.Error(w, err.Error(), http.StatusServiceUnavailable)
-			return
-		}
-		if !m.d.ready.Load() {
-			http.Error(w, "recovering the volume journal", http.StatusServiceUnavailable)
 			return
 		}
 		w.Write([]byte("ok\n"))
 	})
-	mux.HandleFunc("/volumes", m.d.serveVolumes)
+	mux.HandleFunc("/volumes", volumes)
 	return mux
 }
 

@@ -3,6 +3,7 @@ package driver
 import (
 	"context"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"time"
 
@@ -69,11 +70,12 @@ func (d *Driver) publishRequest(req *csi.NodePublishVolumeRequest) (string, publ
 				"read-write unless the volume is readOnly", flags)
 	}
 	if g := mnt.GetVolumeMountGroup(); g != "" {
-		if _, err := strconv.ParseUint(g, 10, 32); err != nil {
+		gid, err := strconv.ParseUint(g, 10, 32)
+		if err != nil {
 			return "", spec, podInfo{}, errorf(codes.InvalidArgument,
 				"volume_capability.mount.volume_mount_group %q: want a numeric gid (the pod's fsGroup)", g)
 		}
-		spec.MountGroup = g
+		spec.MountGroup = new(uint32(gid))
 	}
 	spec.AccessMode = capability.GetAccessMode().GetMode()
 	spec.ReadOnly = req.GetReadonly()
@@ -94,6 +96,22 @@ func (d *Driver) publishRequest(req *csi.NodePublishVolumeRequest) (string, publ
 	}
 	spec.Params = params
 	return id, spec, pod, nil
+}
+
+// volumeIDRE is what a volume id may look like: it names a directory.
+// kubelet's inline volume ids ("csi-<sha256 hex>") fit.
+var volumeIDRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$`)
+
+// validVolumeID checks a volume id.
+func validVolumeID(id string) error {
+	if id == "" {
+		return errorf(codes.InvalidArgument, "volume_id is required")
+	}
+	if !volumeIDRE.MatchString(id) {
+		return errorf(codes.InvalidArgument,
+			"volume_id %q: want 1 to 128 letters, digits, '.', '_' or '-', starting with a letter or digit", id)
+	}
+	return nil
 }
 
 // cleanTarget checks a target path: absolute, returned cleaned.

@@ -18,7 +18,6 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/csi-memfs/csi-memfs/memfs"
-	"github.com/csi-memfs/csi-memfs/vfs"
 )
 
 // TestHandlerErrors checks the code of every handler's answers over the
@@ -376,49 +375,6 @@ func TestPublishModes(t *testing.T) {
 	// Another user is refused.
 	if err := runAsErr(1001, 1001, nil, "echo x >"+grp+"/g"); err == nil {
 		t.Errorf("a user outside the mount group wrote into the volume")
-	}
-}
-
-// TestSealAttribute seals files matching the seal globs, as publish does
-// after an image lower layer is in place (a pure memory volume starts
-// empty, so there the globs match nothing yet).
-func TestSealAttribute(t *testing.T) {
-	requireFUSE(t)
-	l, err := memfs.New(filepath.Join(t.TempDir(), "upper"), memfs.Options{Size: 1 << 20})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	for _, p := range []string{"config/app.json", "config/sub/x.json", "config/readme", "bin/app", "app.json"} {
-		os.MkdirAll(filepath.Join(l.Dir(), filepath.Dir(p)), 0o755)
-		os.WriteFile(filepath.Join(l.Dir(), p), []byte("x"), 0o644)
-	}
-	tree := l
-	if err := sealMatching(tree, []string{"config/*.json", "bin/app"}); err != nil {
-		t.Fatal(err)
-	}
-	for p, want := range map[string]string{"config/app.json": "write,grow,shrink,seal", "bin/app": "write,grow,shrink,seal",
-		"config/sub/x.json": "", "config/readme": "", "app.json": ""} {
-		var ino uint64 = vfs.RootIno
-		var refs []uint64
-		for _, name := range strings.Split(p, "/") {
-			e, err := tree.Lookup(ino, name)
-			if err != nil {
-				t.Fatalf("%s: %v", p, err)
-			}
-			ino = e.Ino()
-			refs = append(refs, ino)
-		}
-		s, err := l.Seals(ino)
-		if err != nil || s.String() != want {
-			t.Errorf("%s: seals %q, %v; want %q", p, s, err, want)
-		}
-		for _, r := range refs {
-			tree.Forget(r, 1)
-		}
-	}
-	if err := l.CheckInvariants(); err != nil {
-		t.Error(err)
 	}
 }
 

@@ -1,14 +1,18 @@
 package driver
 
 import (
+	"fmt"
 	"path"
 	"regexp"
 	"slices"
 	"sort"
 	"strings"
 
+	"github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/grpc/codes"
 	"k8s.io/apimachinery/pkg/api/resource"
+
+	"github.com/csi-memfs/csi-memfs/image"
 )
 
 // The volumeAttributes keys of a csi-memfs volume (DESIGN.md, "Volume API").
@@ -33,18 +37,105 @@ const (
 	defaultImageDir = "/"
 )
 
+// LocalImagePrefix starts the image attribute of a local image: "oci:NAME",
+// "oci:NAME:TAG" or "oci:NAME@DIGEST" name the OCI image layout directory
+// or image tarball NAME under Config.LocalImagesDir.
+const LocalImagePrefix = "oci:"
+
 // knownAttrs lists the user-facing keys, in the order error messages name them.
 var knownAttrs = []string{attrImage, attrImagePullPolicy, attrImagePath, attrSize, attrInodes, attrSeal}
 
-// pullPolicy is a volume's imagePullPolicy.
-type pullPolicy string
+// PullPolicy says when an image is pulled: Kubernetes' imagePullPolicy,
+// parsed once (ParsePullPolicy) into what the image cache takes. The zero
+// value is no policy, that of a volume without an image; the image cache
+// takes it as IfNotPresent. It is recorded as Kubernetes spells it.
+type PullPolicy struct {
+	// policy is the parsed policy. Immutable.
+	policy image.PullPolicy
+	// set is false for the zero value. Immutable.
+	set bool
+}
 
-// The pull policies, spelt as in a pod's imagePullPolicy.
-const (
-	pullAlways       pullPolicy = "Always"
-	pullIfNotPresent pullPolicy = "IfNotPresent"
-	pullNever        pullPolicy = "Never"
-)
+// ParsePullPolicy parses Always, IfNotPresent or Never.
+func ParsePullPolicy(s string) (PullPolicy, bool) {
+	if s == "" {
+		return PullPolicy{}, false
+	}
+	p, err := image.ParsePullPolicy(s)
+	return PullPolicy{policy: p, set: true}, err == nil
+}
+
+// defaultPullPolicy is the policy of an image volume without an
+// imagePullPolicy attribute.
+var defaultPullPolicy = PullPolicy{policy: image.PullIfNotPresent, set: true}
+
+// String returns the policy as Kubernetes spells it; "" for none.
+func (p PullPolicy) String() string {
+	if !p.set {
+		return ""
+	}
+	return p.policy.String()
+}
+
+// IsZero says whether p is no policy (encoding/json's omitzero).
+func (p PullPolicy) IsZero() bool { return !p.set }
+
+// MarshalText records p as Kubernetes spells it.
+func (p PullPolicy) MarshalText() ([]byte, error) { return []byte(p.String()), nil }
+
+// UnmarshalText reads a recorded policy.
+func (p *PullPolicy) UnmarshalText(b []byte) error {
+	if len(b) == 0 {
+		*p = PullPolicy{}
+		return nil
+	}
+	q, ok := ParsePullPolicy(string(b))
+	if !ok {
+		return fmt.Errorf("imagePullPolicy %q: want Always, IfNotPresent or Never", b)
+	}
+	*p = q
+	return nil
+}
+
+// publishSpec is everything a NodePublishVolume asks for, validated. Two
+// publishes of one volume are the same request exactly when their specs
+// are equal.
+type publishSpec struct {
+	// TargetPath is the absolute, cleaned path kubelet mounts the pod's
+	// volume from.
+	TargetPath string `json:"targetPath"`
+	// Params are the volume's attributes.
+	Params volumeParams `json:"params"`
+	// ReadOnly mounts the volume read-only.
+	ReadOnly bool `json:"readOnly,omitempty"`
+	// MountGroup is the gid that owns the volume's root directory, from
+	// volume_mount_group; nil for none. Recorded as a decimal string.
+	MountGroup *uint32 `json:"mountGroup,omitempty,string"`
+	// AccessMode is the capability's access mode.
+	AccessMode csi.VolumeCapability_AccessMode_Mode `json:"accessMode"`
+}
+
+// difference names the first field in which s and t differ, or "".
+func (s publishSpec) difference(t publishSpec) string {
+	switch {
+	case s.TargetPath != t.TargetPath:
+		return "target_path"
+	case !s.Params.equal(t.Params):
+		return "volume_context (volumeAttributes)"
+	case s.ReadOnly != t.ReadOnly:
+		return "readonly"
+	case !equalGroup(s.MountGroup, t.MountGroup):
+		return "volume_capability.mount.volume_mount_group"
+	case s.AccessMode != t.AccessMode:
+		return "volume_capability.access_mode"
+	}
+	return ""
+}
+
+// equalGroup says whether two mount groups are the same.
+func equalGroup(g, h *uint32) bool {
+	return (g == nil) == (h == nil) && (g == nil || *g == *h)
+}
 
 // volumeParams are a volume's volumeAttributes, parsed and validated. The
 // zero value is not valid; parseVolumeParams fills every field.
@@ -52,8 +143,9 @@ type volumeParams struct {
 	// Image is the OCI reference of the lower layer; empty for a pure
 	// memory volume.
 	Image string `json:"image,omitempty"`
-	// PullPolicy says when Image is pulled. Meaningful only with an Image.
-	PullPolicy pullPolicy `json:"imagePullPolicy,omitempty"`
+	// PullPolicy says when Image is pulled; the zero value without an
+	// Image.
+	PullPolicy PullPolicy `json:"imagePullPolicy,omitzero"`
 	// ImagePath is the directory of the image used as the lower root:
 	// slash-separated, cleaned, starting with "/".
 	ImagePath string `json:"imagePath,omitempty"`
@@ -156,12 +248,9 @@ func parseVolumeParams(attrs map[string]string, lim limits) (volumeParams, podIn
 			key, attrImage, attrImage, key)
 	}
 	if p.Image != "" {
-		p.PullPolicy = pullIfNotPresent
+		p.PullPolicy = defaultPullPolicy
 		if v, ok := attrs[attrImagePullPolicy]; ok {
-			switch pullPolicy(v) {
-			case pullAlways, pullIfNotPresent, pullNever:
-				p.PullPolicy = pullPolicy(v)
-			default:
+			if p.PullPolicy, ok = ParsePullPolicy(v); !ok {
 				return volumeParams{}, podInfo{}, errorf(codes.InvalidArgument,
 					"volumeAttributes.%s: %q is not a pull policy; want Always, IfNotPresent or Never",
 					attrImagePullPolicy, v)

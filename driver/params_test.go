@@ -1,12 +1,16 @@
 package driver
 
 import (
+	"encoding/json"
 	"reflect"
 	"strings"
 	"testing"
 
+	"github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+
+	"github.com/csi-memfs/csi-memfs/image"
 )
 
 func TestParseVolumeParams(t *testing.T) {
@@ -31,12 +35,12 @@ func TestParseVolumeParams(t *testing.T) {
 			want: with(func(p *volumeParams) { p.Seal = []string{"config/*.json", "bin/app"} })},
 		{name: "image", attrs: attrs("image", "registry.example:5000/team/app:1.2"),
 			want: with(func(p *volumeParams) {
-				p.Image, p.PullPolicy, p.ImagePath = "registry.example:5000/team/app:1.2", pullIfNotPresent, "/"
+				p.Image, p.PullPolicy, p.ImagePath = "registry.example:5000/team/app:1.2", PullPolicy{policy: image.PullIfNotPresent, set: true}, "/"
 			})},
 		{name: "image digest policy path", attrs: attrs("image", "busybox@sha256:"+strings.Repeat("ab", 32),
 			"imagePullPolicy", "Never", "imagePath", "usr/share/"),
 			want: with(func(p *volumeParams) {
-				p.Image, p.PullPolicy, p.ImagePath = "busybox@sha256:"+strings.Repeat("ab", 32), pullNever, "/usr/share"
+				p.Image, p.PullPolicy, p.ImagePath = "busybox@sha256:"+strings.Repeat("ab", 32), PullPolicy{policy: image.PullNever, set: true}, "/usr/share"
 			})},
 		{name: "kubelet keys ignored", attrs: attrs(kubeletPrefix+"serviceAccount.tokens", "{}"), want: base},
 
@@ -122,6 +126,34 @@ func TestImageRefs(t *testing.T) {
 	for _, r := range bad {
 		if validImageRef(r) {
 			t.Errorf("validImageRef(%q) = true", r)
+		}
+	}
+}
+
+// TestPublishSpecRecord: the parsed pull policy and mount group are
+// recorded as the strings a pod spec has, so that records of earlier
+// versions read the same and earlier versions read ours.
+func TestPublishSpecRecord(t *testing.T) {
+	for _, tc := range []struct {
+		spec publishSpec
+		json string
+	}{
+		{publishSpec{TargetPath: "/t", Params: volumeParams{Size: 1}, AccessMode: csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER},
+			`{"targetPath":"/t","params":{"size":1},"accessMode":1}`},
+		{publishSpec{TargetPath: "/t", Params: volumeParams{Image: "busybox", PullPolicy: defaultPullPolicy, ImagePath: "/", Size: 1},
+			MountGroup: new(uint32(0)), AccessMode: csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER},
+			`{"targetPath":"/t","params":{"image":"busybox","imagePullPolicy":"IfNotPresent","imagePath":"/","size":1},"mountGroup":"0","accessMode":1}`},
+		{publishSpec{TargetPath: "/t", Params: volumeParams{Image: "busybox", PullPolicy: PullPolicy{policy: image.PullNever, set: true}, ImagePath: "/", Size: 1},
+			MountGroup: new(uint32(3000)), ReadOnly: true, AccessMode: csi.VolumeCapability_AccessMode_SINGLE_NODE_READER_ONLY},
+			`{"targetPath":"/t","params":{"image":"busybox","imagePullPolicy":"Never","imagePath":"/","size":1},"readOnly":true,"mountGroup":"3000","accessMode":2}`},
+	} {
+		b, err := json.Marshal(tc.spec)
+		if err != nil || string(b) != tc.json {
+			t.Errorf("%+v: %s, %v; want %s", tc.spec, b, err, tc.json)
+		}
+		var back publishSpec
+		if err := json.Unmarshal([]byte(tc.json), &back); err != nil || back.difference(tc.spec) != "" {
+			t.Errorf("%s: read back %+v, %v", tc.json, back, err)
 		}
 	}
 }

@@ -7,7 +7,7 @@ import (
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/grpc/codes"
 
-	"github.com/csi-memfs/csi-memfs/memfs"
+	"github.com/csi-memfs/csi-memfs/volume"
 )
 
 // NodeGetVolumeStats reports a volume's bytes and inodes: total is the
@@ -26,14 +26,14 @@ func (d *Driver) volumeStats(req *csi.NodeGetVolumeStatsRequest) (*csi.NodeGetVo
 	if req.GetVolumePath() == "" {
 		return nil, errorf(codes.InvalidArgument, "volume_path is required")
 	}
-	v := d.vols.get(id)
-	if v == nil {
+	e := d.vols.get(id)
+	if e == nil {
 		return nil, errorf(codes.NotFound, "volume %s is not published on this node", id)
 	}
-	if p, err := cleanTarget(req.GetVolumePath()); err != nil || p != v.rec.Spec.TargetPath {
-		return nil, errorf(codes.NotFound, "volume %s is not published at %s (it is at %s)", id, req.GetVolumePath(), v.rec.Spec.TargetPath)
+	if p, err := cleanTarget(req.GetVolumePath()); err != nil || p != e.rec.Spec.TargetPath {
+		return nil, errorf(codes.NotFound, "volume %s is not published at %s (it is at %s)", id, req.GetVolumePath(), e.rec.Spec.TargetPath)
 	}
-	u, err := v.usage()
+	u, err := e.usage()
 	if err != nil {
 		return nil, err
 	}
@@ -43,22 +43,22 @@ func (d *Driver) volumeStats(req *csi.NodeGetVolumeStatsRequest) (*csi.NodeGetVo
 	}}, nil
 }
 
-// usage returns the memory layer's usage. A lost volume has none to
-// report: its pod sees a dead mount.
-func (v *volume) usage() (memfs.Usage, error) {
-	v.mu.RLock()
-	defer v.mu.RUnlock()
-	if v.lost {
-		return memfs.Usage{}, errorf(codes.FailedPrecondition,
+// usage returns the volume's usage. A lost volume has none to report: its
+// pod sees a dead mount.
+func (e *entry) usage() (volume.Usage, error) {
+	e.mu.RLock()
+	defer e.mu.RUnlock()
+	if e.lost {
+		return volume.Usage{}, errorf(codes.FailedPrecondition,
 			"volume %s was served by a previous plugin process and is lost: its pod sees "+
-				"\"transport endpoint is not connected\"; unpublish it (delete the pod) to free its memory", v.id())
+				"\"transport endpoint is not connected\"; unpublish it (delete the pod) to free its memory", e.id())
 	}
-	if v.layer == nil {
-		return memfs.Usage{}, errorf(codes.NotFound, "volume %s is being unpublished", v.id())
+	if e.vol == nil {
+		return volume.Usage{}, errorf(codes.NotFound, "volume %s is being unpublished", e.id())
 	}
-	u, err := v.layer.Usage()
+	u, err := e.vol.Usage()
 	if err != nil {
-		return memfs.Usage{}, fmt.Errorf("volume %s: usage: %w", v.id(), err)
+		return volume.Usage{}, fmt.Errorf("volume %s: usage: %w", e.id(), err)
 	}
 	return u, nil
 }

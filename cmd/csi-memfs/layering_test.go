@@ -7,7 +7,9 @@ import (
 )
 
 // TestLayering keeps the imports of DESIGN.md pointing down: memfs and
-// overlay know nothing of FUSE, gRPC or Kubernetes; only fusefs speaks FUSE.
+// overlay know nothing of FUSE, gRPC or Kubernetes; only fusefs speaks FUSE;
+// only volume assembles memfs, overlay and fusefs; the command reaches them
+// through driver and volume.
 func TestLayering(t *testing.T) {
 	const mod = "github.com/csi-memfs/csi-memfs/"
 	fuse := "github.com/hanwen/go-fuse"
@@ -19,6 +21,8 @@ func TestLayering(t *testing.T) {
 		{"overlay", []string{fuse, "google.golang.org/grpc", "k8s.io/", "github.com/container-storage-interface", "github.com/prometheus", mod + "fusefs", mod + "driver", mod + "image"}},
 		{"fusefs", []string{"google.golang.org/grpc", "github.com/container-storage-interface", "github.com/prometheus", mod + "driver", mod + "image"}},
 		{"image", []string{fuse, mod + "fusefs", mod + "driver", "github.com/prometheus"}},
+		{"volume", []string{"google.golang.org/grpc", "github.com/container-storage-interface", "github.com/prometheus", mod + "driver", mod + "image", mod + "registrar"}},
+		{"registrar", []string{fuse, mod + "driver", mod + "volume", mod + "image", mod + "fusefs", mod + "overlay", mod + "memfs"}},
 	}
 	out, err := exec.Command("go", "list", "-f", "{{.ImportPath}} {{join .Imports \" \"}}", mod+"...").Output()
 	if err != nil {
@@ -46,12 +50,23 @@ func TestLayering(t *testing.T) {
 		}
 	}
 
-	// fusefs is the one place that speaks FUSE.
+	// fusefs is the one place that speaks FUSE. volume alone assembles
+	// memfs, overlay and fusefs (the holder's fallback, fusefs.Refuse,
+	// aside).
+	direct := map[string][]string{
+		mod + "driver":        {mod + "memfs", mod + "overlay", mod + "fusefs"},
+		mod + "cmd/csi-memfs": {mod + "memfs", mod + "overlay", mod + "image"},
+	}
 	for _, line := range lines {
 		f := strings.Fields(line)
 		for _, imp := range f[1:] {
 			if strings.HasPrefix(imp, fuse) && f[0] != mod+"fusefs" {
 				t.Errorf("%s imports %s: only fusefs may import go-fuse", f[0], imp)
+			}
+			for _, no := range direct[f[0]] {
+				if imp == no {
+					t.Errorf("%s imports %s: volumes are built by package volume", f[0], imp)
+				}
 			}
 		}
 	}

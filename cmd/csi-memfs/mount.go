@@ -15,11 +15,7 @@ import (
 	"k8s.io/apimachinery/pkg/api/resource"
 
 	"github.com/csi-memfs/csi-memfs/driver"
-	"github.com/csi-memfs/csi-memfs/fusefs"
-	"github.com/csi-memfs/csi-memfs/image"
-	"github.com/csi-memfs/csi-memfs/memfs"
-	"github.com/csi-memfs/csi-memfs/overlay"
-	"github.com/csi-memfs/csi-memfs/vfs"
+	"github.com/csi-memfs/csi-memfs/volume"
 )
 
 type mountFlags struct {
@@ -29,7 +25,7 @@ type mountFlags struct {
 	lower         string
 	image         string
 	imagePath     string
-	pullPolicy    string
+	pullPolicy    driver.PullPolicy
 	imageCacheDir string
 	insecure      []string
 	pullSecret    string
@@ -58,7 +54,7 @@ func parseMountFlags(args []string, out io.Writer) (*mountFlags, error) {
 	fs.StringVar(&m.lower, "lower", "", "a directory to serve read-only beneath the memory layer: the volume starts with its contents, and changes stay in memory")
 	fs.StringVar(&m.image, "image", "", "an OCI image (registry reference, or "+driver.LocalImagePrefix+"NAME under --local-images) to serve read-only beneath the memory layer, like --lower")
 	fs.StringVar(&m.imagePath, "image-path", "/", "directory of the image used as the volume root")
-	fs.StringVar(&m.pullPolicy, "image-pull-policy", "IfNotPresent", "Always, IfNotPresent or Never")
+	pullPolicy := fs.String("image-pull-policy", "IfNotPresent", "Always, IfNotPresent or Never")
 	fs.StringVar(&m.imageCacheDir, "image-cache-dir", defaultImageCacheDir(), "directory of the image cache; one process at a time uses it, so give each concurrent mount its own (or use the plugin's only when it is stopped)")
 	fs.Func("insecure-registry", "registry HOST[:PORT] that may be pulled from over plain HTTP (repeatable; loopback registries always may)", func(s string) error {
 		if s == "" || strings.ContainsAny(s, "/ ") {
@@ -118,8 +114,9 @@ Flags:
 		}
 	}
 	if m.image != "" {
-		if _, err := image.ParsePullPolicy(m.pullPolicy); err != nil {
-			return nil, fmt.Errorf("--image-pull-policy %q: want Always, IfNotPresent or Never", m.pullPolicy)
+		var ok bool
+		if m.pullPolicy, ok = driver.ParsePullPolicy(*pullPolicy); !ok {
+			return nil, fmt.Errorf("--image-pull-policy %q: want Always, IfNotPresent or Never", *pullPolicy)
 		}
 	}
 	if m.lower != "" {
@@ -166,52 +163,38 @@ func serveMount(m *mountFlags) error {
 		return err
 	}
 	defer os.RemoveAll(private)
-	layer, err := memfs.New(filepath.Join(private, "upper"), memfs.Options{Size: m.size.Value(), Inodes: m.inodes})
-	if err != nil {
-		return err
-	}
-	defer layer.Close()
 
 	lowerDir := m.lower
 	if m.image != "" {
-		cache, img, err := pullImage(m)
+		img, err := pullImage(m)
 		if err != nil {
 			return err
 		}
-		// The cache stays open (and locked) while the image is served, so
-		// that no other process collects it.
-		defer cache.Close()
-		defer img.Release()
-		if lowerDir, err = img.Subdir(m.imagePath); err != nil {
-			return fmt.Errorf("--image-path: %w", err)
-		}
+		// Released after the volume is closed (deferred calls run last
+		// first).
+		defer img.Close()
+		lowerDir = img.Dir
 	}
-	var tree vfs.FS = layer
-	if lowerDir != "" {
-		lower, err := overlay.NewDirLower(lowerDir)
-		if err != nil {
-			return fmt.Errorf("lower directory %s: %w", lowerDir, err)
-		}
-		defer lower.Close()
-		ov, err := overlay.New(layer, lower)
-		if err != nil {
-			return err
-		}
-		defer ov.Close()
-		tree = ov
-	}
-	srv, err := fusefs.Mount(m.mountpoint, tree, fusefs.Options{
-		FsName:             "csi-memfs",
+	vol, err := volume.Build(volume.Config{
+		Upper:              filepath.Join(private, "upper"),
+		Size:               m.size.Value(),
+		Inodes:             m.inodes,
+		Lower:              lowerDir,
+		Target:             m.mountpoint,
 		DisablePassthrough: m.noPassthrough,
 		Debug:              m.debug,
 	})
 	if err != nil {
 		return err
 	}
+	defer vol.Close()
+	if err := vol.Mount(); err != nil {
+		return err
+	}
 	done := make(chan struct{})
-	go func() { srv.Wait(); close(done) }()
+	go func() { vol.Wait(); close(done) }()
 
-	u, _ := layer.Usage()
+	u, _ := vol.Usage()
 	over := ""
 	if m.lower != "" {
 		over = " over " + m.lower
@@ -220,11 +203,11 @@ func serveMount(m *mountFlags) error {
 		over = " over image " + m.image
 	}
 	fmt.Fprintf(os.Stderr, "csi-memfs: serving %s%s (size %s, %d inodes, passthrough %s); Ctrl-C unmounts\n",
-		m.mountpoint, over, &m.size, u.InodesLimit, onOff(srv.Passthrough()))
+		m.mountpoint, over, &m.size, u.InodesLimit, onOff(vol.Passthrough()))
 	select {
 	case s := <-sigs:
 		fmt.Fprintf(os.Stderr, "csi-memfs: %v: unmounting %s\n", s, m.mountpoint)
-		if err := srv.Unmount(); err != nil {
+		if err := vol.Unmount(); err != nil {
 			return err
 		}
 	case <-done:
@@ -233,43 +216,45 @@ func serveMount(m *mountFlags) error {
 	return nil
 }
 
-// pullImage opens the image cache and gets --image from it pinned,
-// pulling it if needed; a SIGINT or SIGTERM abandons the pull. The caller
-// releases the image, then closes the cache.
-func pullImage(m *mountFlags) (*image.Cache, *image.Image, error) {
-	secrets := map[string]string{}
+// pullImage gets --image from the image cache, pinned, pulling it if
+// needed; a SIGINT or SIGTERM abandons the pull. The caller closes the
+// result once the volume is closed.
+func pullImage(m *mountFlags) (*driver.PulledImage, error) {
+	var secret []byte
 	if m.pullSecret != "" {
 		b, err := os.ReadFile(m.pullSecret)
 		if err != nil {
-			return nil, nil, fmt.Errorf("--pull-secret: %w", err)
+			return nil, fmt.Errorf("--pull-secret: %w", err)
 		}
-		secrets[image.DockerConfigJSONKey] = string(b)
-	}
-	kc, err := image.KeychainFromSecrets(secrets)
-	if err != nil {
-		return nil, nil, fmt.Errorf("--pull-secret %s: %w", m.pullSecret, err)
-	}
-	policy, _ := image.ParsePullPolicy(m.pullPolicy) // checked by parseMountFlags
-	cache, err := image.NewCache(image.Config{
-		Dir:                m.imageCacheDir,
-		InsecureRegistries: m.insecure,
-		LocalPrefix:        driver.LocalImagePrefix,
-		LocalDir:           m.localImages,
-		Progress: func(p image.Progress) {
-			fmt.Fprintf(os.Stderr, "csi-memfs: pulling %s: layer %d of %d, %d of %d bytes\n", p.Ref, p.Layer+1, p.Layers, p.Bytes, p.TotalBytes)
-		},
-	})
-	if err != nil {
-		return nil, nil, fmt.Errorf("--image-cache-dir: %w", err)
+		secret = b
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
-	img, err := cache.Get(ctx, m.image, policy, kc)
-	if err != nil {
-		cache.Close()
-		return nil, nil, fmt.Errorf("--image %s: %w", m.image, err)
+	img, err := driver.PullImage(ctx, driver.ImagePull{
+		Image:              m.image,
+		ImagePath:          m.imagePath,
+		PullPolicy:         m.pullPolicy,
+		PullSecret:         secret,
+		CacheDir:           m.imageCacheDir,
+		InsecureRegistries: m.insecure,
+		LocalImagesDir:     m.localImages,
+		Progress: func(ref string, layer, layers int, bytes, totalBytes int64) {
+			fmt.Fprintf(os.Stderr, "csi-memfs: pulling %s: layer %d of %d, %d of %d bytes\n", ref, layer+1, layers, bytes, totalBytes)
+		},
+	})
+	var pe *driver.PullError
+	if !errors.As(err, &pe) {
+		return img, err
 	}
-	return cache, img, nil
+	switch pe.Field {
+	case "PullSecret":
+		return nil, fmt.Errorf("--pull-secret %s: %w", m.pullSecret, pe.Err)
+	case "CacheDir":
+		return nil, fmt.Errorf("--image-cache-dir: %w", pe.Err)
+	case "ImagePath":
+		return nil, fmt.Errorf("--image-path: %w", pe.Err)
+	}
+	return nil, fmt.Errorf("--image %s: %w", m.image, pe.Err)
 }
 
 // defaultImageCacheDir is the user's cache directory's csi-memfs/images.

@@ -1,4 +1,16 @@
-package driver
+// Package registrar registers a CSI node plugin with kubelet, in process:
+// it serves kubelet's plugin-registration API on a socket in kubelet's
+// plugins_registry directory, as kubernetes-csi's node-driver-registrar
+// sidecar does, so that the plugin's pod needs one container.
+//
+// kubelet discovers node plugins by watching its plugins_registry directory
+// (<kubelet-dir>/plugins_registry) for unix sockets. For each new socket it
+// calls Registration.GetInfo, checks the answer, dials the CSI endpoint the
+// answer names, and reports the outcome with NotifyRegistrationStatus. When
+// the socket goes away, kubelet unregisters the plugin.
+//
+// Serve serves that small API; the chart keeps the sidecar as an option.
+package registrar
 
 import (
 	"context"
@@ -16,24 +28,12 @@ import (
 	"github.com/csi-memfs/csi-memfs/handoff"
 )
 
-// Kubelet plugin registration
-//
-// kubelet discovers node plugins by watching its plugins_registry directory
-// (<kubelet-dir>/plugins_registry) for unix sockets. For each new socket it
-// calls Registration.GetInfo, checks the answer, dials the CSI endpoint the
-// answer names, and reports the outcome with NotifyRegistrationStatus. When
-// the socket goes away, kubelet unregisters the plugin.
-//
-// Most CSI drivers run kubernetes-csi's node-driver-registrar sidecar for
-// this. csi-memfs serves the same small API itself (ServeRegistration), so
-// its pod needs one container; the chart keeps the sidecar as an option.
-
 // supportedCSIVersions are the CSI spec versions kubelet may speak to the
 // plugin.
 var supportedCSIVersions = []string{"1.0.0"}
 
-// RegistrationConfig configures ServeRegistration.
-type RegistrationConfig struct {
+// Config configures Serve.
+type Config struct {
 	// DriverName is the CSI driver name kubelet registers. Required.
 	DriverName string
 	// KubeletEndpoint is the CSI socket's path as kubelet sees it on the
@@ -43,21 +43,28 @@ type RegistrationConfig struct {
 	KubeletEndpoint string
 	// SocketPath is where the registration socket is created: the
 	// plugins_registry directory as this process sees it, joined with
-	// RegistrationSocketName(DriverName). Required, absolute.
+	// SocketName(DriverName). Required, absolute.
 	SocketPath string
 	// OnStatus, if set, is called with every status kubelet reports:
 	// registered or not, and kubelet's error message when not.
 	OnStatus func(registered bool, message string)
+	// Retry is how long Serve waits before offering the registration
+	// again after kubelet refused it, doubling on each refusal up to a
+	// minute. Default 1 s.
+	Retry time.Duration
+	// CheckPeriod is how often Serve checks that its socket is still in
+	// place. Default 5 s.
+	CheckPeriod time.Duration
 }
 
-// RegistrationSocketName is the name of the registration socket in kubelet's
+// SocketName is the name of the registration socket in kubelet's
 // plugins_registry directory: <driver>-reg.sock, as node-driver-registrar
 // names it.
-func RegistrationSocketName(driverName string) string {
+func SocketName(driverName string) string {
 	return driverName + "-reg.sock"
 }
 
-func (c RegistrationConfig) validate() error {
+func (c Config) validate() error {
 	switch {
 	case c.DriverName == "":
 		return errors.New("registration: driver name is required")
@@ -69,16 +76,26 @@ func (c RegistrationConfig) validate() error {
 	return nil
 }
 
-// How long ServeRegistration waits before offering itself again after
-// kubelet refused it (doubling up to registrationRetryMax), and how often it
-// checks that its socket is still in place. Variables for the tests.
-var (
-	registrationRetry       = time.Second
-	registrationRetryMax    = time.Minute
-	registrationCheckPeriod = 5 * time.Second
+// The defaults of Config.Retry and Config.CheckPeriod, and the longest
+// wait between offers.
+const (
+	defaultRetry       = time.Second
+	defaultCheckPeriod = 5 * time.Second
+	retryMax           = time.Minute
 )
 
-// ServeRegistration serves kubelet's plugin-registration API on
+// withDefaults returns c with defaults filled in.
+func (c Config) withDefaults() Config {
+	if c.Retry <= 0 {
+		c.Retry = defaultRetry
+	}
+	if c.CheckPeriod <= 0 {
+		c.CheckPeriod = defaultCheckPeriod
+	}
+	return c
+}
+
+// Serve serves kubelet's plugin-registration API on
 // cfg.SocketPath until ctx is done, then removes the socket (kubelet then
 // unregisters the plugin) and returns nil. A stale socket left by a
 // previous process is replaced. It returns an error when cfg is invalid or
@@ -88,32 +105,33 @@ var (
 // NodeGetInfo call failed, say) it never asks again, and when the socket
 // file goes away it unregisters the plugin for good. node-driver-registrar
 // answers the first by exiting, so that its restart offers a new socket;
-// ServeRegistration offers a new socket itself, after a back-off. It also
+// Serve offers a new socket itself, after a back-off. It also
 // puts the socket back when it has been removed from under it (found
 // missing on two checks in a row). A socket replaced by another one is a
 // successor's (a handover): it is left alone.
-func ServeRegistration(ctx context.Context, cfg RegistrationConfig) error {
+func Serve(ctx context.Context, cfg Config) error {
 	if err := cfg.validate(); err != nil {
 		return err
 	}
+	cfg = cfg.withDefaults()
 	logger := klog.FromContext(ctx).WithValues("socket", cfg.SocketPath)
-	retry := registrationRetry
+	retry := cfg.Retry
 	offer, err := offerRegistration(cfg, logger)
 	if err != nil {
 		return err
 	}
 	for {
 		logger.Info("Serving kubelet plugin registration", "driver", cfg.DriverName, "endpoint", cfg.KubeletEndpoint)
-		again, err := offer.wait(ctx, retry)
+		again, err := offer.wait(ctx, retry, cfg.CheckPeriod)
 		if err != nil || !again {
 			offer.stop()
 			return err
 		}
 		switch {
 		case offer.refused.Load():
-			retry = min(2*retry, registrationRetryMax)
+			retry = min(2*retry, retryMax)
 		case offer.registered.Load():
-			retry = registrationRetry
+			retry = cfg.Retry
 		}
 		// The new socket takes the path in one step; the old one's
 		// server then stops, its file already gone.
@@ -144,7 +162,7 @@ type registrationOffer struct {
 
 // offerRegistration binds cfg.SocketPath and serves the registration API
 // on it.
-func offerRegistration(cfg RegistrationConfig, logger klog.Logger) (*registrationOffer, error) {
+func offerRegistration(cfg Config, logger klog.Logger) (*registrationOffer, error) {
 	lis, ours, err := handoff.ListenUnix("unix", cfg.SocketPath)
 	if err != nil {
 		return nil, fmt.Errorf("registration socket: %w", err)
@@ -163,10 +181,10 @@ func offerRegistration(cfg RegistrationConfig, logger klog.Logger) (*registratio
 
 // wait returns when the offer should end: with again set when a new socket
 // should be offered (kubelet refused this one, and retry has passed; or the
-// socket was removed), with an error when the server failed, and with
-// neither when ctx is done.
-func (o *registrationOffer) wait(ctx context.Context, retry time.Duration) (again bool, err error) {
-	tick := time.NewTicker(registrationCheckPeriod)
+// socket was removed, as found by checks every period), with an error when
+// the server failed, and with neither when ctx is done.
+func (o *registrationOffer) wait(ctx context.Context, retry, period time.Duration) (again bool, err error) {
+	tick := time.NewTicker(period)
 	defer tick.Stop()
 	missing := 0
 	for {
@@ -212,7 +230,7 @@ type registrationServer struct {
 	registerapi.UnimplementedRegistrationServer
 
 	// cfg is the validated configuration. Immutable.
-	cfg RegistrationConfig
+	cfg Config
 	// logger carries the socket path. Immutable.
 	logger klog.Logger
 	// offer is the socket this server answers on.

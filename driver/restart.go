@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"os"
 	"path/filepath"
 	"sync"
 	"time"
@@ -12,20 +11,24 @@ import (
 	"github.com/go-logr/logr"
 	"google.golang.org/grpc/codes"
 	"k8s.io/klog/v2"
+	"k8s.io/mount-utils"
 
-	"github.com/csi-memfs/csi-memfs/fusefs"
 	"github.com/csi-memfs/csi-memfs/handoff"
-	"github.com/csi-memfs/csi-memfs/memfs"
+	"github.com/csi-memfs/csi-memfs/volume"
 )
 
-// Restarts without downtime (docs/restart.md). A volume's FUSE connection
-// outlives the process serving it in two ways:
+// Restarts without downtime (docs/restart.md): the handover a process
+// gives its successor, the takeover by which a starting process serves its
+// predecessor's volumes again, and the link that keeps the holder's copies
+// of the sessions up to date.
+//
+// A volume's FUSE connection outlives the process serving it in two ways:
 //
 //   - Planned: a new process started beside a running one (a DaemonSet
 //     rollout with maxSurge) connects to the old one's handover socket in
 //     the state directory. The old process stops serving every volume
 //     (requests read are answered, new ones wait in the kernel), sends
-//     each volume's fusefs.Session and waits for the new one to adopt
+//     each volume's session and waits for the new one to adopt
 //     them. It then stops serving CSI and idles until it is told to exit,
 //     which it does without unmounting anything.
 //   - Crash: every published volume's session is also kept by the holder
@@ -35,11 +38,21 @@ import (
 //     of the requests the dead process never answered.
 //
 // Either way the successor rebuilds each volume from its journal record
-// and its memory layer, still mounted under the state directory
-// (memfs.Open), re-pins its image, and serves the kernel's connection from
-// where the predecessor left it (fusefs.Adopt). A volume with a record but
-// no session is lost, as before: its mount answers ENOTCONN until kubelet
-// unpublishes it.
+// and its memory layer, still mounted under the state directory, re-pins
+// its image, and serves the kernel's connection from where the predecessor
+// left it (volume.Adopt). A volume with a record but no session is lost,
+// as before: its mount answers ENOTCONN until kubelet unpublishes it.
+//
+// Lock order (below the package's):
+//
+//	Driver.rpcMu       held for writing by a handover, which so waits for the
+//	                   Node calls in flight
+//	  registry.locks[volume id]
+//	    entry.mu       a session is taken under the volume's lock, so that
+//	                   its server is not unmounted meanwhile
+//	      holderLink.mu
+//
+// A takeover runs in New, before anything else can reach the volumes.
 
 // Sockets in the state directory.
 const (
@@ -54,24 +67,10 @@ const opHandover = "handover"
 // for its CSI calls in flight (a publish may wait for an image pull).
 const handoverTimeout = 3 * time.Minute
 
-// bundleOf packs a volume's session for handoff.
-func bundleOf(id string, s fusefs.Session) handoff.Bundle {
-	return handoff.Bundle{ID: id, Meta: s.Init, Files: []*os.File{s.Dev, s.Handles}}
-}
-
-// sessionOf unpacks a bundle.
-func sessionOf(b handoff.Bundle) (fusefs.Session, error) {
-	if len(b.Files) != 2 || len(b.Meta) == 0 {
-		b.Close()
-		return fusefs.Session{}, fmt.Errorf("volume %s: a session of %d descriptors and %d bytes, want 2 and INIT", b.ID, len(b.Files), len(b.Meta))
-	}
-	return fusefs.Session{Dev: b.Files[0], Handles: b.Files[1], Init: b.Meta}, nil
-}
-
 // takeover is where a starting process gets its volumes' sessions.
 type takeover struct {
 	// sessions are the volumes' sessions, by volume id.
-	sessions map[string]fusefs.Session
+	sessions map[string]volume.Session
 	// resend is true for sessions of a process that died: the kernel
 	// resends what it never answered.
 	resend bool
@@ -111,7 +110,7 @@ func (d *Driver) takeSessions(logger logr.Logger) takeover {
 
 // takeFromHolder gets the sessions the holder keeps, if there is one.
 func (d *Driver) takeFromHolder(logger logr.Logger, start time.Time) takeover {
-	none := takeover{sessions: map[string]fusefs.Session{}, start: start}
+	none := takeover{sessions: map[string]volume.Session{}, start: start}
 	c, err := handoff.Dial(filepath.Join(d.cfg.StateDir, holderSocket))
 	if err != nil {
 		logger.V(2).Info("No session holder to recover volumes from", "err", err)
@@ -127,10 +126,10 @@ func (d *Driver) takeFromHolder(logger logr.Logger, start time.Time) takeover {
 }
 
 // sessionsOf unpacks bundles by volume id, dropping malformed ones.
-func sessionsOf(logger logr.Logger, bundles []handoff.Bundle) map[string]fusefs.Session {
-	m := map[string]fusefs.Session{}
+func sessionsOf(logger logr.Logger, bundles []handoff.Bundle) map[string]volume.Session {
+	m := map[string]volume.Session{}
 	for _, b := range bundles {
-		if s, err := sessionOf(b); err != nil {
+		if s, err := volume.SessionOf(b); err != nil {
 			logger.Error(err, "Ignoring a malformed session")
 		} else {
 			m[b.ID] = s
@@ -164,59 +163,87 @@ func (d *Driver) askHandover(logger logr.Logger) ([]handoff.Bundle, *handoff.Con
 
 // adopt serves a recorded volume again from its session. On failure the
 // session is closed and the volume is left to be registered lost.
-func (d *Driver) adopt(logger logr.Logger, r record, s fusefs.Session, resend bool) (*volume, error) {
+func (d *Driver) adopt(logger logr.Logger, r record, s volume.Session, resend bool) (*entry, error) {
 	id := r.VolumeID
-	v := &volume{rec: r, reserved: r.Spec.Params.Size, upper: d.journal.upperDir(id)}
-	var undo undoStack
-	fail := func(err error) (*volume, error) {
-		undo.run(logger, id)
-		return nil, fmt.Errorf("volume %s: %w", id, err)
-	}
+	e := &entry{rec: r, reserved: r.Spec.Params.Size, upper: d.journal.upperDir(id)}
+	var lower string
 	if r.ImageDigest != "" {
 		img := d.repin(logger, r)
 		if img == nil {
 			s.Close()
-			return fail(fmt.Errorf("image %s is not in the cache", r.ImageDigest))
+			return nil, fmt.Errorf("volume %s: image %s is not in the cache", id, r.ImageDigest)
 		}
-		lower, err := d.openLower(img, r.Spec.Params.ImagePath)
+		dir, err := lowerDir(img, r.Spec.Params.ImagePath)
 		if err != nil {
 			s.Close()
-			return fail(err)
+			return nil, fmt.Errorf("volume %s: %w", id, err)
 		}
-		v.lower = lower
-		undo.push(lower.close)
+		e.img, lower = img, dir
 	}
-	layer, err := memfs.Open(v.upper, memfs.Options{Size: r.Spec.Params.Size, Inodes: r.Spec.Params.Inodes, Fds: d.fds})
+	vol, err := volume.Adopt(d.volumeConfig(id, r.Spec, lower), s, resend)
 	if err != nil {
-		s.Close()
-		return fail(fmt.Errorf("memory layer: %w", err))
+		if e.img != nil {
+			e.img.Release()
+		}
+		return nil, fmt.Errorf("volume %s: %w", id, err)
 	}
-	undo.push(func() error { layer.Detach(); return nil })
-	tree, ov, err := d.buildTree(layer, v.lower)
-	if err != nil {
-		s.Close()
-		return fail(err)
-	}
-	if ov != nil {
-		undo.push(func() error { ov.Close(); return nil })
-	}
-	server, err := fusefs.Adopt(r.Spec.TargetPath, s, tree, d.fuseOptions(id, r.Spec), resend)
-	if err != nil {
-		return fail(err)
-	}
-	v.layer, v.ov, v.server = layer, ov, server
-	return v, nil
+	e.vol = vol
+	return e, nil
 }
 
-// fuseOptions are the options of a volume's FUSE server.
-func (d *Driver) fuseOptions(id string, spec publishSpec) fusefs.Options {
-	return fusefs.Options{
-		FsName:             "csi-memfs:" + id,
-		ReadOnly:           spec.ReadOnly,
-		DisablePassthrough: d.cfg.DisablePassthrough,
-		Observer:           d.metrics.fuse,
-		Debug:              d.cfg.FUSEDebug,
+// recover serves again the volumes the journal records, from the sessions
+// a predecessor hands over or the holder kept; a recorded
+// volume with no session, or one that cannot be served again, is
+// registered as lost (see "Restarts" in the package doc). A lost volume
+// whose memory layer is still mounted keeps its reservation in the budget.
+func (d *Driver) recover(logger logr.Logger, t takeover) error {
+	recs, err := d.journal.load(logger)
+	if err != nil {
+		t.close()
+		return err
 	}
+	var adopted, lost int
+	for _, r := range recs {
+		if s, ok := t.sessions[r.VolumeID]; ok {
+			delete(t.sessions, r.VolumeID)
+			e, err := d.adopt(logger, r, s, t.resend)
+			if err == nil {
+				d.budget.force(e.reserved)
+				d.vols.put(e)
+				adopted++
+				continue
+			}
+			logger.Error(err, "Could not serve a volume of the previous plugin process again; it is lost", "volumeID", r.VolumeID)
+		}
+		lost++
+		held, err := mount.IsNotMountPoint(d.mounter, d.journal.upperDir(r.VolumeID))
+		held = err == nil && !held
+		e := &entry{rec: r, lost: true, upper: d.journal.upperDir(r.VolumeID), img: d.repin(logger, r)}
+		if held {
+			e.reserved = r.Spec.Params.Size
+		}
+		d.budget.force(e.reserved)
+		d.vols.put(e)
+		logger.Info("Found a volume of a previous plugin process that no session serves; it stays lost until unpublished",
+			"volumeID", r.VolumeID, "podNamespace", r.Pod.Namespace, "podName", r.Pod.Name,
+			"targetPath", r.Spec.TargetPath, "memoryHeld", held)
+	}
+	for id, s := range t.sessions {
+		// A session with no record: its volume was unpublished, and only
+		// the holder's copy kept the connection.
+		logger.V(2).Info("Dropping the session of a volume that is not recorded", "volumeID", id)
+		s.Close()
+	}
+	if t.peer != nil {
+		t.peer.Send(handoff.Msg{Op: handoff.OpAck})
+		t.peer.Close()
+	}
+	if t.how != "" {
+		d.metrics.observeTakeover(t.how, time.Since(t.start), adopted, lost)
+		logger.Info("Took over the volumes of the previous plugin process", "from", t.how,
+			"recovered", adopted, "lost", lost, "pause", time.Since(t.start))
+	}
+	return nil
 }
 
 // serveHandover answers a successor's handover request on lis: it stops
@@ -279,39 +306,35 @@ func (d *Driver) stopAll(ctx context.Context) []handoff.Bundle {
 	// Not ctx: it may be done already (stopping at SIGTERM).
 	lctx, cancel := context.WithTimeout(context.Background(), handoverTimeout)
 	defer cancel()
-	for _, v := range d.vols.snapshot() {
+	for _, e := range d.vols.snapshot() {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			unlock, err := d.vols.lock(lctx, v.id())
+			unlock, err := d.vols.lock(lctx, e.id())
 			if err != nil {
 				return
 			}
 			defer unlock()
-			v.mu.Lock()
-			defer v.mu.Unlock()
-			if v.server == nil {
+			e.mu.Lock()
+			defer e.mu.Unlock()
+			if e.vol == nil {
 				return // lost: the successor finds it in the journal
 			}
-			s, err := v.server.Stop()
-			v.server = nil
-			if v.ov != nil {
-				v.ov.Close()
-				v.ov = nil
+			s, err := e.vol.Stop()
+			d.metrics.retire(e.vol)
+			e.vol = nil
+			if e.img != nil {
+				e.img.Release()
+				e.img = nil
 			}
-			d.metrics.retire(v.layer)
-			v.layer.Detach()
-			v.layer = nil
-			v.lower.close()
-			v.lower = nil
-			d.vols.remove(v.id())
-			d.budget.release(v.reserved)
+			d.vols.remove(e.id())
+			d.budget.release(e.reserved)
 			if err != nil {
-				logger.Error(err, "Stopping a volume for the handover", "volumeID", v.id())
+				logger.Error(err, "Stopping a volume for the handover", "volumeID", e.id())
 				return
 			}
 			mu.Lock()
-			bundles = append(bundles, bundleOf(v.id(), s))
+			bundles = append(bundles, s.Bundle(e.id()))
 			mu.Unlock()
 		}()
 	}
@@ -341,37 +364,38 @@ var errHandingOver = errorf(codes.Unavailable, "this plugin process has handed i
 // volumes this process serves. The holder is optional: without one, a
 // crash loses the volumes (they answer ENOTCONN), as with any FUSE driver.
 type holderLink struct {
+	// path is the holder's socket. Immutable.
 	path string
 	// mu protects c.
 	mu sync.Mutex
 	// c is the connection to the holder; nil while there is none. A
 	// holder that restarts starts empty, so a new connection is given
-	// every session again (keep).
+	// every session again (keep). Protected by mu.
 	c *handoff.Client
 }
 
 // put gives the holder a copy of volume id's session.
-func (h *holderLink) put(id string, srv *fusefs.Server) {
+func (h *holderLink) put(id string, vol *volume.Volume) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if h.c == nil {
 		return // keep puts it when the holder comes
 	}
-	h.putLocked(id, srv)
+	h.putLocked(id, vol)
 }
 
 // putLocked is put.
 //
 // Preconditions:
 //   - h.mu is locked and h.c is not nil.
-func (h *holderLink) putLocked(id string, srv *fusefs.Server) {
-	s, err := srv.Session()
+func (h *holderLink) putLocked(id string, vol *volume.Volume) {
+	s, err := vol.Session()
 	if err != nil {
 		klog.ErrorS(err, "Session of a volume for the holder", "volumeID", id)
 		return
 	}
 	defer s.Close()
-	if err := h.c.Put(bundleOf(id, s)); err != nil {
+	if err := h.c.Put(s.Bundle(id)); err != nil {
 		klog.ErrorS(err, "The session holder refused a volume; reconnecting", "volumeID", id)
 		h.c.Close()
 		h.c = nil
@@ -391,12 +415,9 @@ func (h *holderLink) del(id string) {
 }
 
 // keep connects to the holder, and again whenever the connection breaks,
-// and gives it every volume's session each time; it checks the connection
-// every period. It returns when ctx is done.
-//
-// Lock order: volume.mu, then holderLink.mu (a session is taken under the
-// volume's lock, so that its server is not unmounted meanwhile).
-func (h *holderLink) keep(ctx context.Context, d *Driver, period time.Duration) {
+// and gives every volume of vols its session each time; it checks the
+// connection every period. It returns when ctx is done.
+func (h *holderLink) keep(ctx context.Context, vols *registry, period time.Duration) {
 	t := time.NewTicker(period)
 	defer t.Stop()
 	for {
@@ -416,13 +437,13 @@ func (h *holderLink) keep(ctx context.Context, d *Driver, period time.Duration) 
 		h.mu.Unlock()
 		if fresh {
 			n := 0
-			for _, v := range d.vols.snapshot() {
-				v.mu.RLock()
-				if v.server != nil {
-					h.put(v.id(), v.server)
+			for _, e := range vols.snapshot() {
+				e.mu.RLock()
+				if e.vol != nil {
+					h.put(e.id(), e.vol)
 					n++
 				}
-				v.mu.RUnlock()
+				e.mu.RUnlock()
 			}
 			klog.V(2).InfoS("Connected to the session holder", "volumes", n)
 		}

@@ -1,0 +1,48 @@
+package volume
+
+import (
+	"golang.org/x/sys/unix"
+)
+
+// Usage is what a volume's memory layer uses and may use, as the tmpfs
+// instance counts it (the numbers df shows in the pod), and how much of it
+// was copied up from the lower directory.
+type Usage struct {
+	BytesUsed, BytesLimit   uint64
+	InodesUsed, InodesLimit uint64
+	// CopiedUpBytes counts the bytes ever copied up from the lower
+	// directory; the rest of BytesUsed was written by users. 0 for a
+	// pure memory volume.
+	CopiedUpBytes uint64
+}
+
+// Usage reports the volume's usage. It must not be called after Close or
+// Stop.
+func (v *Volume) Usage() (Usage, error) {
+	if v.ov != nil {
+		ou, err := v.ov.Usage()
+		if err != nil {
+			return Usage{}, err
+		}
+		u := ou.Usage
+		return Usage{BytesUsed: u.BytesUsed, BytesLimit: u.BytesLimit, InodesUsed: u.InodesUsed, InodesLimit: u.InodesLimit,
+			CopiedUpBytes: ou.CopiedUpBytes}, nil
+	}
+	u, err := v.layer.Usage()
+	if err != nil {
+		return Usage{}, err
+	}
+	return Usage{BytesUsed: u.BytesUsed, BytesLimit: u.BytesLimit, InodesUsed: u.InodesUsed, InodesLimit: u.InodesLimit}, nil
+}
+
+// UpperUsage measures a memory layer that no Volume serves, mounted on dir
+// (one a previous process left), by statfs on its mount point.
+func UpperUsage(dir string) (Usage, error) {
+	var st unix.Statfs_t
+	if err := unix.Statfs(dir, &st); err != nil {
+		return Usage{}, err
+	}
+	bs := uint64(st.Bsize)
+	return Usage{BytesUsed: (st.Blocks - st.Bfree) * bs, BytesLimit: st.Blocks * bs,
+		InodesUsed: st.Files - st.Ffree, InodesLimit: st.Files}, nil
+}
