@@ -15,7 +15,7 @@ import (
 	"github.com/csi-memfs/csi-memfs/image"
 )
 
-// The volumeAttributes keys of a csi-memfs volume (DESIGN.md, "Volume API").
+// The volumeAttributes keys of a csi-memfs volume (README.md, "Volume attributes").
 const (
 	attrImage           = "image"
 	attrImagePullPolicy = "imagePullPolicy"
