@@ -588,9 +588,70 @@ func TestDashboardCoversNodeAndVolumes(t *testing.T) {
 		"csi_memfs_csi_operation_duration_seconds_bucket", "csi_memfs_csi_operations_total", // publish latency and errors
 		"csi_memfs_fuse_operation_duration_seconds_count", "csi_memfs_fuse_operation_duration_seconds_bucket", // FUSE rates, latencies
 		"csi_memfs_image_pulls_total", "csi_memfs_image_cache_bytes", // image pulls and cache size
+		"csi_memfs_takeovers_total", "csi_memfs_handovers_total", // restarts
+		"csi_memfs_volumes_lost_total", "csi_memfs_volume_lost", "csi_memfs_volumes_recovered_total",
+		"csi_memfs_takeover_pause_seconds_bucket",
 	} {
 		if !slices.Contains(used, want) {
 			t.Errorf("the dashboard has no query of %s", want)
+		}
+	}
+}
+
+// TestDashboardUnitsAndNode: every panel has one unit (a table's count
+// columns may say so), the dashboard is templated on the node label the
+// chart's ServiceMonitor and PodMonitor set, and every query filters by it.
+func TestDashboardUnitsAndNode(t *testing.T) {
+	b, err := os.ReadFile(filepath.Join(repoRoot, chartDir, "dashboards", "csi-memfs.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var dash struct {
+		Panels []struct {
+			Title, Type string
+			FieldConfig struct {
+				Defaults  struct{ Unit string }
+				Overrides []struct {
+					Properties []struct {
+						ID    string
+						Value any
+					}
+				}
+			}
+			Targets []struct{ Expr string }
+		}
+		Templating struct {
+			List []struct{ Name, Definition string }
+		}
+	}
+	if err := json.Unmarshal(b, &dash); err != nil {
+		t.Fatal(err)
+	}
+	var node bool
+	for _, v := range dash.Templating.List {
+		node = node || (v.Name == "node" && strings.Contains(v.Definition, ", node)"))
+	}
+	if !node {
+		t.Errorf("the dashboard has no node variable over the node label")
+	}
+	for _, p := range dash.Panels {
+		if p.Type == "row" {
+			continue
+		}
+		if p.FieldConfig.Defaults.Unit == "" {
+			t.Errorf("panel %q has no unit", p.Title)
+		}
+		for _, o := range p.FieldConfig.Overrides {
+			for _, pr := range o.Properties {
+				if pr.ID == "unit" && (p.Type != "table" || pr.Value != "short") {
+					t.Errorf("panel %q overrides its unit with %v: one unit per panel", p.Title, pr.Value)
+				}
+			}
+		}
+		for _, tg := range p.Targets {
+			if !strings.Contains(tg.Expr, `node=~"$node"`) {
+				t.Errorf("panel %q: query %s does not filter by $node", p.Title, tg.Expr)
+			}
 		}
 	}
 }
