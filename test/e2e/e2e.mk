@@ -63,6 +63,11 @@ release-dry-run: image
 version:
 	@echo $(VERSION)
 
+# docs/*.svg from the Graphviz sources beside them (apt-get install
+# graphviz); TestDocsDiagrams fails when one is stale.
+docs-diagrams:
+	set -e; for f in docs/*.dot; do dot -Tsvg "$$f" -o "$${f%.dot}.svg"; done
+
 # helm lint, the schema's rejections, deploy/ against a fresh rendering and
 # the dashboard's series.
 chart-lint:
