@@ -4,13 +4,17 @@
 GO       ?= go
 BIN      := bin/csi-memfs
 FUZZTIME ?= 20s
+# The one version of a release: the chart's appVersion (Chart.yaml), which
+# is also its version, the image tag and what `csi-memfs` reports.
+VERSION  := $(shell sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\} *$$/\1/p' charts/csi-memfs/Chart.yaml)
+LDFLAGS  := -X main.buildVersion=$(VERSION)
 
 .PHONY: all build demo test test-slow fuzz bench lint clean
 
 all: build
 
 build:
-	$(GO) build -trimpath -o $(BIN) ./cmd/csi-memfs
+	$(GO) build -trimpath -ldflags "$(LDFLAGS)" -o $(BIN) ./cmd/csi-memfs
 
 # The main job: mount a memory volume on a local directory, use it, unmount.
 demo: build
@@ -40,5 +44,6 @@ lint:
 clean:
 	rm -rf bin
 
-# e2e, image, chart-lint, deploy-manifests, helm.
+# e2e, image, release-dry-run, chart-lint, deploy-manifests, helm,
+# docs-diagrams.
 include test/e2e/e2e.mk

@@ -13,7 +13,16 @@
 //	go run ./hack/ociimage -o pause.tar -tag registry.k8s.io/pause:3.10 \
 //	    -file bin/pause:/pause -entrypoint /pause
 //
-// The image has one layer; every file in it has mtime 0 and root ownership,
+// With -platform naming more than one platform, the tarball holds an image
+// index (a multi-platform image) with one image per platform; "{arch}" in a
+// -file source or in -busybox stands for the platform's architecture
+// (amd64, arm64), so each image gets its own binaries:
+//
+//	go run ./hack/ociimage -o bin/release/csi-memfs-image.tar -tag docker.io/csi-memfs/csi-memfs:0.2.0 \
+//	    -platform linux/amd64,linux/arm64 -file bin/release/linux-{arch}/csi-memfs:/csi-memfs \
+//	    -busybox bin/release/linux-{arch}/busybox -entrypoint /csi-memfs -cmd serve
+//
+// Each image has one layer; every file in it has mtime 0 and root ownership,
 // so the same inputs give the same image digest.
 package main
 
@@ -81,6 +90,7 @@ func (l *fileList) Set(s string) error {
 
 type options struct {
 	out, tag, format, busybox, entrypoint string
+	platforms                             []v1.Platform
 	applets                               []string
 	cmd, env                              []string
 	files                                 fileList
@@ -111,8 +121,16 @@ func run(args []string) error {
 	fs.StringVar(&cmd, "cmd", "", "space-separated default arguments")
 	fs.StringVar(&env, "env", "PATH=/bin", "comma-separated KEY=VALUE environment")
 	fs.StringVar(&labels, "labels", "", "comma-separated KEY=VALUE image labels")
+	platforms := fs.String("platform", "linux/"+runtime.GOARCH, "comma-separated OS/ARCH platforms; more than one writes an image index, and {arch} in -file and -busybox sources names each one's architecture")
 	if err := fs.Parse(args); err != nil {
 		return err
+	}
+	for _, p := range strings.Split(*platforms, ",") {
+		goos, arch, ok := strings.Cut(p, "/")
+		if !ok || goos != "linux" || arch == "" || strings.Contains(arch, "/") {
+			return fmt.Errorf("-platform %q: want linux/ARCH such as linux/amd64", p)
+		}
+		o.platforms = append(o.platforms, v1.Platform{OS: goos, Architecture: arch})
 	}
 	if o.out == "" || o.tag == "" || o.entrypoint == "" || len(o.files) == 0 {
 		fs.Usage()
@@ -123,10 +141,10 @@ func run(args []string) error {
 	case "":
 		o.applets = busyboxApplets
 	case "all":
-		if o.busybox == "" {
-			return errors.New("-applets all needs -busybox")
+		if o.busybox == "" || len(o.platforms) != 1 {
+			return errors.New("-applets all needs -busybox and one -platform")
 		}
-		out, err := exec.Command(o.busybox, "--list").Output()
+		out, err := exec.Command(archPath(o.busybox, o.platforms[0].Architecture), "--list").Output()
 		if err != nil {
 			return fmt.Errorf("%s --list: %w", o.busybox, err)
 		}
@@ -154,53 +172,45 @@ func run(args []string) error {
 	return build(o)
 }
 
-// build writes the image o describes to o.out.
+// build writes the image o describes to o.out: one image, or with several
+// platforms an index of one image per platform.
 func build(o options) error {
 	ref, err := name.ParseReference(o.tag)
 	if err != nil {
 		return fmt.Errorf("tag: %w", err)
 	}
 	imageName := fullName(o.tag)
-	layerTar, err := rootfs(o)
-	if err != nil {
-		return err
-	}
-	layer, err := tarball.LayerFromOpener(func() (io.ReadCloser, error) {
-		return io.NopCloser(bytes.NewReader(layerTar)), nil
-	}, tarball.WithMediaType(types.OCILayer))
-	if err != nil {
-		return err
-	}
-	img, err := mutate.AppendLayers(mutate.MediaType(empty.Image, types.OCIManifestSchema1), layer)
-	if err != nil {
-		return err
-	}
-	img = mutate.ConfigMediaType(img, types.OCIConfigJSON)
-	cf, err := img.ConfigFile()
-	if err != nil {
-		return err
-	}
-	cf = cf.DeepCopy()
-	cf.Architecture, cf.OS = runtime.GOARCH, "linux"
-	cf.Created = v1.Time{Time: time.Unix(0, 0).UTC()}
-	cf.Config.Entrypoint = []string{o.entrypoint}
-	cf.Config.Cmd = o.cmd
-	cf.Config.Env = o.env
-	cf.Config.Labels = o.labels
-	img, err = mutate.ConfigFile(img, cf)
-	if err != nil {
-		return err
+	var adds []mutate.IndexAddendum
+	for _, p := range o.platforms {
+		img, err := platformImage(o, p)
+		if err != nil {
+			return fmt.Errorf("%s/%s: %w", p.OS, p.Architecture, err)
+		}
+		p := p
+		adds = append(adds, mutate.IndexAddendum{Add: img, Descriptor: v1.Descriptor{Platform: &p}})
 	}
 
 	tmp := o.out + ".tmp"
 	defer os.RemoveAll(tmp)
-	switch o.format {
-	case "docker":
+	var digest v1.Hash
+	switch {
+	case o.format == "docker" && len(adds) == 1:
+		img := adds[0].Add.(v1.Image)
+		digest, _ = img.Digest()
 		if err := tarball.WriteToFile(tmp, ref, img); err != nil {
 			return err
 		}
-	case "oci":
-		if err := writeOCIArchive(tmp, imageName, img); err != nil {
+	case o.format == "docker":
+		return errors.New("-format docker holds one platform; use -format oci for an index")
+	case o.format == "oci":
+		var item mutate.Appendable
+		if len(adds) == 1 {
+			item = adds[0].Add
+		} else {
+			item = mutate.AppendManifests(mutate.IndexMediaType(empty.Index, types.OCIImageIndex), adds...)
+		}
+		digest, _ = item.Digest()
+		if err := writeOCIArchive(tmp, imageName, item); err != nil {
 			return err
 		}
 	default:
@@ -209,9 +219,42 @@ func build(o options) error {
 	if err := os.Rename(tmp, o.out); err != nil {
 		return err
 	}
-	d, _ := img.Digest()
-	fmt.Printf("%s %s %s\n", o.out, imageName, d)
+	fmt.Printf("%s %s %s\n", o.out, imageName, digest)
 	return nil
+}
+
+// archPath replaces {arch} in a source path with arch.
+func archPath(src, arch string) string { return strings.ReplaceAll(src, "{arch}", arch) }
+
+// platformImage is the image of one platform.
+func platformImage(o options, p v1.Platform) (v1.Image, error) {
+	layerTar, err := rootfs(o, p.Architecture)
+	if err != nil {
+		return nil, err
+	}
+	layer, err := tarball.LayerFromOpener(func() (io.ReadCloser, error) {
+		return io.NopCloser(bytes.NewReader(layerTar)), nil
+	}, tarball.WithMediaType(types.OCILayer))
+	if err != nil {
+		return nil, err
+	}
+	img, err := mutate.AppendLayers(mutate.MediaType(empty.Image, types.OCIManifestSchema1), layer)
+	if err != nil {
+		return nil, err
+	}
+	img = mutate.ConfigMediaType(img, types.OCIConfigJSON)
+	cf, err := img.ConfigFile()
+	if err != nil {
+		return nil, err
+	}
+	cf = cf.DeepCopy()
+	cf.Architecture, cf.OS = p.Architecture, p.OS
+	cf.Created = v1.Time{Time: time.Unix(0, 0).UTC()}
+	cf.Config.Entrypoint = []string{o.entrypoint}
+	cf.Config.Cmd = o.cmd
+	cf.Config.Env = o.env
+	cf.Config.Labels = o.labels
+	return mutate.ConfigFile(img, cf)
 }
 
 // fullName is ref as containerd and kubelet name it: docker.io/library/x:tag
@@ -228,10 +271,11 @@ func fullName(ref string) string {
 	return "docker.io/" + ref
 }
 
-// writeOCIArchive writes img as a tar of an OCI image layout. The index
-// names the image twice: io.containerd.image.name (the full reference,
-// which `ctr images import` uses) and org.opencontainers.image.ref.name.
-func writeOCIArchive(out, imageName string, img v1.Image) error {
+// writeOCIArchive writes item (an image or an image index) as a tar of an
+// OCI image layout. The layout's index names it twice:
+// io.containerd.image.name (the full reference, which `ctr images import`
+// uses) and org.opencontainers.image.ref.name.
+func writeOCIArchive(out, imageName string, item mutate.Appendable) error {
 	dir, err := os.MkdirTemp(filepath.Dir(out), ".oci-layout-")
 	if err != nil {
 		return err
@@ -241,10 +285,19 @@ func writeOCIArchive(out, imageName string, img v1.Image) error {
 	if err != nil {
 		return err
 	}
-	if err := p.AppendImage(img, layout.WithAnnotations(map[string]string{
+	annotations := layout.WithAnnotations(map[string]string{
 		"io.containerd.image.name":          imageName,
 		"org.opencontainers.image.ref.name": imageName,
-	})); err != nil {
+	})
+	switch item := item.(type) {
+	case v1.Image:
+		err = p.AppendImage(item, annotations)
+	case v1.ImageIndex:
+		err = p.AppendIndex(item, annotations)
+	default:
+		err = fmt.Errorf("cannot write %T", item)
+	}
+	if err != nil {
 		return err
 	}
 	f, err := os.Create(out)
@@ -285,8 +338,8 @@ type entry struct {
 	data []byte
 }
 
-// rootfs returns the image's single layer as an uncompressed tar.
-func rootfs(o options) ([]byte, error) {
+// rootfs returns the single layer of arch's image as an uncompressed tar.
+func rootfs(o options, arch string) ([]byte, error) {
 	entries := map[string]*entry{}
 	addDirs := func(p string) {
 		for d := path.Dir(p); d != "/"; d = path.Dir(d) {
@@ -316,12 +369,12 @@ func rootfs(o options) ([]byte, error) {
 		return nil
 	}
 	for _, f := range o.files {
-		if err := addFile(f.src, f.dst, f.mode); err != nil {
+		if err := addFile(archPath(f.src, arch), f.dst, f.mode); err != nil {
 			return nil, err
 		}
 	}
 	if o.busybox != "" {
-		if err := addFile(o.busybox, "/bin/busybox", 0o755); err != nil {
+		if err := addFile(archPath(o.busybox, arch), "/bin/busybox", 0o755); err != nil {
 			return nil, err
 		}
 		for _, a := range o.applets {

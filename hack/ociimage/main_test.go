@@ -127,11 +127,64 @@ func TestBuild(t *testing.T) {
 		}
 		check(t, img)
 	})
+	t.Run("index", func(t *testing.T) {
+		for _, arch := range []string{"amd64", "arm64"} {
+			if err := os.WriteFile(filepath.Join(dir, "app-"+arch), []byte("#!/bin/sh\n# "+arch+"\n"), 0o755); err != nil {
+				t.Fatal(err)
+			}
+		}
+		out := filepath.Join(dir, "index.tar")
+		if err := run([]string{"-o", out, "-tag", "csi-memfs/csi-memfs:1.2.3", "-platform", "linux/amd64,linux/arm64",
+			"-file", filepath.Join(dir, "app-{arch}") + ":/app", "-busybox", filepath.Join(dir, "app-{arch}"),
+			"-applets", "sh,mount,umount", "-entrypoint", "/app", "-cmd", "serve"}); err != nil {
+			t.Fatal(err)
+		}
+		unpacked := filepath.Join(dir, "index")
+		os.MkdirAll(unpacked, 0o755)
+		if b, err := exec.Command("tar", "-xf", out, "-C", unpacked).CombinedOutput(); err != nil {
+			t.Fatalf("tar: %v %s", err, b)
+		}
+		top, err := layout.ImageIndexFromPath(unpacked)
+		if err != nil {
+			t.Fatal(err)
+		}
+		m, err := top.IndexManifest()
+		if err != nil || len(m.Manifests) != 1 || !m.Manifests[0].MediaType.IsIndex() {
+			t.Fatalf("layout index: %v %+v", err, m)
+		}
+		if got := m.Manifests[0].Annotations["org.opencontainers.image.ref.name"]; got != "docker.io/csi-memfs/csi-memfs:1.2.3" {
+			t.Errorf("org.opencontainers.image.ref.name = %q", got)
+		}
+		idx, err := top.ImageIndex(m.Manifests[0].Digest)
+		if err != nil {
+			t.Fatal(err)
+		}
+		im, err := idx.IndexManifest()
+		if err != nil || len(im.Manifests) != 2 {
+			t.Fatalf("image index: %v %+v", err, im)
+		}
+		for i, arch := range []string{"amd64", "arm64"} {
+			d := im.Manifests[i]
+			if d.Platform == nil || d.Platform.OS != "linux" || d.Platform.Architecture != arch {
+				t.Errorf("manifest %d: platform %+v, want linux/%s", i, d.Platform, arch)
+			}
+			img, err := idx.Image(d.Digest)
+			if err != nil {
+				t.Fatal(err)
+			}
+			check(t, img)
+			if cf, _ := img.ConfigFile(); cf.Architecture != arch {
+				t.Errorf("manifest %d: config architecture %q, want %s", i, cf.Architecture, arch)
+			}
+		}
+	})
 	t.Run("bad arguments", func(t *testing.T) {
 		for _, bad := range [][]string{
 			{"-o", filepath.Join(dir, "x.tar")},
 			{"-o", filepath.Join(dir, "x.tar"), "-tag", "x:y", "-file", "relative", "-entrypoint", "/x"},
 			{"-o", filepath.Join(dir, "x.tar"), "-tag", "x:y", "-file", bin + ":/x", "-entrypoint", "/x", "-format", "zip"},
+			{"-o", filepath.Join(dir, "x.tar"), "-tag", "x:y", "-file", bin + ":/x", "-entrypoint", "/x", "-platform", "arm64"},
+			{"-o", filepath.Join(dir, "x.tar"), "-tag", "x:y", "-file", bin + ":/x", "-entrypoint", "/x", "-platform", "linux/amd64,linux/arm64", "-format", "docker"},
 		} {
 			if err := run(bad); err == nil {
 				t.Errorf("run(%q) succeeded", bad)

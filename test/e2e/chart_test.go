@@ -93,8 +93,12 @@ func TestChartLint(t *testing.T) {
 		nil,
 		{"--set", "driver.nodeMemoryBudget=8Gi", "--set", "grafanaDashboard.enabled=true",
 			"--set", "metrics.serviceMonitor.enabled=true", "--set", "metrics.podMonitor.enabled=true"},
-		{"--set", "registrar.mode=sidecar", "--set", "kubeletDir=/var/snap/microk8s/common/var/lib/kubelet"},
-		{"--set", "holder.enabled=false"},
+		{"--set", "kubeletDir=/var/snap/microk8s/common/var/lib/kubelet"},
+		{"--set", "holder.enabled=false", "--set", "hostNetwork=false", "--set", "driver.nodeMemoryBudget="},
+		{"--set", "metrics.prometheusRule.enabled=true", "--set", "admissionPolicy.enabled=true",
+			"--set", "admissionPolicy.allowedNamespaces={team}", "--set", "admissionPolicy.maxVolumeSize=1Gi",
+			"--set", "admissionPolicy.allowedImageRegistries={registry.example.com}",
+			"--set", "commonLabels.team=storage", "--set", "driver.nodeMemoryBudget=1.5Gi"},
 	} {
 		out, err := helm(t, append([]string{"lint", "--strict", chartDir}, set...)...)
 		if err != nil {
@@ -114,17 +118,38 @@ func TestChartRejectsBadValues(t *testing.T) {
 		{"kubeletDir=var/lib/kubelet", "kubeletDir"},
 		{"stateDir=", "stateDir"},
 		{"driver.nodeMemoryBudget=lots", "nodeMemoryBudget"},
-		{"driver.nodeMemoryBudget=1.5Gi", "nodeMemoryBudget"},
+		{"driver.nodeMemoryBudget=1.5.2Gi", "nodeMemoryBudget"},
+		{"driver.nodeMemoryBudget=2GB", "nodeMemoryBudget"},
+		{"driver.registryCAFile=ca.crt", "registryCAFile"},
+		{"driver.maxVolumeInodes=-1", "maxVolumeInodes"},
 		{"driver.defaultVolumeSize=64MB", "defaultVolumeSize"},
 		{"driver.logLevel=11", "logLevel"},
 		{"driver.maxVolumes=-1", "maxVolumes"},
 		{"driver.insecureRegistries[0]=http://registry:5000", "insecureRegistries"},
 		{"driver.sizeDefault=64Mi", "sizeDefault"},
-		{"registrar.mode=none", "mode"},
+		// The node-driver-registrar sidecar mode is gone (CHANGELOG.md).
+		{"registrar.mode=sidecar", "registrar"},
+		{"commonLabels.team=1", "commonLabels"},
+		{"daemonSetAnnotations.a=1", "daemonSetAnnotations"},
+		{"env[0].value=x", "name"},
+		{"extraVolumes[0].configMap.name=ca", "name"},
+		{"extraVolumeMounts[0].name=ca", "mountPath"},
+		{"extraVolumeMounts[0].mountPath=etc/ca", "mountPath"},
+		{"securityContext.sidecar.privileged=true", "sidecar"},
+		{"hostNetwork=maybe", "hostNetwork"},
+		{"startupProbe.timeoutSeconds=0", "timeoutSeconds"},
+		{"metrics.prometheusRule.enabled=yes", "enabled"},
+		{"metrics.prometheusRule.rules=x", "rules"},
+		{"admissionPolicy.allowedNamespaces[0]=Team_A", "allowedNamespaces"},
+		{"admissionPolicy.maxVolumeSize=1GB", "maxVolumeSize"},
+		{"admissionPolicy.maxVolumeSizeByNamespace.ml=lots", "ml"},
+		{"admissionPolicy.allowedImageRegistries[0]=https://registry.example.com", "allowedImageRegistries"},
+		{"admissionPolicy.failurePolicy=Warn", "failurePolicy"},
 		{"metrics.port=70000", "port"},
 		{"image.digest=latest", "digest"},
 		{"image.pullPolicy=Sometimes", "pullPolicy"},
 		{"memoryOverhead=256MB", "memoryOverhead"},
+		{"memoryOverhead=0.25.1Gi", "memoryOverhead"},
 		{"updateStrategy.type=Recreate", "type"},
 		{"updateStrategy.rollingUpdate.maxSurge=-1", "maxSurge"},
 		{"holder.deadline=-1m", "deadline"},
@@ -183,22 +208,26 @@ func TestChartRendering(t *testing.T) {
 			"- --kubelet-registration-path=/var/lib/kubelet/plugins/memfs.csi.dev/csi.sock",
 			"- --registration-dir=/registration", "path: /var/lib/kubelet/plugins_registry",
 			"path: /dev/fuse", "path: /healthz", "- --image-cache-dir=/var/cache/csi-memfs", "automountServiceAccountToken: false",
-			"clusterIP: None", "maxSurge: 1", "maxUnavailable: 0", "startupProbe:",
+			"clusterIP: None", "maxSurge: 1", "maxUnavailable: 0", "startupProbe:", "timeoutSeconds: 5",
+			"hostNetwork: true", "dnsPolicy: ClusterFirstWithHostNet",
 			// The metrics port, 9809, as /proc/net/tcp writes it.
-			"grep -hE ':2651 ")
+			"grep -hE ':2651 ",
+			// Safe defaults: every volume and the node bounded.
+			"- --max-volume-size=1Gi\n", "- --max-volume-inodes=1000000\n", "- --image-cache-budget=10Gi\n",
+			"- --node-memory-budget=2Gi\n", "memory: 2304Mi\n")
 		// No container port: on the host network it would become a
 		// hostPort, and the scheduler would not place the second pod of
 		// a rolling update (maxSurge) on the node.
 		hasNot(t, out, "hostPort:", "containerPort:", "port: metrics\n      path")
 		// No RBAC: the plugin calls no Kubernetes API.
 		hasNot(t, out, "kind: Role", "kind: ClusterRole", "node-driver-registrar", "ServiceMonitor", "PodMonitor",
-			"kind: ConfigMap", "memory: \"", "--node-memory-budget")
+			"kind: ConfigMap", "memory: \"", "PrometheusRule", "ValidatingAdmissionPolicy", "--registry-ca-file")
 	})
 	t.Run("holder", func(t *testing.T) {
 		out := render(t, "--set", "holder.deadline=90s", "--set", "driver.logLevel=4", "--set", "metrics.port=29809")
 		holder := containerSpec(t, out, "holder")
 		has(t, holder, "- hold\n", "- --state-dir=/var/lib/csi-memfs\n", "- --deadline=90s\n", "- -v=4\n",
-			"privileged: false", "allowPrivilegeEscalation: false", "drop: [ALL]", "readOnlyRootFilesystem: true",
+			"privileged: false", "allowPrivilegeEscalation: false", "drop:\n              - ALL\n", "readOnlyRootFilesystem: true",
 			"mountPath: /var/lib/csi-memfs\n", "mountPropagation: HostToContainer", "memory: 128Mi")
 		// No probe (a restart loses the held connections), no /dev/fuse,
 		// and only the state directory.
@@ -213,10 +242,21 @@ func TestChartRendering(t *testing.T) {
 		hasNot(t, out, "name: holder", "- hold")
 	})
 	t.Run("budget sets the memory limit", func(t *testing.T) {
-		out := render(t, "--set", "driver.nodeMemoryBudget=8Gi")
-		has(t, out, "- --node-memory-budget=8Gi", fmt.Sprintf("memory: %q", strconv.Itoa(8<<30+256<<20)))
-		out = render(t, "--set", "driver.nodeMemoryBudget=8Gi", "--set", "resources.limits.memory=12Gi")
+		for _, tc := range []struct{ budget, overhead, limit string }{
+			{"8Gi", "256Mi", "8448Mi"},
+			{"1.5Gi", "256Mi", "1792Mi"},
+			// 1.5e9 bytes is 1430.5 MiB, rounded up.
+			{"1.5G", "256Mi", "1687Mi"},
+			{"512Mi", "0.25Gi", "768Mi"},
+			{"1000000k", "100M", "1050Mi"},
+		} {
+			out := render(t, "--set", "driver.nodeMemoryBudget="+tc.budget, "--set", "memoryOverhead="+tc.overhead)
+			has(t, containerSpec(t, out, "csi-memfs"), "- --node-memory-budget="+tc.budget+"\n", "memory: "+tc.limit+"\n")
+		}
+		out := render(t, "--set", "driver.nodeMemoryBudget=8Gi", "--set", "resources.limits.memory=12Gi")
 		has(t, out, "memory: 12Gi")
+		out = render(t, "--set", "driver.nodeMemoryBudget=")
+		hasNot(t, containerSpec(t, out, "csi-memfs"), "--node-memory-budget", "limits:")
 	})
 	t.Run("kubeletDir", func(t *testing.T) {
 		out := render(t, "--set", "kubeletDir=/var/snap/microk8s/common/var/lib/kubelet/")
@@ -224,11 +264,53 @@ func TestChartRendering(t *testing.T) {
 			"mountPath: /var/snap/microk8s/common/var/lib/kubelet/pods\n",
 			"--kubelet-registration-path=/var/snap/microk8s/common/var/lib/kubelet/plugins/memfs.csi.dev/csi.sock")
 	})
-	t.Run("sidecar registrar", func(t *testing.T) {
-		out := render(t, "--set", "registrar.mode=sidecar")
-		has(t, out, "name: node-driver-registrar", "- --csi-address=/csi/csi.sock",
-			"- --kubelet-registration-path=/var/lib/kubelet/plugins/memfs.csi.dev/csi.sock")
-		hasNot(t, out, "--registration-dir")
+	t.Run("operator knobs", func(t *testing.T) {
+		out := render(t, "--set", "commonLabels.team=storage", "--set", "daemonSetAnnotations.owner=platform",
+			"--set", "podAnnotations.scrape=yes",
+			"--set", "env[0].name=HTTPS_PROXY", "--set", "env[0].value=http://proxy:3128",
+			"--set", "extraVolumes[0].name=registry-ca", "--set", "extraVolumes[0].configMap.name=registry-ca",
+			"--set", "extraVolumeMounts[0].name=registry-ca", "--set", "extraVolumeMounts[0].mountPath=/etc/csi-memfs/registry-ca",
+			"--set", "driver.registryCAFile=/etc/csi-memfs/registry-ca/ca.crt",
+			"--set", "securityContext.plugin.seccompProfile.type=Unconfined",
+			"--set", "securityContext.holder.runAsUser=65534", "--set", "podSecurityContext.fsGroup=2000",
+			"--set", "startupProbe.timeoutSeconds=9", "--set", "hostNetwork=false")
+		if n := strings.Count(out, "    team: storage\n"); n < 5 {
+			t.Errorf("commonLabels on %d objects' metadata, want every object's (5)", n)
+		}
+		has(t, out, "  annotations:\n    owner: platform\n", "scrape: \"yes\"", "fsGroup: 2000")
+		hasNot(t, out, "hostNetwork", "ClusterFirstWithHostNet")
+		plugin := containerSpec(t, out, "csi-memfs")
+		has(t, plugin, "- name: HTTPS_PROXY\n              value: http://proxy:3128\n",
+			"- --registry-ca-file=/etc/csi-memfs/registry-ca/ca.crt\n",
+			"- mountPath: /etc/csi-memfs/registry-ca\n              name: registry-ca",
+			"privileged: true\n", "seccompProfile:\n              type: Unconfined\n", "timeoutSeconds: 9\n")
+		holder := containerSpec(t, out, "holder")
+		has(t, holder, "runAsUser: 65534", "privileged: false", "- ALL\n")
+		has(t, out, "- configMap:\n            name: registry-ca\n          name: registry-ca\n")
+	})
+	t.Run("alerts", func(t *testing.T) {
+		out := render(t, "--set", "metrics.prometheusRule.enabled=true", "--set", "metrics.prometheusRule.labels.release=prom")
+		has(t, out, "kind: PrometheusRule", "release: prom", "alert: CSIMemfsVolumeLost", "alert: CSIMemfsNotRegistered",
+			"alert: CSIMemfsNodeBudgetNearlyFull", "alert: CSIMemfsVolumeNearlyFull", "alert: CSIMemfsTakeoverPauseLong")
+	})
+	t.Run("admission policy", func(t *testing.T) {
+		out := render(t, "--set", "admissionPolicy.enabled=true", "--set", "admissionPolicy.allowedNamespaces={team,ml}",
+			"--set", "admissionPolicy.allowedNamespaceLabels.memfs=allowed",
+			"--set", "admissionPolicy.maxVolumeSize=1Gi", "--set", "admissionPolicy.maxVolumeSizeByNamespace.ml=8Gi",
+			"--set", "admissionPolicy.allowedImageRegistries={registry.example.com,127.0.0.1:5000}")
+		has(t, out, "kind: ValidatingAdmissionPolicy\n", "kind: ValidatingAdmissionPolicyBinding\n",
+			"apiVersion: admissionregistration.k8s.io/v1\n", "validationActions: [Deny]", "failurePolicy: Fail",
+			`variables.namespace in ["team","ml"] || (has(namespaceObject.metadata.labels) && "memfs" in namespaceObject.metadata.labels`,
+			`variables.namespace in {"ml":"8Gi"} ?`, `: "1Gi"`,
+			`variables.registries.all(r, r in ["registry.example.com","127.0.0.1:5000"])`,
+			"allows them in namespaces team, ml and namespaces labelled memfs=allowed")
+		out = render(t, "--set", "admissionPolicy.enabled=true")
+		has(t, out, "- name: namespaceAllowed\n      expression: >-\n        true\n")
+		hasNot(t, out, "variables.registries.all")
+		out, err := helm(t, "template", "x", chartDir, "--set", "admissionPolicy.enabled=true", "--kube-version", "1.29.0")
+		if err == nil || !strings.Contains(out, "Kubernetes 1.30 or later") {
+			t.Errorf("admissionPolicy on Kubernetes 1.29 rendered, or without the reason: %v\n%s", err, out)
+		}
 	})
 	t.Run("monitoring", func(t *testing.T) {
 		out := render(t, "--set", "grafanaDashboard.enabled=true", "--set", "metrics.serviceMonitor.enabled=true",
@@ -506,9 +588,70 @@ func TestDashboardCoversNodeAndVolumes(t *testing.T) {
 		"csi_memfs_csi_operation_duration_seconds_bucket", "csi_memfs_csi_operations_total", // publish latency and errors
 		"csi_memfs_fuse_operation_duration_seconds_count", "csi_memfs_fuse_operation_duration_seconds_bucket", // FUSE rates, latencies
 		"csi_memfs_image_pulls_total", "csi_memfs_image_cache_bytes", // image pulls and cache size
+		"csi_memfs_takeovers_total", "csi_memfs_handovers_total", // restarts
+		"csi_memfs_volumes_lost_total", "csi_memfs_volume_lost", "csi_memfs_volumes_recovered_total",
+		"csi_memfs_takeover_pause_seconds_bucket",
 	} {
 		if !slices.Contains(used, want) {
 			t.Errorf("the dashboard has no query of %s", want)
+		}
+	}
+}
+
+// TestDashboardUnitsAndNode: every panel has one unit (a table's count
+// columns may say so), the dashboard is templated on the node label the
+// chart's ServiceMonitor and PodMonitor set, and every query filters by it.
+func TestDashboardUnitsAndNode(t *testing.T) {
+	b, err := os.ReadFile(filepath.Join(repoRoot, chartDir, "dashboards", "csi-memfs.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var dash struct {
+		Panels []struct {
+			Title, Type string
+			FieldConfig struct {
+				Defaults  struct{ Unit string }
+				Overrides []struct {
+					Properties []struct {
+						ID    string
+						Value any
+					}
+				}
+			}
+			Targets []struct{ Expr string }
+		}
+		Templating struct {
+			List []struct{ Name, Definition string }
+		}
+	}
+	if err := json.Unmarshal(b, &dash); err != nil {
+		t.Fatal(err)
+	}
+	var node bool
+	for _, v := range dash.Templating.List {
+		node = node || (v.Name == "node" && strings.Contains(v.Definition, ", node)"))
+	}
+	if !node {
+		t.Errorf("the dashboard has no node variable over the node label")
+	}
+	for _, p := range dash.Panels {
+		if p.Type == "row" {
+			continue
+		}
+		if p.FieldConfig.Defaults.Unit == "" {
+			t.Errorf("panel %q has no unit", p.Title)
+		}
+		for _, o := range p.FieldConfig.Overrides {
+			for _, pr := range o.Properties {
+				if pr.ID == "unit" && (p.Type != "table" || pr.Value != "short") {
+					t.Errorf("panel %q overrides its unit with %v: one unit per panel", p.Title, pr.Value)
+				}
+			}
+		}
+		for _, tg := range p.Targets {
+			if !strings.Contains(tg.Expr, `node=~"$node"`) {
+				t.Errorf("panel %q: query %s does not filter by $node", p.Title, tg.Expr)
+			}
 		}
 	}
 }

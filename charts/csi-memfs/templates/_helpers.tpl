@@ -13,6 +13,9 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{ include "csi-memfs.selectorLabels" . }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
 {{- end -}}
 
 {{/* Labels that select the plugin pods. */}}
@@ -40,18 +43,19 @@ app.kubernetes.io/component: node-plugin
 {{- end -}}
 
 {{/*
-csi-memfs.bytes turns a quantity the schema accepts (an integer with an
-optional k, M, G, T, Ki, Mi, Gi or Ti suffix) into bytes.
+csi-memfs.mebibytes turns a quantity the schema accepts (a decimal number
+with an optional k, M, G, T, Ki, Mi, Gi or Ti suffix: 2Gi, 1.5Gi, 8G) into
+whole MiB, rounded up.
 */}}
-{{- define "csi-memfs.bytes" -}}
+{{- define "csi-memfs.mebibytes" -}}
 {{- $q := toString . -}}
-{{- $n := regexFind "^[0-9]+" $q -}}
+{{- $n := regexFind "^[0-9]+(\\.[0-9]+)?" $q -}}
 {{- $unit := trimPrefix $n $q -}}
 {{- $mult := dict "" 1 "k" 1000 "M" 1000000 "G" 1000000000 "T" 1000000000000 "Ki" 1024 "Mi" 1048576 "Gi" 1073741824 "Ti" 1099511627776 -}}
-{{- if not (hasKey $mult $unit) -}}
-{{- fail (printf "quantity %q: want an integer with an optional k, M, G, T, Ki, Mi, Gi or Ti suffix" $q) -}}
+{{- if or (not $n) (not (hasKey $mult $unit)) -}}
+{{- fail (printf "quantity %q: want a number with an optional k, M, G, T, Ki, Mi, Gi or Ti suffix" $q) -}}
 {{- end -}}
-{{- mul (int64 $n) (get $mult $unit) -}}
+{{- ceil (divf (mulf (float64 $n) (get $mult $unit)) 1048576) | int64 -}}
 {{- end -}}
 
 {{/* The plugin container's resources: the memory limit follows the budget. */}}
@@ -59,8 +63,8 @@ optional k, M, G, T, Ki, Mi, Gi or Ti suffix) into bytes.
 {{- $res := deepCopy .Values.resources -}}
 {{- $limits := default (dict) $res.limits -}}
 {{- if and (not $limits.memory) .Values.driver.nodeMemoryBudget -}}
-{{- $bytes := add (include "csi-memfs.bytes" .Values.driver.nodeMemoryBudget) (include "csi-memfs.bytes" .Values.memoryOverhead) -}}
-{{- $_ := set $limits "memory" (toString $bytes) -}}
+{{- $mi := add (include "csi-memfs.mebibytes" .Values.driver.nodeMemoryBudget) (include "csi-memfs.mebibytes" .Values.memoryOverhead) -}}
+{{- $_ := set $limits "memory" (printf "%dMi" $mi) -}}
 {{- end -}}
 {{- if $limits -}}
 {{- $_ := set $res "limits" $limits -}}
