@@ -58,11 +58,11 @@ func (fs *FS) fixStatLocked(n *node, st *unix.Stat_t) error {
 				subdirs++
 			}
 		}
-		st.Nlink = uint64(2 + subdirs)
+		setNlink(&st.Nlink, uint64(2+subdirs))
 	case n == fs.root:
 		st.Nlink-- // WorkName
 	case n.indexed && n.upper != 0:
-		st.Nlink = uint64(int64(st.Nlink) + fs.linkDelta(n))
+		setNlink(&st.Nlink, uint64(int64(st.Nlink)+fs.linkDelta(n)))
 	}
 	return nil
 }
@@ -155,3 +155,7 @@ func (fs *FS) truncateLocked(n *node, mf vfs.File, a vfs.SetAttr) (unix.Stat_t, 
 	}
 	return st, err
 }
+
+// setNlink sets a link count: unix.Stat_t.Nlink is a uint64 on amd64 and
+// a uint32 on arm64.
+func setNlink[T uint32 | uint64](p *T, v uint64) { *p = T(v) }

@@ -58,7 +58,7 @@ func (fs *FS) copyUpLocked(n *node) error {
 		}
 		fs.upper.Forget(e.Ino(), 1)
 		n.indexed = true
-		if err := fs.upper.SetMarker(e.Ino(), markerLinks, encodeLinks(st.Nlink, 1), 0); err != nil {
+		if err := fs.upper.SetMarker(e.Ino(), markerLinks, encodeLinks(uint64(st.Nlink), 1), 0); err != nil {
 			return fail(err)
 		}
 	}

@@ -9,7 +9,9 @@
 // answer names, and reports the outcome with NotifyRegistrationStatus. When
 // the socket goes away, kubelet unregisters the plugin.
 //
-// Serve serves that small API; the chart keeps the sidecar as an option.
+// Serve serves that small API. The chart has no sidecar mode: a
+// node-driver-registrar removes the shared socket when it stops, which
+// during a rolling update (maxSurge 1) unregisters the successor too.
 package registrar
 
 import (

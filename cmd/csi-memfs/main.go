@@ -40,6 +40,10 @@ func run(args []string, stderr io.Writer) int {
 		}
 		return 0
 	}
+	if args[0] == "--version" || args[0] == "version" {
+		fmt.Println(versionString())
+		return 0
+	}
 	for _, c := range commands {
 		if c.name == args[0] {
 			return c.run(args[1:])
@@ -54,6 +58,7 @@ func usage(w io.Writer) {
 	for _, c := range commands {
 		fmt.Fprintf(w, "  csi-memfs %-7s %s\n", c.name, c.summary)
 	}
+	fmt.Fprintf(w, "  csi-memfs %-7s %s\n", "version", "print the version (also --version)")
 	fmt.Fprintf(w, "\nRun 'csi-memfs COMMAND --help' for a command's flags.\n")
 }
 

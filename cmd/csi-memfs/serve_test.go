@@ -41,3 +41,17 @@ func TestParseServeFlags(t *testing.T) {
 		}
 	}
 }
+
+func TestVersion(t *testing.T) {
+	old := buildVersion
+	buildVersion = "9.8.7"
+	defer func() { buildVersion = old }()
+	for _, arg := range []string{"--version", "version"} {
+		if code := run([]string{arg}, io.Discard); code != 0 {
+			t.Errorf("csi-memfs %s: exit %d, want 0", arg, code)
+		}
+	}
+	if got := versionString(); got != "9.8.7" {
+		t.Errorf("versionString() = %q, want the build's version", got)
+	}
+}
