@@ -150,6 +150,10 @@ func pollHack(mountpoint string) {
 // It turns false for good when the kernel refuses a backing file.
 func (s *Server) Passthrough() bool { return s.raw.passthroughActive() }
 
+// Panics returns how many requests' handlers have panicked on this
+// server's connection. Each was answered EIO and logged once.
+func (s *Server) Panics() uint64 { return s.sess.panics.Load() }
+
 // Unmount unmounts the file system and waits until serving has ended. If
 // the mount is busy it is detached: it disappears from the namespace now
 // and the kernel ends the connection when the last open file closes.

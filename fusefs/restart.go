@@ -207,7 +207,7 @@ func (s *session) replayInit(init []byte) error {
 	}
 	req, reply := init[:n], init[n:]
 	out := make([]byte, s.bufSize)
-	w, st := s.ps.HandleRequest([][]byte{req}, [][]byte{out})
+	w, st := s.serveRequest(req, out)
 	if !st.Ok() || w == 0 {
 		return fmt.Errorf("replaying INIT: %v", st)
 	}
