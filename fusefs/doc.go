@@ -45,6 +45,10 @@
 // go-fuse: the request is answered EIO, logged once with its operation,
 // node id and stack, and counted (Server.Panics); serving goes on.
 //
+// Unmount never waits on a pod: a busy mount is detached, and if files
+// are still open after Options.UnmountGrace the connection is aborted
+// through fusectl (abort.go) and Server.Forced says so.
+//
 // # Restarts
 //
 // The restart_*.go files hold what only a change of server process needs

@@ -122,6 +122,7 @@ func Adopt(mountpoint string, sess Session, fs vfs.FS, opts Options, resend bool
 		}
 	}
 	s.serve()
+	srv.dev = mountDev(mountpoint)
 	return srv, nil
 }
 

@@ -288,7 +288,9 @@ func (s *session) reader() {
 		idle := s.idle.Add(-1)
 		if err != nil {
 			if err != errStopped {
-				if err != syscall.ENODEV {
+				// ENODEV: the connection ended (unmounted);
+				// ECONNABORTED: it was aborted (abortConnection).
+				if err != syscall.ENODEV && err != syscall.ECONNABORTED {
 					s.endMu.Lock()
 					if s.endErr == nil {
 						s.endErr = err
