@@ -41,6 +41,13 @@
 // directories (and passthrough backing files) in files.go. File handles
 // are records of the open-handle table (handles.go), kept in a memory
 // file so that they outlive the process too.
+// A panic in a handler is recovered where the loop hands the request to
+// go-fuse: the request is answered EIO, logged once with its operation,
+// node id and stack, and counted (Server.Panics); serving goes on.
+//
+// Unmount never waits on a pod: a busy mount is detached, and if files
+// are still open after Options.UnmountGrace the connection is aborted
+// through fusectl (abort.go) and Server.Forced says so.
 //
 // # Restarts
 //

@@ -2,11 +2,13 @@ package fusefs
 
 import (
 	"fmt"
+	"sync/atomic"
 	"syscall"
 	"time"
 
 	"github.com/hanwen/go-fuse/v2/fuse"
 	"golang.org/x/sys/unix"
+	"k8s.io/klog/v2"
 
 	"github.com/csi-memfs/csi-memfs/vfs"
 )
@@ -24,7 +26,14 @@ type Options struct {
 	Observer Observer
 	// Debug logs every request and reply (to the standard logger).
 	Debug bool
+	// UnmountGrace is how long Unmount waits for the files still open on
+	// a busy mount to close before it ends the connection. Zero means
+	// DefaultUnmountGrace.
+	UnmountGrace time.Duration
 }
+
+// DefaultUnmountGrace is the UnmountGrace of Options that set none.
+const DefaultUnmountGrace = 2 * time.Second
 
 // Observer receives one call per FUSE request served, after the reply.
 type Observer interface {
@@ -39,6 +48,11 @@ type Server struct {
 	raw        *rawFS
 	sess       *session
 	mountpoint string
+	// dev is the mount's device number, which names its connection to
+	// fusectl, or 0 if unknown. Immutable.
+	dev uint64
+	// forced says Unmount ended the connection with files still open.
+	forced atomic.Bool
 }
 
 // capHandleKillprivV2 has the kernel leave clearing set-ID bits on write,
@@ -120,7 +134,7 @@ func Mount(mountpoint string, fs vfs.FS, opts Options) (*Server, error) {
 	}
 	s.serve()
 	pollHack(mountpoint)
-	return &Server{raw: raw, sess: s, mountpoint: mountpoint}, nil
+	return &Server{raw: raw, sess: s, mountpoint: mountpoint, dev: mountDev(mountpoint)}, nil
 }
 
 // pollHackName is a name go-fuse's ProtocolServer answers itself
@@ -150,9 +164,18 @@ func pollHack(mountpoint string) {
 // It turns false for good when the kernel refuses a backing file.
 func (s *Server) Passthrough() bool { return s.raw.passthroughActive() }
 
-// Unmount unmounts the file system and waits until serving has ended. If
-// the mount is busy it is detached: it disappears from the namespace now
-// and the kernel ends the connection when the last open file closes.
+// Panics returns how many requests' handlers have panicked on this
+// server's connection. Each was answered EIO and logged once.
+func (s *Server) Panics() uint64 { return s.sess.panics.Load() }
+
+// Unmount unmounts the file system and ends serving, within about
+// Options.UnmountGrace whatever is open. A busy mount is detached: it
+// leaves the namespace at once, and the kernel ends the connection when
+// the last open file closes. If files are still open after the grace
+// period, Unmount ends the connection itself (abortConnection) and Forced
+// turns true: requests on those files fail from then on (ENOTCONN, EIO),
+// but reads and writes of a passthrough open still reach its backing
+// file, which the kernel holds until the file is closed.
 func (s *Server) Unmount() error {
 	err := unix.Unmount(s.mountpoint, 0)
 	if err == unix.EBUSY {
@@ -161,10 +184,36 @@ func (s *Server) Unmount() error {
 	if err != nil && err != unix.EINVAL {
 		return fmt.Errorf("fusefs: unmount %s: %w", s.mountpoint, err)
 	}
-	s.sess.wait()
+	grace := s.raw.opts.UnmountGrace
+	if grace == 0 {
+		grace = DefaultUnmountGrace
+	}
+	timer := time.NewTimer(grace)
+	defer timer.Stop()
+	select {
+	case <-s.sess.done:
+	case <-timer.C:
+		// Checked first so that a number the kernel has just freed, and
+		// may give to another mount, is not aborted.
+		if !s.sess.ended() {
+			s.forced.Store(true)
+			klog.InfoS("Ending a FUSE connection with files still open", "fsName", s.raw.opts.FsName, "mountpoint", s.mountpoint, "grace", grace)
+			if err := abortConnection(s.dev); err != nil {
+				// Stop serving instead: closing our descriptor ends the
+				// connection unless a holder keeps a copy of it.
+				klog.ErrorS(err, "Could not abort a FUSE connection; no longer serving it", "fsName", s.raw.opts.FsName, "mountpoint", s.mountpoint)
+				s.sess.wakeAll()
+			}
+		}
+		s.sess.wait()
+	}
 	s.close()
 	return nil
 }
+
+// Forced says whether Unmount ended the connection while files were still
+// open on it (see Unmount).
+func (s *Server) Forced() bool { return s.forced.Load() }
 
 // close drops what the server holds: open files and directories, the
 // handle table and the device descriptor.

@@ -122,6 +122,7 @@ func Adopt(mountpoint string, sess Session, fs vfs.FS, opts Options, resend bool
 		}
 	}
 	s.serve()
+	srv.dev = mountDev(mountpoint)
 	return srv, nil
 }
 
@@ -207,7 +208,7 @@ func (s *session) replayInit(init []byte) error {
 	}
 	req, reply := init[:n], init[n:]
 	out := make([]byte, s.bufSize)
-	w, st := s.ps.HandleRequest([][]byte{req}, [][]byte{out})
+	w, st := s.serveRequest(req, out)
 	if !st.Ok() || w == 0 {
 		return fmt.Errorf("replaying INIT: %v", st)
 	}

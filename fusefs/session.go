@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"runtime/debug"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -100,6 +101,8 @@ type session struct {
 	wg sync.WaitGroup
 	// done is closed when the last reader has ended.
 	done chan struct{}
+	// panics counts requests whose handler panicked. Accessed atomically.
+	panics atomic.Uint64
 
 	// testHook, set by tests, sees every request: with skip the request
 	// is dropped unserved, with noReply it is served and its reply
@@ -125,11 +128,16 @@ func (s *session) getBuf() *[]byte {
 // newSession makes a session that serves raw on devFd, a /dev/fuse
 // descriptor it now owns (closed here on failure).
 func newSession(devFd int, raw *rawFS, mo *fuse.MountOptions) (*session, error) {
+	// go-fuse recovers a handler's panic and asks PanicHandler for the
+	// status; ours panics on, with the stack, to serveRequest, which knows
+	// the request.
+	psOpts := *mo
+	psOpts.PanicHandler = func(v any) fuse.Status { panic(handlerPanic{value: v, stack: debug.Stack()}) }
 	s := &session{
 		devFd:   devFd,
 		epFd:    -1,
 		stopFd:  -1,
-		ps:      fuse.NewProtocolServer(raw, mo),
+		ps:      fuse.NewProtocolServer(raw, &psOpts),
 		raw:     raw,
 		bufSize: mo.MaxWrite + 64<<10 + 4096,
 		done:    make(chan struct{}),
@@ -178,7 +186,7 @@ func (s *session) readInit() error {
 		return fmt.Errorf("the first request is not INIT (%d bytes)", n)
 	}
 	out := make([]byte, s.bufSize)
-	w, st := s.ps.HandleRequest([][]byte{buf[:n]}, [][]byte{out})
+	w, st := s.serveRequest(buf[:n], out)
 	if !st.Ok() || w == 0 {
 		return fmt.Errorf("answering INIT: %v", st)
 	}
@@ -280,7 +288,9 @@ func (s *session) reader() {
 		idle := s.idle.Add(-1)
 		if err != nil {
 			if err != errStopped {
-				if err != syscall.ENODEV {
+				// ENODEV: the connection ended (unmounted);
+				// ECONNABORTED: it was aborted (abortConnection).
+				if err != syscall.ENODEV && err != syscall.ECONNABORTED {
 					s.endMu.Lock()
 					if s.endErr == nil {
 						s.endErr = err
@@ -317,7 +327,7 @@ func (s *session) handle(in []byte) {
 	outp := s.getBuf()
 	defer bufPool.Put(outp)
 	out := *outp
-	w, st := s.ps.HandleRequest([][]byte{in}, [][]byte{out})
+	w, st := s.serveRequest(in, out)
 	if noReply {
 		return
 	}
@@ -333,6 +343,78 @@ func (s *session) handle(in []byte) {
 		// connection ended. Anything else is a malformed reply: a bug.
 		klog.ErrorS(err, "Writing a FUSE reply", "fsName", s.raw.opts.FsName)
 	}
+}
+
+// handlerPanic is a panic of a request handler and the stack it was
+// raised on.
+type handlerPanic struct {
+	value any
+	stack []byte
+}
+
+// serveRequest serves the request in and writes its reply to out, as
+// ProtocolServer.HandleRequest does. A panic while serving is recovered:
+// logged once with the request's opcode and node id, counted, and answered
+// EIO (or not answered, for a request that takes no reply).
+func (s *session) serveRequest(in, out []byte) (w int, st fuse.Status) {
+	defer func() {
+		r := recover()
+		if r == nil {
+			return
+		}
+		p, ok := r.(handlerPanic)
+		if !ok {
+			p = handlerPanic{value: r, stack: debug.Stack()}
+		}
+		s.panics.Add(1)
+		var op uint32
+		var unique, node uint64
+		if len(in) >= refuseInHeaderSize {
+			op = binary.LittleEndian.Uint32(in[4:])
+			unique = binary.LittleEndian.Uint64(in[8:])
+			node = binary.LittleEndian.Uint64(in[16:])
+		}
+		klog.ErrorS(nil, "FUSE request handler panicked; answered EIO", "fsName", s.raw.opts.FsName,
+			"op", opName(op), "nodeID", node, "panic", fmt.Sprint(p.value), "stack", string(p.stack))
+		w, st = 0, fuse.OK
+		if len(in) >= refuseInHeaderSize && op != opInit && refuseNeedsReply(op) {
+			w = errorReply(out, unique, syscall.EIO)
+		}
+	}()
+	return s.ps.HandleRequest([][]byte{in}, [][]byte{out})
+}
+
+// errorReply writes to out a reply of errno to the request unique and
+// returns its length.
+func errorReply(out []byte, unique uint64, errno syscall.Errno) int {
+	const n = 16 // fuse_out_header: len u32, error s32, unique u64
+	binary.LittleEndian.PutUint32(out[0:], n)
+	binary.LittleEndian.PutUint32(out[4:], uint32(-int32(errno)))
+	binary.LittleEndian.PutUint64(out[8:], unique)
+	return n
+}
+
+// opNames names the FUSE opcodes (include/uapi/linux/fuse.h) as the
+// Observer does.
+var opNames = [...]string{
+	1: "LOOKUP", 2: "FORGET", 3: "GETATTR", 4: "SETATTR", 5: "READLINK", 6: "SYMLINK",
+	8: "MKNOD", 9: "MKDIR", 10: "UNLINK", 11: "RMDIR", 12: "RENAME", 13: "LINK",
+	14: "OPEN", 15: "READ", 16: "WRITE", 17: "STATFS", 18: "RELEASE", 20: "FSYNC",
+	21: "SETXATTR", 22: "GETXATTR", 23: "LISTXATTR", 24: "REMOVEXATTR", 25: "FLUSH",
+	26: "INIT", 27: "OPENDIR", 28: "READDIR", 29: "RELEASEDIR", 30: "FSYNCDIR",
+	31: "GETLK", 32: "SETLK", 33: "SETLKW", 34: "ACCESS", 35: "CREATE",
+	36: "INTERRUPT", 37: "BMAP", 38: "DESTROY", 39: "IOCTL", 40: "POLL",
+	41: "NOTIFY_REPLY", 42: "BATCH_FORGET", 43: "FALLOCATE", 44: "READDIRPLUS",
+	45: "RENAME2", 46: "LSEEK", 47: "COPY_FILE_RANGE", 48: "SETUPMAPPING",
+	49: "REMOVEMAPPING", 50: "SYNCFS", 51: "TMPFILE", 52: "STATX", 53: "COPY_FILE_RANGE_64",
+}
+
+// opName returns the name of opcode op.
+func opName(op uint32) string {
+	if int(op) < len(opNames) && opNames[op] != "" {
+		return opNames[op]
+	}
+	return fmt.Sprintf("OPCODE_%d", op)
 }
 
 // wakeAll makes stopFd readable for good, which wakes every reader

@@ -1,6 +1,7 @@
 package fusefs
 
 import (
+	"bufio"
 	"bytes"
 	"errors"
 	"fmt"
@@ -51,6 +52,14 @@ func childAction(action, path string) int {
 		err = unix.Removexattr(path, "user.memfs.seals")
 	case "mknod-chr":
 		err = unix.Mknod(path, unix.S_IFCHR|0o666, int(unix.Mkdev(1, 3)))
+	case "hold":
+		// Hold path open and read it when told (a line on stdin).
+		var fd int
+		if fd, err = unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC, 0); err == nil {
+			fmt.Println("held")
+			bufio.NewReader(os.Stdin).ReadString('\n')
+			_, err = unix.Pread(fd, make([]byte, 16), 0)
+		}
 	case "fsx":
 		if err := fsx(path, 3000, rand.New(rand.NewPCG(1, 2))); err != nil {
 			fmt.Println(err)

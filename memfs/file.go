@@ -172,8 +172,19 @@ func (l *Layer) Create(parent uint64, name string, flags int, mode uint32, c vfs
 		f       vfs.File
 		existed bool
 	)
+	noRoom := l.reserveMeta(bogoInode)
 	err := l.withFd(parent, func(_ *inode, pfd int) error {
 		acc := flags & unix.O_ACCMODE
+		if noRoom != nil {
+			// Opening an existing file takes no room.
+			if err := existsOr(pfd, name, noRoom); err != syscall.EEXIST || flags&unix.O_EXCL != 0 {
+				return err
+			}
+			existed = true
+			var err error
+			e, err = l.entryAt(pfd, name)
+			return err
+		}
 		fd, err := unix.Openat(pfd, name, acc|unix.O_CREAT|unix.O_EXCL|unix.O_NOFOLLOW|unix.O_CLOEXEC, mode&07777)
 		if err == unix.EEXIST && flags&unix.O_EXCL == 0 {
 			existed = true
@@ -217,6 +228,9 @@ func (l *Layer) Tmpfile(parent uint64, flags int, mode uint32, c vfs.Caller, o v
 	acc := flags & unix.O_ACCMODE
 	if acc == unix.O_RDONLY {
 		return vfs.Entry{}, nil, syscall.EINVAL
+	}
+	if err := l.reserveMeta(bogoInode); err != nil {
+		return vfs.Entry{}, nil, err
 	}
 	var (
 		e vfs.Entry

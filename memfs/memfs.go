@@ -55,10 +55,18 @@
 // Every method returns nil or a bare syscall.Errno, so callers can compare
 // with errors.Is and hand the errno to the kernel unchanged.
 //
+// # Limits
+//
+// The instance's size and inode limits are the kernel's, but tmpfs lets
+// inodes and xattrs use memory outside size; memfs charges them to size
+// itself (usage.go), so that a volume's data, inodes and xattrs together
+// stay within Options.Size and StatFS and Usage show all three.
+//
 // # Lock order
 //
-//	Layer.mu (the inode table)
-//	  inode.mu (seals and open-writer counts)
+//	Layer.limitsMu (the instance's limits: remounts)
+//	  Layer.mu (the inode table)
+//	    inode.mu (seals and open-writer counts)
 //
 // No kernel call is made while Layer.mu is held except closing an evicted
 // descriptor.
@@ -132,8 +140,15 @@ type Layer struct {
 	// is the mount descriptor for open_by_handle_at. Immutable until Close.
 	rootFd int
 	// opts are the limits the instance was last mounted or resized with.
-	// Protected by mu.
+	// Protected by mu; changed with limitsMu held too.
 	opts Options
+	// limitsMu serializes changes of the instance's limits (remounts).
+	limitsMu sync.Mutex
+	// reserved is the part of opts.Size kept from file data for the
+	// charge of inodes and xattrs: the instance is mounted with size =
+	// opts.Size - reserved (see usage.go). Changed with limitsMu held;
+	// accessed atomically.
+	reserved atomic.Int64
 
 	// handleType is the type of the instance's file handles. Set once by
 	// initRoot.

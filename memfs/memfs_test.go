@@ -3,6 +3,7 @@ package memfs
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"syscall"
@@ -419,8 +420,10 @@ func TestLimits(t *testing.T) {
 		lastErr = err
 	}
 	wantErr(t, "write past the limit", lastErr, syscall.ENOSPC)
-	if written != 1<<20 {
-		t.Errorf("wrote %d bytes, want the whole limit %d", written, 1<<20)
+	// The limit holds the data and the charge for the two inodes.
+	meta := int64(2 * bogoInode * metaCost)
+	if written+meta > 1<<20 || written+meta <= 1<<20-metaChunk(1<<20) {
+		t.Errorf("wrote %d bytes, want the whole limit %d but the inodes' %d", written, 1<<20, meta)
 	}
 	got := make([]byte, written)
 	n := must[int](t)(f.ReadAt(got, 0))
@@ -428,7 +431,7 @@ func TestLimits(t *testing.T) {
 		t.Errorf("read back %d bytes that differ from what was written", n)
 	}
 	u := must[Usage](t)(l.Usage())
-	if u.BytesLimit != 1<<20 || u.BytesUsed != 1<<20 || u.InodesUsed != 2 || u.InodesLimit != 1024 {
+	if u.BytesLimit != 1<<20 || u.BytesUsed != 1<<20 || u.MetaBytes != uint64(meta) || u.InodesUsed != 2 || u.InodesLimit != 1024 {
 		t.Errorf("usage = %+v", u)
 	}
 	must[struct{}](t)(struct{}{}, l.Resize(2<<20, 0))
@@ -637,5 +640,94 @@ func TestDevices(t *testing.T) {
 	st = must[unix.Stat_t](t)(l.GetAttr(e.Ino()))
 	if st.Nlink != 0 || st.Rdev != dev {
 		t.Errorf("unlinked device still held: nlink %d rdev %#x", st.Nlink, st.Rdev)
+	}
+}
+
+// TestMetadataCountsAgainstSize fills a small volume whose inode limit is
+// far away with xattrs, then with empty files: tmpfs keeps both outside
+// its size, memfs charges them to it. Each fill ends in ENOSPC once the
+// charge reaches the size, Usage and StatFS show the volume full, data
+// has no room left, and removing what was stored gives the room back.
+func TestMetadataCountsAgainstSize(t *testing.T) {
+	const size = 1 << 20
+	for _, fill := range []string{"xattrs", "inodes"} {
+		t.Run(fill, func(t *testing.T) {
+			if os.Geteuid() != 0 {
+				t.Skip("needs root to mount tmpfs")
+			}
+			l, err := New(filepath.Join(t.TempDir(), "upper"), Options{Size: size, Inodes: 1500000})
+			if err != nil {
+				t.Fatal(err)
+			}
+			closeAtCleanup(t, l)
+			e := must[vfs.Entry](t)(l.Mknod(vfs.RootIno, "f", unix.S_IFREG|0o644, 0, vfs.Root))
+			defer l.Forget(e.Ino(), 1)
+			value := bytes.Repeat([]byte("v"), 1000)
+			var stored, n int64 // inode space taken, items
+			var err2 error
+			for stored*metaCost < 4*size {
+				name := fmt.Sprintf("x%06d", n)
+				if fill == "xattrs" {
+					name = "user." + name
+					err2 = l.SetXattr(e.Ino(), name, value, 0)
+					stored += int64(xattrSpace + len(name) + len(value))
+				} else {
+					var ne vfs.Entry
+					if ne, err2 = l.Mknod(vfs.RootIno, name, unix.S_IFREG|0o644, 0, vfs.Root); err2 == nil {
+						l.Forget(ne.Ino(), 1)
+					}
+					stored += bogoInode
+				}
+				if err2 != nil {
+					break
+				}
+				n++
+			}
+			wantErr(t, "filling "+fill, err2, syscall.ENOSPC)
+			u := must[Usage](t)(l.Usage())
+			t.Logf("%d %s stored; usage %+v", n, fill, u)
+			if u.BytesLimit != size || u.BytesUsed < size-uint64(metaChunk(size)) || u.BytesUsed > size || u.MetaBytes+uint64(metaChunk(size)) < u.BytesUsed {
+				t.Errorf("usage = %+v, want the %d bytes nearly all used, by metadata", u, size)
+			}
+			if st := must[unix.Statfs_t](t)(l.StatFS()); (st.Blocks-st.Bfree)*uint64(st.Bsize) != u.BytesUsed {
+				t.Errorf("statfs used %d, usage %d", (st.Blocks-st.Bfree)*uint64(st.Bsize), u.BytesUsed)
+			}
+			_, df, err := l.Create(vfs.RootIno, "data", unix.O_RDWR, 0o644, vfs.Root, vfs.OpenOptions{})
+			if err == nil {
+				var w int
+				w, err = df.WriteAt(make([]byte, 64<<10), 0, false)
+				df.Release()
+				if err == nil && w < 64<<10 {
+					err = syscall.ENOSPC // a short write
+				}
+			}
+			wantErr(t, "a 64 KiB write into the full volume", err, syscall.ENOSPC)
+
+			// Removing what was stored gives the room back.
+			for i := range n {
+				name := fmt.Sprintf("x%06d", i)
+				if fill == "xattrs" {
+					err = l.RemoveXattr(e.Ino(), "user."+name)
+				} else {
+					err = l.Unlink(vfs.RootIno, name)
+				}
+				if err != nil {
+					t.Fatal(err)
+				}
+			}
+			if u := must[Usage](t)(l.Usage()); u.BytesUsed > size/8 {
+				t.Errorf("after removing the %s: usage %+v", fill, u)
+			}
+			if l.Unlink(vfs.RootIno, "data") == nil {
+				_, df, err = l.Create(vfs.RootIno, "data", unix.O_RDWR, 0o644, vfs.Root, vfs.OpenOptions{})
+				if err == nil {
+					_, err = df.WriteAt(make([]byte, size/2), 0, false)
+					df.Release()
+				}
+			}
+			if err != nil {
+				t.Errorf("writing half the size after removing the %s: %v", fill, err)
+			}
+		})
 	}
 }

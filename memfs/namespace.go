@@ -67,8 +67,12 @@ func (l *Layer) create(parent uint64, name string, c vfs.Caller, mk func(pfd int
 	if err := CheckName(name); err != nil {
 		return vfs.Entry{}, err
 	}
+	noRoom := l.reserveMeta(bogoInode)
 	var e vfs.Entry
 	err := l.withFd(parent, func(_ *inode, pfd int) error {
+		if noRoom != nil {
+			return existsOr(pfd, name, noRoom)
+		}
 		if err := mk(pfd); err != nil {
 			return Errno(err)
 		}
@@ -85,6 +89,16 @@ func (l *Layer) create(parent uint64, name string, c vfs.Caller, mk func(pfd int
 		return err
 	})
 	return e, err
+}
+
+// existsOr returns EEXIST if name exists in the directory pfd, else err:
+// the error of a create that found no room, as Linux orders them.
+func existsOr(pfd int, name string, err error) error {
+	var st unix.Stat_t
+	if unix.Fstatat(pfd, name, &st, unix.AT_SYMLINK_NOFOLLOW) == nil {
+		return syscall.EEXIST
+	}
+	return err
 }
 
 // giveTo makes the new inode open as fd (in the directory pfd) belong to c,
@@ -138,12 +152,17 @@ func (l *Layer) Link(ino, newParent uint64, name string) (vfs.Entry, error) {
 	if err := CheckName(name); err != nil {
 		return vfs.Entry{}, err
 	}
+	// tmpfs counts a link as an inode.
+	noRoom := l.reserveMeta(bogoInode)
 	var e vfs.Entry
 	err := l.withFd(ino, func(i *inode, fd int) error {
 		if i.fileType == unix.S_IFDIR {
 			return syscall.EPERM
 		}
 		return l.withFd(newParent, func(_ *inode, pfd int) error {
+			if noRoom != nil {
+				return existsOr(pfd, name, noRoom)
+			}
 			if err := unix.Linkat(fd, "", pfd, name, unix.AT_EMPTY_PATH); err != nil {
 				return Errno(err)
 			}

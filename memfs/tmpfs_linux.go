@@ -117,6 +117,14 @@ func serve(dir string, rootFd int, opts Options) (*Layer, error) {
 		unix.Close(rootFd)
 		return nil, fmt.Errorf("memfs: %s: %w", dir, err)
 	}
+	// What the instance's size falls short of opts.Size is kept for
+	// metadata (see usage.go).
+	var st unix.Statfs_t
+	if err := unix.Fstatfs(rootFd, &st); err != nil {
+		l.Detach()
+		return nil, fmt.Errorf("memfs: %s: %w", dir, err)
+	}
+	l.reserved.Store(max(0, roundUp(opts.Size, pageSize)-int64(st.Blocks)*int64(st.Bsize)))
 	return l, nil
 }
 
@@ -177,21 +185,26 @@ func tmpfsData(o Options) string {
 	return fmt.Sprintf("size=%d,nr_inodes=%d,inode64,mode=0755", o.Size, o.Inodes)
 }
 
-// Resize changes the instance's limits. Shrinking below what is in use fails
-// with EINVAL, as tmpfs does, and changes nothing.
+// Resize changes the instance's limits. Shrinking below what is in use
+// (data and the metadata charge, see StatFS) fails with EINVAL, as tmpfs
+// does, and changes nothing.
 func (l *Layer) Resize(size int64, inodes uint64) error {
 	if size <= 0 {
 		return syscall.EINVAL
 	}
+	l.limitsMu.Lock()
+	defer l.limitsMu.Unlock()
 	l.mu.Lock()
-	defer l.mu.Unlock()
 	o := l.opts
+	l.mu.Unlock()
 	o.Size, o.Inodes = size, inodes
 	o = o.withDefaults()
-	if err := unix.Mount("", l.dir, "", unix.MS_REMOUNT|mountFlags, tmpfsData(o)); err != nil {
-		return Errno(err)
+	if err := l.remountLocked(o, l.reserved.Load()); err != nil {
+		return err
 	}
+	l.mu.Lock()
 	l.opts = o
+	l.mu.Unlock()
 	return nil
 }
 
@@ -223,12 +236,4 @@ func (l *Layer) Close() error {
 		return fmt.Errorf("memfs: %w", err)
 	}
 	return nil
-}
-
-// StatFS reports the instance's statfs: the block and inode limits and what
-// is free, exactly as df shows them.
-func (l *Layer) StatFS() (unix.Statfs_t, error) {
-	var st unix.Statfs_t
-	err := unix.Fstatfs(l.rootFd, &st)
-	return st, Errno(err)
 }

@@ -132,7 +132,8 @@ func filterMarkers(list []byte) []byte {
 // Setting SealsXattr adds the seals its value lists (see AddSeals).
 //
 // Errors: EPERM (an internal name), EOPNOTSUPP (POSIX ACLs), EEXIST or
-// ENODATA (flags), ENOSPC, E2BIG, and AddSeals's errors for SealsXattr.
+// ENODATA (flags), ENOSPC (also when the volume's size has no room for
+// the attribute: see StatFS), E2BIG, and AddSeals's errors for SealsXattr.
 func (l *Layer) SetXattr(ino uint64, name string, value []byte, flags int) error {
 	if isMarker(name) {
 		return syscall.EPERM
@@ -146,6 +147,9 @@ func (l *Layer) SetXattr(ino uint64, name string, value []byte, flags int) error
 			return err
 		}
 		return l.AddSeals(ino, s)
+	}
+	if err := l.reserveMeta(int64(xattrSpace + len(name) + len(value))); err != nil {
+		return err
 	}
 	return l.withFd(ino, func(_ *inode, fd int) error {
 		return Errno(unix.Setxattr(procPath(fd), name, value, flags))

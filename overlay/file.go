@@ -490,7 +490,13 @@ func (f *File) Seek(off int64, whence int) (int64, error) {
 	}
 	var size int64
 	if n.upper != 0 {
-		st, err := f.uf.Stat()
+		// Another open copied the file up in part since this File was
+		// opened on the lower: it may have no upper file yet.
+		uf, err := f.upperFile()
+		if err != nil {
+			return 0, err
+		}
+		st, err := uf.Stat()
 		if err != nil {
 			return 0, err
 		}

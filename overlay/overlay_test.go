@@ -723,3 +723,46 @@ func TestDirLowerOpenRefusesDevices(t *testing.T) {
 		t.Errorf("Open of a device: %v, want EINVAL", err)
 	}
 }
+
+// TestSeekAfterOtherCopyUp checks lseek on a read-only File opened while
+// its big file was only in the lower, after another open copied the file
+// up in part: the File has no upper file of its own yet.
+func TestSeekAfterOtherCopyUp(t *testing.T) {
+	fs := newOverlay(t, makeLower(t))
+	a, err := fs.Lookup(vfs.RootIno, "a")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer fs.Forget(a.Ino(), 1)
+	e, err := fs.Lookup(a.Ino(), "big")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer fs.Forget(e.Ino(), 1)
+	for _, direct := range []bool{false, true} {
+		r, err := fs.Open(e.Ino(), unix.O_RDONLY, vfs.OpenOptions{Direct: direct})
+		if err != nil {
+			t.Fatal(err)
+		}
+		w, err := fs.Open(e.Ino(), unix.O_WRONLY, vfs.OpenOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := w.WriteAt([]byte("x"), 8192, false); err != nil {
+			t.Fatal(err)
+		}
+		for _, c := range []struct {
+			whence    int
+			off, want int64
+		}{
+			{unix.SEEK_DATA, 4096, 4096},
+			{unix.SEEK_HOLE, 0, bigSize},
+		} {
+			if got, err := r.Seek(c.off, c.whence); err != nil || got != c.want {
+				t.Errorf("direct %v: seek(%d, %d) = %d, %v; want %d", direct, c.off, c.whence, got, err, c.want)
+			}
+		}
+		w.Release()
+		r.Release()
+	}
+}
