@@ -32,8 +32,24 @@ type Config struct {
 	// cache keeps itself under by collecting least recently used images
 	// that no volume uses. Images in use are never collected, so the cache
 	// may exceed Budget while they are. An image whose compressed layers
-	// alone exceed Budget is refused (ErrCacheFull). 0 means no limit.
+	// alone exceed Budget is refused (ErrCacheFull), and so is one whose
+	// flattening writes more than Budget bytes of file contents
+	// (ErrTooLarge, as soon as it does). 0 means no limit.
 	Budget int64
+	// DiskReserve is the free space flattening leaves on the disk under
+	// Dir: a pull stops (ErrTooLarge) before the disk's available bytes
+	// fall under it, whatever Budget says. 0 means the smaller of 1 GiB
+	// and 5% of the filesystem; negative means no reserve.
+	DiskReserve int64
+	// MaxFiles bounds the entries of one image: tar headers of all its
+	// layers and the directories made for them (ErrTooLarge). 0 means
+	// DefaultMaxFiles; negative means no limit.
+	MaxFiles int64
+	// MaxPathLength bounds the length in bytes of an entry's name and link
+	// target in a layer (ErrTooLarge). 0 means DefaultMaxPathLength;
+	// negative means no limit (the kernel still refuses names over 255
+	// bytes and paths over 4095).
+	MaxPathLength int
 	// InsecureRegistries lists registries ("host" or "host:port") that may
 	// be spoken to over plain HTTP. Loopback registries always may; no
 	// other ever does.
@@ -73,6 +89,16 @@ type Config struct {
 	// lost file contents.
 	NoSync bool
 }
+
+// Defaults of Config's per-image limits.
+const (
+	// DefaultMaxFiles is the default Config.MaxFiles: about five times
+	// the entries of the largest common images.
+	DefaultMaxFiles = 1 << 20
+	// DefaultMaxPathLength is the default Config.MaxPathLength: the
+	// kernel's PATH_MAX.
+	DefaultMaxPathLength = 4096
+)
 
 // PullPolicy says when Get contacts the image's source.
 type PullPolicy int
@@ -314,6 +340,12 @@ func NewCache(cfg Config) (*Cache, error) {
 	}
 	if cfg.PullTimeout <= 0 {
 		cfg.PullTimeout = time.Hour
+	}
+	if cfg.MaxFiles == 0 {
+		cfg.MaxFiles = DefaultMaxFiles
+	}
+	if cfg.MaxPathLength == 0 {
+		cfg.MaxPathLength = DefaultMaxPathLength
 	}
 	c := &Cache{
 		cfg:       cfg,

@@ -49,7 +49,30 @@ var (
 	ErrCacheFull = errors.New("image cache full")
 	// ErrClosed: the Cache has been closed. Unavailable.
 	ErrClosed = errors.New("image cache closed")
+
+	// ErrRegistryNotAllowed: the node's policy refuses the registry: it is
+	// not in Config.AllowedRegistries, it would need plain HTTP and is not
+	// in Config.InsecureRegistries, or it (or a redirect) resolves to a
+	// loopback, link-local or unspecified address and the operator did not
+	// list it. It also matches ErrUnauthorized. PermissionDenied.
+	ErrRegistryNotAllowed error = &subError{msg: "image registry not allowed on this node", parent: ErrUnauthorized}
+	// ErrTooLarge: flattening the image passed a limit: its uncompressed
+	// bytes the cache budget or the disk's free space (less
+	// Config.DiskReserve), its entries Config.MaxFiles, or a path
+	// Config.MaxPathLength. It also matches ErrCacheFull.
+	// ResourceExhausted.
+	ErrTooLarge error = &subError{msg: "image too large", parent: ErrCacheFull}
 )
+
+// subError is a sentinel that also matches a broader one, with a message
+// of its own.
+type subError struct {
+	msg    string
+	parent error
+}
+
+func (e *subError) Error() string        { return e.msg }
+func (e *subError) Is(target error) bool { return target == e.parent }
 
 // insecureError is returned by guardTransport for a plain-HTTP request to a
 // host that may only be spoken to over TLS.

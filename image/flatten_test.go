@@ -165,7 +165,7 @@ func applyTars(t *testing.T, base string, layers ...[]byte) error {
 	if err := os.Mkdir(root, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	f, err := newFlattener(root)
+	f, err := newFlattener(root, limits{})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -134,7 +134,11 @@ func (c *Cache) pull(s *source, r *resolved, kc authn.Keychain) (err error) {
 	if err := os.Mkdir(rootfs, 0o755); err != nil {
 		return classifyLocal(err)
 	}
-	fl, err := newFlattener(rootfs)
+	lim, err := c.flattenLimits()
+	if err != nil {
+		return fmt.Errorf("%s: %w", s.key, err)
+	}
+	fl, err := newFlattener(rootfs, lim)
 	if err != nil {
 		return classifyLocal(err)
 	}
@@ -187,6 +191,50 @@ func (c *Cache) pull(s *source, r *resolved, kc authn.Keychain) (err error) {
 	c.saveRefsLocked()
 	c.gcLocked(digest)
 	return nil
+}
+
+// flattenLimits returns the limits of one image's flattening: contents
+// within the budget and the disk's available bytes less the reserve,
+// entries within MaxFiles, paths within MaxPathLength.
+func (c *Cache) flattenLimits() (limits, error) {
+	lim := limits{bytes: c.cfg.Budget, bytesWhy: "the image cache budget"}
+	if c.cfg.MaxFiles > 0 {
+		lim.files = c.cfg.MaxFiles
+	}
+	if c.cfg.MaxPathLength > 0 {
+		lim.pathLen = c.cfg.MaxPathLength
+	}
+	if c.cfg.DiskReserve < 0 {
+		return lim, nil
+	}
+	var st unix.Statfs_t
+	if err := unix.Statfs(c.tmpDir, &st); err != nil {
+		return lim, &os.PathError{Op: "statfs", Path: c.tmpDir, Err: err}
+	}
+	reserve := c.cfg.DiskReserve
+	if reserve == 0 {
+		reserve = min(1<<30, int64(st.Blocks)*st.Bsize/20)
+	}
+	avail := int64(st.Bavail) * st.Bsize
+	if avail-reserve <= 0 {
+		return lim, fmt.Errorf("%w: the disk under the image cache has %d bytes available, not more than its reserve of %d", ErrTooLarge, avail, reserve)
+	}
+	if lim.bytes <= 0 || avail-reserve < lim.bytes {
+		lim.bytes, lim.bytesWhy = avail-reserve, fmt.Sprintf("the available space on the image cache's disk less its reserve of %d bytes", reserve)
+	}
+	// Other pulls and other users of the disk write too: look again
+	// while writing.
+	lim.diskFree = func() error {
+		var st unix.Statfs_t
+		if err := unix.Statfs(c.tmpDir, &st); err != nil {
+			return nil
+		}
+		if avail := int64(st.Bavail) * st.Bsize; avail < reserve {
+			return fmt.Errorf("%w: the disk under the image cache has %d bytes available, less than its reserve of %d", ErrTooLarge, avail, reserve)
+		}
+		return nil
+	}
+	return lim, nil
 }
 
 // pullError classifies err from a pull of key running on ctx.
@@ -363,7 +411,7 @@ func (c *Cache) layerError(src *sourceReader, un *hashReader, err error) error {
 		}
 		return fmt.Errorf("%w: %w", ErrCorrupt, inner)
 	}
-	if errors.Is(err, ErrUnsafe) || errors.Is(err, ErrCorrupt) {
+	if errors.Is(err, ErrUnsafe) || errors.Is(err, ErrCorrupt) || errors.Is(err, ErrCacheFull) {
 		return err
 	}
 	if un == nil || un.err != nil {
