@@ -533,7 +533,7 @@ func (f *flattener) setMeta(fd int, hdr *tar.Header, p string, times bool) error
 			continue
 		}
 		if err := unix.Fsetxattr(fd, name, []byte(v), 0); err != nil {
-			if err == unix.ENOTSUP || err == unix.EPERM || err == unix.EINVAL {
+			if err == unix.ENOTSUP || err == unix.EPERM || err == unix.EINVAL || err == unix.E2BIG || err == unix.ERANGE {
 				f.Skipped++
 				continue
 			}
