@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"hash"
 	"io"
+	"net/url"
 	"os"
 	"path/filepath"
 	"sync/atomic"
@@ -19,6 +20,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/authn"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
+	"github.com/google/go-containerregistry/pkg/v1/remote/transport"
 	"github.com/klauspost/compress/gzip"
 	"github.com/klauspost/compress/zstd"
 	"golang.org/x/sys/unix"
@@ -84,7 +86,10 @@ func (c *Cache) pull(s *source, r *resolved, kc authn.Keychain) (err error) {
 	// its DiffID may hash its (unverified) content.
 	cf, err := img.ConfigFile()
 	if err != nil {
-		return c.pullError(ctx, s.key, fmt.Errorf("%w: config: %w", ErrCorrupt, err))
+		if !errors.As(err, new(*json.SyntaxError)) && !errors.As(err, new(*json.UnmarshalTypeError)) {
+			return c.pullError(ctx, s.key, err)
+		}
+		return c.pullError(ctx, s.key, fmt.Errorf("%w: config: malformed JSON", ErrCorrupt))
 	}
 	if len(cf.RootFS.DiffIDs) != len(m.Layers) || len(layers) != len(m.Layers) {
 		return fmt.Errorf("%w: %s: %d layers but %d diff IDs", ErrCorrupt, s.key, len(m.Layers), len(cf.RootFS.DiffIDs))
@@ -247,6 +252,12 @@ func (c *Cache) pullError(ctx context.Context, key string, err error) error {
 			return fmt.Errorf("%s: %w", key, cause)
 		}
 	}
+	var ue *url.Error
+	var te *transport.Error
+	if errors.As(err, &ue) || errors.As(err, &te) {
+		// From the network: its text may quote the server.
+		return classifyRemote(key, err)
+	}
 	err = classifyLocal(err)
 	if hasSentinel(err) {
 		return fmt.Errorf("%s: %w", key, err)
@@ -407,9 +418,11 @@ func (c *Cache) layerError(src *sourceReader, un *hashReader, err error) error {
 			return inner
 		}
 		if isNetworkError(inner) {
-			return fmt.Errorf("%w: %w", ErrUnavailable, inner)
+			return fmt.Errorf("%w: %w", ErrUnavailable, &remoteError{describeNet(inner)})
 		}
-		return fmt.Errorf("%w: %w", ErrCorrupt, inner)
+		// go-containerregistry's digest or size check of the stream
+		// (no server text in the message).
+		return fmt.Errorf("%w: %w", ErrCorrupt, &remoteError{"the blob does not match its digest or size"})
 	}
 	if errors.Is(err, ErrUnsafe) || errors.Is(err, ErrCorrupt) || errors.Is(err, ErrCacheFull) {
 		return err
