@@ -51,7 +51,8 @@ var (
 	// symlink, a hard link out of the tree. FailedPrecondition.
 	ErrUnsafe = errors.New("image content unsafe")
 	// ErrCacheFull: the image is larger than the cache budget, or the disk
-	// under the cache is full. ResourceExhausted.
+	// under the cache is full; ErrTooLarge says which limit flattening
+	// passed. ResourceExhausted.
 	ErrCacheFull = errors.New("image cache full")
 	// ErrClosed: the Cache has been closed. Unavailable.
 	ErrClosed = errors.New("image cache closed")
