@@ -63,6 +63,8 @@ func startDriver(t testing.TB, mutate func(*Config)) *testEnv {
 		MetricsAddress:    freeAddr(t),
 		DefaultVolumeSize: 8 << 20,
 		imageNoSync:       true,
+		// The test registries are on loopback, over plain HTTP.
+		InsecureRegistries: []string{"127.0.0.1"},
 	}
 	if mutate != nil {
 		mutate(&cfg)
@@ -332,7 +334,9 @@ func startServe(t testing.TB, root string, extra ...string) *serveProc {
 	}
 	p.log = logf
 	args := append([]string{"serve", "--endpoint", p.endpoint, "--node-id", "sanity-node",
-		"--state-dir", filepath.Join(root, "state"), "--metrics-address", p.metrics, "-v", "5"}, extra...)
+		"--state-dir", filepath.Join(root, "state"), "--metrics-address", p.metrics, "-v", "5",
+		// The test registries are on loopback, over plain HTTP.
+		"--insecure-registry", "127.0.0.1"}, extra...)
 	p.cmd = exec.Command(bin, args...)
 	p.cmd.Stdout, p.cmd.Stderr = logf, logf
 	if err := p.cmd.Start(); err != nil {

@@ -460,9 +460,10 @@ func TestImageRestart(t *testing.T) {
 	refB := reg.push("b:v1", buildImage(t, layer(t, fileEntry("f", "b"))))
 	root := t.TempDir()
 	ctx := context.Background()
-	// Less than any tree, more than the compressed layers (which the
-	// cache checks against the budget before a pull).
-	budget := []string{"--image-cache-budget", "2Ki"}
+	// Less than app's tree, so b is collected once unused; more than
+	// app's compressed layers (checked before a pull) and its file
+	// contents (checked while flattening).
+	budget := []string{"--image-cache-budget", "24Ki"}
 	p := startServe(t, root, budget...)
 	conn := dial(t, p.endpoint)
 	node := csi.NewNodeClient(conn)
@@ -484,7 +485,7 @@ func TestImageRestart(t *testing.T) {
 	conn.Close()
 	trees, _ := filepath.Glob(filepath.Join(root, "state", "images", "images", "sha256-*"))
 	if len(trees) != 1 {
-		t.Fatalf("%d images cached before the restart, want 1 (b is collected under a 2 KiB budget)", len(trees))
+		t.Fatalf("%d images cached before the restart, want 1 (b is collected under a 24 KiB budget)", len(trees))
 	}
 	p.cmd.Process.Kill()
 	p.cmd.Wait()

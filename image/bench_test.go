@@ -64,7 +64,7 @@ func BenchmarkColdPull(b *testing.B) {
 			for range b.N {
 				b.StopTimer()
 				dir, _ := os.MkdirTemp("", "bench-cache-")
-				c, err := NewCache(Config{Dir: dir, NoSync: !sync})
+				c, err := NewCache(Config{Dir: dir, NoSync: !sync, InsecureRegistries: []string{"127.0.0.1"}})
 				if err != nil {
 					b.Fatal(err)
 				}
@@ -91,7 +91,7 @@ func BenchmarkWarmGet(b *testing.B) {
 	reg := newTestRegistry(b)
 	ref := reg.push("warm:v1", simpleImage(b, map[string]string{"f": "x"}))
 	dir := b.TempDir()
-	c, err := NewCache(Config{Dir: dir, NoSync: true})
+	c, err := NewCache(Config{Dir: dir, NoSync: true, InsecureRegistries: []string{"127.0.0.1"}})
 	if err != nil {
 		b.Fatal(err)
 	}

@@ -32,12 +32,42 @@ type Config struct {
 	// cache keeps itself under by collecting least recently used images
 	// that no volume uses. Images in use are never collected, so the cache
 	// may exceed Budget while they are. An image whose compressed layers
-	// alone exceed Budget is refused (ErrCacheFull). 0 means no limit.
+	// alone exceed Budget is refused (ErrCacheFull), and so is one whose
+	// flattening writes more than Budget bytes of file contents
+	// (ErrTooLarge, as soon as it does). 0 means no limit.
 	Budget int64
+	// DiskReserve is the free space flattening leaves on the disk under
+	// Dir: a pull stops (ErrTooLarge) before the disk's available bytes
+	// fall under it, whatever Budget says. 0 means the smaller of 1 GiB
+	// and 5% of the filesystem; negative means no reserve.
+	DiskReserve int64
+	// MaxFiles bounds the entries of one image: tar headers of all its
+	// layers and the directories made for them (ErrTooLarge). 0 means
+	// DefaultMaxFiles; negative means no limit.
+	MaxFiles int64
+	// MaxPathLength bounds the length in bytes of an entry's name and link
+	// target in a layer (ErrTooLarge). 0 means DefaultMaxPathLength;
+	// negative means no limit (the kernel still refuses names over 255
+	// bytes and paths over 4095).
+	MaxPathLength int
+	// AllowedRegistries, if not empty, lists the only registries ("host"
+	// or "host:port"; "docker.io" for Docker Hub) images are pulled from,
+	// with InsecureRegistries. A registry listed here may be at any
+	// address, loopback and link-local included; redirects (to blob
+	// storage) may go to other hosts, not to such addresses.
+	AllowedRegistries []string
 	// InsecureRegistries lists registries ("host" or "host:port") that may
-	// be spoken to over plain HTTP. Loopback registries always may; no
-	// other ever does.
+	// be spoken to over plain HTTP, and may be at any address; no other
+	// ever is, loopback registries included. Every registry not listed
+	// here or in AllowedRegistries must resolve to addresses that are not
+	// loopback, link-local, unspecified or cloud metadata ones (see
+	// transport.go).
 	InsecureRegistries []string
+	// CAFile, if set, is a PEM file of CA certificates trusted for
+	// registry TLS besides the system's roots (which SSL_CERT_FILE and
+	// SSL_CERT_DIR select, and which are the fallback roots a program
+	// registered when the system has none).
+	CAFile string
 	// LocalPrefix, if set, marks references to local images: PREFIX NAME,
 	// PREFIX NAME:TAG or PREFIX NAME@DIGEST name the OCI image layout
 	// directory or image tarball (docker save format) LocalDir/NAME (or
@@ -51,8 +81,10 @@ type Config struct {
 	// "os/arch[/variant]". Empty means linux/runtime.GOARCH.
 	Platform string
 	// Transport is the HTTP transport to registries; nil means a clone of
-	// go-containerregistry's remote.DefaultTransport. Either way it is
-	// wrapped so that plain HTTP goes only where InsecureRegistries allows.
+	// go-containerregistry's remote.DefaultTransport (proxies from the
+	// environment). An *http.Transport is cloned and gets the address
+	// check on its dialer and CAFile; any transport is wrapped so that
+	// plain HTTP goes only where InsecureRegistries allows.
 	Transport http.RoundTripper
 	// Progress, if set, is called from the pulling goroutine every
 	// ProgressInterval while a pull runs (not for pulls faster than that).
@@ -73,6 +105,16 @@ type Config struct {
 	// lost file contents.
 	NoSync bool
 }
+
+// Defaults of Config's per-image limits.
+const (
+	// DefaultMaxFiles is the default Config.MaxFiles: about five times
+	// the entries of the largest common images.
+	DefaultMaxFiles = 1 << 20
+	// DefaultMaxPathLength is the default Config.MaxPathLength: the
+	// kernel's PATH_MAX.
+	DefaultMaxPathLength = 4096
+)
 
 // PullPolicy says when Get contacts the image's source.
 type PullPolicy int
@@ -257,11 +299,11 @@ type meta struct {
 // Lock order: Cache.mu is a leaf lock; no I/O but small metadata writes
 // (refs.json, renames) happens under it.
 type Cache struct {
-	// cfg, platform, insecure, transport, retry, dirs are immutable after
+	// cfg, platform, policy, transport, retry, dirs are immutable after
 	// NewCache.
 	cfg       Config
 	platform  v1.Platform
-	insecure  map[string]bool
+	policy    *registryPolicy
 	transport http.RoundTripper
 	retry     remote.Backoff
 	imagesDir string
@@ -315,9 +357,14 @@ func NewCache(cfg Config) (*Cache, error) {
 	if cfg.PullTimeout <= 0 {
 		cfg.PullTimeout = time.Hour
 	}
+	if cfg.MaxFiles == 0 {
+		cfg.MaxFiles = DefaultMaxFiles
+	}
+	if cfg.MaxPathLength == 0 {
+		cfg.MaxPathLength = DefaultMaxPathLength
+	}
 	c := &Cache{
 		cfg:       cfg,
-		insecure:  make(map[string]bool),
 		retry:     remote.Backoff{Duration: 500 * time.Millisecond, Factor: 2, Jitter: 0.1, Steps: 3},
 		imagesDir: filepath.Join(cfg.Dir, "images"),
 		tmpDir:    filepath.Join(cfg.Dir, "tmp"),
@@ -338,16 +385,13 @@ func NewCache(cfg Config) (*Cache, error) {
 		}
 		c.platform = *p
 	}
-	for _, r := range cfg.InsecureRegistries {
-		c.insecure[strings.TrimSuffix(r, "/")] = true
+	var err error
+	if c.policy, err = newRegistryPolicy(cfg.AllowedRegistries, cfg.InsecureRegistries); err != nil {
+		return nil, err
 	}
-	next := cfg.Transport
-	if next == nil {
-		t := remote.DefaultTransport.(*http.Transport).Clone()
-		t.ResponseHeaderTimeout = time.Minute
-		next = t
+	if c.transport, err = newTransport(&c.cfg, c.policy); err != nil {
+		return nil, err
 	}
-	c.transport = &guardTransport{next: next, insecure: c.insecure}
 
 	for _, d := range []string{cfg.Dir, c.imagesDir, c.tmpDir} {
 		if err := os.MkdirAll(d, 0o700); err != nil {

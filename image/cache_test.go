@@ -346,9 +346,9 @@ func TestPlatformIndex(t *testing.T) {
 	}
 }
 
-// Plain HTTP only to loopback and listed registries: a registry named
-// by a non-loopback host (dialled to our loopback server) is refused
-// unless listed.
+// Plain HTTP only to listed registries, and a registry named by a host
+// that is not listed must not be at a loopback address: one dialled to our
+// loopback server is refused unless listed.
 func TestInsecureRegistries(t *testing.T) {
 	reg := newTestRegistry(t)
 	reg.push("app:v1", simpleImage(t, map[string]string{"f": "1"}))
@@ -359,8 +359,8 @@ func TestInsecureRegistries(t *testing.T) {
 	ref := "registry.example.com:5000/app:v1"
 
 	c := newTestCache(t, Config{Transport: tr})
-	if _, err := get(t, c, ref, PullIfNotPresent, nil); !errors.Is(err, ErrUnavailable) {
-		t.Errorf("not listed: err = %v, want ErrUnavailable", err)
+	if _, err := get(t, c, ref, PullIfNotPresent, nil); !errors.Is(err, ErrRegistryNotAllowed) {
+		t.Errorf("not listed: err = %v, want ErrRegistryNotAllowed", err)
 	}
 	c = newTestCache(t, Config{Transport: tr, InsecureRegistries: []string{"registry.example.com:5000"}})
 	im, err := get(t, c, ref, PullIfNotPresent, nil)
@@ -368,16 +368,37 @@ func TestInsecureRegistries(t *testing.T) {
 		t.Fatalf("listed: %v", err)
 	}
 	im.Release()
+	// The loopback registry itself, not listed.
+	c = newTestCache(t, Config{InsecureRegistries: []string{}})
+	if _, err := get(t, c, reg.host+"/app:v1", PullIfNotPresent, nil); !errors.Is(err, ErrRegistryNotAllowed) {
+		t.Errorf("loopback, not listed: err = %v, want ErrRegistryNotAllowed", err)
+	}
 
-	g := &guardTransport{insecure: map[string]bool{"reg.internal": true}}
+	p, err := newRegistryPolicy([]string{"allowed.example.com:443"}, []string{"reg.internal", "127.0.0.1:5000", "Docker.io"})
+	if err != nil {
+		t.Fatal(err)
+	}
 	for host, want := range map[string]bool{
-		"127.0.0.1:5000": true, "127.9.9.9": true, "[::1]:80": true, "localhost:5000": true,
-		"reg.internal:5000": true, "reg.internal": true, "10.0.0.1:5000": false, "192.168.1.1": false,
-		"localhost.evil.com": false, "example.com": false,
+		"127.0.0.1:5000": true, "127.0.0.1:5001": false, "127.9.9.9": false, "[::1]:80": false, "localhost:5000": false,
+		"reg.internal:5000": true, "reg.internal": true, "REG.internal": true, "10.0.0.1:5000": false, "192.168.1.1": false,
+		"localhost.evil.com": false, "example.com": false, "index.docker.io": true, "allowed.example.com:443": false,
 	} {
-		if got := g.plainAllowed(host); got != want {
-			t.Errorf("plainAllowed(%s) = %v, want %v", host, got, want)
+		if got := p.isInsecure(host); got != want {
+			t.Errorf("isInsecure(%s) = %v, want %v", host, got, want)
 		}
+	}
+	for host, want := range map[string]bool{
+		"127.0.0.1:5000": true, "127.0.0.1:5001": false, "127.9.9.9": false, "[::1]:80": false, "localhost:5000": false,
+		"a.localhost:5000": false, "169.254.169.254": false, "[fe80::1]:5000": false, "0.0.0.0:80": false,
+		"[::ffff:127.0.0.1]:80": false, "[fd00:ec2::254]": false, "10.0.0.1:5000": true, "8.8.8.8": true,
+		"example.com": true, "allowed.example.com:443": true,
+	} {
+		if err := p.checkHost(host); (err == nil) != want || err != nil && !errors.Is(err, ErrRegistryNotAllowed) {
+			t.Errorf("checkHost(%s) = %v, want allowed %v", host, err, want)
+		}
+	}
+	if _, err := newRegistryPolicy([]string{"http://x/"}, nil); !errors.Is(err, ErrInvalidArgument) {
+		t.Errorf("bad entry: err = %v, want ErrInvalidArgument", err)
 	}
 }
 
@@ -436,7 +457,7 @@ func TestRestartWarmCache(t *testing.T) {
 	reg := newTestRegistry(t)
 	ref := reg.push("warm:v1", simpleImage(t, map[string]string{"f": "warm"}))
 	dir := t.TempDir()
-	c1, err := NewCache(Config{Dir: dir, NoSync: true})
+	c1, err := NewCache(Config{Dir: dir, NoSync: true, InsecureRegistries: []string{"127.0.0.1"}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -567,7 +588,7 @@ func TestCloseMidPull(t *testing.T) {
 	ref := reg.push("interrupted:v1", buildImage(t, "amd64", gzLayer(t, tarBytes(t, file("a", randString(100000))))))
 	reg.slow, reg.chunk = 10*time.Millisecond, 1000
 	dir := t.TempDir()
-	c, err := NewCache(Config{Dir: dir, NoSync: true})
+	c, err := NewCache(Config{Dir: dir, NoSync: true, InsecureRegistries: []string{"127.0.0.1"}})
 	if err != nil {
 		t.Fatal(err)
 	}

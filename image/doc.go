@@ -16,7 +16,9 @@
 //	c, err := image.NewCache(image.Config{
 //		Dir:                filepath.Join(stateDir, "images"),
 //		Budget:             10 << 30,
-//		InsecureRegistries: flagInsecureRegistries, // "host[:port]"
+//		InsecureRegistries: flagInsecureRegistries, // "host[:port]", plain HTTP, any address
+//		AllowedRegistries:  flagAllowedRegistries,  // if set, the only registries
+//		CAFile:             flagRegistryCAFile,     // PEM, added to the system's roots
 //		LocalPrefix:        "oci:",
 //		LocalDir:           "/var/lib/csi-memfs/images",
 //		Progress:           func(p image.Progress) { logger.Info("Pulling image", "ref", p.Ref, "bytes", p.Bytes, "total", p.TotalBytes) },
@@ -82,14 +84,27 @@
 //
 // # Transport security
 //
-// Registries are spoken to over HTTPS. Plain HTTP is allowed only to
-// loopback addresses (127.0.0.0/8, ::1, localhost) and to the registries
-// listed in Config.InsecureRegistries; every other plain-HTTP request —
-// go-containerregistry's fallback for RFC 1918 hosts, a redirect — is
-// refused by the transport (ErrUnavailable). Credentials come only from
-// the Keychain given to Get (KeychainFromSecrets parses a Kubernetes
-// dockerconfigjson or dockercfg pull secret); the node's own docker config
-// is never read. No error message contains a credential.
+// A pod names the image, so it names the host the plugin, on the node's
+// network, sends requests to (transport.go). Registries are spoken to
+// over HTTPS with the system's roots (SSL_CERT_FILE, SSL_CERT_DIR; the
+// fallback roots the program registers when the system has none) plus
+// Config.CAFile. Plain HTTP goes only to Config.InsecureRegistries, loopback
+// ones included; every other plain-HTTP request — go-containerregistry's
+// fallback for RFC 1918 and loopback hosts, a redirect — is refused before
+// it is sent. A registry not listed in Config.InsecureRegistries or
+// Config.AllowedRegistries may not be at a loopback, link-local
+// (169.254.0.0/16, fe80::/10: cloud metadata), unspecified or cloud
+// metadata address: the check runs on the resolved address when dialling
+// (a name resolving to 127.0.0.1 is refused too) and on every redirect.
+// Config.AllowedRegistries, when set, are the only registries images come
+// from (with the insecure ones). Proxies from the environment (HTTPS_PROXY,
+// NO_PROXY) are used and dialled as configured. Refusals are
+// ErrRegistryNotAllowed. Credentials come only from the Keychain given to
+// Get (KeychainFromSecrets parses a Kubernetes dockerconfigjson or dockercfg
+// pull secret); the node's own docker config is never read. No error
+// message contains a credential, or any text a server sent: messages say
+// the HTTP status, the registry's error codes when the distribution spec
+// defines them, the kind of network or TLS failure.
 //
 // # Verification
 //
@@ -124,6 +139,13 @@
 //   - Refused, failing the whole pull with ErrUnsafe: absolute names, any
 //     ".." component, a path through a symlink (even one inside the tree),
 //     a hard link to a missing file, a directory or anything outside.
+//   - Bounded, failing the whole pull with ErrTooLarge as soon as a bound
+//     is passed: the file contents written (counted as written, over all
+//     layers) by Config.Budget and by the disk's available space less
+//     Config.DiskReserve (looked at again every 16 MiB); the entries (tar
+//     headers and the directories made for them) by Config.MaxFiles; names
+//     and link targets by Config.MaxPathLength, and names by NAME_MAX.
+//     A small gzip layer cannot fill the disk.
 //
 // The finished tree is measured (disk usage, hard links counted once),
 // described in meta.json, flushed with syncfs (unless Config.NoSync) and
@@ -149,13 +171,14 @@
 // (their tree is renamed into tmp/ at once and deleted in the background).
 // Pinned images never are, so the cache can exceed the budget while they
 // are in use; an image whose compressed layers alone exceed the budget is
-// refused with ErrCacheFull. GC runs the same collection on demand. Use
+// refused with ErrCacheFull, one whose flattened contents do with
+// ErrTooLarge. GC runs the same collection on demand. Use
 // times persist as meta.json's mtime.
 //
 // # Restart
 //
 // NewCache takes an flock on Dir/lock (one process per directory), deletes
-// tmp/ (half-made pulls, half-deleted images) and rebuilds the index from
+// tmp/ (half-made pulls, half-deleted images, what a killed pull left) and rebuilds the index from
 // images/*/meta.json, dropping anything malformed; refs.json remembers
 // which digest each reference last resolved to, so IfNotPresent needs no
 // network after a restart. Pins do not survive a restart: re-pin with
@@ -165,10 +188,12 @@
 //
 // Every error wraps at most one sentinel (errors.Is); the driver maps
 // them: ErrInvalidArgument and ErrInvalidReference → InvalidArgument,
-// ErrNotFound → NotFound, ErrUnauthorized → PermissionDenied,
+// ErrNotFound → NotFound, ErrUnauthorized and ErrRegistryNotAllowed (which
+// matches ErrUnauthorized) → PermissionDenied,
 // ErrUnavailable and ErrClosed → Unavailable, ErrCorrupt → Unavailable
-// (a retry pulls again), ErrUnsafe → FailedPrecondition, ErrCacheFull →
-// ResourceExhausted, context errors → DeadlineExceeded/Canceled, anything
+// (a retry pulls again), ErrUnsafe → FailedPrecondition, ErrCacheFull
+// and ErrTooLarge (which matches ErrCacheFull) → ResourceExhausted,
+// context errors → DeadlineExceeded/Canceled, anything
 // else → Internal. ResultOf maps an error to the PullResult used as a
 // metrics label.
 //

@@ -53,23 +53,59 @@ type flattener struct {
 	// buf is the copy buffer for file contents.
 	buf []byte
 
+	// lim bounds what the image may make. Immutable.
+	lim limits
+	// written counts the bytes of file contents written, files the
+	// entries seen (tar headers of all layers and the directories made
+	// for them), over all layers.
+	// Invariant: written <= lim.bytes and files <= lim.files where set.
+	written, files int64
+	// nextDiskCheck is the value of written at which lim.diskFree is
+	// asked next.
+	nextDiskCheck int64
+
 	// Skipped counts entries not recreated (device nodes, unknown types,
 	// xattrs the filesystem refused).
 	Skipped int
 }
 
-// newFlattener starts flattening into the existing, empty directory dir.
-func newFlattener(dir string) (*flattener, error) {
+// limits bound what flattening one image may make the node spend. A zero
+// field is no limit.
+type limits struct {
+	// bytes bounds the file contents written, counted as they are
+	// written (so an entry that a later layer replaces still counts).
+	bytes int64
+	// bytesWhy names the bound bytes comes from, for the error.
+	bytesWhy string
+	// files bounds the entries: tar headers of all layers (whiteouts and
+	// skipped entries too) and the directories made for them.
+	files int64
+	// pathLen bounds the length of an entry's name and link target.
+	pathLen int
+	// diskFree, if set, is asked every diskCheckEvery bytes written for
+	// an error if the disk is running out of room.
+	diskFree func() error
+}
+
+// diskCheckEvery is how many bytes are written between two diskFree
+// checks.
+const diskCheckEvery = 16 << 20
+
+// newFlattener starts flattening into the existing, empty directory dir,
+// within lim.
+func newFlattener(dir string, lim limits) (*flattener, error) {
 	fd, err := unix.Open(dir, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC|unix.O_NOFOLLOW, 0)
 	if err != nil {
 		return nil, &os.PathError{Op: "open", Path: dir, Err: err}
 	}
 	return &flattener{
-		root:     fd,
-		chown:    os.Geteuid() == 0,
-		dirTimes: make(map[string]time.Time),
-		cachedFd: -1,
-		buf:      make([]byte, 1<<20),
+		root:          fd,
+		chown:         os.Geteuid() == 0,
+		dirTimes:      make(map[string]time.Time),
+		cachedFd:      -1,
+		buf:           make([]byte, 1<<20),
+		lim:           lim,
+		nextDiskCheck: diskCheckEvery,
 	}, nil
 }
 
@@ -186,6 +222,10 @@ func (f *flattener) mkdirAll(dir string) (int, error) {
 		}
 		if err == nil {
 			f.markLayer(path.Join(done, name))
+			if err := f.countFile(); err != nil {
+				unix.Close(fd)
+				return -1, err
+			}
 		}
 		how := unix.OpenHow{Flags: unix.O_PATH | unix.O_DIRECTORY | unix.O_CLOEXEC | unix.O_NOFOLLOW, Resolve: resolveStrict}
 		next, err := unix.Openat2(fd, name, &how)
@@ -247,8 +287,76 @@ func tarError(err error) error {
 	return err
 }
 
+// countFile counts one more entry against lim.files.
+func (f *flattener) countFile() error {
+	f.files++
+	if f.lim.files > 0 && f.files > f.lim.files {
+		return fmt.Errorf("%w: more than %d files and directories (the limit of entries per image)", ErrTooLarge, f.lim.files)
+	}
+	return nil
+}
+
+// checkPath checks an entry's name or link target against lim.pathLen and
+// the kernel's NAME_MAX, which the image could otherwise turn into an
+// unclassified ENAMETOOLONG.
+func (f *flattener) checkPath(what, p string) error {
+	if f.lim.pathLen > 0 && len(p) > f.lim.pathLen {
+		return fmt.Errorf("%w: %s of %d bytes, longer than %d (the limit of path length)", ErrTooLarge, what, len(p), f.lim.pathLen)
+	}
+	if what != "symlink target" {
+		for _, el := range strings.Split(p, "/") {
+			if len(el) > unix.NAME_MAX {
+				return fmt.Errorf("%w: %s with a name of %d bytes, longer than %d (the limit of a file name)", ErrTooLarge, what, len(el), unix.NAME_MAX)
+			}
+		}
+	}
+	return nil
+}
+
+// contentWriter writes file contents within lim.bytes. Having no
+// ReadFrom, it also makes io.CopyBuffer use the flattener's buffer
+// instead of probing splice/sendfile on a pipe-less source.
+type contentWriter struct {
+	f    *flattener
+	file *os.File
+}
+
+func (w contentWriter) Write(p []byte) (int, error) {
+	f := w.f
+	if f.lim.bytes > 0 && f.written+int64(len(p)) > f.lim.bytes {
+		return 0, f.tooLarge()
+	}
+	n, err := w.file.Write(p)
+	f.written += int64(n)
+	if err == nil && f.lim.diskFree != nil && f.written >= f.nextDiskCheck {
+		f.nextDiskCheck = f.written + diskCheckEvery
+		err = f.lim.diskFree()
+	}
+	return n, err
+}
+
+// tooLarge is the error of an image whose contents pass lim.bytes.
+func (f *flattener) tooLarge() error {
+	return fmt.Errorf("%w: more than %d bytes uncompressed (%s)", ErrTooLarge, f.lim.bytes, f.lim.bytesWhy)
+}
+
 // apply applies one tar entry.
 func (f *flattener) apply(hdr *tar.Header, tr io.Reader) error {
+	if err := f.countFile(); err != nil {
+		return err
+	}
+	if err := f.checkPath("path", hdr.Name); err != nil {
+		return err
+	}
+	if hdr.Typeflag == tar.TypeSymlink {
+		if err := f.checkPath("symlink target", hdr.Linkname); err != nil {
+			return err
+		}
+	} else if hdr.Typeflag == tar.TypeLink {
+		if err := f.checkPath("hard link target", hdr.Linkname); err != nil {
+			return err
+		}
+	}
 	p, err := cleanPath(hdr.Name)
 	if err != nil {
 		return err
@@ -307,6 +415,9 @@ func (f *flattener) apply(hdr *tar.Header, tr io.Reader) error {
 		return nil
 
 	case tar.TypeReg, tar.TypeRegA:
+		if f.lim.bytes > 0 && hdr.Size > f.lim.bytes-f.written {
+			return f.tooLarge()
+		}
 		if err := f.removeExisting(pfd, base); err != nil {
 			return err
 		}
@@ -315,7 +426,7 @@ func (f *flattener) apply(hdr *tar.Header, tr io.Reader) error {
 			return fmt.Errorf("create %q: %w", p, err)
 		}
 		file := os.NewFile(uintptr(fd), p)
-		_, err = io.CopyBuffer(fileWriter{file}, tr, f.buf)
+		_, err = io.CopyBuffer(contentWriter{f, file}, tr, f.buf)
 		if err == nil {
 			err = f.setMeta(fd, hdr, p, true)
 		}
@@ -405,12 +516,6 @@ func (f *flattener) apply(hdr *tar.Header, tr io.Reader) error {
 	return nil
 }
 
-// fileWriter hides os.File's ReadFrom so io.CopyBuffer uses our buffer
-// instead of splice/sendfile probing on a pipe-less source.
-type fileWriter struct{ f *os.File }
-
-func (w fileWriter) Write(p []byte) (int, error) { return w.f.Write(p) }
-
 // setMeta sets owner, mode, xattrs and (for files) mtime on fd, an open
 // descriptor of the entry p. Owner first: chown clears set-id bits.
 func (f *flattener) setMeta(fd int, hdr *tar.Header, p string, times bool) error {
@@ -428,7 +533,7 @@ func (f *flattener) setMeta(fd int, hdr *tar.Header, p string, times bool) error
 			continue
 		}
 		if err := unix.Fsetxattr(fd, name, []byte(v), 0); err != nil {
-			if err == unix.ENOTSUP || err == unix.EPERM || err == unix.EINVAL {
+			if err == unix.ENOTSUP || err == unix.EPERM || err == unix.EINVAL || err == unix.E2BIG || err == unix.ERANGE {
 				f.Skipped++
 				continue
 			}

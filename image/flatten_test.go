@@ -18,7 +18,10 @@ import (
 // TestFlattenTree checks: every kind of entry, whiteouts, an opaque
 // directory (marker after a new entry, to check order does not matter),
 // hard links within and across layers, replacements.
-func treeImageLayers(t testing.TB) [][]byte {
+func treeImageLayers(t testing.TB) [][]byte { return treeImageLayersSized(t, 100000) }
+
+// treeImageLayersSized is treeImageLayers with big/a of size bytes.
+func treeImageLayersSized(t testing.TB, size int) [][]byte {
 	setuid := file("bin/su", "su")
 	setuid.Mode, setuid.UID, setuid.GID = 0o4755, 1000, 2000
 	xa := file("etc/cap", "cap")
@@ -33,7 +36,7 @@ func treeImageLayers(t testing.TB) [][]byte {
 	l1 := tarBytes(t,
 		dir("bin", 0o755), setuid,
 		dir("etc", 0o755), file("etc/passwd", "root:x:0:0"), file("etc/hosts", "hosts-1"), xa, old,
-		file("big/a", strings.Repeat("x", 100000)), hardlink("big/b", "big/a"),
+		file("big/a", strings.Repeat("x", size)), hardlink("big/b", "big/a"),
 		symlink("lnk", "etc/passwd"), symlink("abs", "/etc/passwd"), symlink("dangling", "../../nowhere"),
 		dir("opq", 0o755), file("opq/old1", "1"), dir("opq/sub", 0o755), file("opq/sub/old2", "2"),
 		file("gone", "bye"), dir("gonedir", 0o755), file("gonedir/x", "x"),
@@ -165,7 +168,7 @@ func applyTars(t *testing.T, base string, layers ...[]byte) error {
 	if err := os.Mkdir(root, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	f, err := newFlattener(root)
+	f, err := newFlattener(root, limits{})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -225,6 +225,10 @@ func newTestCache(t testing.TB, cfg Config) *Cache {
 		cfg.Dir = t.TempDir()
 	}
 	cfg.NoSync = true
+	if cfg.InsecureRegistries == nil {
+		// The test registries are on loopback, over plain HTTP.
+		cfg.InsecureRegistries = []string{"127.0.0.1"}
+	}
 	c, err := NewCache(cfg)
 	if err != nil {
 		t.Fatal(err)

@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"hash"
 	"io"
+	"net/url"
 	"os"
 	"path/filepath"
 	"sync/atomic"
@@ -19,6 +20,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/authn"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
+	"github.com/google/go-containerregistry/pkg/v1/remote/transport"
 	"github.com/klauspost/compress/gzip"
 	"github.com/klauspost/compress/zstd"
 	"golang.org/x/sys/unix"
@@ -84,7 +86,10 @@ func (c *Cache) pull(s *source, r *resolved, kc authn.Keychain) (err error) {
 	// its DiffID may hash its (unverified) content.
 	cf, err := img.ConfigFile()
 	if err != nil {
-		return c.pullError(ctx, s.key, fmt.Errorf("%w: config: %w", ErrCorrupt, err))
+		if !errors.As(err, new(*json.SyntaxError)) && !errors.As(err, new(*json.UnmarshalTypeError)) {
+			return c.pullError(ctx, s.key, err)
+		}
+		return c.pullError(ctx, s.key, fmt.Errorf("%w: config: malformed JSON", ErrCorrupt))
 	}
 	if len(cf.RootFS.DiffIDs) != len(m.Layers) || len(layers) != len(m.Layers) {
 		return fmt.Errorf("%w: %s: %d layers but %d diff IDs", ErrCorrupt, s.key, len(m.Layers), len(cf.RootFS.DiffIDs))
@@ -134,7 +139,11 @@ func (c *Cache) pull(s *source, r *resolved, kc authn.Keychain) (err error) {
 	if err := os.Mkdir(rootfs, 0o755); err != nil {
 		return classifyLocal(err)
 	}
-	fl, err := newFlattener(rootfs)
+	lim, err := c.flattenLimits()
+	if err != nil {
+		return fmt.Errorf("%s: %w", s.key, err)
+	}
+	fl, err := newFlattener(rootfs, lim)
 	if err != nil {
 		return classifyLocal(err)
 	}
@@ -189,6 +198,50 @@ func (c *Cache) pull(s *source, r *resolved, kc authn.Keychain) (err error) {
 	return nil
 }
 
+// flattenLimits returns the limits of one image's flattening: contents
+// within the budget and the disk's available bytes less the reserve,
+// entries within MaxFiles, paths within MaxPathLength.
+func (c *Cache) flattenLimits() (limits, error) {
+	lim := limits{bytes: c.cfg.Budget, bytesWhy: "the image cache budget"}
+	if c.cfg.MaxFiles > 0 {
+		lim.files = c.cfg.MaxFiles
+	}
+	if c.cfg.MaxPathLength > 0 {
+		lim.pathLen = c.cfg.MaxPathLength
+	}
+	if c.cfg.DiskReserve < 0 {
+		return lim, nil
+	}
+	var st unix.Statfs_t
+	if err := unix.Statfs(c.tmpDir, &st); err != nil {
+		return lim, &os.PathError{Op: "statfs", Path: c.tmpDir, Err: err}
+	}
+	reserve := c.cfg.DiskReserve
+	if reserve == 0 {
+		reserve = min(1<<30, int64(st.Blocks)*st.Bsize/20)
+	}
+	avail := int64(st.Bavail) * st.Bsize
+	if avail-reserve <= 0 {
+		return lim, fmt.Errorf("%w: the disk under the image cache has %d bytes available, not more than its reserve of %d", ErrTooLarge, avail, reserve)
+	}
+	if lim.bytes <= 0 || avail-reserve < lim.bytes {
+		lim.bytes, lim.bytesWhy = avail-reserve, fmt.Sprintf("the available space on the image cache's disk less its reserve of %d bytes", reserve)
+	}
+	// Other pulls and other users of the disk write too: look again
+	// while writing.
+	lim.diskFree = func() error {
+		var st unix.Statfs_t
+		if err := unix.Statfs(c.tmpDir, &st); err != nil {
+			return nil
+		}
+		if avail := int64(st.Bavail) * st.Bsize; avail < reserve {
+			return fmt.Errorf("%w: the disk under the image cache has %d bytes available, less than its reserve of %d", ErrTooLarge, avail, reserve)
+		}
+		return nil
+	}
+	return lim, nil
+}
+
 // pullError classifies err from a pull of key running on ctx.
 func (c *Cache) pullError(ctx context.Context, key string, err error) error {
 	if ctx.Err() != nil {
@@ -198,6 +251,12 @@ func (c *Cache) pullError(ctx context.Context, key string, err error) error {
 		if cause := context.Cause(ctx); cause != nil && errors.Is(cause, ErrUnavailable) {
 			return fmt.Errorf("%s: %w", key, cause)
 		}
+	}
+	var ue *url.Error
+	var te *transport.Error
+	if errors.As(err, &ue) || errors.As(err, &te) {
+		// From the network: its text may quote the server.
+		return classifyRemote(key, err)
 	}
 	err = classifyLocal(err)
 	if hasSentinel(err) {
@@ -359,11 +418,13 @@ func (c *Cache) layerError(src *sourceReader, un *hashReader, err error) error {
 			return inner
 		}
 		if isNetworkError(inner) {
-			return fmt.Errorf("%w: %w", ErrUnavailable, inner)
+			return fmt.Errorf("%w: %w", ErrUnavailable, &remoteError{describeNet(inner)})
 		}
-		return fmt.Errorf("%w: %w", ErrCorrupt, inner)
+		// go-containerregistry's digest or size check of the stream
+		// (no server text in the message).
+		return fmt.Errorf("%w: %w", ErrCorrupt, &remoteError{"the blob does not match its digest or size"})
 	}
-	if errors.Is(err, ErrUnsafe) || errors.Is(err, ErrCorrupt) {
+	if errors.Is(err, ErrUnsafe) || errors.Is(err, ErrCorrupt) || errors.Is(err, ErrCacheFull) {
 		return err
 	}
 	if un == nil || un.err != nil {

@@ -7,8 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
-	"net"
-	"net/http"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -41,6 +39,16 @@ type source struct {
 	digest string
 }
 
+// safeMediaType quotes a media type from a registry for a message if it
+// is one go-containerregistry knows: nothing else a registry sends
+// reaches an error.
+func safeMediaType(mt types.MediaType) string {
+	if mt.IsImage() || mt.IsIndex() || mt.IsSchema1() || mt.IsLayer() || mt.IsConfig() {
+		return fmt.Sprintf("%q", mt)
+	}
+	return "(not a known media type)"
+}
+
 // localName is one path element of a local image name.
 var localName = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]*$`)
 
@@ -56,7 +64,10 @@ func (c *Cache) parseRef(ref string) (*source, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%w %q: %v", ErrInvalidReference, ref, err)
 	}
-	if c.isInsecure(r.Context().RegistryStr()) {
+	if err := c.policy.checkRegistry(r.Context().RegistryStr()); err != nil {
+		return nil, fmt.Errorf("%q: %w", ref, err)
+	}
+	if c.policy.isInsecure(r.Context().RegistryStr()) {
 		if r, err = name.ParseReference(ref, name.Insecure); err != nil {
 			return nil, fmt.Errorf("%w %q: %v", ErrInvalidReference, ref, err)
 		}
@@ -149,7 +160,7 @@ func (c *Cache) resolve(ctx context.Context, s *source, kc authn.Keychain) (*res
 			return nil, classifyRemote(s.key, err)
 		}
 	default:
-		return nil, fmt.Errorf("%w: %s: media type %q is not an image", ErrNotFound, s.key, desc.MediaType)
+		return nil, fmt.Errorf("%w: %s: media type %s is not an image", ErrNotFound, s.key, safeMediaType(desc.MediaType))
 	}
 	d, err := img.Digest()
 	if err != nil {
@@ -259,7 +270,7 @@ func (c *Cache) resolveLocal(s *source) (*resolved, error) {
 			return nil, fmt.Errorf("%w: %s: %w", ErrCorrupt, s.key, err)
 		}
 	default:
-		return nil, fmt.Errorf("%w: %s: media type %q is not an image", ErrNotFound, s.key, m.MediaType)
+		return nil, fmt.Errorf("%w: %s: media type %s is not an image", ErrNotFound, s.key, safeMediaType(m.MediaType))
 	}
 	// A layout's blobs are plain files: check the manifest against the
 	// digest that names it.
@@ -281,55 +292,4 @@ type anonymousKeychain struct{}
 
 func (anonymousKeychain) Resolve(authn.Resource) (authn.Authenticator, error) {
 	return authn.Anonymous, nil
-}
-
-// isInsecure reports whether registry (host[:port]) was listed in
-// Config.InsecureRegistries, with or without its port.
-func (c *Cache) isInsecure(registry string) bool {
-	if c.insecure[registry] {
-		return true
-	}
-	if h, _, err := net.SplitHostPort(registry); err == nil {
-		return c.insecure[h]
-	}
-	return false
-}
-
-// guardTransport refuses plain-HTTP requests except to loopback hosts and
-// to the registries listed as insecure, whatever go-containerregistry's
-// scheme fallback (which also tries HTTP for RFC 1918 addresses) or a
-// redirect asks for.
-type guardTransport struct {
-	next     http.RoundTripper
-	insecure map[string]bool
-}
-
-func (g *guardTransport) RoundTrip(req *http.Request) (*http.Response, error) {
-	if req.URL.Scheme != "https" && !g.plainAllowed(req.URL.Host) {
-		if req.Body != nil {
-			req.Body.Close()
-		}
-		return nil, &insecureError{host: req.URL.Host}
-	}
-	return g.next.RoundTrip(req)
-}
-
-// plainAllowed reports whether host (host[:port]) may be spoken to over
-// plain HTTP.
-func (g *guardTransport) plainAllowed(hostport string) bool {
-	if g.insecure[hostport] {
-		return true
-	}
-	host := hostport
-	if h, _, err := net.SplitHostPort(hostport); err == nil {
-		host = h
-		if g.insecure[host] {
-			return true
-		}
-	}
-	if host == "localhost" {
-		return true
-	}
-	ip := net.ParseIP(strings.Trim(host, "[]"))
-	return ip != nil && ip.IsLoopback()
 }
