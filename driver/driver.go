@@ -167,8 +167,22 @@ type Config struct {
 	// collecting images no volume uses; 0: no limit.
 	ImageCacheBudget int64
 	// InsecureRegistries lists registries ("host" or "host:port") that may
-	// be pulled from over plain HTTP; loopback registries always may.
+	// be pulled from over plain HTTP, or at a node-local address
+	// (loopback, link-local); no other registry may.
 	InsecureRegistries []string
+	// AllowedRegistries, if not empty, lists the only registries image
+	// volumes may pull from (besides InsecureRegistries).
+	AllowedRegistries []string
+	// RegistryCAFile is a PEM file of CA certificates trusted for
+	// registries besides the system's; empty: none.
+	RegistryCAFile string
+	// ImageMaxFiles and ImageMaxPathLength bound one image's entries and
+	// the length of a path in it (0: image's defaults); ImageDiskReserve
+	// is the free disk flattening leaves (0: the smaller of 1Gi and 5% of
+	// the disk).
+	ImageMaxFiles      int64
+	ImageMaxPathLength int
+	ImageDiskReserve   int64
 	// LocalImagesDir holds the local images an image attribute names as
 	// "oci:NAME" (OCI image layouts or image tarballs); empty: none.
 	LocalImagesDir string

@@ -26,6 +26,11 @@ func newImageCache(cfg *Config, m *metrics, logger logr.Logger) (*image.Cache, e
 		Dir:                dir,
 		Budget:             cfg.ImageCacheBudget,
 		InsecureRegistries: cfg.InsecureRegistries,
+		AllowedRegistries:  cfg.AllowedRegistries,
+		CAFile:             cfg.RegistryCAFile,
+		MaxFiles:           cfg.ImageMaxFiles,
+		MaxPathLength:      cfg.ImageMaxPathLength,
+		DiskReserve:        cfg.ImageDiskReserve,
 		LocalPrefix:        LocalImagePrefix,
 		LocalDir:           cfg.LocalImagesDir,
 		ProgressInterval:   cfg.ImagePullProgressInterval,
@@ -154,9 +159,11 @@ type ImagePull struct {
 	// CacheDir is the directory of the image cache, which one process at
 	// a time uses.
 	CacheDir string
-	// InsecureRegistries lists registries ("host" or "host:port") that may
-	// be pulled from over plain HTTP; loopback registries always may.
+	// InsecureRegistries, AllowedRegistries and RegistryCAFile are as in
+	// Config.
 	InsecureRegistries []string
+	AllowedRegistries  []string
+	RegistryCAFile     string
 	// LocalImagesDir holds the local images Image may name; empty: none.
 	LocalImagesDir string
 	// Progress, if set, is called every few seconds while a pull runs,
@@ -209,6 +216,8 @@ func PullImage(ctx context.Context, p ImagePull) (*PulledImage, error) {
 	cfg := image.Config{
 		Dir:                p.CacheDir,
 		InsecureRegistries: p.InsecureRegistries,
+		AllowedRegistries:  p.AllowedRegistries,
+		CAFile:             p.RegistryCAFile,
 		LocalPrefix:        LocalImagePrefix,
 		LocalDir:           p.LocalImagesDir,
 	}

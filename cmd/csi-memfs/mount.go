@@ -28,6 +28,8 @@ type mountFlags struct {
 	pullPolicy    driver.PullPolicy
 	imageCacheDir string
 	insecure      []string
+	allowed       []string
+	caFile        string
 	pullSecret    string
 	localImages   string
 	noPassthrough bool
@@ -56,13 +58,7 @@ func parseMountFlags(args []string, out io.Writer) (*mountFlags, error) {
 	fs.StringVar(&m.imagePath, "image-path", "/", "directory of the image used as the volume root")
 	pullPolicy := fs.String("image-pull-policy", "IfNotPresent", "Always, IfNotPresent or Never")
 	fs.StringVar(&m.imageCacheDir, "image-cache-dir", defaultImageCacheDir(), "directory of the image cache; one process at a time uses it, so give each concurrent mount its own (or use the plugin's only when it is stopped)")
-	fs.Func("insecure-registry", "registry HOST[:PORT] that may be pulled from over plain HTTP (repeatable; loopback registries always may)", func(s string) error {
-		if s == "" || strings.ContainsAny(s, "/ ") {
-			return errors.New("want HOST or HOST:PORT")
-		}
-		m.insecure = append(m.insecure, s)
-		return nil
-	})
+	registryFlags(fs, &m.insecure, &m.allowed, &m.caFile)
 	fs.StringVar(&m.pullSecret, "pull-secret", "", "a Docker config.json (or a .dockerconfigjson pull secret's content) with registry credentials; default: anonymous")
 	fs.StringVar(&m.localImages, "local-images", "", "directory of local images an --image "+driver.LocalImagePrefix+"NAME[:TAG] names (OCI image layouts or image tarballs)")
 	fs.StringVar(&m.stateDir, "state-dir", os.TempDir(), "directory under which the volume's private tmpfs instance is mounted")
@@ -105,7 +101,7 @@ Flags:
 		var set []string
 		fs.Visit(func(f *flag.Flag) {
 			switch f.Name {
-			case "image-path", "image-pull-policy", "image-cache-dir", "insecure-registry", "pull-secret", "local-images":
+			case "image-path", "image-pull-policy", "image-cache-dir", "insecure-registry", "allow-registry", "registry-ca-file", "pull-secret", "local-images":
 				set = append(set, "--"+f.Name)
 			}
 		})
@@ -237,6 +233,8 @@ func pullImage(m *mountFlags) (*driver.PulledImage, error) {
 		PullSecret:         secret,
 		CacheDir:           m.imageCacheDir,
 		InsecureRegistries: m.insecure,
+		AllowedRegistries:  m.allowed,
+		RegistryCAFile:     m.caFile,
 		LocalImagesDir:     m.localImages,
 		Progress: func(ref string, layer, layers int, bytes, totalBytes int64) {
 			fmt.Fprintf(os.Stderr, "csi-memfs: pulling %s: layer %d of %d, %d of %d bytes\n", ref, layer+1, layers, bytes, totalBytes)

@@ -179,7 +179,7 @@ func TestMountImage(t *testing.T) {
 		mnt := t.TempDir()
 		var stderr bytes.Buffer
 		cmd := exec.Command(bin, append(append([]string{"mount", "--size", "8Mi", "--state-dir", t.TempDir(),
-			"--image-cache-dir", cacheDir}, extra...), mnt)...)
+			"--image-cache-dir", cacheDir, "--insecure-registry", "127.0.0.1"}, extra...), mnt)...)
 		cmd.Stderr = &stderr
 		if err := cmd.Start(); err != nil {
 			t.Fatal(err)

@@ -47,13 +47,10 @@ func parseServeFlags(args []string, out io.Writer) (driver.Config, error) {
 	fs.Int64Var(&cfg.MaxVolumes, "max-volumes", 0, "volumes the node serves at once, reported as max_volumes_per_node (0: no limit)")
 	fs.StringVar(&cfg.ImageCacheDir, "image-cache-dir", "", "directory of the node's image cache (default <state-dir>/images)")
 	quantity(fs, &cfg.ImageCacheBudget, "image-cache-budget", "", "disk the image cache keeps itself under by collecting unused images, e.g. 20Gi (default: no limit)")
-	fs.Func("insecure-registry", "registry HOST[:PORT] that may be pulled from over plain HTTP (repeatable; loopback registries always may)", func(s string) error {
-		if s == "" || strings.ContainsAny(s, "/ ") {
-			return errors.New("want HOST or HOST:PORT")
-		}
-		cfg.InsecureRegistries = append(cfg.InsecureRegistries, s)
-		return nil
-	})
+	registryFlags(fs, &cfg.InsecureRegistries, &cfg.AllowedRegistries, &cfg.RegistryCAFile)
+	fs.Int64Var(&cfg.ImageMaxFiles, "image-max-files", 0, "entries one image may hold, its layers together (0: 1048576; negative: no limit)")
+	fs.IntVar(&cfg.ImageMaxPathLength, "image-max-path-length", 0, "longest path or link target in an image, in bytes (0: 4096)")
+	quantity(fs, &cfg.ImageDiskReserve, "image-disk-reserve", "", "free disk flattening an image leaves on the cache's file system (default: the smaller of 1Gi and 5% of it)")
 	fs.StringVar(&cfg.LocalImagesDir, "local-images", "", "directory of local images (OCI image layouts or image tarballs) a volume names as "+driver.LocalImagePrefix+"NAME[:TAG] (default: none)")
 	fs.DurationVar(&cfg.HandoverWait, "handover-wait", 0, "on SIGTERM, how long to wait for a successor (a replacement plugin pod) to take the volumes over before stopping; the chart sets 20s")
 	fs.BoolVar(&cfg.DisablePassthrough, "no-passthrough", false, "serve every read and write through the daemon instead of FUSE passthrough")
@@ -137,4 +134,21 @@ func runServe(args []string) int {
 	}
 	klog.InfoS("Stopped")
 	return 0
+}
+
+// registryFlags defines the flags of the registry policy image pulls
+// follow, for serve and mount alike.
+func registryFlags(fs *flag.FlagSet, insecure, allowed *[]string, caFile *string) {
+	list := func(name, usage string, p *[]string) {
+		fs.Func(name, usage, func(s string) error {
+			if s == "" || strings.ContainsAny(s, "/ ") {
+				return errors.New("want HOST or HOST:PORT")
+			}
+			*p = append(*p, s)
+			return nil
+		})
+	}
+	list("insecure-registry", "registry HOST[:PORT] that may be pulled from over plain HTTP or at a node-local address (loopback, link-local); repeatable; no other registry may", insecure)
+	list("allow-registry", "registry HOST[:PORT] image volumes may pull from; repeatable; when given, only these (and --insecure-registry ones) may be pulled from (default: any public registry)", allowed)
+	fs.StringVar(caFile, "registry-ca-file", "", "PEM file of CA certificates trusted for registries besides the system's")
 }

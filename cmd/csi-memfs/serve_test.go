@@ -19,9 +19,12 @@ func TestParseServeFlags(t *testing.T) {
 		t.Errorf("cfg = %+v", cfg)
 	}
 	cfg, err = parseServeFlags([]string{"--node-id", "n1", "--image-cache-dir", "/var/cache/img", "--image-cache-budget", "20Gi",
-		"--insecure-registry", "10.0.0.1:5000", "--insecure-registry", "reg.local", "--local-images", "/var/lib/images"}, io.Discard)
+		"--insecure-registry", "10.0.0.1:5000", "--insecure-registry", "reg.local", "--local-images", "/var/lib/images",
+		"--allow-registry", "ghcr.io", "--registry-ca-file", "/etc/ca/bundle.pem", "--image-max-files", "1000",
+		"--image-max-path-length", "512", "--image-disk-reserve", "2Gi"}, io.Discard)
 	if err != nil || cfg.ImageCacheDir != "/var/cache/img" || cfg.ImageCacheBudget != 20<<30 || cfg.LocalImagesDir != "/var/lib/images" ||
-		strings.Join(cfg.InsecureRegistries, ",") != "10.0.0.1:5000,reg.local" {
+		strings.Join(cfg.InsecureRegistries, ",") != "10.0.0.1:5000,reg.local" || strings.Join(cfg.AllowedRegistries, ",") != "ghcr.io" ||
+		cfg.RegistryCAFile != "/etc/ca/bundle.pem" || cfg.ImageMaxFiles != 1000 || cfg.ImageMaxPathLength != 512 || cfg.ImageDiskReserve != 2<<30 {
 		t.Errorf("image flags: %+v, %v", cfg, err)
 	}
 	t.Setenv("NODE_NAME", "from-env")
@@ -34,6 +37,7 @@ func TestParseServeFlags(t *testing.T) {
 		{"--node-id", "n", "--node-memory-budget", "lots"}, // not a quantity
 		{"--node-id", "n", "extra"},
 		{"--node-id", "n", "--insecure-registry", "http://x/"},
+		{"--node-id", "n", "--allow-registry", ""},
 		{"--node-id", "n", "--image-cache-budget", "-1Gi"},
 	} {
 		if _, err := parseServeFlags(args, io.Discard); err == nil {

@@ -40,6 +40,7 @@ var e2eHelmInstall = []string{"install", "csi-memfs", "charts/csi-memfs",
 	"--set", "imageCacheDir=$E2E_CLUSTER_DIR/csi-memfs/cache",
 	"--set", "driver.nodeMemoryBudget=512Mi",
 	"--set", "driver.logLevel=4",
+	"--set", "driver.insecureRegistries={127.0.0.1}",
 	"--set", "metrics.port=29809",
 	"--wait", "--timeout", "5m"}
 
