@@ -69,6 +69,7 @@
 //	node.go         the Node service's publish and unpublish, request checks
 //	interceptor.go  request logs and metrics of every call
 //	volumes.go      publish, unpublish, teardown
+//	target.go       target paths: under kubelet's directory, no symlinks
 //	restart.go      handover, takeover, the holder link
 //	image.go        image volumes' lower directories; PullImage for mount
 //	driver.go       Config, Driver, a volume's volume.Config
@@ -117,6 +118,9 @@ import (
 // DefaultDriverName is the CSI driver name when Config.DriverName is empty.
 const DefaultDriverName = "memfs.csi.dev"
 
+// DefaultKubeletDir is Config.KubeletDir when empty.
+const DefaultKubeletDir = "/var/lib/kubelet"
+
 // Config configures a Driver. cmd/csi-memfs fills it from flags.
 type Config struct {
 	// DriverName is the name kubelet knows the plugin by (CSIDriver
@@ -141,6 +145,10 @@ type Config struct {
 	// RegistrationDir is kubelet's plugins_registry directory as this
 	// process sees it. Default "/registration".
 	RegistrationDir string
+	// KubeletDir is kubelet's root directory as this process sees it:
+	// target paths must lie under its pods/ directory, and no component
+	// below it may be a symlink. Default DefaultKubeletDir.
+	KubeletDir string
 
 	// DefaultVolumeSize is the size of a volume without a size attribute.
 	// Default 64 MiB.
@@ -202,6 +210,10 @@ func (c Config) withDefaults() (Config, error) {
 	if c.RegistrationDir == "" {
 		c.RegistrationDir = "/registration"
 	}
+	if c.KubeletDir == "" {
+		c.KubeletDir = DefaultKubeletDir
+	}
+	c.KubeletDir = filepath.Clean(c.KubeletDir)
 	if c.DefaultVolumeSize == 0 {
 		c.DefaultVolumeSize = 64 << 20
 	}
@@ -214,6 +226,8 @@ func (c Config) withDefaults() (Config, error) {
 	switch {
 	case c.NodeID == "":
 		return c, errors.New("node id is required (--node-id)")
+	case !filepath.IsAbs(c.KubeletDir):
+		return c, fmt.Errorf("kubelet directory %q must be an absolute path (--kubelet-dir)", c.KubeletDir)
 	case c.StateDir == "" || !filepath.IsAbs(c.StateDir):
 		return c, fmt.Errorf("state directory %q must be an absolute path (--state-dir)", c.StateDir)
 	case c.DefaultVolumeSize < 0 || c.MaxVolumeSize < 0 || c.NodeBudget < 0 || c.MaxVolumes < 0:

@@ -60,6 +60,7 @@ func startDriver(t testing.TB, mutate func(*Config)) *testEnv {
 		Version:           "test",
 		Endpoint:          "unix://" + filepath.Join(root, "csi.sock"),
 		StateDir:          filepath.Join(root, "state"),
+		KubeletDir:        root,
 		MetricsAddress:    freeAddr(t),
 		DefaultVolumeSize: 8 << 20,
 		imageNoSync:       true,
@@ -332,7 +333,7 @@ func startServe(t testing.TB, root string, extra ...string) *serveProc {
 	}
 	p.log = logf
 	args := append([]string{"serve", "--endpoint", p.endpoint, "--node-id", "sanity-node",
-		"--state-dir", filepath.Join(root, "state"), "--metrics-address", p.metrics, "-v", "5"}, extra...)
+		"--state-dir", filepath.Join(root, "state"), "--kubelet-dir", root, "--metrics-address", p.metrics, "-v", "5"}, extra...)
 	p.cmd = exec.Command(bin, args...)
 	p.cmd.Stdout, p.cmd.Stderr = logf, logf
 	if err := p.cmd.Start(); err != nil {

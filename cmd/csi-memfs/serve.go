@@ -37,6 +37,8 @@ func parseServeFlags(args []string, out io.Writer) (driver.Config, error) {
 	fs.StringVar(&cfg.KubeletRegistrationPath, "kubelet-registration-path", "",
 		"the CSI socket's path as kubelet sees it on the host, e.g. /var/lib/kubelet/plugins/memfs.csi.dev/csi.sock; "+
 			"when set, the plugin registers itself with kubelet (no node-driver-registrar sidecar)")
+	fs.StringVar(&cfg.KubeletDir, "kubelet-dir", driver.DefaultKubeletDir,
+		"kubelet's root directory as this process sees it: target paths must lie under its pods/ directory, with no symlink below it")
 	fs.StringVar(&cfg.RegistrationDir, "registration-dir", "/registration",
 		"kubelet's plugins_registry directory as this process sees it; the registration socket is <driver-name>-reg.sock in it")
 	quantity(fs, &cfg.DefaultVolumeSize, "default-volume-size", "64Mi", "size of a volume without a size attribute")

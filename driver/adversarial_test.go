@@ -1,0 +1,211 @@
+package driver
+
+// The adversarial suite: what a hostile or unlucky pod, kubelet or node
+// does to the plugin, through the real socket and real mounts. Every
+// resource must stay bounded and visible, and no request may wedge or
+// stop the plugin.
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	"golang.org/x/sys/unix"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+)
+
+// wantCode fails t unless err has code and its message contains every
+// one of substrs.
+func wantCode(t testing.TB, what string, err error, code codes.Code, substrs ...string) {
+	t.Helper()
+	if status.Code(err) != code {
+		t.Errorf("%s: %v, want %v", what, err, code)
+		return
+	}
+	for _, s := range substrs {
+		if !strings.Contains(status.Convert(err).Message(), s) {
+			t.Errorf("%s: %q does not name %q", what, status.Convert(err).Message(), s)
+		}
+	}
+}
+
+// assertFreed checks that the driver holds nothing: no volume, no
+// reservation, no journal record, no mount under the test's root.
+func (env *testEnv) assertFreed(t testing.TB) {
+	t.Helper()
+	if n := env.d.vols.len(); n != 0 {
+		t.Errorf("%d volumes still registered", n)
+	}
+	if b := env.d.budget.bytes.Load(); b != 0 {
+		t.Errorf("%d bytes still reserved", b)
+	}
+	if entries, _ := os.ReadDir(env.d.journal.dir); len(entries) != 0 {
+		t.Errorf("journal entries left: %d", len(entries))
+	}
+	if m := mountsUnder(t, env.root); len(m) > 0 {
+		t.Errorf("mounts left: %v", m)
+	}
+	if err := env.d.checkInvariants(); err != nil {
+		t.Error(err)
+	}
+}
+
+// abortConnection aborts the FUSE connection mounted on target, as a dead
+// server leaves it: the mount answers ENOTCONN.
+func abortConnection(t testing.TB, target string) {
+	t.Helper()
+	var st unix.Stat_t
+	if err := unix.Stat(target, &st); err != nil {
+		t.Fatal(err)
+	}
+	abort := fmt.Sprintf("/sys/fs/fuse/connections/%d/abort", unix.Minor(st.Dev))
+	if err := os.WriteFile(abort, []byte("1"), 0o200); err != nil {
+		t.Skipf("cannot abort a FUSE connection: %v", err)
+	}
+	if _, err := os.ReadDir(target); err == nil {
+		t.Fatalf("%s still answers after its connection was aborted", target)
+	}
+}
+
+// TestUnpublishInEveryState unpublishes volumes whose target was
+// unmounted, removed, killed or never there: each unpublish succeeds,
+// again and again, and frees everything.
+func TestUnpublishInEveryState(t *testing.T) {
+	env := startDriver(t, func(c *Config) { c.NodeBudget = 64 << 20 })
+	ctx := context.Background()
+	unpublish := func(id, target string) {
+		t.Helper()
+		for try := range 2 {
+			if _, err := env.node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: id, TargetPath: target}); err != nil {
+				t.Errorf("unpublish %s (try %d): %v", id, try, err)
+			}
+		}
+	}
+	for _, c := range []struct {
+		name string
+		do   func(t *testing.T, target string)
+	}{
+		{"target gone", func(t *testing.T, target string) {
+			if err := unix.Unmount(target, 0); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.Remove(target); err != nil {
+				t.Fatal(err)
+			}
+		}},
+		{"target not a mount", func(t *testing.T, target string) {
+			if err := unix.Unmount(target, 0); err != nil {
+				t.Fatal(err)
+			}
+		}},
+		{"target a dead mount", func(t *testing.T, target string) { abortConnection(t, target) }},
+		{"target detached while busy", func(t *testing.T, target string) {
+			// A process outside the test binary holds a file open, so
+			// that a wedged connection cannot hang the test itself.
+			holder := exec.Command("sh", "-c", "exec 3>"+filepath.Join(target, "open")+"; echo ready; exec sleep 600")
+			out, _ := holder.StdoutPipe()
+			if err := holder.Start(); err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { holder.Process.Kill(); holder.Wait() })
+			if _, err := bufio.NewReader(out).ReadString('\n'); err != nil {
+				t.Fatal(err)
+			}
+			if err := unix.Unmount(target, unix.MNT_DETACH); err != nil {
+				t.Fatal(err)
+			}
+		}},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			id := "vol-" + strings.ReplaceAll(c.name, " ", "-")
+			target := env.publish(t, id, attrs("size", "4Mi"))
+			c.do(t, target)
+			unpublish(id, target)
+			env.assertFreed(t)
+			if _, err := os.Lstat(target); !os.IsNotExist(err) {
+				t.Errorf("target %s left: %v", target, err)
+			}
+		})
+	}
+	t.Run("volume unknown", func(t *testing.T) {
+		unpublish("vol-never", env.target(t, "vol-never"))
+		target := env.target(t, "vol-never-dir")
+		os.Mkdir(target, 0o750)
+		unpublish("vol-never", target)
+		env.assertFreed(t)
+	})
+}
+
+// TestPublishRefusesAMountedTarget publishes a second volume on a target
+// another volume is mounted on: refused, and the first keeps working.
+func TestPublishRefusesAMountedTarget(t *testing.T) {
+	env := startDriver(t, nil)
+	ctx := context.Background()
+	target := env.publish(t, "vol-under", attrs())
+	if err := os.WriteFile(filepath.Join(target, "f"), []byte("under"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	os.Remove(filepath.Join(target, "f")) // an empty root
+	_, err := env.node.NodePublishVolume(ctx, pubReq("vol-over", target, attrs()))
+	wantCode(t, "publish on a mounted target", err, codes.FailedPrecondition, "target_path", target)
+	if err := os.WriteFile(filepath.Join(target, "g"), []byte("still"), 0o644); err != nil {
+		t.Errorf("the first volume after the refused publish: %v", err)
+	}
+	env.unpublish(t, "vol-under", target)
+	env.assertFreed(t)
+}
+
+// TestTargetPaths publishes on targets kubelet would never give: outside
+// its pods directory, through a symlink, on a symlink, or with no parent.
+// Each is refused naming target_path, and nothing is mounted anywhere.
+func TestTargetPaths(t *testing.T) {
+	env := startDriver(t, nil)
+	ctx := context.Background()
+	elsewhere := t.TempDir()
+	pods := filepath.Join(env.root, "pods")
+	os.MkdirAll(filepath.Join(pods, "real"), 0o755)
+	if err := os.Symlink(elsewhere, filepath.Join(pods, "link")); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink(elsewhere, filepath.Join(pods, "real", "mount-link")); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		name, target string
+		code         codes.Code
+		msg          string
+	}{
+		{"outside kubelet's directory", filepath.Join(elsewhere, "mount"), codes.InvalidArgument, "not under kubelet's pods directory"},
+		{"kubelet's directory itself", filepath.Join(env.root, "mount"), codes.InvalidArgument, "not under kubelet's pods directory"},
+		{"escaping with ..", pods + "/../../mount", codes.InvalidArgument, "not under kubelet's pods directory"},
+		{"through a symlink", filepath.Join(pods, "link", "mount"), codes.InvalidArgument, "symlink"},
+		{"on a symlink", filepath.Join(pods, "real", "mount-link"), codes.InvalidArgument, "symlink"},
+		{"no parent", filepath.Join(pods, "missing", "mount"), codes.FailedPrecondition, "parent directory does not exist"},
+	} {
+		_, err := env.node.NodePublishVolume(ctx, pubReq("vol-t", c.target, attrs()))
+		wantCode(t, c.name, err, c.code, "target_path", c.msg)
+	}
+	if entries, _ := os.ReadDir(elsewhere); len(entries) != 0 {
+		t.Errorf("the symlinks' destination was written to: %d entries", len(entries))
+	}
+	if m := mountsUnder(t, elsewhere); len(m) > 0 {
+		t.Errorf("mounted through a symlink: %v", m)
+	}
+	// Unpublish never follows the symlinks either.
+	for _, target := range []string{filepath.Join(pods, "link", "mount"), filepath.Join(pods, "real", "mount-link")} {
+		if _, err := env.node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: "vol-t", TargetPath: target}); err != nil {
+			t.Errorf("unpublish at %s: %v", target, err)
+		}
+	}
+	if _, err := os.Lstat(filepath.Join(pods, "real", "mount-link")); err != nil {
+		t.Errorf("unpublish removed a symlink that was not its: %v", err)
+	}
+	env.assertFreed(t)
+}
