@@ -209,3 +209,24 @@ func TestTargetPaths(t *testing.T) {
 	}
 	env.assertFreed(t)
 }
+
+// TestSealGlobOverHardLinks seals, with one glob, a file and a hard link
+// to it: the inode is sealed once, and the publish succeeds.
+func TestSealGlobOverHardLinks(t *testing.T) {
+	reg := newTestRegistry(t)
+	ref := reg.push("links:v1", buildImage(t, layer(t, fileEntry("ok.txt", "sealed\n"), hardlinkEntry("hl", "ok.txt"))))
+	env := startDriver(t, nil)
+	target := env.publish(t, "vol-seal", attrs("image", ref, "seal", "*"))
+	for _, name := range []string{"ok.txt", "hl"} {
+		buf := make([]byte, 64)
+		n, err := unix.Getxattr(filepath.Join(target, name), "user.memfs.seals", buf)
+		if err != nil || string(buf[:n]) != "write,grow,shrink,seal" {
+			t.Errorf("%s: seals %q, %v", name, buf[:max(n, 0)], err)
+		}
+		if _, err := os.OpenFile(filepath.Join(target, name), os.O_WRONLY, 0); err == nil {
+			t.Errorf("%s: opened for writing", name)
+		}
+	}
+	env.unpublish(t, "vol-seal", target)
+	env.assertFreed(t)
+}
