@@ -14,6 +14,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"golang.org/x/sys/unix"
@@ -229,4 +230,148 @@ func TestSealGlobOverHardLinks(t *testing.T) {
 	}
 	env.unpublish(t, "vol-seal", target)
 	env.assertFreed(t)
+}
+
+// TestRestartWithDamagedRecords restarts the plugin after a crash with one
+// garbage and one empty journal record among good ones: the good volumes
+// are served again, the two are set aside as lost (and counted), and
+// their unpublish frees their target and memory.
+func TestRestartWithDamagedRecords(t *testing.T) {
+	requireFUSE(t)
+	root := t.TempDir()
+	ctx := context.Background()
+	startHolder(t, root)
+	p1 := startServe(t, root)
+	conn := dial(t, p1.endpoint)
+	node := csi.NewNodeClient(conn)
+	targets := map[string]string{}
+	for _, id := range []string{"vol-a", "vol-bad", "vol-c"} {
+		targets[id] = filepath.Join(root, "pods", id, "mount")
+		os.MkdirAll(filepath.Dir(targets[id]), 0o755)
+		if _, err := node.NodePublishVolume(ctx, pubReq(id, targets[id], attrs("size", "4Mi"))); err != nil {
+			t.Fatalf("publish %s: %v", id, err)
+		}
+		if err := os.WriteFile(filepath.Join(targets[id], "data"), []byte(id), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	conn.Close()
+	p1.cmd.Process.Kill()
+	p1.cmd.Wait()
+	journal := filepath.Join(root, "state", "volumes")
+	if err := os.WriteFile(filepath.Join(journal, "vol-bad", recordFile), []byte("{\x00garbage"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	os.Mkdir(filepath.Join(journal, "vol-empty"), 0o700)
+	if err := os.WriteFile(filepath.Join(journal, "vol-empty", recordFile), nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+
+	p2 := startServe(t, root)
+	waitMetric(t, p2, 2, "csi_memfs_volumes_recovered_total")
+	waitMetric(t, p2, 2, "csi_memfs_volumes_lost_total")
+	waitMetric(t, p2, 2, "csi_memfs_node_volumes", `state="lost"`)
+	for _, id := range []string{"vol-a", "vol-c"} {
+		if got := readString(t, filepath.Join(targets[id], "data")); got != id {
+			t.Errorf("%s after the restart: %q", id, got)
+		}
+	}
+	conn = dial(t, p2.endpoint)
+	defer conn.Close()
+	node = csi.NewNodeClient(conn)
+	emptyTarget := filepath.Join(root, "pods", "vol-empty", "mount")
+	for id, target := range map[string]string{"vol-a": targets["vol-a"], "vol-bad": targets["vol-bad"], "vol-c": targets["vol-c"], "vol-empty": emptyTarget} {
+		for range 2 {
+			if _, err := node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: id, TargetPath: target}); err != nil {
+				t.Errorf("unpublish %s: %v", id, err)
+			}
+		}
+		if _, err := os.Lstat(target); !os.IsNotExist(err) {
+			t.Errorf("%s: target left: %v", id, err)
+		}
+	}
+	waitMetric(t, p2, 0, "csi_memfs_node_volumes", `state="lost"`)
+	if m := mountsUnder(t, root); len(m) > 0 {
+		t.Errorf("mounts left: %v", m)
+	}
+	if entries, _ := os.ReadDir(journal); len(entries) > 0 {
+		t.Errorf("journal entries left: %d", len(entries))
+	}
+}
+
+// TestLostVolumesCounted crashes the plugin with no holder: its volume is
+// lost, and the successor counts it.
+func TestLostVolumesCounted(t *testing.T) {
+	requireFUSE(t)
+	root := t.TempDir()
+	ctx := context.Background()
+	p1 := startServe(t, root)
+	conn := dial(t, p1.endpoint)
+	target := filepath.Join(root, "pods", "vol-l", "mount")
+	os.MkdirAll(filepath.Dir(target), 0o755)
+	if _, err := csi.NewNodeClient(conn).NodePublishVolume(ctx, pubReq("vol-l", target, attrs("size", "4Mi"))); err != nil {
+		t.Fatal(err)
+	}
+	conn.Close()
+	p1.cmd.Process.Kill()
+	p1.cmd.Wait()
+	p2 := startServe(t, root)
+	waitMetric(t, p2, 1, "csi_memfs_volumes_lost_total")
+	conn = dial(t, p2.endpoint)
+	defer conn.Close()
+	if _, err := csi.NewNodeClient(conn).NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: "vol-l", TargetPath: target}); err != nil {
+		t.Errorf("unpublish: %v", err)
+	}
+	if m := mountsUnder(t, root); len(m) > 0 {
+		t.Errorf("mounts left: %v", m)
+	}
+}
+
+// TestTakeoverPauseIsTheHandover hands volumes over while the old process
+// waits for a slow image pull: the pause the successor reports is the
+// time the volumes went unserved, not the wait before.
+func TestTakeoverPauseIsTheHandover(t *testing.T) {
+	requireFUSE(t)
+	reg := newTestRegistry(t)
+	ref := reg.push("slow:v1", buildImage(t, layer(t, fileEntry("f", "slow"))))
+	root := t.TempDir()
+	ctx := context.Background()
+	p1 := startServe(t, root)
+	conn := dial(t, p1.endpoint)
+	defer conn.Close()
+	node := csi.NewNodeClient(conn)
+	target := func(id string) string {
+		os.MkdirAll(filepath.Join(root, "pods", id), 0o755)
+		return filepath.Join(root, "pods", id, "mount")
+	}
+	if _, err := node.NodePublishVolume(ctx, pubReq("vol-p", target("vol-p"), attrs("size", "4Mi"))); err != nil {
+		t.Fatal(err)
+	}
+	const delay = 4 * time.Second
+	reg.setBlobDelay(delay)
+	slow := make(chan error, 1)
+	go func() {
+		_, err := node.NodePublishVolume(ctx, pubReq("vol-slow", target("vol-slow"), attrs("image", ref)))
+		slow <- err
+	}()
+	time.Sleep(500 * time.Millisecond) // the pull is under way
+	p2 := startServe(t, root)
+	waitMetric(t, p2, 1, "csi_memfs_takeovers_total", `from="handover"`)
+	if err := <-slow; err != nil {
+		t.Errorf("the publish in flight during the handover: %v", err)
+	}
+	pause, ok := metricValue(scrape(t, "http://"+p2.metrics), "csi_memfs_takeover_pause_seconds_sum", `from="handover"`)
+	if !ok || pause > delay.Seconds()/2 {
+		t.Errorf("takeover pause %.3f s, want well under the %v the old process waited for its publish", pause, delay)
+	}
+	if got := readString(t, filepath.Join(target("vol-slow"), "f")); got != "slow" {
+		t.Errorf("the volume published during the handover: %q", got)
+	}
+	conn2 := dial(t, p2.endpoint)
+	defer conn2.Close()
+	for _, id := range []string{"vol-p", "vol-slow"} {
+		if _, err := csi.NewNodeClient(conn2).NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: id, TargetPath: target(id)}); err != nil {
+			t.Errorf("unpublish %s: %v", id, err)
+		}
+	}
 }

@@ -50,7 +50,7 @@ func (d *Driver) publish(ctx context.Context, id string, spec publishSpec, pod p
 			// requiresRepublish, when the container's mount is dead
 			// anyway): replace it.
 			logger.V(1).Info("Replacing a volume lost in a plugin restart", "volumeID", id)
-			if err := d.teardown(ctx, e, e.rec.Spec.TargetPath); err != nil {
+			if err := d.teardown(ctx, e, e.target(spec.TargetPath)); err != nil {
 				return err
 			}
 		} else if diff := e.rec.Spec.difference(spec); diff == "target_path" {
@@ -145,7 +145,7 @@ func (d *Driver) unpublish(ctx context.Context, id, target string) (podInfo, err
 	defer unlock()
 
 	e := d.vols.get(id)
-	if e == nil || e.rec.Spec.TargetPath != target {
+	if e == nil || e.target(target) != target {
 		return podInfo{}, d.cleanForeignTarget(ctx, id, target)
 	}
 	return e.rec.Pod, d.teardown(ctx, e, target)
