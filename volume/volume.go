@@ -61,6 +61,9 @@ type Config struct {
 	// Inodes is the inode limit of the memory layer; 0: one per 4 KiB of
 	// Size, at least 1024.
 	Inodes uint64
+	// NoSwap keeps the memory layer's pages out of swap (Linux 6.4 and
+	// later; Build fails with EINVAL where the kernel refuses it).
+	NoSwap bool
 	// Fds is the descriptor budget the memory layers of the process share;
 	// nil: a budget of 1024 for this volume alone.
 	Fds *FdBudget
@@ -173,7 +176,7 @@ func (v *Volume) fuseOptions() fusefs.Options {
 
 // layerOptions are the options of the volume's memory layer.
 func (c *Config) layerOptions() memfs.Options {
-	return memfs.Options{Size: c.Size, Inodes: c.Inodes, Fds: c.Fds.memfs()}
+	return memfs.Options{Size: c.Size, Inodes: c.Inodes, NoSwap: c.NoSwap, Fds: c.Fds.memfs()}
 }
 
 // Build mounts a fresh memory layer on cfg.Upper, lays it over cfg.Lower,
