@@ -375,3 +375,63 @@ func TestTakeoverPauseIsTheHandover(t *testing.T) {
 		}
 	}
 }
+
+// TestAttributeBounds publishes volumes whose attributes the node cannot
+// honour: each is refused with InvalidArgument naming the attribute.
+func TestAttributeBounds(t *testing.T) {
+	reg := newTestRegistry(t)
+	ref := reg.push("tree:v1", buildImage(t, layer(t, dirEntry("a/"), dirEntry("a/b/"), fileEntry("a/b/c", "c"))))
+	env := startDriver(t, nil)
+	for _, c := range []struct {
+		name  string
+		attrs map[string]string
+		msg   []string
+	}{
+		{"a one-byte volume", attrs("size", "1"), []string{"volumeAttributes.size", "1Mi"}},
+		{"a volume under the minimum", attrs("size", "1023Ki"), []string{"volumeAttributes.size", "1Mi"}},
+		{"one inode over an image", attrs("image", ref, "inodes", "1"), []string{"volumeAttributes.inodes"}},
+		{"one inode, sealing", attrs("image", ref, "inodes", "1", "seal", "a/b/c"), []string{"volumeAttributes.inodes"}},
+		{"noswap not a boolean", attrs("noswap", "yes"), []string{"volumeAttributes.noswap"}},
+	} {
+		_, err := env.publishErr(t, "vol-bounds", c.attrs, nil)
+		wantCode(t, c.name, err, codes.InvalidArgument, c.msg...)
+		env.assertFreed(t)
+	}
+}
+
+// TestSafeDefaults checks the bounds a node has with no flag set, that a
+// volume's default inode limit stays within --max-volume-inodes, and that
+// a noswap volume's memory layer is mounted noswap.
+func TestSafeDefaults(t *testing.T) {
+	if c, err := (Config{NodeID: "n", StateDir: "/s"}).withDefaults(); err != nil ||
+		c.MaxVolumeSize != 1<<30 || c.MaxVolumeInodes != 1_000_000 || c.KubeletDir != "/var/lib/kubelet" {
+		t.Errorf("defaults: size %d, inodes %d, kubelet %q, %v", c.MaxVolumeSize, c.MaxVolumeInodes, c.KubeletDir, err)
+	}
+	env := startDriver(t, func(c *Config) { c.MaxVolumeInodes = 5000 })
+	target := env.publish(t, "vol-big", attrs("size", "256Mi"))
+	var st unix.Statfs_t
+	if err := unix.Statfs(target, &st); err != nil || st.Files != 5000 {
+		t.Errorf("inode limit of a 256Mi volume: %d, %v; want --max-volume-inodes, 5000", st.Files, err)
+	}
+	env.unpublish(t, "vol-big", target)
+	target = env.publish(t, "vol-noswap", attrs("noswap", "true"))
+	mi, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	upper := env.d.journal.upperDir("vol-noswap")
+	found := false
+	for _, line := range strings.Split(string(mi), "\n") {
+		if f := strings.Fields(line); len(f) > 4 && unescapeMount(f[4]) == upper {
+			found = true
+			if !strings.Contains(line, "noswap") {
+				t.Errorf("memory layer of a noswap volume: %s", line)
+			}
+		}
+	}
+	if !found {
+		t.Errorf("no memory layer mounted on %s", upper)
+	}
+	env.unpublish(t, "vol-noswap", target)
+	env.assertFreed(t)
+}

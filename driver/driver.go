@@ -121,6 +121,14 @@ const DefaultDriverName = "memfs.csi.dev"
 // DefaultKubeletDir is Config.KubeletDir when empty.
 const DefaultKubeletDir = "/var/lib/kubelet"
 
+// Bounds on a volume that apply when the operator sets none.
+const (
+	// DefaultMaxVolumeSize is Config.MaxVolumeSize without a budget.
+	DefaultMaxVolumeSize = 1 << 30
+	// DefaultMaxVolumeInodes is Config.MaxVolumeInodes when 0.
+	DefaultMaxVolumeInodes = 1_000_000
+)
+
 // Config configures a Driver. cmd/csi-memfs fills it from flags.
 type Config struct {
 	// DriverName is the name kubelet knows the plugin by (CSIDriver
@@ -154,12 +162,14 @@ type Config struct {
 	// Default 64 MiB.
 	DefaultVolumeSize int64
 	// MaxVolumeSize bounds a volume's size attribute. Default: the budget,
-	// or 1 TiB without one.
+	// or DefaultMaxVolumeSize without one.
 	MaxVolumeSize int64
 	// DefaultVolumeInodes is the inode limit of a volume without an inodes
-	// attribute; 0: one per 4 KiB of size, at least 1024.
+	// attribute; 0: one per 4 KiB of size, at least 1024 (and at most
+	// MaxVolumeInodes).
 	DefaultVolumeInodes uint64
-	// MaxVolumeInodes bounds a volume's inodes attribute; 0: no bound.
+	// MaxVolumeInodes bounds a volume's inode limit, which tmpfs charges
+	// outside its size. Default DefaultMaxVolumeInodes.
 	MaxVolumeInodes uint64
 	// NodeBudget is the memory all volumes on the node may hold together
 	// (the sum of their sizes); 0: no budget.
@@ -218,10 +228,13 @@ func (c Config) withDefaults() (Config, error) {
 		c.DefaultVolumeSize = 64 << 20
 	}
 	if c.MaxVolumeSize == 0 {
-		c.MaxVolumeSize = 1 << 40
+		c.MaxVolumeSize = DefaultMaxVolumeSize
 		if c.NodeBudget > 0 {
 			c.MaxVolumeSize = c.NodeBudget
 		}
+	}
+	if c.MaxVolumeInodes == 0 {
+		c.MaxVolumeInodes = DefaultMaxVolumeInodes
 	}
 	switch {
 	case c.NodeID == "":
@@ -241,7 +254,10 @@ func (c Config) withDefaults() (Config, error) {
 		return c, fmt.Errorf("image cache directory %q must be an absolute path (--image-cache-dir)", c.ImageCacheDir)
 	case c.LocalImagesDir != "" && !filepath.IsAbs(c.LocalImagesDir):
 		return c, fmt.Errorf("local images directory %q must be an absolute path (--local-images)", c.LocalImagesDir)
-	case c.MaxVolumeInodes > 0 && c.DefaultVolumeInodes > c.MaxVolumeInodes:
+	case c.DefaultVolumeSize > 0 && c.DefaultVolumeSize < minVolumeSize:
+		return c, fmt.Errorf("default volume size %d is less than the minimum %s (--default-volume-size)",
+			c.DefaultVolumeSize, quantityString(minVolumeSize))
+	case c.DefaultVolumeInodes > c.MaxVolumeInodes:
 		return c, fmt.Errorf("default inodes %d is more than the maximum %d (--default-volume-inodes, --max-volume-inodes)",
 			c.DefaultVolumeInodes, c.MaxVolumeInodes)
 	}
@@ -302,6 +318,7 @@ func (d *Driver) volumeConfig(id string, spec publishSpec, lower string) volume.
 		Upper:              d.journal.upperDir(id),
 		Size:               spec.Params.Size,
 		Inodes:             spec.Params.Inodes,
+		NoSwap:             spec.Params.NoSwap,
 		Fds:                d.fds,
 		Lower:              lower,
 		SharedRoot:         true,

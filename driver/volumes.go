@@ -94,12 +94,8 @@ func (d *Driver) publish(ctx context.Context, id string, spec publishSpec, pod p
 	undo.push(func() error { return d.journal.remove(id) })
 
 	vol, err := volume.Build(d.volumeConfig(id, spec, lower))
-	var se *volume.SealError
-	if errors.As(err, &se) {
-		return sealError(id, se.Err)
-	}
 	if err != nil {
-		return fmt.Errorf("volume %s: %w", id, err)
+		return buildError(id, spec.Params, err)
 	}
 	undo.push(vol.Close)
 
@@ -125,14 +121,29 @@ func (d *Driver) publish(ctx context.Context, id string, spec publishSpec, pod p
 	return nil
 }
 
-// sealError converts a failure of the seal attribute: EBUSY and EPERM
-// come from the files (a file the image made unsealable), the rest is
-// internal.
-func sealError(id string, err error) error {
-	if errors.Is(err, syscall.EPERM) || errors.Is(err, syscall.EBUSY) || errors.Is(err, syscall.EOPNOTSUPP) {
-		return errorf(codes.FailedPrecondition, "volume %s: volumeAttributes.%s: cannot seal %v", id, attrSeal, err)
+// buildError converts a failure of volume.Build of volume id with
+// params p. ENOSPC: the limits leave no room for the root or the seals'
+// copy-up; EINVAL with noswap: the kernel refuses it. A seal's EBUSY and
+// EPERM come from the files (a file the image made unsealable); the rest
+// is internal.
+func buildError(id string, p volumeParams, err error) error {
+	var se *volume.SealError
+	sealing := errors.As(err, &se)
+	switch {
+	case errors.Is(err, syscall.ENOSPC):
+		return errorf(codes.InvalidArgument,
+			"volume %s: volumeAttributes.%s (%d) leaves no room to set the volume up (%v); want more inodes (and %s)",
+			id, attrInodes, p.Inodes, err, attrSize)
+	case p.NoSwap && !sealing && errors.Is(err, syscall.EINVAL):
+		return errorf(codes.FailedPrecondition,
+			"volume %s: volumeAttributes.%s: this node's kernel refuses tmpfs noswap (Linux 6.4 or later has it): %v",
+			id, attrNoSwap, err)
+	case sealing && (errors.Is(err, syscall.EPERM) || errors.Is(err, syscall.EBUSY) || errors.Is(err, syscall.EOPNOTSUPP)):
+		return errorf(codes.FailedPrecondition, "volume %s: volumeAttributes.%s: cannot seal %v", id, attrSeal, se.Err)
+	case sealing:
+		return fmt.Errorf("volume %s: volumeAttributes.%s: %w", id, attrSeal, se.Err)
 	}
-	return fmt.Errorf("volume %s: volumeAttributes.%s: %w", id, attrSeal, err)
+	return fmt.Errorf("volume %s: %w", id, err)
 }
 
 // unpublish unpublishes volume id from target. An unknown volume, or one
