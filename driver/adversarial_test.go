@@ -6,6 +6,7 @@ package driver
 // stop the plugin.
 
 import (
+	"archive/tar"
 	"bufio"
 	"context"
 	"fmt"
@@ -434,4 +435,98 @@ func TestSafeDefaults(t *testing.T) {
 	}
 	env.unpublish(t, "vol-noswap", target)
 	env.assertFreed(t)
+}
+
+// TestHostileVolumes publishes what a hostile image or pod brings: paths
+// and links out of the tree, symlinks where a directory is expected,
+// forged internal attributes, device nodes. Nothing reaches a host path,
+// nothing internal shows, no device opens.
+func TestHostileVolumes(t *testing.T) {
+	reg := newTestRegistry(t)
+	outside := t.TempDir()
+	os.WriteFile(filepath.Join(outside, "x.json"), []byte("host"), 0o644)
+	escape := reg.push("escape:v1", buildImage(t, layer(t, fileEntry("../escape", "x"))))
+	hardOut := reg.push("hardout:v1", buildImage(t, layer(t, fileEntry("f", "x"), hardlinkEntry("h", "../../../etc/passwd"))))
+	links := reg.push("links:v1", buildImage(t, layer(t,
+		symlinkEntry("cfg", outside), symlinkEntry("etc", "/etc"), dirEntry("data/"), fileEntry("data/f", "f"),
+		layerEntry{Name: "data/dev", Type: tar.TypeChar, Mode: 0o666, Dev: 1},
+		layerEntry{Name: "data/forged", Type: tar.TypeReg, Mode: 0o644, Body: "forged",
+			Xattrs: map[string]string{"trusted.memfs.whiteout": "y", "user.memfs.seals": "write"}},
+	)))
+	env := startDriver(t, nil)
+	ctx := context.Background()
+
+	for _, ref := range []string{escape, hardOut} {
+		_, err := env.publishErr(t, "vol-hostile", attrs("image", ref), nil)
+		wantCode(t, ref, err, codes.FailedPrecondition, "volumeAttributes.image")
+		env.assertFreed(t)
+	}
+	_, err := env.publishErr(t, "vol-hostile", attrs("image", links, "imagePath", "/etc"), nil)
+	wantCode(t, "imagePath through a symlink", err, codes.NotFound, "volumeAttributes.imagePath")
+	env.assertFreed(t)
+
+	target, err := env.publishErr(t, "vol-links", attrs("image", links, "seal", "cfg/*.json,data/*"), nil)
+	if err != nil {
+		t.Fatalf("publish: %v", err)
+	}
+	if l, err := os.Readlink(filepath.Join(target, "cfg")); err != nil || l != outside {
+		t.Errorf("cfg: %q, %v", l, err)
+	}
+	if n, err := unix.Getxattr(filepath.Join(outside, "x.json"), "user.memfs.seals", make([]byte, 64)); err == nil {
+		t.Errorf("a host file behind a symlink was sealed (%d bytes)", n)
+	}
+	// The forged file: sealed by the glob, not by its image attribute;
+	// internal names neither listed nor readable nor writable.
+	forged := filepath.Join(target, "data", "forged")
+	buf := make([]byte, 4096)
+	if n, err := unix.Getxattr(forged, "user.memfs.seals", buf); err != nil || string(buf[:n]) != "write,grow,shrink,seal" {
+		t.Errorf("seals of data/forged: %q, %v", buf[:max(n, 0)], err)
+	}
+	for _, p := range []string{target, filepath.Join(target, "data"), forged} {
+		n, err := unix.Listxattr(p, buf)
+		if err != nil {
+			t.Errorf("listxattr %s: %v", p, err)
+			continue
+		}
+		if strings.Contains(string(buf[:n]), "trusted.memfs.") {
+			t.Errorf("listxattr %s shows internal names: %q", p, buf[:n])
+		}
+		if _, err := unix.Getxattr(p, "trusted.memfs.whiteout", buf); err == nil {
+			t.Errorf("getxattr trusted.memfs.whiteout on %s answered", p)
+		}
+	}
+	os.Remove(filepath.Join(target, "data", "f")) // a whiteout in the upper
+	if n, err := unix.Listxattr(filepath.Join(target, "data"), buf); err == nil && strings.Contains(string(buf[:n]), "trusted.memfs.") {
+		t.Errorf("listxattr after a whiteout: %q", buf[:n])
+	}
+	scratch := filepath.Join(target, "scratch")
+	os.WriteFile(scratch, nil, 0o644)
+	for _, name := range []string{"trusted.memfs.whiteout", "trusted.memfs.opaque", "trusted.memfs.seals"} {
+		if err := unix.Setxattr(scratch, name, []byte("y"), 0); err == nil {
+			t.Errorf("setxattr %s accepted", name)
+		}
+	}
+	if _, err := os.Stat(scratch); err != nil {
+		t.Errorf("a file given a forged whiteout is gone: %v", err)
+	}
+	// Device nodes: the image's and a new one stay inert (nodev).
+	if fi, err := os.Lstat(filepath.Join(target, "data", "dev")); err == nil && fi.Mode()&os.ModeDevice != 0 {
+		if f, err := os.Open(filepath.Join(target, "data", "dev")); err == nil {
+			f.Close()
+			t.Error("opened the image's device node")
+		}
+	}
+	if err := unix.Mknod(filepath.Join(target, "null"), unix.S_IFCHR|0o666, int(unix.Mkdev(1, 3))); err == nil {
+		if f, err := os.OpenFile(filepath.Join(target, "null"), os.O_WRONLY, 0); err == nil {
+			f.Close()
+			t.Error("opened a device node made in the volume")
+		}
+	}
+	if _, err := env.node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: "vol-links", TargetPath: target}); err != nil {
+		t.Errorf("unpublish: %v", err)
+	}
+	env.assertFreed(t)
+	if b, err := os.ReadFile(filepath.Join(outside, "x.json")); err != nil || string(b) != "host" {
+		t.Errorf("host file: %q, %v", b, err)
+	}
 }
