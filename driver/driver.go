@@ -24,7 +24,9 @@
 //     lower directory, its root given the volume_mount_group, and the seal
 //     globs applied (they match files of the image: sealing one copies up
 //     its metadata only), and
-//  5. mounts it over FUSE on the target path (volume.Volume.Mount).
+//  5. mounts it over FUSE on the target path (volume.Volume.Mount), which
+//     must lie under <kubelet dir>/pods/, reached without a symlink, and
+//     be no mount point already (target.go).
 //
 // Any failure undoes the steps already done, in reverse: a failed publish
 // leaves nothing mounted, nothing reserved and no record. Unpublish runs the
@@ -44,7 +46,9 @@
 // (no holder, or the holder restarted too) is registered as lost: it still
 // holds its memory (counted in the budget and the metrics), unpublish
 // cleans it (the dead target mount with mount-utils, then the memory
-// layer), and NodeGetVolumeStats says it is lost. The image a recovered or
+// layer), and NodeGetVolumeStats says it is lost. A volume whose journal
+// record cannot be read is lost too, known by its id alone: its unpublish
+// cleans the target path the request names. The image a recovered or
 // lost volume was published with is pinned again (image.Cache.Open) before
 // anything can collect it, and released by its unpublish.
 //
