@@ -24,7 +24,9 @@
 //     lower directory, its root given the volume_mount_group, and the seal
 //     globs applied (they match files of the image: sealing one copies up
 //     its metadata only), and
-//  5. mounts it over FUSE on the target path (volume.Volume.Mount).
+//  5. mounts it over FUSE on the target path (volume.Volume.Mount), which
+//     must lie under <kubelet dir>/pods/, reached without a symlink, and
+//     be no mount point already (target.go).
 //
 // Any failure undoes the steps already done, in reverse: a failed publish
 // leaves nothing mounted, nothing reserved and no record. Unpublish runs the
@@ -44,7 +46,9 @@
 // (no holder, or the holder restarted too) is registered as lost: it still
 // holds its memory (counted in the budget and the metrics), unpublish
 // cleans it (the dead target mount with mount-utils, then the memory
-// layer), and NodeGetVolumeStats says it is lost. The image a recovered or
+// layer), and NodeGetVolumeStats says it is lost. A volume whose journal
+// record cannot be read is lost too, known by its id alone: its unpublish
+// cleans the target path the request names. The image a recovered or
 // lost volume was published with is pinned again (image.Cache.Open) before
 // anything can collect it, and released by its unpublish.
 //
@@ -69,6 +73,7 @@
 //	node.go         the Node service's publish and unpublish, request checks
 //	interceptor.go  request logs and metrics of every call
 //	volumes.go      publish, unpublish, teardown
+//	target.go       target paths: under kubelet's directory, no symlinks
 //	restart.go      handover, takeover, the holder link
 //	image.go        image volumes' lower directories; PullImage for mount
 //	driver.go       Config, Driver, a volume's volume.Config
@@ -117,6 +122,17 @@ import (
 // DefaultDriverName is the CSI driver name when Config.DriverName is empty.
 const DefaultDriverName = "memfs.csi.dev"
 
+// DefaultKubeletDir is Config.KubeletDir when empty.
+const DefaultKubeletDir = "/var/lib/kubelet"
+
+// Bounds on a volume that apply when the operator sets none.
+const (
+	// DefaultMaxVolumeSize is Config.MaxVolumeSize without a budget.
+	DefaultMaxVolumeSize = 1 << 30
+	// DefaultMaxVolumeInodes is Config.MaxVolumeInodes when 0.
+	DefaultMaxVolumeInodes = 1_000_000
+)
+
 // Config configures a Driver. cmd/csi-memfs fills it from flags.
 type Config struct {
 	// DriverName is the name kubelet knows the plugin by (CSIDriver
@@ -141,17 +157,23 @@ type Config struct {
 	// RegistrationDir is kubelet's plugins_registry directory as this
 	// process sees it. Default "/registration".
 	RegistrationDir string
+	// KubeletDir is kubelet's root directory as this process sees it:
+	// target paths must lie under its pods/ directory, and no component
+	// below it may be a symlink. Default DefaultKubeletDir.
+	KubeletDir string
 
 	// DefaultVolumeSize is the size of a volume without a size attribute.
 	// Default 64 MiB.
 	DefaultVolumeSize int64
 	// MaxVolumeSize bounds a volume's size attribute. Default: the budget,
-	// or 1 TiB without one.
+	// or DefaultMaxVolumeSize without one.
 	MaxVolumeSize int64
 	// DefaultVolumeInodes is the inode limit of a volume without an inodes
-	// attribute; 0: one per 4 KiB of size, at least 1024.
+	// attribute; 0: one per 4 KiB of size, at least 1024 (and at most
+	// MaxVolumeInodes).
 	DefaultVolumeInodes uint64
-	// MaxVolumeInodes bounds a volume's inodes attribute; 0: no bound.
+	// MaxVolumeInodes bounds a volume's inode limit, which tmpfs charges
+	// outside its size. Default DefaultMaxVolumeInodes.
 	MaxVolumeInodes uint64
 	// NodeBudget is the memory all volumes on the node may hold together
 	// (the sum of their sizes); 0: no budget.
@@ -216,18 +238,27 @@ func (c Config) withDefaults() (Config, error) {
 	if c.RegistrationDir == "" {
 		c.RegistrationDir = "/registration"
 	}
+	if c.KubeletDir == "" {
+		c.KubeletDir = DefaultKubeletDir
+	}
+	c.KubeletDir = filepath.Clean(c.KubeletDir)
 	if c.DefaultVolumeSize == 0 {
 		c.DefaultVolumeSize = 64 << 20
 	}
 	if c.MaxVolumeSize == 0 {
-		c.MaxVolumeSize = 1 << 40
+		c.MaxVolumeSize = DefaultMaxVolumeSize
 		if c.NodeBudget > 0 {
 			c.MaxVolumeSize = c.NodeBudget
 		}
 	}
+	if c.MaxVolumeInodes == 0 {
+		c.MaxVolumeInodes = DefaultMaxVolumeInodes
+	}
 	switch {
 	case c.NodeID == "":
 		return c, errors.New("node id is required (--node-id)")
+	case !filepath.IsAbs(c.KubeletDir):
+		return c, fmt.Errorf("kubelet directory %q must be an absolute path (--kubelet-dir)", c.KubeletDir)
 	case c.StateDir == "" || !filepath.IsAbs(c.StateDir):
 		return c, fmt.Errorf("state directory %q must be an absolute path (--state-dir)", c.StateDir)
 	case c.DefaultVolumeSize < 0 || c.MaxVolumeSize < 0 || c.NodeBudget < 0 || c.MaxVolumes < 0:
@@ -241,7 +272,10 @@ func (c Config) withDefaults() (Config, error) {
 		return c, fmt.Errorf("image cache directory %q must be an absolute path (--image-cache-dir)", c.ImageCacheDir)
 	case c.LocalImagesDir != "" && !filepath.IsAbs(c.LocalImagesDir):
 		return c, fmt.Errorf("local images directory %q must be an absolute path (--local-images)", c.LocalImagesDir)
-	case c.MaxVolumeInodes > 0 && c.DefaultVolumeInodes > c.MaxVolumeInodes:
+	case c.DefaultVolumeSize > 0 && c.DefaultVolumeSize < minVolumeSize:
+		return c, fmt.Errorf("default volume size %d is less than the minimum %s (--default-volume-size)",
+			c.DefaultVolumeSize, quantityString(minVolumeSize))
+	case c.DefaultVolumeInodes > c.MaxVolumeInodes:
 		return c, fmt.Errorf("default inodes %d is more than the maximum %d (--default-volume-inodes, --max-volume-inodes)",
 			c.DefaultVolumeInodes, c.MaxVolumeInodes)
 	}
@@ -302,6 +336,7 @@ func (d *Driver) volumeConfig(id string, spec publishSpec, lower string) volume.
 		Upper:              d.journal.upperDir(id),
 		Size:               spec.Params.Size,
 		Inodes:             spec.Params.Inodes,
+		NoSwap:             spec.Params.NoSwap,
 		Fds:                d.fds,
 		Lower:              lower,
 		SharedRoot:         true,

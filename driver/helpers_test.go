@@ -60,6 +60,7 @@ func startDriver(t testing.TB, mutate func(*Config)) *testEnv {
 		Version:           "test",
 		Endpoint:          "unix://" + filepath.Join(root, "csi.sock"),
 		StateDir:          filepath.Join(root, "state"),
+		KubeletDir:        root,
 		MetricsAddress:    freeAddr(t),
 		DefaultVolumeSize: 8 << 20,
 		imageNoSync:       true,
@@ -334,7 +335,7 @@ func startServe(t testing.TB, root string, extra ...string) *serveProc {
 	}
 	p.log = logf
 	args := append([]string{"serve", "--endpoint", p.endpoint, "--node-id", "sanity-node",
-		"--state-dir", filepath.Join(root, "state"), "--metrics-address", p.metrics, "-v", "5",
+		"--state-dir", filepath.Join(root, "state"), "--kubelet-dir", root, "--metrics-address", p.metrics, "-v", "5",
 		// The test registries are on loopback, over plain HTTP.
 		"--insecure-registry", "127.0.0.1"}, extra...)
 	p.cmd = exec.Command(bin, args...)

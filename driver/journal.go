@@ -2,6 +2,7 @@ package driver
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -38,9 +39,11 @@ type record struct {
 //
 // A record is written before the memory layer is mounted and removed after
 // it is unmounted, so every memory layer under dir has a record. Records
-// are replaced by rename, so a reader sees a whole record or none. They are
-// not fsynced: they only need to outlive the process, and a machine that
-// reboots loses the mounts they describe anyway.
+// are replaced by rename, so a reader sees a whole record or none; the
+// file is synced before the rename and the directory after it, so that
+// not even a crash of the node's kernel leaves a torn record. A record
+// that cannot be read all the same costs its volume only: load reports it
+// as damaged, and the driver sets the volume aside as lost.
 //
 // Volume ids are checked by validVolumeID before they name a directory.
 // Operations on one volume's entry are serialized by that volume's
@@ -58,7 +61,11 @@ func (j journal) upperDir(id string) string  { return filepath.Join(j.dir, id, "
 // write records r, replacing any record of the volume.
 func (j journal) write(r record) error {
 	dir := j.volumeDir(r.VolumeID)
-	if err := os.MkdirAll(dir, 0o700); err != nil {
+	if err := os.Mkdir(dir, 0o700); err == nil {
+		if err := syncDir(j.dir); err != nil {
+			return err
+		}
+	} else if !errors.Is(err, os.ErrExist) {
 		return err
 	}
 	data, err := json.MarshalIndent(r, "", "  ")
@@ -66,10 +73,37 @@ func (j journal) write(r record) error {
 		return err
 	}
 	tmp := filepath.Join(dir, recordFile+".tmp")
-	if err := os.WriteFile(tmp, append(data, '\n'), 0o600); err != nil {
+	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
 		return err
 	}
-	return os.Rename(tmp, filepath.Join(dir, recordFile))
+	_, err = f.Write(append(data, '\n'))
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return err
+	}
+	if err := os.Rename(tmp, filepath.Join(dir, recordFile)); err != nil {
+		return err
+	}
+	return syncDir(dir)
+}
+
+// syncDir makes the entries of directory dir durable.
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	err = d.Sync()
+	if cerr := d.Close(); err == nil {
+		err = cerr
+	}
+	return err
 }
 
 // remove deletes the volume's record and its directory. The memory layer
@@ -88,18 +122,28 @@ func (j journal) remove(id string) error {
 	return nil
 }
 
+// damagedRecord is a journal entry whose record cannot be read.
+type damagedRecord struct {
+	// id is the volume id: the entry's directory name.
+	id string
+	// err says what is wrong with the record.
+	err error
+}
+
 // load reads every record. Entries without a record (a publish that died
-// before writing it, so nothing was mounted) are cleaned away; an unreadable
-// record is an error, since the volume it describes may hold a mount.
-func (j journal) load(logger logr.Logger) ([]record, error) {
+// before writing it, so nothing was mounted) are cleaned away. An
+// unreadable record is returned as damaged: the volume it describes may
+// hold a mount and memory, which only its unpublish frees.
+func (j journal) load(logger logr.Logger) ([]record, []damagedRecord, error) {
 	entries, err := os.ReadDir(j.dir)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	var recs []record
+	var damaged []damagedRecord
 	for _, e := range entries {
 		id := e.Name()
-		if !e.IsDir() {
+		if !e.IsDir() || validVolumeID(id) != nil {
 			logger.Info("Ignoring a stray file in the journal", "path", filepath.Join(j.dir, id))
 			continue
 		}
@@ -107,25 +151,36 @@ func (j journal) load(logger logr.Logger) ([]record, error) {
 		if isNotExist(err) {
 			logger.V(1).Info("Removing a journal entry without a record", "volumeID", id)
 			if err := volume.RemoveUpper(j.upperDir(id)); err != nil {
-				return nil, err
+				return nil, nil, err
 			}
 			if err := j.remove(id); err != nil {
-				return nil, fmt.Errorf("journal entry %s: %w", id, err)
+				return nil, nil, fmt.Errorf("journal entry %s: %w", id, err)
 			}
 			continue
 		}
+		r, err := parseRecord(id, data, err)
 		if err != nil {
-			return nil, fmt.Errorf("journal: %w", err)
-		}
-		var r record
-		if err := json.Unmarshal(data, &r); err != nil {
-			return nil, fmt.Errorf("journal record %s: %w", id, err)
-		}
-		if r.Version != recordVersion || r.VolumeID != id {
-			return nil, fmt.Errorf("journal record %s: version %d for volume %q; want version %d for volume %q",
-				id, r.Version, r.VolumeID, recordVersion, id)
+			damaged = append(damaged, damagedRecord{id: id, err: err})
+			continue
 		}
 		recs = append(recs, r)
 	}
-	return recs, nil
+	return recs, damaged, nil
+}
+
+// parseRecord decodes the record of volume id, read as data with error
+// err.
+func parseRecord(id string, data []byte, err error) (record, error) {
+	var r record
+	if err != nil {
+		return r, fmt.Errorf("journal record %s: %w", id, err)
+	}
+	if err := json.Unmarshal(data, &r); err != nil {
+		return r, fmt.Errorf("journal record %s: %w", id, err)
+	}
+	if r.Version != recordVersion || r.VolumeID != id {
+		return r, fmt.Errorf("journal record %s: version %d for volume %q; want version %d for volume %q",
+			id, r.Version, r.VolumeID, recordVersion, id)
+	}
+	return r, nil
 }

@@ -111,7 +111,7 @@ func newMetrics(samples func() []volumeSample, budget *budget, registration bool
 		}, []string{"from"}),
 		takeoverPause: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Name:    metricsPrefix + "takeover_pause_seconds",
-			Help:    "How long the volumes went unserved while this process took them over (from asking for them to serving them all), by source.",
+			Help:    "How long the volumes went unserved while this process took them over, by source: from the predecessor stopping them (handover) or this process's start (holder: the crash came earlier) to this process serving them all.",
 			Buckets: prometheus.ExponentialBuckets(0.001, 2, 16), // 1 ms .. 33 s
 		}, []string{"from"}),
 		recovered: prometheus.NewCounter(prometheus.CounterOpts{
@@ -120,7 +120,7 @@ func newMetrics(samples func() []volumeSample, budget *budget, registration bool
 		}),
 		lost: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: metricsPrefix + "volumes_lost_total",
-			Help: "Volumes of a previous plugin process that could not be served again (their pods see ENOTCONN); should stay 0.",
+			Help: "Volumes of a previous plugin process that could not be served again (their pods see ENOTCONN): no session kept them, or their journal record was unreadable; should stay 0.",
 		}),
 		handovers: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: metricsPrefix + "handovers_total",
@@ -215,11 +215,10 @@ func (m *metrics) observePull(e image.PullEvent) {
 
 // observeTakeover records a start that took volumes over from a previous
 // process.
-func (m *metrics) observeTakeover(from string, pause time.Duration, recovered, lost int) {
+func (m *metrics) observeTakeover(from string, pause time.Duration, recovered int) {
 	m.takeovers.WithLabelValues(from).Inc()
 	m.takeoverPause.WithLabelValues(from).Observe(pause.Seconds())
 	m.recovered.Add(float64(recovered))
-	m.lost.Add(float64(lost))
 }
 
 // retire keeps the seal violations of a volume about to be closed in the

@@ -46,7 +46,7 @@ func (d *Driver) publishRequest(req *csi.NodePublishVolumeRequest) (string, publ
 	if err := validVolumeID(id); err != nil {
 		return "", spec, podInfo{}, err
 	}
-	target, err := cleanTarget(req.GetTargetPath())
+	target, err := d.cleanTarget(req.GetTargetPath())
 	if err != nil {
 		return "", spec, podInfo{}, err
 	}
@@ -114,15 +114,17 @@ func validVolumeID(id string) error {
 	return nil
 }
 
-// cleanTarget checks a target path: absolute, returned cleaned.
-func cleanTarget(p string) (string, error) {
+// cleanTarget checks a target path: absolute, under kubelet's pods
+// directory once cleaned; returned cleaned.
+func (d *Driver) cleanTarget(p string) (string, error) {
 	if p == "" {
 		return "", errorf(codes.InvalidArgument, "target_path is required")
 	}
 	if !filepath.IsAbs(p) {
 		return "", errorf(codes.InvalidArgument, "target_path %q: want an absolute path", p)
 	}
-	return filepath.Clean(p), nil
+	p = filepath.Clean(p)
+	return p, checkTargetPath(d.cfg.KubeletDir, p)
 }
 
 // NodeUnpublishVolume unmounts a volume and frees its memory. Unpublishing
@@ -135,7 +137,7 @@ func (d *Driver) NodeUnpublishVolume(ctx context.Context, req *csi.NodeUnpublish
 	err := validVolumeID(id)
 	var target string
 	if err == nil {
-		target, err = cleanTarget(req.GetTargetPath())
+		target, err = d.cleanTarget(req.GetTargetPath())
 	}
 	var pod podInfo
 	if err == nil {

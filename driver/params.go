@@ -23,7 +23,13 @@ const (
 	attrSize            = "size"
 	attrInodes          = "inodes"
 	attrSeal            = "seal"
+	attrNoSwap          = "noswap"
 )
+
+// minVolumeSize is the smallest size a volume may have: below it, tmpfs
+// rounds up to whole pages and the memory layer's own files crowd out the
+// pod's.
+const minVolumeSize = 1 << 20
 
 // The keys kubelet adds to an inline volume's attributes. Every key under
 // kubeletPrefix is accepted; these are the ones the driver reads or hides.
@@ -43,7 +49,7 @@ const (
 const LocalImagePrefix = "oci:"
 
 // knownAttrs lists the user-facing keys, in the order error messages name them.
-var knownAttrs = []string{attrImage, attrImagePullPolicy, attrImagePath, attrSize, attrInodes, attrSeal}
+var knownAttrs = []string{attrImage, attrImagePullPolicy, attrImagePath, attrSize, attrInodes, attrSeal, attrNoSwap}
 
 // PullPolicy says when an image is pulled: Kubernetes' imagePullPolicy,
 // parsed once (ParsePullPolicy) into what the image cache takes. The zero
@@ -152,9 +158,12 @@ type volumeParams struct {
 	// Size is the byte limit of the upper layer.
 	// Invariant: 0 < Size <= the driver's maximum size.
 	Size int64 `json:"size"`
-	// Inodes is the inode limit of the upper layer; 0 lets memfs choose
-	// (one per 4 KiB of Size, at least 1024).
+	// Inodes is the inode limit of the upper layer. Records of earlier
+	// versions may hold 0: memfs chooses (one per 4 KiB of Size, at least
+	// 1024).
 	Inodes uint64 `json:"inodes,omitempty"`
+	// NoSwap keeps the volume's pages out of swap.
+	NoSwap bool `json:"noSwap,omitempty"`
 	// Seal lists the globs (path.Match syntax, relative to the volume root,
 	// cleaned) of files sealed at publish.
 	Seal []string `json:"seal,omitempty"`
@@ -163,7 +172,7 @@ type volumeParams struct {
 // equal says whether p and q describe the same volume.
 func (p volumeParams) equal(q volumeParams) bool {
 	return p.Image == q.Image && p.PullPolicy == q.PullPolicy && p.ImagePath == q.ImagePath &&
-		p.Size == q.Size && p.Inodes == q.Inodes && slices.Equal(p.Seal, q.Seal)
+		p.Size == q.Size && p.Inodes == q.Inodes && p.NoSwap == q.NoSwap && slices.Equal(p.Seal, q.Seal)
 }
 
 // podInfo names the pod a volume belongs to, from the attributes kubelet
@@ -181,9 +190,9 @@ type limits struct {
 	// MaxSize bounds Size.
 	MaxSize int64
 	// DefaultInodes is the Inodes of a volume without an inodes attribute
-	// (0: memfs's default).
+	// (0: one per 4 KiB of size, at least 1024, at most MaxInodes).
 	DefaultInodes uint64
-	// MaxInodes bounds Inodes; 0 means no bound.
+	// MaxInodes bounds Inodes. Invariant: MaxInodes > 0.
 	MaxInodes uint64
 }
 
@@ -220,6 +229,19 @@ func parseVolumeParams(attrs map[string]string, lim limits) (volumeParams, podIn
 	if v, ok := attrs[attrInodes]; ok {
 		if p.Inodes, err = parseInodes(v, lim.MaxInodes); err != nil {
 			return volumeParams{}, podInfo{}, err
+		}
+	} else if p.Inodes == 0 {
+		p.Inodes = min(max(uint64(p.Size)/4096, 1024), lim.MaxInodes)
+	}
+	if v, ok := attrs[attrNoSwap]; ok {
+		switch v {
+		case "true":
+			p.NoSwap = true
+		case "false":
+		default:
+			return volumeParams{}, podInfo{}, errorf(codes.InvalidArgument,
+				"volumeAttributes.%s: %q; want \"true\" (keep the volume's memory out of swap; Linux 6.4 or later) or \"false\"",
+				attrNoSwap, v)
 		}
 	}
 	if v, ok := attrs[attrSeal]; ok {
@@ -266,14 +288,18 @@ func parseVolumeParams(attrs map[string]string, lim limits) (volumeParams, podIn
 	return p, pod, nil
 }
 
-// parseSize parses a size attribute: a positive Kubernetes quantity no
-// larger than max.
+// parseSize parses a size attribute: a Kubernetes quantity from
+// minVolumeSize to max.
 func parseSize(v string, max int64) (int64, error) {
 	q, err := resource.ParseQuantity(v)
 	if err != nil || q.Sign() <= 0 {
 		return 0, errorf(codes.InvalidArgument,
-			"volumeAttributes.%s: %q is not a positive Kubernetes quantity; want e.g. 64Mi or 1Gi (at most %s)",
-			attrSize, v, quantityString(max))
+			"volumeAttributes.%s: %q is not a positive Kubernetes quantity; want e.g. 64Mi or 1Gi (%s to %s)",
+			attrSize, v, quantityString(minVolumeSize), quantityString(max))
+	}
+	if q.CmpInt64(minVolumeSize) < 0 {
+		return 0, errorf(codes.InvalidArgument,
+			"volumeAttributes.%s: %s is less than the smallest volume, %s", attrSize, v, quantityString(minVolumeSize))
 	}
 	if q.Cmp(*resource.NewQuantity(max, resource.BinarySI)) > 0 {
 		return 0, errorf(codes.InvalidArgument,
@@ -284,7 +310,7 @@ func parseSize(v string, max int64) (int64, error) {
 }
 
 // parseInodes parses an inodes attribute: a positive whole number (plain or
-// a quantity such as 10k) no larger than max (0: no bound).
+// a quantity such as 10k) no larger than max.
 func parseInodes(v string, max uint64) (uint64, error) {
 	q, err := resource.ParseQuantity(v)
 	if err != nil || q.Sign() <= 0 || q.CmpInt64(q.Value()) != 0 {
@@ -292,7 +318,7 @@ func parseInodes(v string, max uint64) (uint64, error) {
 			"volumeAttributes.%s: %q is not a positive whole number; want e.g. 4096 or 100k", attrInodes, v)
 	}
 	n := uint64(q.Value())
-	if max > 0 && n > max {
+	if n > max {
 		return 0, errorf(codes.InvalidArgument,
 			"volumeAttributes.%s: %s is more than this node allows per volume (%d, flag --max-volume-inodes)",
 			attrInodes, v, max)

@@ -15,7 +15,7 @@ import (
 
 func TestParseVolumeParams(t *testing.T) {
 	lim := limits{DefaultSize: 64 << 20, MaxSize: 1 << 30, MaxInodes: 1 << 20}
-	base := volumeParams{Size: 64 << 20}
+	base := volumeParams{Size: 64 << 20, Inodes: 16384}
 	with := func(f func(*volumeParams)) volumeParams { p := base; f(&p); return p }
 	tests := []struct {
 		name  string
@@ -25,10 +25,13 @@ func TestParseVolumeParams(t *testing.T) {
 		msg   string // part of the error message
 	}{
 		{name: "defaults", attrs: attrs(), want: base},
-		{name: "size", attrs: attrs("size", "16Mi"), want: with(func(p *volumeParams) { p.Size = 16 << 20 })},
-		{name: "size decimal", attrs: attrs("size", "1M"), want: with(func(p *volumeParams) { p.Size = 1000000 })},
-		{name: "size max", attrs: attrs("size", "1Gi"), want: with(func(p *volumeParams) { p.Size = 1 << 30 })},
-		{name: "size fraction rounds up", attrs: attrs("size", "1.5Ki"), want: with(func(p *volumeParams) { p.Size = 1536 })},
+		{name: "size", attrs: attrs("size", "16Mi"), want: with(func(p *volumeParams) { p.Size, p.Inodes = 16<<20, 4096 })},
+		{name: "size decimal", attrs: attrs("size", "2M"), want: with(func(p *volumeParams) { p.Size, p.Inodes = 2000000, 1024 })},
+		{name: "size max", attrs: attrs("size", "1Gi"), want: with(func(p *volumeParams) { p.Size, p.Inodes = 1<<30, 262144 })},
+		{name: "size fraction rounds up", attrs: attrs("size", "1.5Mi"), want: with(func(p *volumeParams) { p.Size, p.Inodes = 1536<<10, 1024 })},
+		{name: "size minimum", attrs: attrs("size", "1Mi"), want: with(func(p *volumeParams) { p.Size, p.Inodes = 1<<20, 1024 })},
+		{name: "noswap", attrs: attrs("noswap", "true"), want: with(func(p *volumeParams) { p.NoSwap = true })},
+		{name: "noswap false", attrs: attrs("noswap", "false"), want: base},
 		{name: "inodes", attrs: attrs("inodes", "4096"), want: with(func(p *volumeParams) { p.Inodes = 4096 })},
 		{name: "inodes quantity", attrs: attrs("inodes", "10k"), want: with(func(p *volumeParams) { p.Inodes = 10000 })},
 		{name: "seal", attrs: attrs("seal", " config/*.json, /bin/app ,,"),
@@ -46,10 +49,12 @@ func TestParseVolumeParams(t *testing.T) {
 
 		{name: "not ephemeral", attrs: map[string]string{"size": "1Mi"}, code: codes.InvalidArgument, msg: "ephemeral"},
 		{name: "ephemeral false", attrs: attrs(attrEphemeral, "false"), code: codes.InvalidArgument, msg: "inline ephemeral"},
-		{name: "unknown key", attrs: attrs("sise", "1Mi"), code: codes.InvalidArgument, msg: `unknown key "sise"; known keys are image, imagePullPolicy, imagePath, size, inodes, seal`},
+		{name: "unknown key", attrs: attrs("sise", "1Mi"), code: codes.InvalidArgument, msg: `unknown key "sise"; known keys are image, imagePullPolicy, imagePath, size, inodes, seal, noswap`},
 		{name: "size garbage", attrs: attrs("size", "lots"), code: codes.InvalidArgument, msg: "volumeAttributes.size"},
 		{name: "size zero", attrs: attrs("size", "0"), code: codes.InvalidArgument, msg: "positive"},
 		{name: "size negative", attrs: attrs("size", "-1Mi"), code: codes.InvalidArgument, msg: "positive"},
+		{name: "size below the minimum", attrs: attrs("size", "1"), code: codes.InvalidArgument, msg: "volumeAttributes.size: 1 is less than the smallest volume, 1Mi"},
+		{name: "noswap garbage", attrs: attrs("noswap", "yes"), code: codes.InvalidArgument, msg: "volumeAttributes.noswap"},
 		{name: "size too big", attrs: attrs("size", "2Gi"), code: codes.InvalidArgument, msg: "at most|more than this node allows"},
 		{name: "size huge", attrs: attrs("size", "1E"), code: codes.InvalidArgument, msg: "--max-volume-size"},
 		{name: "inodes fraction", attrs: attrs("inodes", "1.5"), code: codes.InvalidArgument, msg: "volumeAttributes.inodes"},

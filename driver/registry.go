@@ -19,6 +19,10 @@ type entry struct {
 	// lost is true for a volume recorded by a previous process that no
 	// session serves: vol is nil. Immutable.
 	lost bool
+	// damaged is true for a lost volume whose journal record could not be
+	// read: rec holds only its id, and its unpublish takes the target
+	// path from the request. Immutable.
+	damaged bool
 	// reserved is the number of bytes the volume holds in the budget.
 	// Immutable.
 	reserved int64
@@ -40,6 +44,15 @@ type entry struct {
 
 // id returns the volume's id.
 func (e *entry) id() string { return e.rec.VolumeID }
+
+// target returns the volume's target path; for a damaged record, which
+// does not know it, the one a request names.
+func (e *entry) target(requested string) string {
+	if e.damaged {
+		return requested
+	}
+	return e.rec.Spec.TargetPath
+}
 
 // sample reads e for a scrape; false when e is being unpublished. A lost
 // volume's memory layer, still mounted under the state directory, is

@@ -2,6 +2,7 @@ package driver
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"path/filepath"
@@ -80,9 +81,17 @@ type takeover struct {
 	// how names the source, for logs and metrics: "handover", "holder" or
 	// "" for none.
 	how string
-	// start is when the takeover began: the pause is measured from it.
-	start time.Time
+	// unserved is when the volumes stopped being served: when the
+	// predecessor stopped them for the handover (as it says; else when
+	// this process asked for them), or, after a crash, this process's
+	// start (the crash came earlier, by an unknown time). The pause is
+	// measured from it.
+	unserved time.Time
 }
+
+// processStart is when this process started: after a crash, the volumes
+// have been unserved at least since.
+var processStart = time.Now()
 
 // close drops the sessions (a start that failed).
 func (t takeover) close() {
@@ -97,20 +106,19 @@ func (t takeover) close() {
 // takeSessions gets the sessions of the volumes a previous process served:
 // from that process if it still runs, else from the holder.
 func (d *Driver) takeSessions(logger logr.Logger) takeover {
-	start := time.Now()
-	bundles, peer, err := d.askHandover(logger)
+	bundles, stopped, peer, err := d.askHandover(logger)
 	if err != nil {
 		if !errors.Is(err, errNoPeer) {
 			logger.Error(err, "Planned handover failed; recovering from the holder instead")
 		}
-		return d.takeFromHolder(logger, start)
+		return d.takeFromHolder(logger)
 	}
-	return takeover{sessions: sessionsOf(logger, bundles), peer: peer, how: "handover", start: start}
+	return takeover{sessions: sessionsOf(logger, bundles), peer: peer, how: "handover", unserved: stopped}
 }
 
 // takeFromHolder gets the sessions the holder keeps, if there is one.
-func (d *Driver) takeFromHolder(logger logr.Logger, start time.Time) takeover {
-	none := takeover{sessions: map[string]volume.Session{}, start: start}
+func (d *Driver) takeFromHolder(logger logr.Logger) takeover {
+	none := takeover{sessions: map[string]volume.Session{}}
 	c, err := handoff.Dial(filepath.Join(d.cfg.StateDir, holderSocket))
 	if err != nil {
 		logger.V(2).Info("No session holder to recover volumes from", "err", err)
@@ -122,7 +130,7 @@ func (d *Driver) takeFromHolder(logger logr.Logger, start time.Time) takeover {
 		logger.Error(err, "Getting the volumes' sessions from the holder")
 		return none
 	}
-	return takeover{sessions: sessionsOf(logger, bundles), resend: true, how: "holder", start: start}
+	return takeover{sessions: sessionsOf(logger, bundles), resend: true, how: "holder", unserved: processStart}
 }
 
 // sessionsOf unpacks bundles by volume id, dropping malformed ones.
@@ -141,24 +149,70 @@ func sessionsOf(logger logr.Logger, bundles []handoff.Bundle) map[string]volume.
 // errNoPeer: no process answers on the handover socket.
 var errNoPeer = errors.New("no running plugin process to take over from")
 
-// askHandover asks a running predecessor for its volumes.
-func (d *Driver) askHandover(logger logr.Logger) ([]handoff.Bundle, *handoff.Conn, error) {
+// askHandover asks a running predecessor for its volumes, and returns
+// them with the time it stopped serving them.
+func (d *Driver) askHandover(logger logr.Logger) ([]handoff.Bundle, time.Time, *handoff.Conn, error) {
 	c, err := handoff.DialConn(filepath.Join(d.cfg.StateDir, handoverSocket))
 	if err != nil {
-		return nil, nil, errNoPeer
+		return nil, time.Time{}, nil, errNoPeer
 	}
 	logger.Info("Taking over the volumes of the running plugin process")
 	c.SetDeadline(time.Now().Add(handoverTimeout))
+	asked := time.Now()
 	if err := c.Send(handoff.Msg{Op: opHandover}); err != nil {
 		c.Close()
-		return nil, nil, errNoPeer // it was on its way out
+		return nil, time.Time{}, nil, errNoPeer // it was on its way out
 	}
-	bundles, err := c.RecvBundles()
+	bundles, stopped, err := recvSessions(c)
 	if err != nil {
 		c.Close()
-		return nil, nil, fmt.Errorf("receiving the sessions: %w", err)
+		return nil, time.Time{}, nil, fmt.Errorf("receiving the sessions: %w", err)
 	}
-	return bundles, c, nil
+	if stopped.Before(asked) || stopped.After(time.Now()) {
+		stopped = asked // a predecessor that does not say, or a clock that jumped
+	}
+	return bundles, stopped, c, nil
+}
+
+// sendSessions sends bundles as handoff.Conn.SendBundles does, the end
+// message carrying stopped, the time this process stopped serving them
+// (a predecessor's RecvBundles ignores it).
+func sendSessions(c *handoff.Conn, bundles []handoff.Bundle, stopped time.Time) error {
+	for _, b := range bundles {
+		if err := c.Send(handoff.Msg{Op: handoff.OpBundle, ID: b.ID, Data: b.Meta, Files: b.Files}); err != nil {
+			return err
+		}
+	}
+	return c.Send(handoff.Msg{Op: handoff.OpEnd, Data: binary.LittleEndian.AppendUint64(nil, uint64(stopped.UnixNano()))})
+}
+
+// recvSessions receives what sendSessions sent; the time is zero when the
+// sender did not give it. On error the bundles received are closed.
+func recvSessions(c *handoff.Conn) ([]handoff.Bundle, time.Time, error) {
+	var bundles []handoff.Bundle
+	for {
+		m, err := c.Recv()
+		if err == nil && m.Op == handoff.OpBundle {
+			bundles = append(bundles, handoff.Bundle{ID: m.ID, Meta: m.Data, Files: m.Files})
+			continue
+		}
+		if err == nil && m.Op == handoff.OpEnd {
+			var stopped time.Time
+			if len(m.Data) == 8 {
+				stopped = time.Unix(0, int64(binary.LittleEndian.Uint64(m.Data)))
+			}
+			m.Close()
+			return bundles, stopped, nil
+		}
+		if err == nil {
+			m.Close()
+			err = fmt.Errorf("handoff: got %q among bundles", m.Op)
+		}
+		for _, b := range bundles {
+			b.Close()
+		}
+		return nil, time.Time{}, err
+	}
 }
 
 // adopt serves a recorded volume again from its session. On failure the
@@ -192,12 +246,13 @@ func (d *Driver) adopt(logger logr.Logger, r record, s volume.Session, resend bo
 }
 
 // recover serves again the volumes the journal records, from the sessions
-// a predecessor hands over or the holder kept; a recorded
-// volume with no session, or one that cannot be served again, is
-// registered as lost (see "Restarts" in the package doc). A lost volume
-// whose memory layer is still mounted keeps its reservation in the budget.
+// a predecessor hands over or the holder kept; a recorded volume with no
+// session, one that cannot be served again, or one whose record cannot be
+// read, is registered as lost (see "Restarts" in the package doc). A lost
+// volume whose memory layer is still mounted keeps its reservation in the
+// budget.
 func (d *Driver) recover(logger logr.Logger, t takeover) error {
-	recs, err := d.journal.load(logger)
+	recs, damaged, err := d.journal.load(logger)
 	if err != nil {
 		t.close()
 		return err
@@ -216,21 +271,35 @@ func (d *Driver) recover(logger logr.Logger, t takeover) error {
 			logger.Error(err, "Could not serve a volume of the previous plugin process again; it is lost", "volumeID", r.VolumeID)
 		}
 		lost++
-		held, err := mount.IsNotMountPoint(d.mounter, d.journal.upperDir(r.VolumeID))
-		held = err == nil && !held
 		e := &entry{rec: r, lost: true, upper: d.journal.upperDir(r.VolumeID), img: d.repin(logger, r)}
-		if held {
+		if d.upperHeld(e.upper) {
 			e.reserved = r.Spec.Params.Size
 		}
 		d.budget.force(e.reserved)
 		d.vols.put(e)
 		logger.Info("Found a volume of a previous plugin process that no session serves; it stays lost until unpublished",
 			"volumeID", r.VolumeID, "podNamespace", r.Pod.Namespace, "podName", r.Pod.Name,
-			"targetPath", r.Spec.TargetPath, "memoryHeld", held)
+			"targetPath", r.Spec.TargetPath, "memoryHeld", e.reserved > 0)
+	}
+	for _, dr := range damaged {
+		// Only the id is known: the target comes with the unpublish,
+		// the size from the memory layer if it is still mounted.
+		lost++
+		e := &entry{rec: record{Version: recordVersion, VolumeID: dr.id}, lost: true, damaged: true, upper: d.journal.upperDir(dr.id)}
+		if d.upperHeld(e.upper) {
+			if u, err := volume.UpperUsage(e.upper); err == nil {
+				e.reserved = int64(u.BytesLimit)
+			}
+		}
+		d.budget.force(e.reserved)
+		d.vols.put(e)
+		logger.Error(dr.err, "Cannot read the journal record of a volume; it is set aside as lost until unpublished",
+			"volumeID", dr.id, "memoryHeld", e.reserved > 0)
 	}
 	for id, s := range t.sessions {
 		// A session with no record: its volume was unpublished, and only
-		// the holder's copy kept the connection.
+		// the holder's copy kept the connection. (Or its record is
+		// damaged: with no spec, it cannot be served again.)
 		logger.V(2).Info("Dropping the session of a volume that is not recorded", "volumeID", id)
 		s.Close()
 	}
@@ -238,12 +307,20 @@ func (d *Driver) recover(logger logr.Logger, t takeover) error {
 		t.peer.Send(handoff.Msg{Op: handoff.OpAck})
 		t.peer.Close()
 	}
+	d.metrics.lost.Add(float64(lost))
 	if t.how != "" {
-		d.metrics.observeTakeover(t.how, time.Since(t.start), adopted, lost)
+		pause := time.Since(t.unserved)
+		d.metrics.observeTakeover(t.how, pause, adopted)
 		logger.Info("Took over the volumes of the previous plugin process", "from", t.how,
-			"recovered", adopted, "lost", lost, "pause", time.Since(t.start))
+			"recovered", adopted, "lost", lost, "pause", pause)
 	}
 	return nil
+}
+
+// upperHeld says whether a memory layer is still mounted on upper.
+func (d *Driver) upperHeld(upper string) bool {
+	notMnt, err := mount.IsNotMountPoint(d.mounter, upper)
+	return err == nil && !notMnt
 }
 
 // serveHandover answers a successor's handover request on lis: it stops
@@ -267,11 +344,11 @@ func (d *Driver) serveHandover(ctx context.Context, lis *handoff.Listener, hande
 			continue
 		}
 		start := time.Now()
-		bundles := d.stopAll(ctx)
+		bundles, stopped := d.stopAll(ctx)
 		// The successor opens the image cache only once this process
 		// has let go of it.
 		d.images.Close()
-		err = c.SendBundles(bundles)
+		err = sendSessions(c, bundles, stopped)
 		for _, b := range bundles {
 			b.Close()
 		}
@@ -292,14 +369,15 @@ func (d *Driver) serveHandover(ctx context.Context, lis *handoff.Listener, hande
 	}
 }
 
-// stopAll stops serving every volume and returns their sessions. Volumes
-// leave the registry (not the journal, which is the successor's now).
-// From now on CSI calls are refused.
-func (d *Driver) stopAll(ctx context.Context) []handoff.Bundle {
+// stopAll stops serving every volume and returns their sessions, and when
+// it began to stop them. Volumes leave the registry (not the journal, which
+// is the successor's now). From now on CSI calls are refused.
+func (d *Driver) stopAll(ctx context.Context) ([]handoff.Bundle, time.Time) {
 	logger := klog.FromContext(ctx)
 	d.handingOver.Store(true)
 	d.rpcMu.Lock() // wait for the Node calls in flight
 	defer d.rpcMu.Unlock()
+	stopped := time.Now()
 	var bundles []handoff.Bundle
 	var mu sync.Mutex
 	var wg sync.WaitGroup
@@ -339,7 +417,7 @@ func (d *Driver) stopAll(ctx context.Context) []handoff.Bundle {
 		}()
 	}
 	wg.Wait()
-	return bundles
+	return bundles, stopped
 }
 
 // awaitSuccessor waits up to Config.HandoverWait, once told to stop, for a

@@ -215,7 +215,7 @@ func (d *Driver) Run(ctx context.Context) error {
 	} else {
 		// Answer what was read, and leave the connections to the holder
 		// (or, with none, to die with this process).
-		bundles := d.stopAll(ctx)
+		bundles, _ := d.stopAll(ctx)
 		for _, b := range bundles {
 			b.Close()
 		}

@@ -62,7 +62,8 @@ func TestSanity(t *testing.T) {
 	cfg := sanity.NewTestConfig()
 	cfg.Address = p.endpoint
 	cfg.ControllerAddress = "unix://" + ctrlSock
-	cfg.TargetPath = filepath.Join(root, "csi-target")
+	os.Mkdir(filepath.Join(root, "pods"), 0o755)
+	cfg.TargetPath = filepath.Join(root, "pods", "csi-target")
 	cfg.StagingPath = filepath.Join(root, "csi-staging")
 	cfg.TestVolumeSize = 16 << 20
 

@@ -30,7 +30,7 @@ func (d *Driver) volumeStats(req *csi.NodeGetVolumeStatsRequest) (*csi.NodeGetVo
 	if e == nil {
 		return nil, errorf(codes.NotFound, "volume %s is not published on this node", id)
 	}
-	if p, err := cleanTarget(req.GetVolumePath()); err != nil || p != e.rec.Spec.TargetPath {
+	if p, err := d.cleanTarget(req.GetVolumePath()); err != nil || p != e.rec.Spec.TargetPath {
 		return nil, errorf(codes.NotFound, "volume %s is not published at %s (it is at %s)", id, req.GetVolumePath(), e.rec.Spec.TargetPath)
 	}
 	u, err := e.usage()

@@ -50,7 +50,7 @@ func (d *Driver) publish(ctx context.Context, id string, spec publishSpec, pod p
 			// requiresRepublish, when the container's mount is dead
 			// anyway): replace it.
 			logger.V(1).Info("Replacing a volume lost in a plugin restart", "volumeID", id)
-			if err := d.teardown(ctx, e); err != nil {
+			if err := d.teardown(ctx, e, e.target(spec.TargetPath)); err != nil {
 				return err
 			}
 		} else if diff := e.rec.Spec.difference(spec); diff == "target_path" {
@@ -94,16 +94,12 @@ func (d *Driver) publish(ctx context.Context, id string, spec publishSpec, pod p
 	undo.push(func() error { return d.journal.remove(id) })
 
 	vol, err := volume.Build(d.volumeConfig(id, spec, lower))
-	var se *volume.SealError
-	if errors.As(err, &se) {
-		return sealError(id, se.Err)
-	}
 	if err != nil {
-		return fmt.Errorf("volume %s: %w", id, err)
+		return buildError(id, spec.Params, err)
 	}
 	undo.push(vol.Close)
 
-	created, err := makeTarget(spec.TargetPath)
+	created, err := makeTarget(d.cfg.KubeletDir, spec.TargetPath)
 	if err != nil {
 		return err
 	}
@@ -125,37 +121,29 @@ func (d *Driver) publish(ctx context.Context, id string, spec publishSpec, pod p
 	return nil
 }
 
-// sealError converts a failure of the seal attribute: EBUSY and EPERM
-// come from the files (a file the image made unsealable), the rest is
-// internal.
-func sealError(id string, err error) error {
-	if errors.Is(err, syscall.EPERM) || errors.Is(err, syscall.EBUSY) || errors.Is(err, syscall.EOPNOTSUPP) {
-		return errorf(codes.FailedPrecondition, "volume %s: volumeAttributes.%s: cannot seal %v", id, attrSeal, err)
-	}
-	return fmt.Errorf("volume %s: volumeAttributes.%s: %w", id, attrSeal, err)
-}
-
-// makeTarget creates the target directory (its parent must exist, as CSI
-// has the CO create it) and says whether it did. An existing target must be
-// an empty directory that is not a mount point.
-func makeTarget(target string) (created bool, err error) {
-	err = os.Mkdir(target, 0o750)
-	if err == nil {
-		return true, nil
-	}
-	if !errors.Is(err, os.ErrExist) {
-		return false, fmt.Errorf("target_path %s: %w", target, err)
-	}
-	entries, err := os.ReadDir(target)
+// buildError converts a failure of volume.Build of volume id with
+// params p. ENOSPC: the limits leave no room for the root or the seals'
+// copy-up; EINVAL with noswap: the kernel refuses it. A seal's EBUSY and
+// EPERM come from the files (a file the image made unsealable); the rest
+// is internal.
+func buildError(id string, p volumeParams, err error) error {
+	var se *volume.SealError
+	sealing := errors.As(err, &se)
 	switch {
-	case mount.IsCorruptedMnt(err):
-		return false, errorf(codes.FailedPrecondition, "target_path %s is a dead mount; unpublish it first", target)
-	case err != nil:
-		return false, errorf(codes.FailedPrecondition, "target_path %s: %v; want an empty directory or no file", target, err)
-	case len(entries) > 0:
-		return false, errorf(codes.FailedPrecondition, "target_path %s is not empty; want an empty directory or no file", target)
+	case errors.Is(err, syscall.ENOSPC):
+		return errorf(codes.InvalidArgument,
+			"volume %s: volumeAttributes.%s (%d) leaves no room to set the volume up (%v); want more inodes (and %s)",
+			id, attrInodes, p.Inodes, err, attrSize)
+	case p.NoSwap && !sealing && errors.Is(err, syscall.EINVAL):
+		return errorf(codes.FailedPrecondition,
+			"volume %s: volumeAttributes.%s: this node's kernel refuses tmpfs noswap (Linux 6.4 or later has it): %v",
+			id, attrNoSwap, err)
+	case sealing && (errors.Is(err, syscall.EPERM) || errors.Is(err, syscall.EBUSY) || errors.Is(err, syscall.EOPNOTSUPP)):
+		return errorf(codes.FailedPrecondition, "volume %s: volumeAttributes.%s: cannot seal %v", id, attrSeal, se.Err)
+	case sealing:
+		return fmt.Errorf("volume %s: volumeAttributes.%s: %w", id, attrSeal, se.Err)
 	}
-	return false, nil
+	return fmt.Errorf("volume %s: %w", id, err)
 }
 
 // unpublish unpublishes volume id from target. An unknown volume, or one
@@ -168,36 +156,57 @@ func (d *Driver) unpublish(ctx context.Context, id, target string) (podInfo, err
 	defer unlock()
 
 	e := d.vols.get(id)
-	if e == nil || e.rec.Spec.TargetPath != target {
+	if e == nil || e.target(target) != target {
 		return podInfo{}, d.cleanForeignTarget(ctx, id, target)
 	}
-	return e.rec.Pod, d.teardown(ctx, e)
+	return e.rec.Pod, d.teardown(ctx, e, target)
 }
 
-// teardown unmounts and frees volume e and forgets it. Every step can be
-// repeated, so a teardown that failed half way finishes on the next try.
+// teardown unmounts volume e from target, frees it and forgets it. Every
+// step can be repeated, so a teardown that failed half way finishes on the
+// next try. Whatever target holds (the mount, a directory, a dead mount,
+// nothing, or something that is not the volume's), the volume's memory,
+// reservation and record are freed.
 //
 // Preconditions:
 //   - e's registry lock is held.
-func (d *Driver) teardown(ctx context.Context, e *entry) error {
-	id, target := e.id(), e.rec.Spec.TargetPath
+func (d *Driver) teardown(ctx context.Context, e *entry, target string) error {
+	id := e.id()
+	logger := klog.FromContext(ctx)
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	// The holder's copy of the connection would keep it alive.
 	d.holder.del(id)
+	kind, why, err := inspectTarget(d.cfg.KubeletDir, target)
+	if err != nil {
+		return fmt.Errorf("volume %s: %w", id, err)
+	}
 	if e.vol != nil {
-		if err := e.vol.Unmount(); err != nil {
-			return fmt.Errorf("volume %s: %w", id, err)
+		if kind == targetMount || kind == targetDeadMount {
+			if err := e.vol.Unmount(); err != nil {
+				return fmt.Errorf("volume %s: %w", id, err)
+			}
+		} else {
+			// The mount is no longer at target (unmounted or removed
+			// from outside): end the connection without touching the
+			// path.
+			e.vol.Disconnect()
 		}
 	}
-	// Remove the target directory. If it is still a mount point (a dead
-	// FUSE mount left by a previous process answers "transport endpoint is
-	// not connected"), mount-utils unmounts it first; it runs umount(8), so
-	// the common case, a plain directory, skips it.
-	if err := os.Remove(target); err != nil && !isNotExist(err) {
-		if err := mount.CleanupMountPoint(target, d.mounter, false); err != nil {
-			return fmt.Errorf("volume %s: target_path %s: %w", id, target, err)
+	switch kind {
+	case targetDir, targetMount, targetDeadMount:
+		// Remove the target directory. If it is still a mount point (a
+		// dead FUSE mount left by a previous process answers "transport
+		// endpoint is not connected"), mount-utils unmounts it first; it
+		// runs umount(8), so the common case, a plain directory, skips
+		// it.
+		if err := os.Remove(target); err != nil && !isNotExist(err) {
+			if err := mount.CleanupMountPoint(target, d.mounter, false); err != nil {
+				return fmt.Errorf("volume %s: target_path %s: %w", id, target, err)
+			}
 		}
+	case targetUnsafe:
+		logger.Info("Leaving alone a target path that is not the volume's", "volumeID", id, "targetPath", target, "reason", why)
 	}
 	if e.vol != nil {
 		d.metrics.retire(e.vol)
@@ -219,7 +228,7 @@ func (d *Driver) teardown(ctx context.Context, e *entry) error {
 	}
 	d.vols.remove(id)
 	d.budget.release(e.reserved)
-	klog.FromContext(ctx).V(4).Info("Volume torn down", "volumeID", id)
+	logger.V(4).Info("Volume torn down", "volumeID", id)
 	return nil
 }
 
@@ -228,15 +237,24 @@ func (d *Driver) teardown(ctx context.Context, e *entry) error {
 // process whose journal is gone) is unmounted, and an empty target
 // directory is removed. Anything else at target is left alone.
 func (d *Driver) cleanForeignTarget(ctx context.Context, id, target string) error {
-	mps, err := d.mounter.List()
+	kind, _, err := inspectTarget(d.cfg.KubeletDir, target)
 	if err != nil {
-		return fmt.Errorf("listing mounts: %w", err)
+		return err
 	}
-	for _, mp := range mps {
-		if mp.Path == target && mp.Device == volume.Source(id) {
-			klog.FromContext(ctx).V(2).Info("Unmounting an unrecorded mount of the volume", "volumeID", id, "targetPath", target)
-			if err := unix.Unmount(target, unix.MNT_DETACH); err != nil && err != unix.EINVAL {
-				return fmt.Errorf("target_path %s: %w", target, err)
+	if kind != targetDir && kind != targetMount && kind != targetDeadMount {
+		return nil
+	}
+	if kind != targetDir {
+		mps, err := d.mounter.List()
+		if err != nil {
+			return fmt.Errorf("listing mounts: %w", err)
+		}
+		for _, mp := range mps {
+			if mp.Path == target && mp.Device == volume.Source(id) {
+				klog.FromContext(ctx).V(2).Info("Unmounting an unrecorded mount of the volume", "volumeID", id, "targetPath", target)
+				if err := unix.Unmount(target, unix.MNT_DETACH|unix.UMOUNT_NOFOLLOW); err != nil && err != unix.EINVAL {
+					return fmt.Errorf("target_path %s: %w", target, err)
+				}
 			}
 		}
 	}

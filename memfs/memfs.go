@@ -88,6 +88,9 @@ type Options struct {
 	// Inodes is the inode limit (tmpfs nr_inodes=). Zero means one inode per
 	// 4 KiB page of Size, with a floor of 1024.
 	Inodes uint64
+	// NoSwap keeps the instance's pages out of swap (tmpfs noswap, Linux
+	// 6.4 and later; older kernels refuse the mount with EINVAL).
+	NoSwap bool
 	// Fds bounds the O_PATH descriptors kept open for referenced inodes
 	// (each spares a handle lookup per operation). Share one FdBudget
 	// between all the Layers of a process, so that many volumes stay within

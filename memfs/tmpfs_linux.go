@@ -182,7 +182,11 @@ func isMountRoot(fd int) (bool, error) {
 }
 
 func tmpfsData(o Options) string {
-	return fmt.Sprintf("size=%d,nr_inodes=%d,inode64,mode=0755", o.Size, o.Inodes)
+	data := fmt.Sprintf("size=%d,nr_inodes=%d,inode64,mode=0755", o.Size, o.Inodes)
+	if o.NoSwap {
+		data += ",noswap"
+	}
+	return data
 }
 
 // Resize changes the instance's limits. Shrinking below what is in use

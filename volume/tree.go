@@ -39,13 +39,16 @@ func (v *Volume) initRoot() error {
 var allSeals = []byte("write,grow,shrink,seal")
 
 // sealMatching seals every regular file of the tree whose path (relative
-// to the root, slash-separated) matches one of Config.Seal.
+// to the root, slash-separated) matches one of Config.Seal. A file with
+// several names (hard links) is sealed once: sealed completely, it
+// refuses any further seal.
 func (v *Volume) sealMatching() error {
 	globs := v.cfg.Seal
 	if len(globs) == 0 {
 		return nil
 	}
 	tree := v.tree()
+	sealed := map[uint64]bool{}
 	var walk func(dir uint64, rel string) error
 	walk = func(dir uint64, rel string) error {
 		type child struct {
@@ -79,10 +82,11 @@ func (v *Volume) sealMatching() error {
 			ino := e.Ino()
 			if c.typ == unix.DT_DIR {
 				err = walk(ino, p)
-			} else if matchAny(globs, p) {
+			} else if matchAny(globs, p) && !sealed[ino] {
 				if err = tree.SetXattr(ino, memfs.SealsXattr, allSeals, 0); err != nil {
 					err = fmt.Errorf("%s: %w", p, err)
 				}
+				sealed[ino] = err == nil
 			}
 			tree.Forget(ino, 1)
 			if err != nil {

@@ -16,6 +16,8 @@
 //	         volume another process served, its memory layer still
 //	         mounted on Config.Upper
 //	Unmount  unmounts the target and stops serving
+//	Disconnect  stops serving and ends the connection, for a target that
+//	         no longer holds the mount
 //	Stop     stops serving without unmounting anything, for a successor
 //	         process to Adopt the Session returned
 //	Close    unmounts if still served, and frees the memory layer
@@ -27,9 +29,9 @@
 // # Concurrency
 //
 // A Volume has no lock of its own. Usage, SealViolations and Passthrough
-// may run concurrently with each other; Mount, Unmount, Stop and Close
-// must not run concurrently with any other method. The driver holds its
-// per-volume lock for that.
+// may run concurrently with each other; Mount, Unmount, Disconnect, Stop
+// and Close must not run concurrently with any other method. The driver
+// holds its per-volume lock for that.
 package volume
 
 import (
@@ -59,6 +61,9 @@ type Config struct {
 	// Inodes is the inode limit of the memory layer; 0: one per 4 KiB of
 	// Size, at least 1024.
 	Inodes uint64
+	// NoSwap keeps the memory layer's pages out of swap (Linux 6.4 and
+	// later; Build fails with EINVAL where the kernel refuses it).
+	NoSwap bool
 	// Fds is the descriptor budget the memory layers of the process share;
 	// nil: a budget of 1024 for this volume alone.
 	Fds *FdBudget
@@ -171,7 +176,7 @@ func (v *Volume) fuseOptions() fusefs.Options {
 
 // layerOptions are the options of the volume's memory layer.
 func (c *Config) layerOptions() memfs.Options {
-	return memfs.Options{Size: c.Size, Inodes: c.Inodes, Fds: c.Fds.memfs()}
+	return memfs.Options{Size: c.Size, Inodes: c.Inodes, NoSwap: c.NoSwap, Fds: c.Fds.memfs()}
 }
 
 // Build mounts a fresh memory layer on cfg.Upper, lays it over cfg.Lower,
@@ -283,6 +288,22 @@ func (v *Volume) Unmount() error {
 	}
 	v.server = nil
 	return nil
+}
+
+// Disconnect stops serving the volume and ends its FUSE connection
+// without touching Config.Target: for a target that no longer holds the
+// volume's mount (unmounted or removed from outside, or replaced). Wherever
+// the mount still is (detached while busy), it answers ENOTCONN once the
+// last copy of the session (a holder's) is closed. A volume not served is
+// left as it is.
+func (v *Volume) Disconnect() {
+	if v.server == nil {
+		return
+	}
+	// Stop fails only when the connection has ended already.
+	s, _ := v.server.Stop()
+	s.Close()
+	v.server = nil
 }
 
 // Wait blocks until the volume's mount has ended: unmounted by Unmount or

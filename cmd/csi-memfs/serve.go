@@ -37,12 +37,16 @@ func parseServeFlags(args []string, out io.Writer) (driver.Config, error) {
 	fs.StringVar(&cfg.KubeletRegistrationPath, "kubelet-registration-path", "",
 		"the CSI socket's path as kubelet sees it on the host, e.g. /var/lib/kubelet/plugins/memfs.csi.dev/csi.sock; "+
 			"when set, the plugin registers itself with kubelet (no node-driver-registrar sidecar)")
+	fs.StringVar(&cfg.KubeletDir, "kubelet-dir", driver.DefaultKubeletDir,
+		"kubelet's root directory as this process sees it: target paths must lie under its pods/ directory, with no symlink below it")
 	fs.StringVar(&cfg.RegistrationDir, "registration-dir", "/registration",
 		"kubelet's plugins_registry directory as this process sees it; the registration socket is <driver-name>-reg.sock in it")
 	quantity(fs, &cfg.DefaultVolumeSize, "default-volume-size", "64Mi", "size of a volume without a size attribute")
-	quantity(fs, &cfg.MaxVolumeSize, "max-volume-size", "", "largest size attribute accepted (default: the node budget, or 1Ti without one)")
-	fs.Uint64Var(&cfg.DefaultVolumeInodes, "default-volume-inodes", 0, "inode limit of a volume without an inodes attribute (0: one per 4 KiB of size, at least 1024)")
-	fs.Uint64Var(&cfg.MaxVolumeInodes, "max-volume-inodes", 0, "largest inodes attribute accepted (0: no bound)")
+	quantity(fs, &cfg.MaxVolumeSize, "max-volume-size", "", "largest size attribute accepted (default: the node budget, or 1Gi without one)")
+	fs.Uint64Var(&cfg.DefaultVolumeInodes, "default-volume-inodes", 0,
+		"inode limit of a volume without an inodes attribute (0: one per 4 KiB of size, at least 1024, at most --max-volume-inodes)")
+	fs.Uint64Var(&cfg.MaxVolumeInodes, "max-volume-inodes", driver.DefaultMaxVolumeInodes,
+		"largest inode limit of a volume (tmpfs charges inodes outside the size)")
 	quantity(fs, &cfg.NodeBudget, "node-memory-budget", "", "memory all volumes on the node may reserve together, e.g. 8Gi (default: no budget)")
 	fs.Int64Var(&cfg.MaxVolumes, "max-volumes", 0, "volumes the node serves at once, reported as max_volumes_per_node (0: no limit)")
 	fs.StringVar(&cfg.ImageCacheDir, "image-cache-dir", "", "directory of the node's image cache (default <state-dir>/images)")

@@ -15,7 +15,8 @@ func TestParseServeFlags(t *testing.T) {
 	}
 	if cfg.NodeID != "n1" || cfg.NodeBudget != 8<<30 || cfg.DefaultVolumeSize != 32<<20 || cfg.MaxVolumes != 100 ||
 		cfg.Endpoint != "unix:///tmp/x.sock" || cfg.StateDir != "/var/lib/csi-memfs" || cfg.MetricsAddress != ":9809" ||
-		cfg.DriverName != "memfs.csi.dev" || cfg.MaxVolumeSize != 0 {
+		cfg.DriverName != "memfs.csi.dev" || cfg.MaxVolumeSize != 0 || cfg.KubeletDir != "/var/lib/kubelet" ||
+		cfg.MaxVolumeInodes != 1_000_000 {
 		t.Errorf("cfg = %+v", cfg)
 	}
 	cfg, err = parseServeFlags([]string{"--node-id", "n1", "--image-cache-dir", "/var/cache/img", "--image-cache-budget", "20Gi",
