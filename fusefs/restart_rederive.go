@@ -473,3 +473,16 @@ func (r *rederiver) RemoveXattr(ino uint64, name string) error {
 }
 
 func (r *rederiver) StatFS() (unix.Statfs_t, error) { return r.fs.StatFS() }
+
+// BirthTime passes BirthTime on; ok is false where fs has none.
+func (r *rederiver) BirthTime(ino uint64) (unix.Timespec, bool, error) {
+	bt, ok := r.fs.(vfs.BirthTimer)
+	if !ok {
+		return unix.Timespec{}, false, nil
+	}
+	t, known, err := bt.BirthTime(ino)
+	if err == syscall.ESTALE && r.rederive(ino) {
+		t, known, err = bt.BirthTime(ino)
+	}
+	return t, known, err
+}

@@ -232,3 +232,13 @@ type HandleFile interface {
 	// still wholly in a lower layer).
 	Handle() (ino uint64, gen uint32, ok bool)
 }
+
+// BirthTimer is implemented by an FS that knows when its inodes were
+// created. The server answers statx(2)'s STATX_BTIME from it; without it a
+// mount reports no birth time.
+type BirthTimer interface {
+	// BirthTime returns when ino was created; ok is false when the file
+	// system does not know (an overlay file still wholly in its lower
+	// layer).
+	BirthTime(ino uint64) (btime unix.Timespec, ok bool, err error)
+}
