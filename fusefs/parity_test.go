@@ -39,6 +39,8 @@ type parityVolume struct {
 	l        *memfs.Layer
 	lower    string
 	srv      *Server
+	// ops counts the requests served, by every server of the volume.
+	ops *opCounter
 }
 
 // eachParity runs fn on tmpfs (v is nil) and on every kind of volume.
@@ -62,14 +64,15 @@ func eachParity(t *testing.T, fn func(t *testing.T, dir string, v *parityVolume)
 
 func newParityVolume(t *testing.T, k parityKind) *parityVolume {
 	base, l := newTestLayer(t, 64<<20)
-	v := &parityVolume{t: t, kind: k, mnt: filepath.Join(base, "mnt"), l: l}
+	v := &parityVolume{t: t, kind: k, mnt: filepath.Join(base, "mnt"), l: l, ops: &opCounter{ops: map[string]int{}}}
+	v.kind.opts.Observer = v.ops
 	if k.overlay {
 		v.lower = makeOverlayLower(t)
 	}
 	if err := os.Mkdir(v.mnt, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	srv, err := Mount(v.mnt, v.tree(l), k.opts)
+	srv, err := Mount(v.mnt, v.tree(l), v.kind.opts)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -38,7 +38,7 @@ func (r *rawFS) Statx(_ <-chan struct{}, in *fuse.StatxIn, out *fuse.StatxOut) f
 			out.Mask |= unix.STATX_BTIME
 			out.Btime.Sec, out.Btime.Nsec = uint64(btime.Sec), uint32(btime.Nsec)
 		}
-		out.SetTimeout(cacheTimeout)
+		out.SetTimeout(r.attrTimeout(in.NodeId))
 	}
 	r.observe("STATX", start, s)
 	return s

@@ -51,6 +51,8 @@ func childAction(action, path string) int {
 		err = unix.Removexattr(path, "user.memfs.seals")
 	case "mknod-chr":
 		err = unix.Mknod(path, unix.S_IFCHR|0o666, int(unix.Mkdev(1, 3)))
+	case "mmap-write":
+		err = mmapWrite(path)
 	case "fsx":
 		if err := fsx(path, 3000, rand.New(rand.NewPCG(1, 2))); err != nil {
 			fmt.Println(err)
