@@ -486,3 +486,29 @@ func (r *rederiver) BirthTime(ino uint64) (unix.Timespec, bool, error) {
 	}
 	return t, known, err
 }
+
+// GetFlags passes GetFlags on; ENOTTY where fs keeps no flags.
+func (r *rederiver) GetFlags(ino uint64) (uint32, error) {
+	fl, ok := r.fs.(vfs.InodeFlags)
+	if !ok {
+		return 0, syscall.ENOTTY
+	}
+	flags, err := fl.GetFlags(ino)
+	if err == syscall.ESTALE && r.rederive(ino) {
+		flags, err = fl.GetFlags(ino)
+	}
+	return flags, err
+}
+
+// SetFlags passes SetFlags on; ENOTTY where fs keeps no flags.
+func (r *rederiver) SetFlags(ino uint64, flags uint32) error {
+	fl, ok := r.fs.(vfs.InodeFlags)
+	if !ok {
+		return syscall.ENOTTY
+	}
+	err := fl.SetFlags(ino, flags)
+	if err == syscall.ESTALE && r.rederive(ino) {
+		err = fl.SetFlags(ino, flags)
+	}
+	return err
+}

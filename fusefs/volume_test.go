@@ -51,6 +51,10 @@ func childAction(action, path string) int {
 		err = unix.Removexattr(path, "user.memfs.seals")
 	case "mknod-chr":
 		err = unix.Mknod(path, unix.S_IFCHR|0o666, int(unix.Mkdev(1, 3)))
+	case "set-immutable":
+		err = setFlags(path, flImmutable)
+	case "set-nodump":
+		err = setFlags(path, flNodump)
 	case "mmap-write":
 		err = mmapWrite(path)
 	case "fsx":

@@ -242,3 +242,20 @@ type BirthTimer interface {
 	// layer).
 	BirthTime(ino uint64) (btime unix.Timespec, ok bool, err error)
 }
+
+// InodeFlags is implemented by an FS that keeps inode flags, the
+// attributes chattr(1) sets (FS_IOC_GETFLAGS and FS_IOC_SETFLAGS). The
+// file system enforces the immutable and append-only flags in every
+// operation. Without InodeFlags those ioctls fail with ENOTTY.
+type InodeFlags interface {
+	// GetFlags returns the FS_*_FL flags of ino.
+	//
+	// Errors: ENOTTY (neither a regular file nor a directory).
+	GetFlags(ino uint64) (uint32, error)
+	// SetFlags sets the FS_*_FL flags of ino. The caller has checked the
+	// privileges Linux asks for (ownership; CAP_LINUX_IMMUTABLE to change
+	// the immutable or append-only flag).
+	//
+	// Errors: EOPNOTSUPP (a flag the file system does not keep), ENOTTY.
+	SetFlags(ino uint64, flags uint32) error
+}
