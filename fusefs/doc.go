@@ -70,6 +70,7 @@
 //	rawFS.backingMu (passthrough backing files)
 //	  handleTable.mu (the open-handle table)
 //	  the file system's locks, through methods of a vfs.File (Fd, Handle)
+//	  rawFS.writersMu (inodes with passthrough writers; a leaf)
 //	rederiver.mu (one re-derivation at a time, across calls into the
 //	file system)
 //	  the file system's locks (a file system never calls back into fusefs)

@@ -3,11 +3,11 @@ package vfs
 import "golang.org/x/sys/unix"
 
 // The interfaces below are what fusefs serves. FS composes the five a
-// served tree must have; OrphanFinder and HandleFile are optional, and
-// their docs say what the server does without them. Each method returns
-// nil or a bare syscall.Errno (see the package doc); the errnos listed are
-// those the contract gives meaning to, beyond the kernel's usual ones for
-// the same system call (ENOSPC, EIO, ...).
+// served tree must have; OrphanFinder, HandleFile, BirthTimer and
+// InodeFlags are optional, and their docs say what the server does without
+// them. Each method returns nil or a bare syscall.Errno (see the package
+// doc); the errnos listed are those the contract gives meaning to, beyond
+// the kernel's usual ones for the same system call (ENOSPC, EIO, ...).
 
 // FS is a file system fusefs can serve: memfs's *Layer or overlay's *FS.
 type FS interface {
