@@ -19,7 +19,10 @@
 // with the page cache.
 //
 // Metadata is bound by round trips, so: entry, attribute and negative-entry
-// timeouts of an hour (every change goes through this server), no FLUSH
+// timeouts of an hour (every change goes through this server; the one
+// exception, stores into shared mappings of a passthrough file, is why an
+// inode with writable passthrough opens gets a timeout of zero:
+// rawfs_writers.go), no FLUSH
 // handler, plain READDIR (READDIRPLUS measured 13x slower) with the
 // directory cache kept across opens, symlink caching,
 // FUSE_HANDLE_KILLPRIV_V2 (memfs clears set-ID bits itself, sparing a
@@ -38,7 +41,8 @@
 // descriptor and serves it with go-fuse's ProtocolServer, not fuse.Server,
 // so that a connection can outlive the process serving it. Requests land
 // on rawFS: node, attribute and xattr requests in rawfs.go, open files and
-// directories (and passthrough backing files) in files.go. File handles
+// directories (and passthrough backing files) in files.go, statx in
+// rawfs_statx.go, the inode-flag ioctls in rawfs_ioctl.go. File handles
 // are records of the open-handle table (handles.go), kept in a memory
 // file so that they outlive the process too.
 // A panic in a handler is recovered where the loop hands the request to
@@ -73,6 +77,7 @@
 //	rawFS.backingMu (passthrough backing files)
 //	  handleTable.mu (the open-handle table)
 //	  the file system's locks, through methods of a vfs.File (Fd, Handle)
+//	  rawFS.writersMu (inodes with passthrough writers; a leaf)
 //	rederiver.mu (one re-derivation at a time, across calls into the
 //	file system)
 //	  the file system's locks (a file system never calls back into fusefs)

@@ -75,6 +75,7 @@ func (r *rawFS) opened(of *openFile, flags uint32, out *fuse.OpenOut) fuse.Statu
 			if out.OpenFlags&fuse.FOPEN_PASSTHROUGH != 0 {
 				b := r.backing[of.ino]
 				of.backed = true
+				of.writer = isWriter(flags, true)
 				rec.Backed, rec.BackingID, rec.BackingDev, rec.BackingIno = 1, b.id, b.file.dev, b.file.ino
 			}
 			fh, err := r.handles.add(of, rec)
@@ -85,6 +86,9 @@ func (r *rawFS) opened(of *openFile, flags uint32, out *fuse.OpenOut) fuse.Statu
 				return fuse.Status(err.(syscall.Errno))
 			}
 			out.Fh = fh
+			if of.writer {
+				r.writerOpened(of.ino)
+			}
 			return fuse.OK
 		}
 		r.backingMu.Unlock()
@@ -188,6 +192,9 @@ type openFile struct {
 	ino uint64
 	// backed says the open holds a reference on the inode's backing file.
 	backed bool
+	// writer says the open writes through passthrough (counted in
+	// rawFS.writers).
+	writer bool
 }
 
 func (r *rawFS) Create(_ <-chan struct{}, in *fuse.CreateIn, name string, out *fuse.CreateOut) fuse.Status {
@@ -205,6 +212,7 @@ func (r *rawFS) Create(_ <-chan struct{}, in *fuse.CreateIn, name string, out *f
 	if s == fuse.OK {
 		if s = r.finishOpen(e.Ino(), in.Flags, f, &out.OpenOut); s == fuse.OK {
 			fillEntry(&out.EntryOut, &e)
+			out.EntryOut.SetAttrTimeout(r.attrTimeout(e.Ino()))
 		} else {
 			r.fs.Forget(e.Ino(), 1)
 		}
@@ -220,6 +228,7 @@ func (r *rawFS) Tmpfile(_ <-chan struct{}, in *fuse.CreateIn, out *fuse.CreateOu
 	if s == fuse.OK {
 		if s = r.finishOpen(e.Ino(), in.Flags, f, &out.OpenOut); s == fuse.OK {
 			fillEntry(&out.EntryOut, &e)
+			out.EntryOut.SetAttrTimeout(r.attrTimeout(e.Ino()))
 		} else {
 			r.fs.Forget(e.Ino(), 1)
 		}
@@ -328,10 +337,16 @@ func (r *rawFS) Release(_ <-chan struct{}, in *fuse.ReleaseIn) {
 		if h.backed {
 			r.releaseBacking(h.ino)
 		}
+		if h.writer {
+			r.writerReleased(h.ino)
+		}
 		h.Release()
 	case *deadHandle:
 		if h.backed {
 			r.releaseBacking(h.ino)
+		}
+		if h.writer {
+			r.writerReleased(h.ino)
 		}
 	}
 }

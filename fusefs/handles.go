@@ -92,6 +92,9 @@ type deadHandle struct {
 	ino uint64
 	// backed says the handle holds a reference on ino's backing file.
 	backed bool
+	// writer says the handle writes through passthrough (counted in
+	// rawFS.writers).
+	writer bool
 }
 
 // newHandleTable makes an empty table in a new memory file.

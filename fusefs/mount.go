@@ -17,6 +17,9 @@ import (
 type Options struct {
 	// FsName is the source shown in /proc/mounts, e.g. "csi-memfs:vol-1".
 	FsName string
+	// Subtype makes the mount's type "fuse.Subtype" ("fuse.memfs" if
+	// empty). Only Mount uses it: an adopted mount keeps its type.
+	Subtype string
 	// ReadOnly mounts read-only.
 	ReadOnly bool
 	// DisablePassthrough serves every read and write through the daemon
@@ -88,9 +91,12 @@ func mountOptions(opts Options) *fuse.MountOptions {
 // Unmount or Stop. Data moves by FUSE passthrough where the kernel allows
 // it (Linux >= 6.9, CAP_SYS_ADMIN); else through this process.
 func Mount(mountpoint string, fs vfs.FS, opts Options) (*Server, error) {
-	name := opts.FsName
+	name, subtype := opts.FsName, opts.Subtype
 	if name == "" {
 		name = "csi-memfs"
+	}
+	if subtype == "" {
+		subtype = "memfs"
 	}
 	mo := mountOptions(opts)
 	var st unix.Stat_t
@@ -114,7 +120,7 @@ func Mount(mountpoint string, fs vfs.FS, opts Options) (*Server, error) {
 	// permissions against the attributes we report (default_permissions).
 	data := fmt.Sprintf("fd=%d,rootmode=%o,user_id=0,group_id=0,max_read=%d,allow_other,default_permissions",
 		dev, st.Mode&unix.S_IFMT, mo.MaxWrite)
-	if err := unix.Mount(name, mountpoint, "fuse.memfs", flags, data); err != nil {
+	if err := unix.Mount(name, mountpoint, "fuse."+subtype, flags, data); err != nil {
 		unix.Close(dev)
 		handles.close()
 		return nil, fmt.Errorf("fusefs: mount %s: %w", mountpoint, err)

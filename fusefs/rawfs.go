@@ -2,6 +2,7 @@ package fusefs
 
 import (
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -47,6 +48,14 @@ type rawFS struct {
 	// passthrough says passthrough may be used: the kernel offered it,
 	// the options allow it, and no registration has failed.
 	passthrough bool
+
+	// writersMu protects writers.
+	writersMu sync.Mutex
+	// writers counts the writable passthrough opens of each inode that
+	// has some (rawfs_writers.go).
+	writers map[uint64]int
+	// writing is the sum of writers. Accessed atomically.
+	writing atomic.Int64
 }
 
 // backingFile is an inode's registered passthrough backing file. Its
@@ -70,6 +79,7 @@ func newRawFS(fs vfs.FS, opts Options, handles *handleTable) *rawFS {
 		opts:          opts,
 		handles:       handles,
 		backing:       map[uint64]*backingFile{},
+		writers:       map[uint64]int{},
 	}
 }
 
@@ -146,6 +156,7 @@ func (r *rawFS) entry(op string, start time.Time, out *fuse.EntryOut, e vfs.Entr
 	st := status(op, err)
 	if st == fuse.OK {
 		fillEntry(out, &e)
+		out.SetAttrTimeout(r.attrTimeout(e.Ino()))
 	}
 	r.observe(op, start, st)
 	return st
@@ -182,6 +193,7 @@ func (r *rawFS) GetAttr(_ <-chan struct{}, in *fuse.GetAttrIn, out *fuse.AttrOut
 	s := status("GETATTR", err)
 	if s == fuse.OK {
 		fillAttrOut(out, &st)
+		out.SetTimeout(r.attrTimeout(in.NodeId))
 	}
 	r.observe("GETATTR", start, s)
 	return s
@@ -231,6 +243,7 @@ func (r *rawFS) SetAttr(_ <-chan struct{}, in *fuse.SetAttrIn, out *fuse.AttrOut
 	s := status("SETATTR", err)
 	if s == fuse.OK {
 		fillAttrOut(out, &st)
+		out.SetTimeout(r.attrTimeout(in.NodeId))
 	}
 	r.observe("SETATTR", start, s)
 	return s

@@ -141,6 +141,10 @@ func (r *rawFS) restore() error {
 	var reopened, dead int
 	err := r.handles.restore(func(fh uint64, rec handleRecord) any {
 		backed := rec.Backed != 0
+		writer := isWriter(rec.Flags, backed)
+		if writer {
+			r.writerOpened(rec.Ino)
+		}
 		var h any
 		var err error
 		switch rec.Kind {
@@ -159,7 +163,7 @@ func (r *rawFS) restore() error {
 				}
 			}
 			if err == nil {
-				h = &openFile{File: f, ino: rec.Ino, backed: backed}
+				h = &openFile{File: f, ino: rec.Ino, backed: backed, writer: writer}
 			}
 		case recDir:
 			h, err = r.fs.OpenDir(rec.Ino)
@@ -181,7 +185,7 @@ func (r *rawFS) restore() error {
 			// and go on working; the rest of it fails with EIO.
 			klog.InfoS("Open file not reopened after a server change; its requests fail with EIO", "fsName", r.opts.FsName, "ino", rec.Ino, "fh", fh, "err", err)
 			dead++
-			return &deadHandle{ino: rec.Ino, backed: backed}
+			return &deadHandle{ino: rec.Ino, backed: backed, writer: writer}
 		}
 		reopened++
 		return h

@@ -473,3 +473,42 @@ func (r *rederiver) RemoveXattr(ino uint64, name string) error {
 }
 
 func (r *rederiver) StatFS() (unix.Statfs_t, error) { return r.fs.StatFS() }
+
+// BirthTime passes BirthTime on; ok is false where fs has none.
+func (r *rederiver) BirthTime(ino uint64) (unix.Timespec, bool, error) {
+	bt, ok := r.fs.(vfs.BirthTimer)
+	if !ok {
+		return unix.Timespec{}, false, nil
+	}
+	t, known, err := bt.BirthTime(ino)
+	if err == syscall.ESTALE && r.rederive(ino) {
+		t, known, err = bt.BirthTime(ino)
+	}
+	return t, known, err
+}
+
+// GetFlags passes GetFlags on; ENOTTY where fs keeps no flags.
+func (r *rederiver) GetFlags(ino uint64) (uint32, error) {
+	fl, ok := r.fs.(vfs.InodeFlags)
+	if !ok {
+		return 0, syscall.ENOTTY
+	}
+	flags, err := fl.GetFlags(ino)
+	if err == syscall.ESTALE && r.rederive(ino) {
+		flags, err = fl.GetFlags(ino)
+	}
+	return flags, err
+}
+
+// SetFlags passes SetFlags on; ENOTTY where fs keeps no flags.
+func (r *rederiver) SetFlags(ino uint64, flags uint32) error {
+	fl, ok := r.fs.(vfs.InodeFlags)
+	if !ok {
+		return syscall.ENOTTY
+	}
+	err := fl.SetFlags(ino, flags)
+	if err == syscall.ESTALE && r.rederive(ino) {
+		err = fl.SetFlags(ino, flags)
+	}
+	return err
+}

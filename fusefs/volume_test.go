@@ -60,6 +60,12 @@ func childAction(action, path string) int {
 			bufio.NewReader(os.Stdin).ReadString('\n')
 			_, err = unix.Pread(fd, make([]byte, 16), 0)
 		}
+	case "set-immutable":
+		err = setFlags(path, flImmutable)
+	case "set-nodump":
+		err = setFlags(path, flNodump)
+	case "mmap-write":
+		err = mmapWrite(path)
 	case "fsx":
 		if err := fsx(path, 3000, rand.New(rand.NewPCG(1, 2))); err != nil {
 			fmt.Println(err)

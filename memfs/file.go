@@ -9,9 +9,11 @@ import (
 )
 
 // openFlags are the open(2) flags memfs passes on; the rest are either
-// handled by the layer above (O_APPEND, O_DIRECT: the kernel computes
-// offsets and caching for the file it hands out) or meaningless here.
-const openFlags = unix.O_ACCMODE | unix.O_TRUNC
+// handled by the layer above (O_DIRECT: the kernel computes caching for
+// the file it hands out) or meaningless here. O_APPEND is passed on
+// because tmpfs opens an append-only file for writing only with it (the
+// kernel computes the offsets of appending writes all the same).
+const openFlags = unix.O_ACCMODE | unix.O_TRUNC | unix.O_APPEND
 
 // File is an open regular file of a Layer. It holds a reference to its
 // inode until Release.

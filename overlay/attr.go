@@ -159,3 +159,19 @@ func (fs *FS) truncateLocked(n *node, mf vfs.File, a vfs.SetAttr) (unix.Stat_t, 
 // setNlink sets a link count: unix.Stat_t.Nlink is a uint64 on amd64 and
 // a uint32 on arm64.
 func setNlink[T uint32 | uint64](p *T, v uint64) { *p = T(v) }
+
+// BirthTime returns the creation time of ino's upper inode: when it was
+// created in the overlay or copied up. ok is false for a node still wholly
+// in the lower layer, whose image records no birth time.
+func (fs *FS) BirthTime(ino uint64) (unix.Timespec, bool, error) {
+	n, err := fs.get(ino)
+	if err != nil {
+		return unix.Timespec{}, false, err
+	}
+	fs.treeMu.RLock()
+	defer fs.treeMu.RUnlock()
+	if n.upper == 0 {
+		return unix.Timespec{}, false, nil
+	}
+	return fs.upper.BirthTime(n.upper)
+}

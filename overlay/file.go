@@ -130,6 +130,11 @@ func (fs *FS) openUpperLocked(n *node, flags int, o vfs.OpenOptions) (*File, err
 	// The kernel serves all passthrough opens of an inode from one backing
 	// file: while one reads the lower file, the upper one is not offered.
 	o.Direct = o.Direct && n.lowerDirect == 0 && (!n.partial || trunc || whole)
+	if n.partial {
+		// Writes that copy lower ranges in go to their own offsets. (An
+		// append-only file is never partial: SetFlags copies it whole.)
+		flags &^= unix.O_APPEND
+	}
 	if n.partial && trunc {
 		// Check the seals before forgetting the lower bytes.
 		uf, err := fs.upper.Open(n.upper, flags&^unix.O_TRUNC, vfs.OpenOptions{})

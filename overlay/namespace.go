@@ -453,6 +453,13 @@ func (fs *FS) remove(parent uint64, name string, dir bool) error {
 			return err
 		}
 		if !empty {
+			// Linux refuses an immutable or append-only directory
+			// before looking inside it.
+			if n.upper != 0 {
+				if fl, err := fs.upper.GetFlags(n.upper); err == nil && fl&(fsImmutableFl|fsAppendFl) != 0 {
+					return syscall.EPERM
+				}
+			}
 			return syscall.ENOTEMPTY
 		}
 	}

@@ -3,11 +3,11 @@ package vfs
 import "golang.org/x/sys/unix"
 
 // The interfaces below are what fusefs serves. FS composes the five a
-// served tree must have; OrphanFinder and HandleFile are optional, and
-// their docs say what the server does without them. Each method returns
-// nil or a bare syscall.Errno (see the package doc); the errnos listed are
-// those the contract gives meaning to, beyond the kernel's usual ones for
-// the same system call (ENOSPC, EIO, ...).
+// served tree must have; OrphanFinder, HandleFile, BirthTimer and
+// InodeFlags are optional, and their docs say what the server does without
+// them. Each method returns nil or a bare syscall.Errno (see the package
+// doc); the errnos listed are those the contract gives meaning to, beyond
+// the kernel's usual ones for the same system call (ENOSPC, EIO, ...).
 
 // FS is a file system fusefs can serve: memfs's *Layer or overlay's *FS.
 type FS interface {
@@ -231,4 +231,31 @@ type HandleFile interface {
 	// holding the File's data; ok is false when there is none yet (a file
 	// still wholly in a lower layer).
 	Handle() (ino uint64, gen uint32, ok bool)
+}
+
+// BirthTimer is implemented by an FS that knows when its inodes were
+// created. The server answers statx(2)'s STATX_BTIME from it; without it a
+// mount reports no birth time.
+type BirthTimer interface {
+	// BirthTime returns when ino was created; ok is false when the file
+	// system does not know (an overlay file still wholly in its lower
+	// layer).
+	BirthTime(ino uint64) (btime unix.Timespec, ok bool, err error)
+}
+
+// InodeFlags is implemented by an FS that keeps inode flags, the
+// attributes chattr(1) sets (FS_IOC_GETFLAGS and FS_IOC_SETFLAGS). The
+// file system enforces the immutable and append-only flags in every
+// operation. Without InodeFlags those ioctls fail with ENOTTY.
+type InodeFlags interface {
+	// GetFlags returns the FS_*_FL flags of ino.
+	//
+	// Errors: ENOTTY (neither a regular file nor a directory).
+	GetFlags(ino uint64) (uint32, error)
+	// SetFlags sets the FS_*_FL flags of ino. The caller has checked the
+	// privileges Linux asks for (ownership; CAP_LINUX_IMMUTABLE to change
+	// the immutable or append-only flag).
+	//
+	// Errors: EOPNOTSUPP (a flag the file system does not keep), ENOTTY.
+	SetFlags(ino uint64, flags uint32) error
 }

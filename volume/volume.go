@@ -50,8 +50,14 @@ import (
 
 // Config describes a volume.
 type Config struct {
-	// ID names the volume: its mount's source is Source(ID).
+	// ID names the volume: its mount's source is Source(ID) unless
+	// FsName is set.
 	ID string
+	// FsName, if set, is the mount's source instead of Source(ID).
+	FsName string
+	// Subtype, if set, makes the mount's type "fuse.Subtype" instead of
+	// "fuse.memfs".
+	Subtype string
 	// Upper is the mount point of the volume's memory layer, a private
 	// tmpfs instance never shown to a pod: Build creates and mounts it,
 	// Adopt finds it mounted.
@@ -165,8 +171,13 @@ func (v *Volume) tree() vfs.FS {
 // fuseOptions are the options of the volume's FUSE server; Mount and Adopt
 // must use the same.
 func (v *Volume) fuseOptions() fusefs.Options {
+	name := v.cfg.FsName
+	if name == "" {
+		name = Source(v.cfg.ID)
+	}
 	return fusefs.Options{
-		FsName:             Source(v.cfg.ID),
+		FsName:             name,
+		Subtype:            v.cfg.Subtype,
 		ReadOnly:           v.cfg.ReadOnly,
 		DisablePassthrough: v.cfg.DisablePassthrough,
 		Observer:           v.cfg.Observer,

@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"strings"
 	"syscall"
+	"unicode"
 
 	"k8s.io/apimachinery/pkg/api/resource"
 
@@ -35,6 +36,55 @@ type mountFlags struct {
 	noPassthrough bool
 	debug         bool
 	mountpoint    string
+	// fsName, subtype and readOnly come from -o.
+	fsName   string
+	subtype  string
+	readOnly bool
+}
+
+// mountOptionsHelp lists what -o accepts.
+const mountOptionsHelp = "fsname=NAME, subtype=TYPE, ro, rw, and allow_other, default_permissions, nosuid, nodev (always in effect)"
+
+// parseMountOption applies one comma-separated list of -o options to m.
+func (m *mountFlags) parseMountOption(list string) error {
+	for _, o := range strings.Split(list, ",") {
+		key, value, hasValue := strings.Cut(o, "=")
+		switch {
+		case key == "fsname" && hasValue:
+			if value == "" || strings.ContainsFunc(value, unicode.IsSpace) {
+				return fmt.Errorf("fsname=%q: want a non-empty name without spaces or commas", value)
+			}
+			m.fsName = value
+		case key == "subtype" && hasValue:
+			if !validSubtype(value) {
+				return fmt.Errorf("subtype=%q: want letters, digits, '_', '-' or '.'", value)
+			}
+			m.subtype = value
+		case hasValue:
+			return fmt.Errorf("%q: unknown option; accepted: %s", o, mountOptionsHelp)
+		case key == "ro":
+			m.readOnly = true
+		case key == "rw":
+			m.readOnly = false
+		case key == "allow_other", key == "default_permissions", key == "nosuid", key == "nodev":
+		default:
+			return fmt.Errorf("%q: unknown option; accepted: %s", o, mountOptionsHelp)
+		}
+	}
+	return nil
+}
+
+// validSubtype says whether s may follow "fuse." in a mount's type.
+func validSubtype(s string) bool {
+	if s == "" {
+		return false
+	}
+	for _, r := range s {
+		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '_' || r == '-' || r == '.') {
+			return false
+		}
+	}
+	return true
 }
 
 // parseMountFlags parses the mount command's arguments. Errors are one line,
@@ -64,6 +114,7 @@ func parseMountFlags(args []string, out io.Writer) (*mountFlags, error) {
 	fs.StringVar(&m.stateDir, "state-dir", os.TempDir(), "directory under which the volume's private tmpfs instance is mounted")
 	fs.BoolVar(&m.noPassthrough, "no-passthrough", false, "serve every read and write through the daemon instead of FUSE passthrough")
 	fs.BoolVar(&m.debug, "debug", false, "log every FUSE request")
+	fs.Func("o", "mount options, comma-separated (repeatable): "+mountOptionsHelp+"; fsname is the source df and /proc/mounts show, subtype makes the type fuse.TYPE", m.parseMountOption)
 	usage := func() {
 		fs.SetOutput(out)
 		fmt.Fprintf(out, `Usage: csi-memfs mount [flags] MOUNTPOINT
@@ -177,6 +228,9 @@ func serveMount(m *mountFlags) error {
 		Inodes:             m.inodes,
 		Lower:              lowerDir,
 		Target:             m.mountpoint,
+		FsName:             m.fsName,
+		Subtype:            m.subtype,
+		ReadOnly:           m.readOnly,
 		DisablePassthrough: m.noPassthrough,
 		Debug:              m.debug,
 	})

@@ -49,6 +49,11 @@ func TestMountFlags(t *testing.T) {
 		{[]string{"--image", "busybox", "--image-pull-policy", "always", empty}, "want Always, IfNotPresent or Never", 0},
 		{[]string{"--insecure-registry", "h:1", empty}, "need --image", 0},
 		{[]string{"--image", "busybox", "--insecure-registry", "http://h/", empty}, "want HOST or HOST:PORT", 0},
+		{[]string{"-o", "fsname=scratch,subtype=cache", "-o", "ro,allow_other,nosuid", empty}, "", 64 << 20},
+		{[]string{"-o", "noatime", empty}, `"noatime": unknown option; accepted: fsname=NAME`, 0},
+		{[]string{"-o", "max_read=4096", empty}, "unknown option", 0},
+		{[]string{"-o", "fsname=", empty}, "want a non-empty name", 0},
+		{[]string{"-o", "subtype=a/b", empty}, "want letters, digits", 0},
 	} {
 		var out bytes.Buffer
 		m, err := parseMountFlags(tc.args, &out)
@@ -95,7 +100,7 @@ func TestMountCommand(t *testing.T) {
 	state := t.TempDir()
 	lower := t.TempDir()
 	os.WriteFile(filepath.Join(lower, "from-lower"), []byte("lower data"), 0o644)
-	cmd = exec.Command(bin, "mount", "--size", "8Mi", "--state-dir", state, "--lower", lower, mnt)
+	cmd = exec.Command(bin, "mount", "--size", "8Mi", "--state-dir", state, "--lower", lower, "-o", "fsname=scratch-1,subtype=cache", mnt)
 	stderr.Reset()
 	cmd.Stderr = &stderr
 	if err := cmd.Start(); err != nil {
@@ -122,6 +127,9 @@ func TestMountCommand(t *testing.T) {
 		cmd.Process.Kill()
 		t.Fatalf("not mounted; stderr %q", stderr.String())
 	}
+	if source, fstype := mountSource(t, mnt); source != "scratch-1" || fstype != "fuse.cache" {
+		t.Errorf("-o fsname=scratch-1,subtype=cache: mounted from %q as %q", source, fstype)
+	}
 	if err := os.WriteFile(filepath.Join(mnt, "f"), []byte("data"), 0o644); err != nil {
 		t.Error(err)
 	}
@@ -144,6 +152,25 @@ func TestMountCommand(t *testing.T) {
 	if entries, _ := os.ReadDir(state); len(entries) != 0 {
 		t.Errorf("state dir left behind: %v", entries)
 	}
+}
+
+// mountSource returns the source and type /proc/self/mountinfo gives the
+// mount on dir.
+func mountSource(t *testing.T, dir string) (source, fstype string) {
+	t.Helper()
+	data, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(data), "\n") {
+		// ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTIONS [OPTIONAL...] - TYPE SOURCE SUPER
+		pre, post, ok := strings.Cut(line, " - ")
+		f, g := strings.Fields(pre), strings.Fields(post)
+		if ok && len(f) >= 5 && f[4] == dir && len(g) >= 2 {
+			source, fstype = g[1], g[0]
+		}
+	}
+	return source, fstype
 }
 
 func mounted(dir string) bool {

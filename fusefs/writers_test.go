@@ -1,0 +1,119 @@
+package fusefs
+
+import (
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// mmapWrite maps path (or, for "fd:3", the descriptor 3 it was given)
+// shared, stores 4 bytes, msyncs and unmaps. A child process does it: a
+// page fault on a FUSE mount served by the same process can stall it,
+// while the fault waits for a READ and the garbage collector for the
+// faulting thread.
+func mmapWrite(path string) error {
+	fd := 3
+	if path != "fd:3" {
+		var err error
+		if fd, err = unix.Open(path, unix.O_RDWR|unix.O_CLOEXEC, 0); err != nil {
+			return err
+		}
+		defer unix.Close(fd)
+	}
+	m, err := unix.Mmap(fd, 0, 4096, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+	if err != nil {
+		return err
+	}
+	copy(m, "abcd")
+	if err := unix.Msync(m, unix.MS_SYNC); err != nil {
+		return err
+	}
+	return unix.Munmap(m)
+}
+
+// mmapWriteChild runs mmapWrite in a child process, on path or, if f is
+// not nil, on f.
+func mmapWriteChild(t *testing.T, path string, f *os.File) {
+	t.Helper()
+	cmd := exec.Command(helper(t), "-test.run=^$", path)
+	if f != nil {
+		cmd.ExtraFiles = []*os.File{f}
+		cmd.Args[len(cmd.Args)-1] = "fd:3"
+	}
+	cmd.Env = append(os.Environ(), "FUSEFS_TEST_AS=mmap-write")
+	out, err := cmd.Output()
+	if err != nil || strings.TrimSpace(string(out)) != "0" {
+		t.Fatalf("mmap write in a child: %v, errno %s", err, out)
+	}
+}
+
+// TestMmapWriteTimes: a store into a shared mapping moves the file's
+// modification and change times as on tmpfs, with passthrough too, where
+// the kernel writes the backing file without telling the server; also
+// through a descriptor opened before a takeover. A file nobody writes
+// keeps its attributes cached: repeated stats and opens cost no
+// attribute request.
+func TestMmapWriteTimes(t *testing.T) {
+	old := time.Date(2000, 1, 1, 0, 0, 0, 0, time.UTC)
+	eachParity(t, func(t *testing.T, dir string, v *parityVolume) {
+		f := filepath.Join(dir, "f")
+		if err := os.WriteFile(f, make([]byte, 4096), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		times := func(what string) {
+			t.Helper()
+			var st unix.Stat_t
+			if err := unix.Stat(f, &st); err != nil {
+				t.Fatal(err)
+			}
+			if st.Mtim.Sec <= old.Unix() || st.Ctim.Sec <= old.Unix() {
+				t.Errorf("%s: mtime %v, ctime %v; want now", what, time.Unix(st.Mtim.Unix()), time.Unix(st.Ctim.Unix()))
+			}
+		}
+		if err := os.Chtimes(f, old, old); err != nil {
+			t.Fatal(err)
+		}
+		os.Stat(f) // the kernel caches the attributes
+		mmapWriteChild(t, f, nil)
+		times("after a shared mapping's store, msync, munmap and close")
+
+		// The same through a descriptor opened before a takeover.
+		w, err := os.OpenFile(f, os.O_RDWR, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		v.takeover()
+		if err := os.Chtimes(f, old, old); err != nil {
+			t.Fatal(err)
+		}
+		os.Stat(f)
+		mmapWriteChild(t, f, w)
+		times("after a store through a descriptor opened before a takeover")
+		w.Close()
+		times("after its close")
+
+		if v == nil {
+			return
+		}
+		// A file nobody writes: its attributes stay cached.
+		g := filepath.Join(dir, "g")
+		os.WriteFile(g, []byte("g"), 0o644)
+		time.Sleep(50 * time.Millisecond) // its RELEASE
+		os.Stat(g)
+		before := v.ops.count("GETATTR") + v.ops.count("STATX")
+		for i := 0; i < 20; i++ {
+			os.Stat(g)
+			if r, err := os.Open(g); err == nil {
+				r.Close()
+			}
+		}
+		if n := v.ops.count("GETATTR") + v.ops.count("STATX") - before; n > 0 {
+			t.Errorf("20 stats and opens of a file nobody writes: %d attribute requests, want none", n)
+		}
+	})
+}
