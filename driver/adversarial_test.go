@@ -109,17 +109,7 @@ func TestUnpublishInEveryState(t *testing.T) {
 		}},
 		{"target a dead mount", func(t *testing.T, target string) { abortConnection(t, target) }},
 		{"target detached while busy", func(t *testing.T, target string) {
-			// A process outside the test binary holds a file open, so
-			// that a wedged connection cannot hang the test itself.
-			holder := exec.Command("sh", "-c", "exec 3>"+filepath.Join(target, "open")+"; echo ready; exec sleep 600")
-			out, _ := holder.StdoutPipe()
-			if err := holder.Start(); err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() { holder.Process.Kill(); holder.Wait() })
-			if _, err := bufio.NewReader(out).ReadString('\n'); err != nil {
-				t.Fatal(err)
-			}
+			holdOpen(t, filepath.Join(target, "open"))
 			if err := unix.Unmount(target, unix.MNT_DETACH); err != nil {
 				t.Fatal(err)
 			}
@@ -136,6 +126,21 @@ func TestUnpublishInEveryState(t *testing.T) {
 			}
 		})
 	}
+	t.Run("file held open on the target", func(t *testing.T) {
+		// Unpublish ends the busy connection after a grace period instead
+		// of waiting for the file to close, and counts it.
+		target := env.publish(t, "vol-held", attrs("size", "4Mi"))
+		holdOpen(t, filepath.Join(target, "open"))
+		start := time.Now()
+		unpublish("vol-held", target)
+		if d := time.Since(start); d > 30*time.Second {
+			t.Errorf("unpublish with a file open took %v", d)
+		}
+		env.assertFreed(t)
+		if v, _ := metricValue(scrape(t, env.metrics), "csi_memfs_forced_unmounts_total"); v != 1 {
+			t.Errorf("csi_memfs_forced_unmounts_total = %v, want 1", v)
+		}
+	})
 	t.Run("volume unknown", func(t *testing.T) {
 		unpublish("vol-never", env.target(t, "vol-never"))
 		target := env.target(t, "vol-never-dir")
@@ -528,5 +533,21 @@ func TestHostileVolumes(t *testing.T) {
 	env.assertFreed(t)
 	if b, err := os.ReadFile(filepath.Join(outside, "x.json")); err != nil || string(b) != "host" {
 		t.Errorf("host file: %q, %v", b, err)
+	}
+}
+
+// holdOpen has a process outside the test binary hold path open for
+// writing until the test ends, so that a wedged connection cannot hang
+// the test itself.
+func holdOpen(t *testing.T, path string) {
+	t.Helper()
+	holder := exec.Command("sh", "-c", "exec 3>"+path+"; echo ready; exec sleep 600")
+	out, _ := holder.StdoutPipe()
+	if err := holder.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { holder.Process.Kill(); holder.Wait() })
+	if _, err := bufio.NewReader(out).ReadString('\n'); err != nil {
+		t.Fatal(err)
 	}
 }

@@ -64,12 +64,18 @@ type metrics struct {
 	// retiredSealViolations sums the seal violations of unpublished
 	// volumes, so the node total never goes down. Accessed atomically.
 	retiredSealViolations atomic.Uint64
+	// retiredPanics sums the handler panics of unpublished volumes.
+	// Accessed atomically.
+	retiredPanics atomic.Uint64
+	// forcedUnmounts counts unpublishes that ended a busy connection.
+	forcedUnmounts prometheus.Counter
 
 	// Descriptions of the series collect computes at scrape time.
 	volBytesUsed, volBytesLimit, volInodesUsed, volInodesLimit *prometheus.Desc
 	volCopiedUp, volSealViolations, volPassthrough, volLost    *prometheus.Desc
+	volMetaBytes, volPanics                                    *prometheus.Desc
 	nodeVolumes, nodeBytesUsed, nodeBytesReserved, nodeBudget  *prometheus.Desc
-	nodeMaxVolumes, sealViolations                             *prometheus.Desc
+	nodeMaxVolumes, sealViolations, panics                     *prometheus.Desc
 	imageBytes, imageImages, imagePinned, imageBudget          *prometheus.Desc
 	imageInFlight, imageHits, imageEvictions                   *prometheus.Desc
 }
@@ -114,6 +120,10 @@ func newMetrics(samples func() []volumeSample, budget *budget, registration bool
 			Help:    "How long the volumes went unserved while this process took them over, by source: from the predecessor stopping them (handover) or this process's start (holder: the crash came earlier) to this process serving them all.",
 			Buckets: prometheus.ExponentialBuckets(0.001, 2, 16), // 1 ms .. 33 s
 		}, []string{"from"}),
+		forcedUnmounts: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: metricsPrefix + "forced_unmounts_total",
+			Help: "Unpublishes that ended a volume's FUSE connection while files on it were still open (those files get errors from then on).",
+		}),
 		recovered: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: metricsPrefix + "volumes_recovered_total",
 			Help: "Volumes of a previous plugin process this process serves again.",
@@ -165,6 +175,9 @@ func newMetrics(samples func() []volumeSample, budget *budget, registration bool
 		nodeBudget:        node("node_budget_bytes", "The node memory budget (flag --node-memory-budget); 0 means none."),
 		nodeMaxVolumes:    node("node_max_volumes", "The node's volume limit (flag --max-volumes); 0 means none."),
 		sealViolations:    node("seal_violations_total", "Operations refused because a file was sealed, all volumes, published or since unpublished."),
+		volMetaBytes:      vol("volume_metadata_bytes", "Part of the volume's used bytes charged for its inodes and extended attributes."),
+		volPanics:         vol("volume_fuse_handler_panics_total", "FUSE requests on the volume whose handler panicked (answered EIO); should stay 0."),
+		panics:            node("fuse_handler_panics_total", "FUSE requests whose handler panicked (answered EIO), all volumes, published or since unpublished; should stay 0."),
 		imageBytes:        node("image_cache_bytes", "Disk used by the flattened images in the node's image cache."),
 		imageImages:       node("image_cache_images", "Images in the node's image cache."),
 		imagePinned:       node("image_cache_images_in_use", "Images of the cache that volumes use (never collected)."),
@@ -182,7 +195,7 @@ func newMetrics(samples func() []volumeSample, budget *budget, registration bool
 		m.handovers.WithLabelValues(result)
 	}
 	m.reg.MustRegister(m.rpcTotal, m.rpcSeconds, m.pulls, m.pullSeconds, m.pullBytes, m.fuse.seconds, m.fuse.errors, m,
-		m.takeovers, m.takeoverPause, m.recovered, m.lost, m.handovers,
+		m.takeovers, m.takeoverPause, m.recovered, m.lost, m.handovers, m.forcedUnmounts,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	if registration {
 		m.reg.MustRegister(m.registered, m.registrations)
@@ -225,13 +238,17 @@ func (m *metrics) observeTakeover(from string, pause time.Duration, recovered in
 // node total.
 func (m *metrics) retire(v *volume.Volume) {
 	m.retiredSealViolations.Add(v.SealViolations())
+	m.retiredPanics.Add(v.Panics())
+	if v.Forced() {
+		m.forcedUnmounts.Inc()
+	}
 }
 
 // Describe implements prometheus.Collector for the series computed at
 // scrape time.
 func (m *metrics) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{m.volBytesUsed, m.volBytesLimit, m.volInodesUsed, m.volInodesLimit,
-		m.volCopiedUp, m.volSealViolations, m.volPassthrough, m.volLost, m.nodeVolumes, m.nodeBytesUsed,
+		m.volCopiedUp, m.volSealViolations, m.volPassthrough, m.volLost, m.volMetaBytes, m.volPanics, m.panics, m.nodeVolumes, m.nodeBytesUsed,
 		m.nodeBytesReserved, m.nodeBudget, m.nodeMaxVolumes, m.sealViolations, m.imageBytes, m.imageImages,
 		m.imagePinned, m.imageBudget, m.imageInFlight, m.imageHits, m.imageEvictions} {
 		ch <- d
@@ -245,7 +262,7 @@ func (m *metrics) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v, labels...)
 	}
 	var published, lost, used float64
-	sealed := m.retiredSealViolations.Load()
+	sealed, panics := m.retiredSealViolations.Load(), m.retiredPanics.Load()
 	for _, s := range m.samples() {
 		labels := []string{s.id, s.podNamespace, s.podName}
 		if s.lost {
@@ -260,12 +277,15 @@ func (m *metrics) Collect(ch chan<- prometheus.Metric) {
 			gauge(m.volPassthrough, b2f(s.passthrough), labels...)
 			ch <- prometheus.MustNewConstMetric(m.volSealViolations, prometheus.CounterValue, float64(s.sealViolations), labels...)
 			sealed += s.sealViolations
+			ch <- prometheus.MustNewConstMetric(m.volPanics, prometheus.CounterValue, float64(s.panics), labels...)
+			panics += s.panics
 		}
 		gauge(m.volBytesUsed, float64(s.u.BytesUsed), labels...)
 		gauge(m.volBytesLimit, float64(s.u.BytesLimit), labels...)
 		gauge(m.volInodesUsed, float64(s.u.InodesUsed), labels...)
 		gauge(m.volInodesLimit, float64(s.u.InodesLimit), labels...)
 		gauge(m.volCopiedUp, float64(s.u.CopiedUpBytes), labels...)
+		gauge(m.volMetaBytes, float64(s.u.MetaBytes), labels...)
 		used += float64(s.u.BytesUsed)
 	}
 	gauge(m.nodeVolumes, published, "published")
@@ -275,6 +295,7 @@ func (m *metrics) Collect(ch chan<- prometheus.Metric) {
 	gauge(m.nodeBudget, float64(m.budget.limit))
 	gauge(m.nodeMaxVolumes, float64(m.budget.maxVolumes))
 	ch <- prometheus.MustNewConstMetric(m.sealViolations, prometheus.CounterValue, float64(sealed))
+	ch <- prometheus.MustNewConstMetric(m.panics, prometheus.CounterValue, float64(panics))
 	if m.images != nil {
 		st := m.images.Stats()
 		gauge(m.imageBytes, float64(st.Bytes))
@@ -297,6 +318,7 @@ type volumeSample struct {
 	u              volume.Usage
 	passthrough    bool
 	sealViolations uint64
+	panics         uint64
 }
 
 func b2f(b bool) float64 {

@@ -79,7 +79,7 @@ func (e *entry) sample() (volumeSample, bool) {
 	if err != nil {
 		return s, false
 	}
-	s.u, s.passthrough, s.sealViolations = u, e.vol.Passthrough(), e.vol.SealViolations()
+	s.u, s.passthrough, s.sealViolations, s.panics = u, e.vol.Passthrough(), e.vol.SealViolations(), e.vol.Panics()
 	return s, true
 }
 

@@ -14,6 +14,9 @@ type Usage struct {
 	// directory; the rest of BytesUsed was written by users. 0 for a
 	// pure memory volume.
 	CopiedUpBytes uint64
+	// MetaBytes is the part of BytesUsed charged for inodes and
+	// extended attributes (memfs.Usage.MetaBytes).
+	MetaBytes uint64
 }
 
 // Usage reports the volume's usage. It must not be called after Close or
@@ -26,13 +29,14 @@ func (v *Volume) Usage() (Usage, error) {
 		}
 		u := ou.Usage
 		return Usage{BytesUsed: u.BytesUsed, BytesLimit: u.BytesLimit, InodesUsed: u.InodesUsed, InodesLimit: u.InodesLimit,
-			CopiedUpBytes: ou.CopiedUpBytes}, nil
+			CopiedUpBytes: ou.CopiedUpBytes, MetaBytes: u.MetaBytes}, nil
 	}
 	u, err := v.layer.Usage()
 	if err != nil {
 		return Usage{}, err
 	}
-	return Usage{BytesUsed: u.BytesUsed, BytesLimit: u.BytesLimit, InodesUsed: u.InodesUsed, InodesLimit: u.InodesLimit}, nil
+	return Usage{BytesUsed: u.BytesUsed, BytesLimit: u.BytesLimit, InodesUsed: u.InodesUsed, InodesLimit: u.InodesLimit,
+		MetaBytes: u.MetaBytes}, nil
 }
 
 // UpperUsage measures a memory layer that no Volume serves, mounted on dir

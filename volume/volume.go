@@ -153,6 +153,11 @@ type Volume struct {
 	// server serves the tree on cfg.Target; nil until Mount or Adopt, and
 	// once unmounted or stopped.
 	server *fusefs.Server
+	// panics counts the handler panics of servers already let go of;
+	// forced says the last Unmount had to end a connection that open
+	// files kept busy.
+	panics uint64
+	forced bool
 	// stopped is set by Stop: the parts are let go of, the memory layer
 	// left mounted for a successor.
 	stopped bool
@@ -297,8 +302,29 @@ func (v *Volume) Unmount() error {
 	if err := v.server.Unmount(); err != nil {
 		return err
 	}
-	v.server = nil
+	v.forced = v.server.Forced()
+	v.dropServer()
 	return nil
+}
+
+// dropServer lets go of the server, keeping its panic count.
+func (v *Volume) dropServer() {
+	v.panics += v.server.Panics()
+	v.server = nil
+}
+
+// Forced says whether the last Unmount ended the volume's connection
+// while files on it were still open (they get errors from then on).
+func (v *Volume) Forced() bool { return v.forced }
+
+// Panics counts the FUSE requests on the volume whose handler panicked
+// (each was answered EIO). It may be read after Close and Stop.
+func (v *Volume) Panics() uint64 {
+	n := v.panics
+	if v.server != nil {
+		n += v.server.Panics()
+	}
+	return n
 }
 
 // Disconnect stops serving the volume and ends its FUSE connection
@@ -314,7 +340,7 @@ func (v *Volume) Disconnect() {
 	// Stop fails only when the connection has ended already.
 	s, _ := v.server.Stop()
 	s.Close()
-	v.server = nil
+	v.dropServer()
 }
 
 // Wait blocks until the volume's mount has ended: unmounted by Unmount or
@@ -334,7 +360,7 @@ func (v *Volume) Stop() (Session, error) {
 		return Session{}, errors.New("volume: stop: not served")
 	}
 	s, err := v.server.Stop()
-	v.server = nil
+	v.dropServer()
 	v.stopped = true
 	undo(v.cfg.ID, v.closeTree())
 	v.layer.Detach()
