@@ -205,10 +205,10 @@ func TestImageVolume(t *testing.T) {
 
 	// Metrics and stats.
 	text := scrape(t, env.metrics)
-	if v, _ := metricValue(text, "csi_memfs_volume_bytes_copied_up", `volume_id="img-1"`); v <= 0 || v > 64<<10 {
+	if v, _ := metricValue(text, "csi_memfs_volume_copied_up_bytes", `volume_id="img-1"`); v <= 0 || v > 64<<10 {
 		t.Errorf("img-1 copied up %v bytes; want the small file and a page or so of the big one", v)
 	}
-	if v, ok := metricValue(text, "csi_memfs_volume_bytes_copied_up", `volume_id="img-2"`); !ok || v != 0 {
+	if v, ok := metricValue(text, "csi_memfs_volume_copied_up_bytes", `volume_id="img-2"`); !ok || v != 0 {
 		t.Errorf("img-2 copied up %v, %v; want 0", v, ok)
 	}
 	for name, want := range map[string]float64{

@@ -214,10 +214,10 @@ func TestRestart(t *testing.T) {
 	if v, _ := metricValue(text, `csi_memfs_node_volumes{state="lost"}`); v != n {
 		t.Errorf("lost volumes = %v, want %d", v, n)
 	}
-	if v, _ := metricValue(text, "csi_memfs_node_bytes_reserved"); v != n*4<<20 {
+	if v, _ := metricValue(text, "csi_memfs_node_reserved_bytes"); v != n*4<<20 {
 		t.Errorf("reserved = %v, want %d (the lost volumes' memory layers are still mounted)", v, n*4<<20)
 	}
-	if v, _ := metricValue(text, "csi_memfs_volume_bytes_used", `volume_id="vol-0"`); v <= 0 {
+	if v, _ := metricValue(text, "csi_memfs_volume_used_bytes", `volume_id="vol-0"`); v <= 0 {
 		t.Errorf("vol-0 bytes used = %v, want its data counted", v)
 	}
 
@@ -246,7 +246,7 @@ func TestRestart(t *testing.T) {
 		t.Errorf("%d journal entries left", len(entries))
 	}
 	text = scrape(t, "http://"+p2.metrics)
-	if v, _ := metricValue(text, "csi_memfs_node_bytes_reserved"); v != 0 {
+	if v, _ := metricValue(text, "csi_memfs_node_reserved_bytes"); v != 0 {
 		t.Errorf("reserved after unpublishing = %v", v)
 	}
 }

@@ -99,9 +99,9 @@ func newMetrics(samples func() []volumeSample, budget *budget, registration bool
 		}, []string{"method", "code"}),
 		rpcSeconds: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Name:    metricsPrefix + "csi_operation_duration_seconds",
-			Help:    "Time to serve a CSI call, by method (NodePublishVolume is publish-to-ready).",
+			Help:    "Time to serve a CSI call, by method (NodePublishVolume is publish-to-ready) and gRPC status code.",
 			Buckets: prometheus.ExponentialBuckets(0.0005, 2, 16), // 0.5 ms .. 16 s
-		}, []string{"method"}),
+		}, []string{"method", "code"}),
 		pulls: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: metricsPrefix + "image_pulls_total",
 			Help: "Image pull attempts that reached the image's source, by result (success, not_found, unauthorized, unavailable, ...).",
@@ -161,17 +161,17 @@ func newMetrics(samples func() []volumeSample, budget *budget, registration bool
 			}, []string{"op", "errno"}),
 		},
 
-		volBytesUsed:      vol("volume_bytes_used", "Bytes the volume's memory layer uses (as df in the pod shows)."),
-		volBytesLimit:     vol("volume_bytes_limit", "Byte limit of the volume's memory layer (its size attribute)."),
+		volBytesUsed:      vol("volume_used_bytes", "Bytes the volume's memory layer uses (as df in the pod shows)."),
+		volBytesLimit:     vol("volume_limit_bytes", "Byte limit of the volume's memory layer (its size attribute)."),
 		volInodesUsed:     vol("volume_inodes_used", "Inodes the volume's memory layer uses."),
 		volInodesLimit:    vol("volume_inodes_limit", "Inode limit of the volume's memory layer."),
-		volCopiedUp:       vol("volume_bytes_copied_up", "Bytes copied up from the volume's image lower layer into memory."),
+		volCopiedUp:       vol("volume_copied_up_bytes", "Bytes copied up from the volume's image lower layer into memory."),
 		volSealViolations: vol("volume_seal_violations_total", "Operations on the volume refused because a file was sealed."),
 		volPassthrough:    vol("volume_passthrough", "1 while the volume's file data moves by FUSE passthrough, 0 when the daemon serves it."),
 		volLost:           vol("volume_lost", "1 for a volume whose FUSE server died with a previous plugin process (its pod sees ENOTCONN) until it is unpublished."),
 		nodeVolumes:       node("node_volumes", "Volumes on the node, by state (published, lost).", "state"),
-		nodeBytesUsed:     node("node_bytes_used", "Bytes used by all volumes' memory layers on the node."),
-		nodeBytesReserved: node("node_bytes_reserved", "Sum of the sizes of the node's volumes, counted against the budget."),
+		nodeBytesUsed:     node("node_used_bytes", "Bytes used by all volumes' memory layers on the node."),
+		nodeBytesReserved: node("node_reserved_bytes", "Sum of the sizes of the node's volumes, counted against the budget."),
 		nodeBudget:        node("node_budget_bytes", "The node memory budget (flag --node-memory-budget); 0 means none."),
 		nodeMaxVolumes:    node("node_max_volumes", "The node's volume limit (flag --max-volumes); 0 means none."),
 		sealViolations:    node("seal_violations_total", "Operations refused because a file was sealed, all volumes, published or since unpublished."),
@@ -216,7 +216,7 @@ func (m *metrics) observeRegistration(registered bool, _ string) {
 // observeRPC records one CSI call.
 func (m *metrics) observeRPC(method string, code codes.Code, d time.Duration) {
 	m.rpcTotal.WithLabelValues(method, code.String()).Inc()
-	m.rpcSeconds.WithLabelValues(method).Observe(d.Seconds())
+	m.rpcSeconds.WithLabelValues(method, code.String()).Observe(d.Seconds())
 }
 
 // observePull records one image pull attempt (image.Config.OnPull).

@@ -299,15 +299,15 @@ func TestPublishAsAPod(t *testing.T) {
 		name string
 		want float64
 	}{
-		{"csi_memfs_volume_bytes_used", float64(dfUsed)},
-		{"csi_memfs_volume_bytes_limit", float64(dfTotal)},
+		{"csi_memfs_volume_used_bytes", float64(dfUsed)},
+		{"csi_memfs_volume_limit_bytes", float64(dfTotal)},
 		{"csi_memfs_volume_inodes_used", float64(in.Used)},
 		{"csi_memfs_volume_inodes_limit", 100},
-		{"csi_memfs_volume_bytes_copied_up", 0},
+		{"csi_memfs_volume_copied_up_bytes", 0},
 		{"csi_memfs_volume_seal_violations_total", 2},
 		{"csi_memfs_seal_violations_total", 2},
-		{"csi_memfs_node_bytes_used", float64(dfUsed)},
-		{"csi_memfs_node_bytes_reserved", 2 << 20},
+		{"csi_memfs_node_used_bytes", float64(dfUsed)},
+		{"csi_memfs_node_reserved_bytes", 2 << 20},
 		{`csi_memfs_node_volumes{state="published"}`, 1},
 	} {
 		v, ok := metricValue(text, c.name, vl, `pod_namespace="default"`, `pod_name="pod-1"`)
@@ -331,7 +331,7 @@ func TestPublishAsAPod(t *testing.T) {
 	// Unpublish: the series go, the seal violations stay in the node total.
 	env.unpublish(t, id, target)
 	text = scrape(t, env.metrics)
-	if _, ok := metricValue(text, "csi_memfs_volume_bytes_used", vl); ok {
+	if _, ok := metricValue(text, "csi_memfs_volume_used_bytes", vl); ok {
 		t.Errorf("series of an unpublished volume remain")
 	}
 	if v, _ := metricValue(text, "csi_memfs_seal_violations_total"); v != 2 {

@@ -584,8 +584,8 @@ func TestDashboardSeriesExist(t *testing.T) {
 func TestDashboardCoversNodeAndVolumes(t *testing.T) {
 	used := dashboardSeries(t)
 	for _, want := range []string{
-		"csi_memfs_volume_bytes_used", "csi_memfs_volume_bytes_limit", // per-volume usage against limit
-		"csi_memfs_node_bytes_used", "csi_memfs_node_budget_bytes", // node memory against budget
+		"csi_memfs_volume_used_bytes", "csi_memfs_volume_limit_bytes", // per-volume usage against limit
+		"csi_memfs_node_used_bytes", "csi_memfs_node_budget_bytes", // node memory against budget
 		"csi_memfs_csi_operation_duration_seconds_bucket", "csi_memfs_csi_operations_total", // publish latency and errors
 		"csi_memfs_fuse_operation_duration_seconds_count", "csi_memfs_fuse_operation_duration_seconds_bucket", // FUSE rates, latencies
 		"csi_memfs_image_pulls_total", "csi_memfs_image_cache_bytes", // image pulls and cache size

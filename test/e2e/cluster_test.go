@@ -655,8 +655,8 @@ func TestStatsSummary(t *testing.T) {
 func TestPodDeletionFreesMemory(t *testing.T) {
 	requireCluster(t)
 	before := scrape(t)
-	usedBefore, _ := value(before, "csi_memfs_node_bytes_used")
-	reservedBefore, _ := value(before, "csi_memfs_node_bytes_reserved")
+	usedBefore, _ := value(before, "csi_memfs_node_used_bytes")
+	reservedBefore, _ := value(before, "csi_memfs_node_reserved_bytes")
 
 	createPod(t, pod{Name: "free", Attrs: map[string]string{"size": "64Mi"}})
 	t.Cleanup(func() { deletePod(t, "free") })
@@ -665,10 +665,10 @@ func TestPodDeletionFreesMemory(t *testing.T) {
 	mustExec(t, "free", "dd if=/dev/zero of=/data/blob bs=1M count=20 2>&1")
 
 	during := scrape(t)
-	if v, ok := value(during, "csi_memfs_volume_bytes_used", `pod_name="free"`, `pod_namespace="`+testNS+`"`); !ok || v < 20<<20 {
-		t.Errorf("csi_memfs_volume_bytes_used for the pod = %v (found %v), want >= 20 MiB", v, ok)
+	if v, ok := value(during, "csi_memfs_volume_used_bytes", `pod_name="free"`, `pod_namespace="`+testNS+`"`); !ok || v < 20<<20 {
+		t.Errorf("csi_memfs_volume_used_bytes for the pod = %v (found %v), want >= 20 MiB", v, ok)
 	}
-	if v, _ := value(during, "csi_memfs_node_bytes_reserved"); v-reservedBefore != 64<<20 {
+	if v, _ := value(during, "csi_memfs_node_reserved_bytes"); v-reservedBefore != 64<<20 {
 		t.Errorf("node reserved grew by %v, want 64 MiB", v-reservedBefore)
 	}
 	podDir := filepath.Join(cl.kubeletDir, "pods", uid)
@@ -678,13 +678,13 @@ func TestPodDeletionFreesMemory(t *testing.T) {
 
 	deletePod(t, "free")
 	after := scrape(t)
-	if _, ok := value(after, "csi_memfs_volume_bytes_used", `pod_name="free"`); ok {
+	if _, ok := value(after, "csi_memfs_volume_used_bytes", `pod_name="free"`); ok {
 		t.Errorf("the deleted pod's volume still has series")
 	}
-	if v, _ := value(after, "csi_memfs_node_bytes_used"); v > usedBefore {
+	if v, _ := value(after, "csi_memfs_node_used_bytes"); v > usedBefore {
 		t.Errorf("node bytes used %v after deletion, %v before", v, usedBefore)
 	}
-	if v, _ := value(after, "csi_memfs_node_bytes_reserved"); v != reservedBefore {
+	if v, _ := value(after, "csi_memfs_node_reserved_bytes"); v != reservedBefore {
 		t.Errorf("node bytes reserved %v after deletion, %v before", v, reservedBefore)
 	}
 	if left := mountsUnder(podDir); len(left) > 0 {
