@@ -100,6 +100,8 @@ type session struct {
 	wg sync.WaitGroup
 	// done is closed when the last reader has ended.
 	done chan struct{}
+	// counts counts the requests read, by operation.
+	counts opCounts
 
 	// testHook, set by tests, sees every request: with skip the request
 	// is dropped unserved, with noReply it is served and its reply
@@ -177,6 +179,7 @@ func (s *session) readInit() error {
 	if n < 8 || binary.LittleEndian.Uint32(buf[4:]) != opInit {
 		return fmt.Errorf("the first request is not INIT (%d bytes)", n)
 	}
+	s.counts.add(buf[:n])
 	out := make([]byte, s.bufSize)
 	w, st := s.ps.HandleRequest([][]byte{buf[:n]}, [][]byte{out})
 	if !st.Ok() || w == 0 {
@@ -254,6 +257,9 @@ func (s *session) serve() {
 		s.endMu.Lock()
 		err := s.endErr
 		s.endMu.Unlock()
+		if err := s.counts.writeCountsFile(); err != nil {
+			klog.ErrorS(err, "Writing FUSE request counts", "fsName", s.raw.opts.FsName)
+		}
 		if err != nil {
 			// Requests now wait for a successor (or the holder's EIO).
 			klog.ErrorS(err, "Serving a FUSE connection failed; no longer reading it", "fsName", s.raw.opts.FsName)
@@ -307,6 +313,7 @@ func (s *session) reader() {
 
 // handle serves one request and writes its reply, if it takes one.
 func (s *session) handle(in []byte) {
+	s.counts.add(in)
 	var noReply bool
 	if h := s.testHook.Load(); h != nil {
 		var skip bool
