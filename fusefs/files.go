@@ -336,54 +336,6 @@ func (r *rawFS) Release(_ <-chan struct{}, in *fuse.ReleaseIn) {
 	}
 }
 
-func (r *rawFS) OpenDir(_ <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOut) fuse.Status {
-	start := r.now()
-	d, err := r.fs.OpenDir(in.NodeId)
-	s := status("OPENDIR", err)
-	if s == fuse.OK {
-		fh, err := r.handles.add(d, handleRecord{Kind: recDir, Ino: in.NodeId})
-		if err != nil {
-			d.Close()
-			r.observe("OPENDIR", start, fuse.Status(syscall.EMFILE))
-			return fuse.Status(syscall.EMFILE)
-		}
-		out.Fh = fh
-		// Every change to the directory goes through us, so the kernel may
-		// keep what it read across opens.
-		out.OpenFlags |= fuse.FOPEN_CACHE_DIR | fuse.FOPEN_KEEP_CACHE
-	}
-	r.observe("OPENDIR", start, s)
-	return s
-}
-
-func (r *rawFS) ReadDir(_ <-chan struct{}, in *fuse.ReadIn, out *fuse.DirEntryList) fuse.Status {
-	start := r.now()
-	d, s := r.dir(in.Fh)
-	if s != fuse.OK {
-		return s
-	}
-	err := d.ReadDir(int64(in.Offset), func(e *vfs.DirEntry) bool {
-		return out.AddDirEntry(fuse.DirEntry{
-			Name: e.Name,
-			Ino:  e.Ino,
-			Off:  uint64(e.Off),
-			// DT_* << 12 is the S_IF* type.
-			Mode: uint32(e.Type) << 12,
-		})
-	})
-	s = status("READDIR", err)
-	r.observe("READDIR", start, s)
-	return s
-}
-
-func (r *rawFS) FsyncDir(_ <-chan struct{}, in *fuse.FsyncIn) fuse.Status {
-	d, s := r.dir(in.Fh)
-	if s != fuse.OK {
-		return s
-	}
-	return status("FSYNCDIR", d.Sync())
-}
-
 func (r *rawFS) ReleaseDir(in *fuse.ReleaseIn) {
 	if d, ok := r.handles.remove(in.Fh).(vfs.Dir); ok { // a *deadHandle needs nothing more
 		d.Close()
@@ -394,6 +346,7 @@ func (r *rawFS) ReleaseDir(in *fuse.ReleaseIn) {
 // ends. Passthrough backing files stay registered: the kernel drops them
 // with the connection, or a successor takes them over.
 func (r *rawFS) releaseAll() {
+	r.closeDirStreams()
 	r.handles.mu.Lock()
 	open := r.handles.open
 	r.handles.open = map[uint64]any{}

@@ -47,6 +47,12 @@ type rawFS struct {
 	// passthrough says passthrough may be used: the kernel offered it,
 	// the options allow it, and no registration has failed.
 	passthrough bool
+
+	// dirsMu protects dirs.
+	dirsMu sync.Mutex
+	// dirs are directories kept open between READDIRs without a handle
+	// (dirs.go), by inode. Invariant: len(dirs) <= maxDirStreams.
+	dirs map[uint64]*dirStream
 }
 
 // backingFile is an inode's registered passthrough backing file. Its
@@ -70,6 +76,7 @@ func newRawFS(fs vfs.FS, opts Options, handles *handleTable) *rawFS {
 		opts:          opts,
 		handles:       handles,
 		backing:       map[uint64]*backingFile{},
+		dirs:          map[uint64]*dirStream{},
 	}
 }
 
