@@ -150,3 +150,33 @@ func (r *rawFS) FsyncDir(_ <-chan struct{}, in *fuse.FsyncIn) fuse.Status {
 	return status("FSYNCDIR", d.Sync())
 }
 
+// ReadDirPlus serves READDIRPLUS, which the kernel sends in its automatic
+// mode (FUSE_READDIRPLUS_AUTO) for the first chunk of a directory and
+// after lookups in it: each entry comes with what a LOOKUP of it would
+// answer, so that a walk that goes on to stat or open the entries sends no
+// LOOKUP for them. Each entry so answered counts as a lookup, as a LOOKUP
+// reply would. "." and ".." go without (node id 0: "no information").
+func (r *rawFS) ReadDirPlus(_ <-chan struct{}, in *fuse.ReadIn, out *fuse.DirEntryList) fuse.Status {
+	start := r.now()
+	s := r.readDir(in, func(e *vfs.DirEntry) bool {
+		eo := out.AddDirLookupEntry(fuse.DirEntry{
+			Name: e.Name,
+			Ino:  e.Ino,
+			Off:  uint64(e.Off),
+			Mode: uint32(e.Type) << 12,
+		})
+		if eo == nil {
+			return false
+		}
+		if e.Name == "." || e.Name == ".." {
+			return true
+		}
+		if le, err := r.fs.Lookup(in.NodeId, e.Name); err == nil {
+			fillEntry(eo, &le)
+			out.FixMode(le.Stat.Mode)
+		}
+		return true
+	})
+	r.observe("READDIRPLUS", start, s)
+	return s
+}

@@ -57,10 +57,11 @@ func mountOptions(opts Options) *fuse.MountOptions {
 		MaxWrite:      128 << 10,
 		MaxReadAhead:  1 << 20,
 		MaxBackground: 64,
-		// Plain READDIR: READDIRPLUS measured 13x slower here.
-		DisableReadDirPlus:   true,
+		// READDIRPLUS in the kernel's automatic mode: the first chunk of
+		// a directory, and later ones when its entries are being looked
+		// up (BENCHMARKS.md, "Metadata at kernel speed").
 		EnableSymlinkCaching: true,
-		ExtraCapabilities:    capHandleKillprivV2 | fuse.CAP_DIRECT_IO_ALLOW_MMAP,
+		ExtraCapabilities:    capHandleKillprivV2 | fuse.CAP_DIRECT_IO_ALLOW_MMAP | fuse.CAP_READDIRPLUS_AUTO,
 		Debug:                opts.Debug,
 	}
 	if opts.DisablePassthrough {
