@@ -1,15 +1,20 @@
 package fusefs
 
 import (
+	"errors"
 	"fmt"
+	"io"
 	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
+
+	"github.com/csi-memfs/csi-memfs/overlay"
 )
 
 // countsTree makes a lower tree of dirs directories of files files each
@@ -133,4 +138,128 @@ var wantCounts = map[string]map[string]uint64{
 	"find+cat warm": {"GETATTR": 221, "OPEN": 200, "RELEASE": 200, "STATFS": 1},
 	"ls -lR cold":   {"GETXATTR": 2, "OPENDIR": 1, "READDIRPLUS": 42},
 	"ls -lR warm":   {"GETATTR": 21, "GETXATTR": 2},
+}
+
+// TestRequestCountsNoOpen: on a read-only NoOpen mount files are opened
+// without OPEN and RELEASE, and what was read stays cached: find+cat
+// costs a READ per file cold and nothing warm.
+func TestRequestCountsNoOpen(t *testing.T) {
+	requireFUSE(t)
+	lower, nfiles, _ := countsTree(t, 10, 20)
+	mnt, srv := testOverlayMountServer(t, lower, Options{ReadOnly: true, NoOpen: true})
+	for deadline := time.Now().Add(5 * time.Second); srv.RequestCounts()["RELEASE"] == 0 && time.Now().Before(deadline); {
+		time.Sleep(time.Millisecond)
+	}
+	cat := "find . -type f -print0 | xargs -0 cat >/dev/null"
+	want := map[string]map[string]uint64{
+		"cold": {"FLUSH": 1, "OPEN": 1, "OPENDIR": 1, "READ": 200, "READDIR": 21, "READDIRPLUS": 21, "STATFS": 1},
+		"warm": {"STATFS": 1},
+	}
+	for _, w := range []string{"cold", "warm"} {
+		got := countsDelta(t, srv, mnt, cat)
+		t.Logf("find+cat %s, read-only, no OPEN: %.2f requests per file: %s", w, float64(total(got))/float64(nfiles), fmtCounts(got))
+		if !maps.Equal(got, want[w]) {
+			t.Errorf("find+cat %s: got %s, want %s", w, fmtCounts(got), fmtCounts(want[w]))
+		}
+	}
+	// The bytes are the lower's.
+	got, err := os.ReadFile(filepath.Join(mnt, "d03", "f004"))
+	if err != nil || string(got) != strings.Repeat("x", 104) {
+		t.Errorf("read %q, %v", got, err)
+	}
+}
+
+// TestRequestCountsReadOnly: a read-only superblock spares the warm
+// GETATTR per file that a passthrough read costs elsewhere.
+func TestRequestCountsReadOnly(t *testing.T) {
+	requireFUSE(t)
+	lower, nfiles, _ := countsTree(t, 10, 20)
+	mnt, srv := testOverlayMountServer(t, lower, Options{ReadOnly: true})
+	for deadline := time.Now().Add(5 * time.Second); srv.RequestCounts()["RELEASE"] == 0 && time.Now().Before(deadline); {
+		time.Sleep(time.Millisecond)
+	}
+	cat := "find . -type f -print0 | xargs -0 cat >/dev/null"
+	want := map[string]map[string]uint64{
+		"cold": {"FLUSH": 1, "OPEN": 200, "OPENDIR": 1, "READDIR": 21, "READDIRPLUS": 21, "RELEASE": 200, "STATFS": 1},
+		"warm": {"OPEN": 200, "RELEASE": 200, "STATFS": 1},
+	}
+	for _, w := range []string{"cold", "warm"} {
+		got := countsDelta(t, srv, mnt, cat)
+		t.Logf("find+cat %s, read-only: %.2f requests per file: %s", w, float64(total(got))/float64(nfiles), fmtCounts(got))
+		if !maps.Equal(got, want[w]) {
+			t.Errorf("find+cat %s: got %s, want %s", w, fmtCounts(got), fmtCounts(want[w]))
+		}
+	}
+}
+
+// TestNoOpenReadsAcrossAdopt: on a read-only NoOpen mount the kernel
+// opened files without OPEN; a successor that never looked them up serves their
+// READs by node id, and a file opened before the stop reads on.
+func TestNoOpenReadsAcrossAdopt(t *testing.T) {
+	requireFUSE(t)
+	lower, _, _ := countsTree(t, 2, 4)
+	base, l := newTestLayer(t, 16<<20)
+	dl, err := overlay.NewDirLower(lower)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dl.Close()
+	ofs, err := overlay.New(l, dl)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mnt := filepath.Join(base, "mnt")
+	os.Mkdir(mnt, 0o755)
+	opts := Options{ReadOnly: true, NoOpen: true}
+	srv, err := Mount(mnt, ofs, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := func(s string) string { return filepath.Join(mnt, s) }
+	open, err := os.Open(p("d00/f000"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer open.Close()
+	if _, err := os.Stat(p("d01/f002")); err != nil {
+		t.Fatal(err)
+	}
+	sess, err := srv.Stop()
+	if err != nil {
+		t.Fatal(err)
+	}
+	dl2, err := overlay.NewDirLower(lower)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dl2.Close()
+	ofs2, err := overlay.New(adoptLayer(t, l), dl2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Without NoOpen: the kernel's choice binds the successor.
+	srv2, err := Adopt(mnt, sess, ofs2, Options{ReadOnly: true}, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		open.Close()
+		if err := srv2.Unmount(); err != nil {
+			t.Error(err)
+		}
+	}()
+	got, err := io.ReadAll(open)
+	if err != nil || string(got) != strings.Repeat("x", 100) {
+		t.Errorf("read of a file opened before the stop: %q, %v", got, err)
+	}
+	got, err = os.ReadFile(p("d01/f002"))
+	if err != nil || string(got) != strings.Repeat("x", 102) {
+		t.Errorf("read of a file looked up before the stop: %q, %v", got, err)
+	}
+	if c := srv2.RequestCounts(); c["READ"] < 2 || c["OPEN"] != 0 {
+		t.Errorf("the successor served READ %d, OPEN %d; want >= 2, 0", c["READ"], c["OPEN"])
+	}
+	if err := os.WriteFile(p("d01/new"), nil, 0o644); !errors.Is(err, syscall.EROFS) {
+		t.Errorf("create on a read-only mount: %v, want EROFS", err)
+	}
 }

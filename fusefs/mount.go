@@ -15,8 +15,18 @@ import (
 type Options struct {
 	// FsName is the source shown in /proc/mounts, e.g. "csi-memfs:vol-1".
 	FsName string
-	// ReadOnly mounts read-only.
+	// ReadOnly mounts read-only (a read-only superblock: reads do not
+	// make the kernel drop cached atimes, which spares a GETATTR per
+	// file read).
 	ReadOnly bool
+	// NoOpen, with ReadOnly, has the kernel open files without asking
+	// (FUSE_NO_OPEN_SUPPORT): no OPEN and RELEASE per open, and what was
+	// read stays in the FUSE page cache, so that a file read again costs
+	// no request. The price: no passthrough, so a file's first read comes
+	// through this process, and the pages read are cached twice (above
+	// the tmpfs or lower file's own). For volumes of many small files
+	// read often (BENCHMARKS.md, "Metadata at kernel speed").
+	NoOpen bool
 	// DisablePassthrough serves every read and write through the daemon
 	// even where the kernel offers FUSE passthrough.
 	DisablePassthrough bool
