@@ -371,7 +371,8 @@ bench_lower() {
 # The FUSE requests each lower-tree workload costs csi-memfs, by operation,
 # from the daemon's own counters (fusefs.CountsFileEnv: written at exit). A
 # warm figure is a mount that ran the cold and the warm workload, less one
-# that ran the cold alone. Prints "workload op count" lines.
+# that ran the cold alone; a cold one, less a mount that ran nothing. Prints
+# "workload op count" lines.
 REQ_WORKLOADS=("find+cat cold" "find+cat warm" "ls -lR cold" "ls -lR warm")
 req_cmd() { # workload
 	case $1 in
@@ -394,9 +395,9 @@ req_counts() { # label runs...: mount over $LOWER, run each, stop; counts to $W/
 }
 bench_requests() {
 	local w base f
-	req_counts cat1 "find+cat cold" && req_counts cat2 "find+cat cold" "find+cat warm" &&
+	# req.none: what a mount costs with no workload (the mount's own probe).
+	req_counts none && req_counts cat1 "find+cat cold" && req_counts cat2 "find+cat cold" "find+cat warm" &&
 		req_counts ls1 "ls -lR cold" && req_counts ls2 "ls -lR cold" "ls -lR warm" || return 1
-	: >"$W/req.none"
 	for w in "${REQ_WORKLOADS[@]}"; do
 		case $w in
 		"find+cat cold") base=none f=cat1 ;;
