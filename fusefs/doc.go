@@ -77,6 +77,8 @@
 //	file system)
 //	  the file system's locks (a file system never calls back into fusefs)
 //	session.endMu (why serving ended)
+//	rawFS.dirsMu (directories kept open between READDIRs): nothing is
+//	called with it held
 //
 // rawFS.backingMu and rederiver.mu are never held together: no call into
 // the file system is made with backingMu held but those on an open File,
