@@ -14,6 +14,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/csi-memfs/csi-memfs/overlay"
 )
 
@@ -261,5 +263,54 @@ func TestNoOpenReadsAcrossAdopt(t *testing.T) {
 	}
 	if err := os.WriteFile(p("d01/new"), nil, 0o644); !errors.Is(err, syscall.EROFS) {
 		t.Errorf("create on a read-only mount: %v, want EROFS", err)
+	}
+}
+
+// TestNoACLs: ACL look-ups are EOPNOTSUPP, like a setfacl, and a lower
+// file's ACL is neither listed nor copied up (which failed); other
+// attributes are, security.* ones too.
+func TestNoACLs(t *testing.T) {
+	requireFUSE(t)
+	lower := t.TempDir()
+	f := filepath.Join(lower, "f")
+	os.WriteFile(f, nil, 0o644)
+	// A minimal access ACL (user::rw- group::r-- mask::r-- other::r--
+	// plus user 1000 r--), as setfacl writes it.
+	acl := []byte{2, 0, 0, 0,
+		1, 0, 6, 0, 0xff, 0xff, 0xff, 0xff,
+		2, 0, 4, 0, 0xe8, 3, 0, 0,
+		4, 0, 4, 0, 0xff, 0xff, 0xff, 0xff,
+		0x10, 0, 4, 0, 0xff, 0xff, 0xff, 0xff,
+		0x20, 0, 4, 0, 0xff, 0xff, 0xff, 0xff}
+	if err := unix.Setxattr(f, aclAccessXattr, acl, 0); err != nil {
+		t.Skipf("the lower's file system takes no ACL: %v", err)
+	}
+	if err := unix.Setxattr(f, "user.x", []byte("1"), 0); err != nil {
+		t.Fatal(err)
+	}
+	mnt, _ := testOverlayMount(t, lower, Options{})
+	p := filepath.Join(mnt, "f")
+	if _, err := unix.Getxattr(p, aclAccessXattr, nil); err != unix.EOPNOTSUPP {
+		t.Errorf("getxattr of the ACL: %v, want EOPNOTSUPP", err)
+	}
+	if _, err := unix.Getxattr(p, "security.selinux", nil); err != unix.EOPNOTSUPP {
+		t.Errorf("getxattr of an absent security.selinux: %v, want EOPNOTSUPP", err)
+	}
+	buf := make([]byte, 1024)
+	n, err := unix.Listxattr(p, buf)
+	if err != nil || string(buf[:n]) != "user.x\x00" {
+		t.Errorf("listxattr: %q, %v; want only user.x", buf[:n], err)
+	}
+	if n, err := unix.Listxattr(p, nil); err != nil || n != len("user.x\x00") {
+		t.Errorf("listxattr size: %d, %v", n, err)
+	}
+	if err := unix.Setxattr(p, aclAccessXattr, acl, 0); err != unix.EOPNOTSUPP {
+		t.Errorf("setxattr of an ACL: %v, want EOPNOTSUPP", err)
+	}
+	if err := unix.Setxattr(p, "security.test", []byte("v"), 0); err != nil {
+		t.Fatalf("setxattr security.test: %v", err)
+	}
+	if n, err := unix.Getxattr(p, "security.test", buf); err != nil || string(buf[:n]) != "v" {
+		t.Errorf("a set security.* attribute reads back %q, %v", buf[:n], err)
 	}
 }
