@@ -368,6 +368,65 @@ bench_lower() {
 	[[ $n == "$LOWER_DIR_FILES" && ! -e $mnt/dir ]] || { log "$sys: rename: $n files after it"; return 1; }
 }
 
+# The FUSE requests each lower-tree workload costs csi-memfs, by operation,
+# from the daemon's own counters (fusefs.CountsFileEnv: written at exit). A
+# warm figure is a mount that ran the cold and the warm workload, less one
+# that ran the cold alone; a cold one, less a mount that ran nothing. Prints
+# "workload op count" lines.
+REQ_WORKLOADS=("find+cat cold" "find+cat warm" "ls -lR cold" "ls -lR warm")
+req_cmd() { # workload
+	case $1 in
+	find+cat*) echo 'find . -type f -print0 | xargs -0 cat >/dev/null' ;;
+	ls*) echo 'ls -lR >/dev/null' ;;
+	esac
+}
+req_counts() { # label runs...: mount over $LOWER, run each, stop; counts to $W/req.LABEL
+	local label=$1 run
+	shift
+	export CSI_MEMFS_FUSE_COUNTS=$W/req.$label
+	rm -f "$CSI_MEMFS_FUSE_COUNTS"
+	start_sys csi-memfs "req-$label" "$LOWER" || { unset CSI_MEMFS_FUSE_COUNTS; return 1; }
+	unset CSI_MEMFS_FUSE_COUNTS
+	for run in "$@"; do
+		(cd "${MNT[csi-memfs]}/tree" && sh -c "$(req_cmd "$run")") || { stop_sys csi-memfs; return 1; }
+	done
+	stop_sys csi-memfs
+	[[ -s $W/req.$label ]] || { log "csi-memfs: no request counts written (no $CSI_MEMFS_FUSE_COUNTS support?)"; return 1; }
+}
+bench_requests() {
+	local w base f
+	# req.none: what a mount costs with no workload (the mount's own probe).
+	req_counts none && req_counts cat1 "find+cat cold" && req_counts cat2 "find+cat cold" "find+cat warm" &&
+		req_counts ls1 "ls -lR cold" && req_counts ls2 "ls -lR cold" "ls -lR warm" || return 1
+	for w in "${REQ_WORKLOADS[@]}"; do
+		case $w in
+		"find+cat cold") base=none f=cat1 ;;
+		"find+cat warm") base=cat1 f=cat2 ;;
+		"ls -lR cold") base=none f=ls1 ;;
+		"ls -lR warm") base=ls1 f=ls2 ;;
+		esac
+		awk -v w="$w" -v base="$W/req.$base" '
+			BEGIN { while ((getline l < base) > 0) { split(l, a, " "); b[a[1]] = a[2] } }
+			$1 !~ /FORGET|INIT|DESTROY/ && $2 - b[$1] > 0 { print w "\t" $1 "\t" $2 - b[$1] }' "$W/req.$f"
+	done
+}
+
+# req_report: the Markdown table of bench_requests's lines in $RES/requests.tsv.
+req_report() {
+	local files=$1 entries=$2
+	awk -F'\t' -v files="$files" -v entries="$entries" '
+	{ n[$1] += $3; c[$1, $2] = $3; if (!($2 in seen)) { seen[$2] = 1; ops[++nops] = $2 } if (!($1 in wseen)) { wseen[$1] = 1; ws[++nws] = $1 } }
+	END {
+		printf "| workload |"; for (i = 1; i <= nops; i++) printf " %s |", ops[i]; print " total | per file or entry |"
+		printf "| --- |"; for (i = 1; i <= nops; i++) printf " ---: |"; print " ---: | ---: |"
+		for (j = 1; j <= nws; j++) {
+			w = ws[j]; per = (w ~ /^ls/) ? entries : files
+			printf "| %s |", w; for (i = 1; i <= nops; i++) printf " %d |", c[w, ops[i]]
+			printf " %d | %.2f |\n", n[w], n[w] / per
+		}
+	}' "$RES/requests.tsv"
+}
+
 # run_case FN SYS: one measurement; a failure is logged and the run goes on.
 run_case() {
 	[[ -n ${MNT[$2]:-} ]] || return 0
@@ -492,6 +551,11 @@ if ((have_lower)) || [[ ${BENCH_LOWER:-} == 1 ]]; then
 			stop_sys "$s"
 		done
 	done
+	if ((have_lower)) && [[ " ${SYSTEMS[*]} " == *" csi-memfs "* ]]; then
+		log "overlay section: FUSE requests per workload (csi-memfs)"
+		ROUND=requests
+		bench_requests >"$RES/requests.tsv" || log "csi-memfs: request counts failed"
+	fi
 else
 	log "overlay section skipped: $BIN mount --help shows no --lower (issue 4 not landed yet)"
 fi
@@ -512,6 +576,14 @@ loads=$(awk -F'\t' '$2 == "load1_lower" { printf "%s%s", sep, $4; sep = ", " }' 
 	echo
 	echo "Overlay (lower-file) section: $LOWER_SECTION."
 	"$BT" report -raw "$RAW"
+	if [[ -s $RES/requests.tsv ]]; then
+		echo
+		echo "#### FUSE requests per workload (csi-memfs over the lower tree; the daemon's counters, exact)"
+		echo
+		req_report "$TREE_FILES" "$(($(find "$LOWER/tree" | wc -l) - 1))"
+		echo
+		echo "find + xargs cat: per file; ls -lR: per entry below the tree's root. Warm: the same workload again on the same mount. FORGET and INIT are left out."
+	fi
 } >"$RES/report.md"
 cat "$RES/report.md"
 log "raw results and report: $RES"

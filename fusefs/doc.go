@@ -22,11 +22,18 @@
 // timeouts of an hour (every change goes through this server; the one
 // exception, stores into shared mappings of a passthrough file, is why an
 // inode with writable passthrough opens gets a timeout of zero:
-// rawfs_writers.go), no FLUSH
-// handler, plain READDIR (READDIRPLUS measured 13x slower) with the
-// directory cache kept across opens, symlink caching,
+// rawfs_writers.go), no FLUSH handler, READDIRPLUS in the kernel's
+// automatic mode (no LOOKUP per entry listed), directories read without
+// OPENDIR and RELEASEDIR (dirs.go) and cached by the kernel across opens,
+// ACL and absent security.* look-ups answered EOPNOTSUPP (ls -l then stops
+// asking), symlink caching,
 // FUSE_HANDLE_KILLPRIV_V2 (memfs clears set-ID bits itself, sparing a
-// GETXATTR per write), no writeback cache (it excludes passthrough).
+// GETXATTR per write), no writeback cache (it excludes passthrough). A
+// read-only mount has a read-only superblock, on which reads do not make
+// the kernel drop cached atimes; with Options.NoOpen its files are opened
+// without OPEN and RELEASE and read into the FUSE page cache. Requests
+// are counted by operation (counts.go); TestRequestCounts pins what walks
+// of a tree cost.
 //
 // # Node ids
 //
@@ -82,6 +89,8 @@
 //	file system)
 //	  the file system's locks (a file system never calls back into fusefs)
 //	session.endMu (why serving ended)
+//	rawFS.dirsMu (directories kept open between READDIRs): nothing is
+//	called with it held
 //
 // rawFS.backingMu and rederiver.mu are never held together: no call into
 // the file system is made with backingMu held but those on an open File,

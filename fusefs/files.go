@@ -22,6 +22,21 @@ func (r *rawFS) file(fh uint64) (vfs.File, fuse.Status) {
 	return nil, fuse.EBADF
 }
 
+// fileOrNode returns the vfs.File open as fh; with fh 0, on a read-only
+// mount (files opened by the kernel without OPEN, see Open), a fresh
+// read-only open of the node ino, which the caller releases. A successor
+// serves those whatever its NoOpen says.
+func (r *rawFS) fileOrNode(fh, ino uint64) (vfs.File, fuse.Status) {
+	if fh != 0 || !r.opts.ReadOnly {
+		return r.file(fh)
+	}
+	f, err := r.fs.Open(ino, unix.O_RDONLY, vfs.OpenOptions{})
+	if err != nil {
+		return nil, status("OPEN", err)
+	}
+	return f, fuse.OK
+}
+
 // dir returns the vfs.Dir open as fh.
 func (r *rawFS) dir(fh uint64) (vfs.Dir, fuse.Status) {
 	switch h := r.handles.get(fh).(type) {
@@ -237,8 +252,19 @@ func (r *rawFS) Tmpfile(_ <-chan struct{}, in *fuse.CreateIn, out *fuse.CreateOu
 	return s
 }
 
+// Open opens a file. With Options.NoOpen on a read-only mount the first
+// OPEN is answered ENOSYS: the kernel then opens files itself and never
+// sends OPEN or RELEASE again (FUSE_NO_OPEN_SUPPORT), keeps their pages
+// cached across opens, and reads what it lacks with READ by node id
+// (fileOrNode). No passthrough then: the volume pays a page cache above
+// its files', and a cold read comes through this process; warm, a file
+// costs no request at all.
 func (r *rawFS) Open(_ <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOut) fuse.Status {
 	start := r.now()
+	if r.opts.ReadOnly && r.opts.NoOpen {
+		r.observe("OPEN", start, fuse.ENOSYS)
+		return fuse.ENOSYS
+	}
 	f, err := r.fs.Open(in.NodeId, int(in.Flags), r.openOptions(&in.InHeader, in.Mode))
 	s := status("OPEN", err)
 	if s == fuse.OK {
@@ -261,9 +287,12 @@ func (r *rawFS) finishOpen(ino uint64, flags uint32, f vfs.File, out *fuse.OpenO
 
 func (r *rawFS) Read(_ <-chan struct{}, in *fuse.ReadIn, buf []byte) (fuse.ReadResult, fuse.Status) {
 	start := r.now()
-	f, s := r.file(in.Fh)
+	f, s := r.fileOrNode(in.Fh, in.NodeId)
 	if s != fuse.OK {
 		return nil, s
+	}
+	if in.Fh == 0 {
+		defer f.Release()
 	}
 	n, err := f.ReadAt(buf[:min(int(in.Size), len(buf))], int64(in.Offset))
 	s = status("READ", err)
@@ -293,9 +322,12 @@ func (r *rawFS) Write(_ <-chan struct{}, in *fuse.WriteIn, data []byte) (uint32,
 
 func (r *rawFS) Lseek(_ <-chan struct{}, in *fuse.LseekIn, out *fuse.LseekOut) fuse.Status {
 	start := r.now()
-	f, s := r.file(in.Fh)
+	f, s := r.fileOrNode(in.Fh, in.NodeId)
 	if s != fuse.OK {
 		return s
+	}
+	if in.Fh == 0 {
+		defer f.Release()
 	}
 	off, err := f.Seek(int64(in.Offset), int(in.Whence))
 	s = status("LSEEK", err)
@@ -351,54 +383,6 @@ func (r *rawFS) Release(_ <-chan struct{}, in *fuse.ReleaseIn) {
 	}
 }
 
-func (r *rawFS) OpenDir(_ <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOut) fuse.Status {
-	start := r.now()
-	d, err := r.fs.OpenDir(in.NodeId)
-	s := status("OPENDIR", err)
-	if s == fuse.OK {
-		fh, err := r.handles.add(d, handleRecord{Kind: recDir, Ino: in.NodeId})
-		if err != nil {
-			d.Close()
-			r.observe("OPENDIR", start, fuse.Status(syscall.EMFILE))
-			return fuse.Status(syscall.EMFILE)
-		}
-		out.Fh = fh
-		// Every change to the directory goes through us, so the kernel may
-		// keep what it read across opens.
-		out.OpenFlags |= fuse.FOPEN_CACHE_DIR | fuse.FOPEN_KEEP_CACHE
-	}
-	r.observe("OPENDIR", start, s)
-	return s
-}
-
-func (r *rawFS) ReadDir(_ <-chan struct{}, in *fuse.ReadIn, out *fuse.DirEntryList) fuse.Status {
-	start := r.now()
-	d, s := r.dir(in.Fh)
-	if s != fuse.OK {
-		return s
-	}
-	err := d.ReadDir(int64(in.Offset), func(e *vfs.DirEntry) bool {
-		return out.AddDirEntry(fuse.DirEntry{
-			Name: e.Name,
-			Ino:  e.Ino,
-			Off:  uint64(e.Off),
-			// DT_* << 12 is the S_IF* type.
-			Mode: uint32(e.Type) << 12,
-		})
-	})
-	s = status("READDIR", err)
-	r.observe("READDIR", start, s)
-	return s
-}
-
-func (r *rawFS) FsyncDir(_ <-chan struct{}, in *fuse.FsyncIn) fuse.Status {
-	d, s := r.dir(in.Fh)
-	if s != fuse.OK {
-		return s
-	}
-	return status("FSYNCDIR", d.Sync())
-}
-
 func (r *rawFS) ReleaseDir(in *fuse.ReleaseIn) {
 	if d, ok := r.handles.remove(in.Fh).(vfs.Dir); ok { // a *deadHandle needs nothing more
 		d.Close()
@@ -409,6 +393,7 @@ func (r *rawFS) ReleaseDir(in *fuse.ReleaseIn) {
 // ends. Passthrough backing files stay registered: the kernel drops them
 // with the connection, or a successor takes them over.
 func (r *rawFS) releaseAll() {
+	r.closeDirStreams()
 	r.handles.mu.Lock()
 	open := r.handles.open
 	r.handles.open = map[uint64]any{}

@@ -20,8 +20,18 @@ type Options struct {
 	// Subtype makes the mount's type "fuse.Subtype" ("fuse.memfs" if
 	// empty). Only Mount uses it: an adopted mount keeps its type.
 	Subtype string
-	// ReadOnly mounts read-only.
+	// ReadOnly mounts read-only (a read-only superblock: reads do not
+	// make the kernel drop cached atimes, which spares a GETATTR per
+	// file read).
 	ReadOnly bool
+	// NoOpen, with ReadOnly, has the kernel open files without asking
+	// (FUSE_NO_OPEN_SUPPORT): no OPEN and RELEASE per open, and what was
+	// read stays in the FUSE page cache, so that a file read again costs
+	// no request. The price: no passthrough, so a file's first read comes
+	// through this process, and the pages read are cached twice (above
+	// the tmpfs or lower file's own). For volumes of many small files
+	// read often (BENCHMARKS.md, "Metadata at kernel speed").
+	NoOpen bool
 	// DisablePassthrough serves every read and write through the daemon
 	// even where the kernel offers FUSE passthrough.
 	DisablePassthrough bool
@@ -74,10 +84,11 @@ func mountOptions(opts Options) *fuse.MountOptions {
 		MaxWrite:      128 << 10,
 		MaxReadAhead:  1 << 20,
 		MaxBackground: 64,
-		// Plain READDIR: READDIRPLUS measured 13x slower here.
-		DisableReadDirPlus:   true,
+		// READDIRPLUS in the kernel's automatic mode: the first chunk of
+		// a directory, and later ones when its entries are being looked
+		// up (BENCHMARKS.md, "Metadata at kernel speed").
 		EnableSymlinkCaching: true,
-		ExtraCapabilities:    capHandleKillprivV2 | fuse.CAP_DIRECT_IO_ALLOW_MMAP,
+		ExtraCapabilities:    capHandleKillprivV2 | fuse.CAP_DIRECT_IO_ALLOW_MMAP | fuse.CAP_READDIRPLUS_AUTO,
 		Debug:                opts.Debug,
 	}
 	if opts.DisablePassthrough {

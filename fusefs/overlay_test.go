@@ -65,6 +65,19 @@ func snapshotTree(t testing.TB, root string) string {
 // testOverlayMount mounts an overlay of a fresh memory layer over lower.
 func testOverlayMount(t testing.TB, lower string, opts Options) (string, *overlay.FS) {
 	t.Helper()
+	mnt, fs, _ := testOverlayMountFull(t, lower, opts)
+	return mnt, fs
+}
+
+// testOverlayMountServer is testOverlayMount returning the Server.
+func testOverlayMountServer(t testing.TB, lower string, opts Options) (string, *Server) {
+	t.Helper()
+	mnt, _, srv := testOverlayMountFull(t, lower, opts)
+	return mnt, srv
+}
+
+func testOverlayMountFull(t testing.TB, lower string, opts Options) (string, *overlay.FS, *Server) {
+	t.Helper()
 	base, l := newTestLayer(t, 256<<20)
 	dl, err := overlay.NewDirLower(lower)
 	if err != nil {
@@ -82,8 +95,8 @@ func testOverlayMount(t testing.TB, lower string, opts Options) (string, *overla
 		fs.Close()
 		dl.Close()
 	})
-	mnt, _ := mountTest(t, base, fs, opts)
-	return mnt, fs
+	mnt, srv := mountTest(t, base, fs, opts)
+	return mnt, fs, srv
 }
 
 func runOverlayPosix(t *testing.T, opts Options) {

@@ -1,6 +1,7 @@
 package fusefs
 
 import (
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -56,6 +57,11 @@ type rawFS struct {
 	writers map[uint64]int
 	// writing is the sum of writers. Accessed atomically.
 	writing atomic.Int64
+	// dirsMu protects dirs.
+	dirsMu sync.Mutex
+	// dirs are directories kept open between READDIRs without a handle
+	// (dirs.go), by inode. Invariant: len(dirs) <= maxDirStreams.
+	dirs map[uint64]*dirStream
 }
 
 // backingFile is an inode's registered passthrough backing file. Its
@@ -80,6 +86,7 @@ func newRawFS(fs vfs.FS, opts Options, handles *handleTable) *rawFS {
 		handles:       handles,
 		backing:       map[uint64]*backingFile{},
 		writers:       map[uint64]int{},
+		dirs:          map[uint64]*dirStream{},
 	}
 }
 
@@ -329,13 +336,34 @@ func (r *rawFS) Readlink(_ <-chan struct{}, h *fuse.InHeader) ([]byte, fuse.Stat
 	return []byte(target), s
 }
 
+// GetXAttr reads an extended attribute. Two kinds of name are answered
+// EOPNOTSUPP rather than ENODATA, because `ls -l` (coreutils) asks every
+// entry for them and the kernel caches neither answer, while EOPNOTSUPP
+// makes ls stop asking for the whole file system: POSIX ACL names, which
+// memfs refuses to store (permissions are the mode bits), and a security.*
+// name the file does not have (no security module labels a FUSE file
+// system's files by xattr; one that was set is still read back).
+// security.capability, read at exec, treats both answers alike.
 func (r *rawFS) GetXAttr(_ <-chan struct{}, h *fuse.InHeader, name string, dest []byte) (uint32, fuse.Status) {
 	start := r.now()
+	if name == aclAccessXattr || name == aclDefaultXattr {
+		r.observe("GETXATTR", start, fuse.ENOTSUP)
+		return 0, fuse.ENOTSUP
+	}
 	n, err := r.fs.GetXattr(h.NodeId, name, dest)
+	if err == syscall.ENODATA && strings.HasPrefix(name, "security.") {
+		err = syscall.EOPNOTSUPP
+	}
 	s := status("GETXATTR", err)
 	r.observe("GETXATTR", start, s)
 	return uint32(n), s
 }
+
+// The POSIX ACL attribute names.
+const (
+	aclAccessXattr  = "system.posix_acl_access"
+	aclDefaultXattr = "system.posix_acl_default"
+)
 
 func (r *rawFS) ListXAttr(_ <-chan struct{}, h *fuse.InHeader, dest []byte) (uint32, fuse.Status) {
 	start := r.now()

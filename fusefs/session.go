@@ -103,6 +103,8 @@ type session struct {
 	done chan struct{}
 	// panics counts requests whose handler panicked. Accessed atomically.
 	panics atomic.Uint64
+	// counts counts the requests read, by operation.
+	counts opCounts
 
 	// testHook, set by tests, sees every request: with skip the request
 	// is dropped unserved, with noReply it is served and its reply
@@ -185,6 +187,7 @@ func (s *session) readInit() error {
 	if n < 8 || binary.LittleEndian.Uint32(buf[4:]) != opInit {
 		return fmt.Errorf("the first request is not INIT (%d bytes)", n)
 	}
+	s.counts.add(buf[:n])
 	out := make([]byte, s.bufSize)
 	w, st := s.serveRequest(buf[:n], out)
 	if !st.Ok() || w == 0 {
@@ -262,6 +265,9 @@ func (s *session) serve() {
 		s.endMu.Lock()
 		err := s.endErr
 		s.endMu.Unlock()
+		if err := s.counts.writeCountsFile(); err != nil {
+			klog.ErrorS(err, "Writing FUSE request counts", "fsName", s.raw.opts.FsName)
+		}
 		if err != nil {
 			// Requests now wait for a successor (or the holder's EIO).
 			klog.ErrorS(err, "Serving a FUSE connection failed; no longer reading it", "fsName", s.raw.opts.FsName)
@@ -317,6 +323,7 @@ func (s *session) reader() {
 
 // handle serves one request and writes its reply, if it takes one.
 func (s *session) handle(in []byte) {
+	s.counts.add(in)
 	var noReply bool
 	if h := s.testHook.Load(); h != nil {
 		var skip bool
@@ -392,21 +399,6 @@ func errorReply(out []byte, unique uint64, errno syscall.Errno) int {
 	binary.LittleEndian.PutUint32(out[4:], uint32(-int32(errno)))
 	binary.LittleEndian.PutUint64(out[8:], unique)
 	return n
-}
-
-// opNames names the FUSE opcodes (include/uapi/linux/fuse.h) as the
-// Observer does.
-var opNames = [...]string{
-	1: "LOOKUP", 2: "FORGET", 3: "GETATTR", 4: "SETATTR", 5: "READLINK", 6: "SYMLINK",
-	8: "MKNOD", 9: "MKDIR", 10: "UNLINK", 11: "RMDIR", 12: "RENAME", 13: "LINK",
-	14: "OPEN", 15: "READ", 16: "WRITE", 17: "STATFS", 18: "RELEASE", 20: "FSYNC",
-	21: "SETXATTR", 22: "GETXATTR", 23: "LISTXATTR", 24: "REMOVEXATTR", 25: "FLUSH",
-	26: "INIT", 27: "OPENDIR", 28: "READDIR", 29: "RELEASEDIR", 30: "FSYNCDIR",
-	31: "GETLK", 32: "SETLK", 33: "SETLKW", 34: "ACCESS", 35: "CREATE",
-	36: "INTERRUPT", 37: "BMAP", 38: "DESTROY", 39: "IOCTL", 40: "POLL",
-	41: "NOTIFY_REPLY", 42: "BATCH_FORGET", 43: "FALLOCATE", 44: "READDIRPLUS",
-	45: "RENAME2", 46: "LSEEK", 47: "COPY_FILE_RANGE", 48: "SETUPMAPPING",
-	49: "REMOVEMAPPING", 50: "SYNCFS", 51: "TMPFILE", 52: "STATX", 53: "COPY_FILE_RANGE_64",
 }
 
 // opName returns the name of opcode op.

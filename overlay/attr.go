@@ -48,15 +48,9 @@ func (fs *FS) fixStatLocked(n *node, st *unix.Stat_t) error {
 	}
 	switch {
 	case n.typ == unix.S_IFDIR && n.upper != 0 && n.hasLower:
-		subdirs := 0
-		ents, err := fs.mergedEntriesLocked(n)
+		subdirs, err := fs.subdirsLocked(n)
 		if err != nil {
 			return err
-		}
-		for _, e := range ents {
-			if e.Type == unix.DT_DIR {
-				subdirs++
-			}
 		}
 		setNlink(&st.Nlink, uint64(2+subdirs))
 	case n == fs.root:
@@ -65,6 +59,48 @@ func (fs *FS) fixStatLocked(n *node, st *unix.Stat_t) error {
 		setNlink(&st.Nlink, uint64(int64(st.Nlink)+fs.linkDelta(n)))
 	}
 	return nil
+}
+
+// subdirsLocked returns the number of subdirectories the merged
+// directory n shows: the kept count, or a merge's.
+//
+// Preconditions:
+//   - fs.treeMu is locked; n.mu is not.
+func (fs *FS) subdirsLocked(n *node) (int, error) {
+	n.mu.Lock()
+	subdirs, known := n.subdirs, n.subdirsKnown
+	n.mu.Unlock()
+	if known {
+		return subdirs, nil
+	}
+	subdirs, err := fs.countSubdirsLocked(n)
+	if err != nil {
+		return 0, err
+	}
+	// Writers hold fs.treeMu for writing: no change came in between.
+	n.mu.Lock()
+	n.subdirs, n.subdirsKnown = subdirs, true
+	n.mu.Unlock()
+	return subdirs, nil
+}
+
+// countSubdirsLocked counts the subdirectories the directory n shows, by
+// a merge.
+//
+// Preconditions:
+//   - fs.treeMu is locked.
+func (fs *FS) countSubdirsLocked(n *node) (int, error) {
+	ents, err := fs.mergedEntriesLocked(n)
+	if err != nil {
+		return 0, err
+	}
+	subdirs := 0
+	for _, e := range ents {
+		if e.Type == unix.DT_DIR {
+			subdirs++
+		}
+	}
+	return subdirs, nil
 }
 
 // lowerBlocks returns the 512-byte blocks of n's bytes that still live only

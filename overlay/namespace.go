@@ -324,7 +324,13 @@ func (fs *FS) mkEntry(parent uint64, name string, c vfs.Caller, isDir bool, mk f
 	defer fs.treeMu.Unlock()
 	n, err := fs.createLocked(p, name, c, isDir, mk)
 	if err != nil {
+		if isDir {
+			p.forgetSubdirs()
+		}
 		return vfs.Entry{}, err
+	}
+	if isDir {
+		p.addSubdirs(1)
 	}
 	e, err := fs.entryOf(n)
 	if err != nil {
@@ -433,7 +439,7 @@ func (fs *FS) remove(parent uint64, name string, dir bool) error {
 	}
 	fs.treeMu.Lock()
 	defer fs.treeMu.Unlock()
-	n, err := fs.lookupLocked(p, name, true)
+	n, st, fresh, err := fs.lookupStatLocked(p, name, true)
 	if err != nil {
 		return err
 	}
@@ -443,6 +449,14 @@ func (fs *FS) remove(parent uint64, name string, dir bool) error {
 		return syscall.ENOTDIR
 	case !dir && n.typ == unix.S_IFDIR:
 		return syscall.EISDIR
+	case !dir && fresh && n.upper == 0:
+		// The lookup read the lower file's attributes: its link count
+		// says whether copyUpLinkLocked has work.
+		if st.Nlink > 1 && n.typ == unix.S_IFREG {
+			if err := fs.copyUpLocked(n); err != nil {
+				return err
+			}
+		}
 	case !dir:
 		if err := fs.copyUpLinkLocked(n); err != nil {
 			return err
@@ -463,8 +477,14 @@ func (fs *FS) remove(parent uint64, name string, dir bool) error {
 			return syscall.ENOTEMPTY
 		}
 	}
-	if err := fs.removeLocked(p, name); err != nil {
+	if err := fs.removeLocked(p, name, fs.lowerNamed(n, p, name)); err != nil {
+		if dir {
+			p.forgetSubdirs()
+		}
 		return err
+	}
+	if dir {
+		p.addSubdirs(-1)
 	}
 	fs.detach(n, p, name)
 	return fs.dropIndexLocked(n)

@@ -224,6 +224,37 @@ type node struct {
 	// lower file itself (passthrough). While there are any, upper opens are
 	// not direct: the kernel stacks an inode on one backing file.
 	lowerDirect int
+	// subdirs counts the subdirectories a merged directory shows, for its
+	// link count; valid when subdirsKnown. A merge of the directory sets
+	// it (under FS.treeMu for reading); a mkdir or rmdir in it adjusts it
+	// and a rename forgets it (under FS.treeMu for writing), so that the
+	// GETATTR the kernel sends after each change in a big directory costs
+	// no merge. Invariant: when subdirsKnown, subdirs is the number of
+	// directories mergedEntriesLocked shows.
+	subdirs      int
+	subdirsKnown bool
+}
+
+// addSubdirs adjusts n's count of subdirectories by d, if known.
+//
+// Preconditions:
+//   - FS.treeMu is locked for writing; n.mu is not.
+func (n *node) addSubdirs(d int) {
+	n.mu.Lock()
+	if n.subdirsKnown {
+		n.subdirs += d
+	}
+	n.mu.Unlock()
+}
+
+// forgetSubdirs drops n's count of subdirectories.
+//
+// Preconditions:
+//   - FS.treeMu is locked for writing; n.mu is not.
+func (n *node) forgetSubdirs() {
+	n.mu.Lock()
+	n.subdirs, n.subdirsKnown = 0, false
+	n.mu.Unlock()
 }
 
 // New returns the overlay of upper over lower (nil for none). It creates
@@ -574,6 +605,14 @@ func (fs *FS) CheckInvariants() error {
 		}
 		if n.upper != 0 && fs.upper.Refs(n.upper) == 0 {
 			return fmt.Errorf("node %#x holds no reference on its upper inode %d", n.ino, n.upper)
+		}
+		n.mu.Lock()
+		subdirs, known := n.subdirs, n.subdirsKnown
+		n.mu.Unlock()
+		if known && n.upper != 0 && n.hasLower && n.parent != nil || known && n == fs.root {
+			if c, err := fs.countSubdirsLocked(n); err == nil && c != subdirs {
+				return fmt.Errorf("node %#x keeps %d subdirectories, shows %d", n.ino, subdirs, c)
+			}
 		}
 	}
 	return fs.upper.CheckInvariants()

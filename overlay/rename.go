@@ -43,6 +43,9 @@ func (fs *FS) Rename(parent uint64, name string, newParent uint64, newName strin
 	}
 	fs.treeMu.Lock()
 	defer fs.treeMu.Unlock()
+	// A rename may move directories in or out of both parents.
+	defer q.forgetSubdirs()
+	defer p.forgetSubdirs()
 	if err := checkName(newName); err != nil {
 		return err
 	}

@@ -40,6 +40,16 @@ func (fs *FS) lowerHas(p *node, name string) (bool, error) {
 	return false, err
 }
 
+// lowerNamed says, without asking the lower, that the lower directory of
+// p has name: n, found at p/name, is that lower entry. False means it
+// may or may not.
+//
+// Preconditions:
+//   - fs.treeMu is locked; n was found at p/name.
+func (fs *FS) lowerNamed(n, p *node, name string) bool {
+	return n.hasLower && p.hasLower && n.lowerPath == joinPath(p.lowerPath, name)
+}
+
 // upperState says what the upper directory of p holds at name.
 type upperState int
 
@@ -164,14 +174,19 @@ func (fs *FS) createLocked(p *node, name string, c vfs.Caller, isDir bool, mk fu
 }
 
 // removeLocked removes the entry name of p (checked by the caller) from the
-// union: its upper entry goes, and a whiteout hides a lower one.
+// union: its upper entry goes, and a whiteout hides a lower one. inLower
+// says the caller knows the lower has name (see lowerNamed); false means
+// the lower is asked.
 //
 // Preconditions:
 //   - fs.treeMu is locked for writing.
-func (fs *FS) removeLocked(p *node, name string) error {
-	whiteout, err := fs.lowerHas(p, name)
-	if err != nil {
-		return err
+func (fs *FS) removeLocked(p *node, name string, inLower bool) error {
+	whiteout := inLower
+	if !whiteout {
+		var err error
+		if whiteout, err = fs.lowerHas(p, name); err != nil {
+			return err
+		}
 	}
 	if err := fs.copyUpLocked(p); err != nil {
 		return err

@@ -7,9 +7,12 @@ import (
 	"github.com/csi-memfs/csi-memfs/memfs"
 )
 
-// lowerXattrVisible says whether the lower attribute name is shown.
+// lowerXattrVisible says whether the lower attribute name is shown (and
+// copied up). POSIX ACLs are not: the volume has none (memfs refuses
+// them, permissions are the mode bits), and copying one up failed.
 func lowerXattrVisible(name string) bool {
-	return !strings.HasPrefix(name, "trusted.memfs.") && name != memfs.SealsXattr
+	return !strings.HasPrefix(name, "trusted.memfs.") && name != memfs.SealsXattr &&
+		name != "system.posix_acl_access" && name != "system.posix_acl_default"
 }
 
 // GetXattr reads the attribute name of ino (see memfs.Layer.GetXattr).
