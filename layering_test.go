@@ -58,7 +58,7 @@ var layers = map[string]rule{
 	"overlay": {imports: []string{"vfs", "memfs", unix}},
 	// FUSE: the one package that imports go-fuse.
 	"fusefs": {imports: []string{"vfs", "memfs", fuse, unix, klog},
-		tests: []string{"overlay"}},
+		tests: []string{"overlay", logr}},
 	// Descriptor bundles and the holder: no FUSE, no CSI.
 	"handoff": {imports: []string{unix, klog}},
 	// OCI images as lower directories.
@@ -83,6 +83,7 @@ var layers = map[string]rule{
 	"bench/cmd/benchtool": {},
 	"hack/ociimage":       {imports: []string{ggcr}},
 	"hack/pause":          {},
+	"hack/release":        {imports: []string{ggcr}},
 	"test/e2e":            {tests: []string{ggcr, unix}},
 	"test/e2e/sealtool":   {imports: []string{unix}},
 	".":                   {},
