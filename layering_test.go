@@ -76,7 +76,9 @@ var layers = map[string]rule{
 		tests: []string{"memfs", "internal/imagetest", ggcr, csisanity, ginkgo, kubeletv1}},
 	// The command: flags and wiring; `hold` answers for a dead plugin
 	// with fusefs.Refuse.
-	"cmd/csi-memfs": {imports: []string{"driver", "volume", "handoff", "fusefs", roots, quantity, klog},
+	// logr: --logging-format=json installs a logr.Logger over log/slog
+	// as klog's logger (component-base's JSON format is far heavier).
+	"cmd/csi-memfs": {imports: []string{"driver", "volume", "handoff", "fusefs", roots, quantity, klog, logr},
 		tests: []string{ggcr, unix}},
 	// Test and build tools.
 	"internal/imagetest":  {imports: []string{ggcr, compress}},
