@@ -108,9 +108,13 @@ func printVolumes(w io.Writer, vols []driver.VolumeInfo, now time.Time) {
 		if len(v.Seal) > 0 || v.SealViolations > 0 {
 			seals = fmt.Sprintf("%s (%d refused)", strings.Join(v.Seal, ","), v.SealViolations)
 		}
+		state := v.State
+		if len(v.Degraded) > 0 {
+			state += " DEGRADED(" + strings.Join(v.Degraded, ",") + ")"
+		}
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%d/%d\t%s\t%s\t%s\n", v.ID, pod, img,
 			bytesString(v.BytesUsed), bytesString(v.BytesLimit), v.InodesUsed, v.InodesLimit,
-			seals, ageString(now.Sub(v.PublishedAt)), v.State)
+			seals, ageString(now.Sub(v.PublishedAt)), state)
 	}
 	tw.Flush()
 }

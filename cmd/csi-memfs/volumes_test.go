@@ -26,6 +26,8 @@ func TestPrintVolumes(t *testing.T) {
 			InodesUsed: 12, InodesLimit: 65536, Seal: []string{"etc/*.yaml"}, SealViolations: 2},
 		{ID: "csi-2", PublishedAt: now.Add(-30 * time.Second), State: "lost", BytesUsed: 512, BytesLimit: 1536 << 10,
 			InodesUsed: 1, InodesLimit: 1024},
+		{ID: "csi-3", PublishedAt: now.Add(-2 * time.Minute), State: "published", BytesUsed: 0, BytesLimit: 1 << 20,
+			InodesUsed: 1, InodesLimit: 1024, Degraded: []string{"no_passthrough", "no_resend"}},
 	}
 	var out bytes.Buffer
 	printVolumes(&out, vols, now)
@@ -33,6 +35,7 @@ func TestPrintVolumes(t *testing.T) {
 		"VOLUME  POD         IMAGE                   USED  LIMIT  INODES    SEALS                   AGE  STATE",
 		"csi-1   team/web-0  registry.local/site:v3  3Mi   256Mi  12/65536  etc/*.yaml (2 refused)  1h   published",
 		"csi-2   -           -                       512   1.5Mi  1/1024    -                       30s  lost",
+		"csi-3   -           -                       0     1Mi    1/1024    -                       2m   published DEGRADED(no_passthrough,no_resend)",
 	}
 	if got := strings.Split(strings.TrimSpace(out.String()), "\n"); strings.Join(got, "\n") != strings.Join(want, "\n") {
 		t.Errorf("got:\n%s\nwant:\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
