@@ -58,7 +58,7 @@ var layers = map[string]rule{
 	"overlay": {imports: []string{"vfs", "memfs", unix}},
 	// FUSE: the one package that imports go-fuse.
 	"fusefs": {imports: []string{"vfs", "memfs", fuse, unix, klog},
-		tests: []string{"overlay"}},
+		tests: []string{"overlay", logr}},
 	// Descriptor bundles and the holder: no FUSE, no CSI.
 	"handoff": {imports: []string{unix, klog}},
 	// OCI images as lower directories.
@@ -76,13 +76,16 @@ var layers = map[string]rule{
 		tests: []string{"memfs", "internal/imagetest", ggcr, csisanity, ginkgo, kubeletv1}},
 	// The command: flags and wiring; `hold` answers for a dead plugin
 	// with fusefs.Refuse.
-	"cmd/csi-memfs": {imports: []string{"driver", "volume", "handoff", "fusefs", roots, quantity, klog},
+	// logr: --logging-format=json installs a logr.Logger over log/slog
+	// as klog's logger (component-base's JSON format is far heavier).
+	"cmd/csi-memfs": {imports: []string{"driver", "volume", "handoff", "fusefs", roots, quantity, klog, logr},
 		tests: []string{ggcr, unix}},
 	// Test and build tools.
 	"internal/imagetest":  {imports: []string{ggcr, compress}},
 	"bench/cmd/benchtool": {},
 	"hack/ociimage":       {imports: []string{ggcr}},
 	"hack/pause":          {},
+	"hack/release":        {imports: []string{ggcr}},
 	"test/e2e":            {tests: []string{ggcr, unix}},
 	"test/e2e/sealtool":   {imports: []string{unix}},
 	".":                   {},

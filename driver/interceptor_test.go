@@ -67,3 +67,31 @@ func TestInterceptorLogsNoSecrets(t *testing.T) {
 		t.Errorf("csi_memfs_csi_operations_total{method=NodePublishVolume,code=Unimplemented} is not 1")
 	}
 }
+
+// TestRefusedPublishLogsPod: a publish refused by its first checks (the
+// target path, an unknown attribute) is logged with the pod kubelet named.
+func TestRefusedPublishLogsPod(t *testing.T) {
+	cfg, err := Config{NodeID: "n", StateDir: "/nonexistent"}.withDefaults()
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := &Driver{cfg: cfg}
+	pod := attrs(attrPodNS, "team", attrPodName, "web-0")
+	bad := attrs(attrPodNS, "team", attrPodName, "web-0", "colour", "blue")
+	for name, req := range map[string]*csi.NodePublishVolumeRequest{
+		"relative target":   pubReq("vol-1", "relative/target", pod),
+		"unknown attribute": pubReq("vol-1", "/var/lib/kubelet/pods/uid/volumes/kubernetes.io~csi/data/mount", bad),
+	} {
+		var buf bytes.Buffer
+		logger := funcr.New(func(prefix, args string) { buf.WriteString(prefix + args + "\n") }, funcr.Options{Verbosity: 2})
+		_, err := d.NodePublishVolume(klog.NewContext(context.Background(), logger), req)
+		if status.Code(err) != codes.InvalidArgument {
+			t.Fatalf("%s: err = %v, want InvalidArgument", name, err)
+		}
+		for _, want := range []string{`"msg"="Publish refused"`, `"volumeID"="vol-1"`, `"podNamespace"="team"`, `"podName"="web-0"`} {
+			if !strings.Contains(buf.String(), want) {
+				t.Errorf("%s: log lacks %s:\n%s", name, want, buf.String())
+			}
+		}
+	}
+}

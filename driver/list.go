@@ -28,6 +28,9 @@ type VolumeInfo struct {
 	Seal           []string `json:"seal,omitempty"`
 	SealViolations uint64   `json:"sealViolations,omitempty"`
 	Passthrough    bool     `json:"passthrough"`
+	// Degraded lists why the volume is degraded (no_passthrough,
+	// no_resend), as csi_memfs_volume_degraded does.
+	Degraded []string `json:"degraded,omitempty"`
 }
 
 // Volumes lists the volumes the plugin serves or holds, oldest first, with
@@ -56,6 +59,7 @@ func (d *Driver) Volumes() []VolumeInfo {
 			Seal:           e.rec.Spec.Params.Seal,
 			SealViolations: s.sealViolations,
 			Passthrough:    s.passthrough,
+			Degraded:       s.degraded,
 		}
 		if e.lost {
 			info.State = "lost"

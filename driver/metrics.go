@@ -73,7 +73,7 @@ type metrics struct {
 	// Descriptions of the series collect computes at scrape time.
 	volBytesUsed, volBytesLimit, volInodesUsed, volInodesLimit *prometheus.Desc
 	volCopiedUp, volSealViolations, volPassthrough, volLost    *prometheus.Desc
-	volMetaBytes, volPanics                                    *prometheus.Desc
+	volMetaBytes, volPanics, volDegraded, nodeDegraded         *prometheus.Desc
 	nodeVolumes, nodeBytesUsed, nodeBytesReserved, nodeBudget  *prometheus.Desc
 	nodeMaxVolumes, sealViolations, panics                     *prometheus.Desc
 	imageBytes, imageImages, imagePinned, imageBudget          *prometheus.Desc
@@ -177,14 +177,19 @@ func newMetrics(samples func() []volumeSample, budget *budget, registration bool
 		sealViolations:    node("seal_violations_total", "Operations refused because a file was sealed, all volumes, published or since unpublished."),
 		volMetaBytes:      vol("volume_metadata_bytes", "Part of the volume's used bytes charged for its inodes and extended attributes."),
 		volPanics:         vol("volume_fuse_handler_panics_total", "FUSE requests on the volume whose handler panicked (answered EIO); should stay 0."),
-		panics:            node("fuse_handler_panics_total", "FUSE requests whose handler panicked (answered EIO), all volumes, published or since unpublished; should stay 0."),
-		imageBytes:        node("image_cache_bytes", "Disk used by the flattened images in the node's image cache."),
-		imageImages:       node("image_cache_images", "Images in the node's image cache."),
-		imagePinned:       node("image_cache_images_in_use", "Images of the cache that volumes use (never collected)."),
-		imageBudget:       node("image_cache_budget_bytes", "The image cache budget (flag --image-cache-budget); 0 means none."),
-		imageInFlight:     node("image_pulls_in_flight", "Image pulls running now."),
-		imageHits:         node("image_cache_hits_total", "Image requests answered from the cache without a pull."),
-		imageEvictions:    node("image_cache_evictions_total", "Unused images collected to keep the cache within its budget."),
+		volDegraded: prometheus.NewDesc(metricsPrefix+"volume_degraded",
+			"1 for each reason the volume is degraded: no_passthrough (passthrough wanted, the kernel refused it: the plugin moves the data and is charged its pages), "+
+				"no_resend (the kernel lacks FUSE_NOTIFY_RESEND, Linux < 6.9: a plugin crash can leave callers hung until the volume is unmounted).",
+			append(append([]string(nil), volumeLabels...), "reason"), nil),
+		nodeDegraded:   node("node_degraded_volumes", "Published volumes that are degraded (csi_memfs_volume_degraded); should stay 0."),
+		panics:         node("fuse_handler_panics_total", "FUSE requests whose handler panicked (answered EIO), all volumes, published or since unpublished; should stay 0."),
+		imageBytes:     node("image_cache_bytes", "Disk used by the flattened images in the node's image cache."),
+		imageImages:    node("image_cache_images", "Images in the node's image cache."),
+		imagePinned:    node("image_cache_images_in_use", "Images of the cache that volumes use (never collected)."),
+		imageBudget:    node("image_cache_budget_bytes", "The image cache budget (flag --image-cache-budget); 0 means none."),
+		imageInFlight:  node("image_pulls_in_flight", "Image pulls running now."),
+		imageHits:      node("image_cache_hits_total", "Image requests answered from the cache without a pull."),
+		imageEvictions: node("image_cache_evictions_total", "Unused images collected to keep the cache within its budget."),
 	}
 	// Every documented series exists from the start, at 0.
 	for _, from := range []string{"handover", "holder"} {
@@ -248,7 +253,7 @@ func (m *metrics) retire(v *volume.Volume) {
 // scrape time.
 func (m *metrics) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{m.volBytesUsed, m.volBytesLimit, m.volInodesUsed, m.volInodesLimit,
-		m.volCopiedUp, m.volSealViolations, m.volPassthrough, m.volLost, m.volMetaBytes, m.volPanics, m.panics, m.nodeVolumes, m.nodeBytesUsed,
+		m.volCopiedUp, m.volSealViolations, m.volPassthrough, m.volLost, m.volMetaBytes, m.volPanics, m.volDegraded, m.nodeDegraded, m.panics, m.nodeVolumes, m.nodeBytesUsed,
 		m.nodeBytesReserved, m.nodeBudget, m.nodeMaxVolumes, m.sealViolations, m.imageBytes, m.imageImages,
 		m.imagePinned, m.imageBudget, m.imageInFlight, m.imageHits, m.imageEvictions} {
 		ch <- d
@@ -261,7 +266,7 @@ func (m *metrics) Collect(ch chan<- prometheus.Metric) {
 	gauge := func(d *prometheus.Desc, v float64, labels ...string) {
 		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v, labels...)
 	}
-	var published, lost, used float64
+	var published, lost, used, degraded float64
 	sealed, panics := m.retiredSealViolations.Load(), m.retiredPanics.Load()
 	for _, s := range m.samples() {
 		labels := []string{s.id, s.podNamespace, s.podName}
@@ -275,6 +280,12 @@ func (m *metrics) Collect(ch chan<- prometheus.Metric) {
 			published++
 			gauge(m.volLost, 0, labels...)
 			gauge(m.volPassthrough, b2f(s.passthrough), labels...)
+			for _, r := range s.degraded {
+				gauge(m.volDegraded, 1, append(labels, r)...)
+			}
+			if len(s.degraded) > 0 {
+				degraded++
+			}
 			ch <- prometheus.MustNewConstMetric(m.volSealViolations, prometheus.CounterValue, float64(s.sealViolations), labels...)
 			sealed += s.sealViolations
 			ch <- prometheus.MustNewConstMetric(m.volPanics, prometheus.CounterValue, float64(s.panics), labels...)
@@ -291,6 +302,7 @@ func (m *metrics) Collect(ch chan<- prometheus.Metric) {
 	gauge(m.nodeVolumes, published, "published")
 	gauge(m.nodeVolumes, lost, "lost")
 	gauge(m.nodeBytesUsed, used)
+	gauge(m.nodeDegraded, degraded)
 	gauge(m.nodeBytesReserved, float64(m.budget.bytes.Load()))
 	gauge(m.nodeBudget, float64(m.budget.limit))
 	gauge(m.nodeMaxVolumes, float64(m.budget.maxVolumes))
@@ -319,6 +331,8 @@ type volumeSample struct {
 	passthrough    bool
 	sealViolations uint64
 	panics         uint64
+	// degraded lists why the volume is degraded (degradedReasons).
+	degraded []string
 }
 
 func b2f(b bool) float64 {

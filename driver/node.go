@@ -17,6 +17,10 @@ import (
 func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolumeRequest) (*csi.NodePublishVolumeResponse, error) {
 	start := time.Now()
 	id, spec, pod, err := d.publishRequest(req)
+	if err != nil {
+		// Refused before its attributes were parsed: still say whose.
+		pod = podOf(req.GetVolumeContext())
+	}
 	logger := klog.FromContext(ctx).WithValues("volumeID", req.GetVolumeId())
 	ctx = klog.NewContext(ctx, logger)
 	if err == nil {

@@ -183,6 +183,12 @@ type podInfo struct {
 	UID       string `json:"uid,omitempty"`
 }
 
+// podOf reads the pod kubelet names in a volume's attributes, valid or
+// not: a refused publish is logged with it.
+func podOf(attrs map[string]string) podInfo {
+	return podInfo{Namespace: attrs[attrPodNS], Name: attrs[attrPodName], UID: attrs[attrPodUID]}
+}
+
 // limits are the operator's bounds on volumeAttributes (from flags).
 type limits struct {
 	// DefaultSize is the Size of a volume without a size attribute.
@@ -217,7 +223,7 @@ func parseVolumeParams(attrs map[string]string, lim limits) (volumeParams, podIn
 				"(a csi volume in the pod spec, with a CSIDriver whose volumeLifecycleModes is [Ephemeral]); "+
 				"it has no controller to provision persistent volumes", attrEphemeral, v)
 	}
-	pod := podInfo{Namespace: attrs[attrPodNS], Name: attrs[attrPodName], UID: attrs[attrPodUID]}
+	pod := podOf(attrs)
 
 	p := volumeParams{Size: lim.DefaultSize, Inodes: lim.DefaultInodes}
 	var err error

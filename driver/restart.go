@@ -242,6 +242,7 @@ func (d *Driver) adopt(logger logr.Logger, r record, s volume.Session, resend bo
 		return nil, fmt.Errorf("volume %s: %w", id, err)
 	}
 	e.vol = vol
+	warnDegraded(logger.WithValues("volumeID", id), vol)
 	return e, nil
 }
 

@@ -161,6 +161,16 @@ func (d *Driver) Run(ctx context.Context) error {
 			}
 		}()
 		logger.Info("Serving metrics", "address", mlis.Addr().String())
+		// `csi-memfs volumes` finds the metrics server by this file.
+		af, err := writeMetricsAddress(d.cfg.StateDir, dialable(mlis.Addr()))
+		if err != nil {
+			logger.Error(err, "Cannot record the metrics address; csi-memfs volumes needs --metrics-address", "file", MetricsAddressFile)
+		}
+		defer func() {
+			if err := af.remove(); err != nil {
+				logger.Error(err, "Cannot remove the metrics address file", "file", MetricsAddressFile)
+			}
+		}()
 	}
 	logger.Info("Serving CSI", "endpoint", sockPath, "driver", d.cfg.DriverName, "version", d.cfg.Version, "nodeID", d.cfg.NodeID)
 

@@ -114,6 +114,7 @@ func (d *Driver) publish(ctx context.Context, id string, spec publishSpec, pod p
 	if err := vol.Mount(); err != nil {
 		return fmt.Errorf("volume %s: %w", id, err)
 	}
+	warnDegraded(logger, vol)
 	// Before kubelet hears of the volume: from now on a crash of this
 	// process does not break its mount.
 	d.holder.put(id, vol)

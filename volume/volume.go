@@ -409,6 +409,16 @@ func (v *Volume) Passthrough() bool {
 	return v.server != nil && v.server.Passthrough()
 }
 
+// PassthroughWanted says whether the volume asks for FUSE passthrough
+// (Config.DisablePassthrough is false); Passthrough, whether it has it.
+func (v *Volume) PassthroughWanted() bool { return !v.cfg.DisablePassthrough }
+
+// KernelResend says whether the kernel can resend the requests of a
+// server that died (fusefs.Server.KernelResend); false when unknown.
+func (v *Volume) KernelResend() bool {
+	return v.server != nil && v.server.KernelResend()
+}
+
 // SealViolations counts the operations on the volume refused because a
 // file was sealed. It may be read after Close and Stop.
 func (v *Volume) SealViolations() uint64 { return v.layer.SealViolations() }

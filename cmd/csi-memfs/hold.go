@@ -38,7 +38,7 @@ func parseHoldFlags(args []string, out io.Writer) (holdFlags, error) {
 	fs.SetOutput(out)
 	fs.StringVar(&f.stateDir, "state-dir", defaultStateDir, "the plugin's state directory; the holder listens on "+holderSocket+" in it")
 	fs.DurationVar(&f.deadline, "deadline", 2*time.Minute, "how long no plugin may be connected before FUSE requests are answered with EIO (0: callers wait for the plugin however long it takes)")
-	klog.InitFlags(fs)
+	logFlags(fs)
 	fs.Usage = func() {
 		fmt.Fprintf(out, `Usage: csi-memfs hold [flags]
 

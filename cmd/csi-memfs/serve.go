@@ -59,7 +59,7 @@ func parseServeFlags(args []string, out io.Writer) (driver.Config, error) {
 	fs.DurationVar(&cfg.HandoverWait, "handover-wait", 0, "on SIGTERM, how long to wait for a successor (a replacement plugin pod) to take the volumes over before stopping; the chart sets 20s")
 	fs.BoolVar(&cfg.DisablePassthrough, "no-passthrough", false, "serve every read and write through the daemon instead of FUSE passthrough")
 	fs.BoolVar(&cfg.FUSEDebug, "fuse-debug", false, "log every FUSE request (very verbose)")
-	klog.InitFlags(fs)
+	logFlags(fs)
 	fs.Usage = func() {
 		fmt.Fprintf(out, `Usage: csi-memfs serve [flags]
 

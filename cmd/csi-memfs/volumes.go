@@ -20,11 +20,15 @@ import (
 func runVolumes(args []string) int {
 	fs := flag.NewFlagSet("csi-memfs volumes", flag.ContinueOnError)
 	fs.SetOutput(io.Discard)
-	addr := fs.String("address", "127.0.0.1:9809", "the plugin's --metrics-address")
+	var addr string
+	fs.StringVar(&addr, "metrics-address", "", "the plugin's metrics address HOST:PORT "+
+		"(default: the one the plugin recorded in <state-dir>/"+driver.MetricsAddressFile+", else "+defaultVolumesAddress+")")
+	fs.StringVar(&addr, "address", "", "deprecated: use --metrics-address")
+	stateDir := fs.String("state-dir", defaultStateDir, "the plugin's --state-dir")
 	asJSON := fs.Bool("json", false, "print the plugin's JSON instead of a table")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
-			fmt.Fprintf(os.Stdout, "Usage: csi-memfs volumes [--address HOST:PORT] [--json]\n\n"+
+			fmt.Fprintf(os.Stdout, "Usage: csi-memfs volumes [--metrics-address HOST:PORT] [--state-dir DIR] [--json]\n\n"+
 				"Prints one line per volume of the plugin running on this node: id, pod,\n"+
 				"image, memory used and limit, inodes, sealed globs and seal violations, age.\n\nFlags:\n")
 			fs.SetOutput(os.Stdout)
@@ -34,7 +38,14 @@ func runVolumes(args []string) int {
 		fmt.Fprintf(os.Stderr, "csi-memfs volumes: %v\n", err)
 		return 2
 	}
-	vols, raw, err := fetchVolumes(*addr)
+	if fs.NArg() > 0 {
+		fmt.Fprintf(os.Stderr, "csi-memfs volumes: unexpected argument %q (see --help)\n", fs.Arg(0))
+		return 2
+	}
+	if addr == "" {
+		addr = volumesAddress(*stateDir)
+	}
+	vols, raw, err := fetchVolumes(addr)
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "csi-memfs volumes: %v\n", err)
 		return 1
@@ -47,11 +58,24 @@ func runVolumes(args []string) int {
 	return 0
 }
 
+// defaultVolumesAddress is where `volumes` looks for a plugin that
+// recorded no address: serve's default --metrics-address.
+const defaultVolumesAddress = "127.0.0.1:9809"
+
+// volumesAddress is the metrics address the plugin serving with stateDir
+// recorded, or defaultVolumesAddress.
+func volumesAddress(stateDir string) string {
+	if a, err := driver.ReadMetricsAddress(stateDir); err == nil {
+		return a
+	}
+	return defaultVolumesAddress
+}
+
 func fetchVolumes(addr string) ([]driver.VolumeInfo, []byte, error) {
 	client := http.Client{Timeout: 10 * time.Second}
 	resp, err := client.Get("http://" + addr + "/volumes")
 	if err != nil {
-		return nil, nil, fmt.Errorf("is the plugin running with --metrics-address=%s? %w", addr, err)
+		return nil, nil, fmt.Errorf("nothing answers at %s: is the plugin running? (else give its --state-dir or --metrics-address): %w", addr, err)
 	}
 	defer resp.Body.Close()
 	raw, err := io.ReadAll(resp.Body)
@@ -84,9 +108,13 @@ func printVolumes(w io.Writer, vols []driver.VolumeInfo, now time.Time) {
 		if len(v.Seal) > 0 || v.SealViolations > 0 {
 			seals = fmt.Sprintf("%s (%d refused)", strings.Join(v.Seal, ","), v.SealViolations)
 		}
+		state := v.State
+		if len(v.Degraded) > 0 {
+			state += " DEGRADED(" + strings.Join(v.Degraded, ",") + ")"
+		}
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%d/%d\t%s\t%s\t%s\n", v.ID, pod, img,
 			bytesString(v.BytesUsed), bytesString(v.BytesLimit), v.InodesUsed, v.InodesLimit,
-			seals, ageString(now.Sub(v.PublishedAt)), v.State)
+			seals, ageString(now.Sub(v.PublishedAt)), state)
 	}
 	tw.Flush()
 }
