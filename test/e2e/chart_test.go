@@ -301,8 +301,8 @@ func TestChartRendering(t *testing.T) {
 			"--set", "admissionPolicy.allowedImageRegistries={registry.example.com,127.0.0.1:5000}")
 		has(t, out, "kind: ValidatingAdmissionPolicy\n", "kind: ValidatingAdmissionPolicyBinding\n",
 			"apiVersion: admissionregistration.k8s.io/v1\n", "validationActions: [Deny]", "failurePolicy: Fail",
-			`variables.namespace in ["team","ml"] || (has(namespaceObject.metadata.labels) && "memfs" in namespaceObject.metadata.labels`,
-			`variables.namespace in {"ml":"8Gi"} ?`, `: "1Gi"`,
+			`variables.podNamespace in ["team","ml"] || (has(namespaceObject.metadata.labels) && "memfs" in namespaceObject.metadata.labels`,
+			`variables.podNamespace in {"ml":"8Gi"} ?`, `: "1Gi"`,
 			`variables.registries.all(r, r in ["registry.example.com","127.0.0.1:5000"])`,
 			"allows them in namespaces team, ml and namespaces labelled memfs=allowed")
 		out = render(t, "--set", "admissionPolicy.enabled=true")
