@@ -296,9 +296,9 @@ func (f *flattener) countFile() error {
 	return nil
 }
 
-// checkPath checks an entry's name or link target against lim.pathLen and
-// the kernel's NAME_MAX, which the image could otherwise turn into an
-// unclassified ENAMETOOLONG.
+// checkPath checks an entry's name or link target against lim.pathLen
+// (ErrTooLarge) and the kernel's NAME_MAX (ErrUnsafe), which the image
+// could otherwise turn into an unclassified ENAMETOOLONG.
 func (f *flattener) checkPath(what, p string) error {
 	if f.lim.pathLen > 0 && len(p) > f.lim.pathLen {
 		return fmt.Errorf("%w: %s of %d bytes, longer than %d (the limit of path length)", ErrTooLarge, what, len(p), f.lim.pathLen)
@@ -306,7 +306,9 @@ func (f *flattener) checkPath(what, p string) error {
 	if what != "symlink target" {
 		for _, el := range strings.Split(p, "/") {
 			if len(el) > unix.NAME_MAX {
-				return fmt.Errorf("%w: %s with a name of %d bytes, longer than %d (the limit of a file name)", ErrTooLarge, what, len(el), unix.NAME_MAX)
+				// No file system here could hold it: the image is
+				// unusable, not too big (FailedPrecondition).
+				return fmt.Errorf("%w: %s with a name of %d bytes, longer than %d (the limit of a file name)", ErrUnsafe, what, len(el), unix.NAME_MAX)
 			}
 		}
 	}
