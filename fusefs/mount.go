@@ -7,6 +7,7 @@ import (
 
 	"github.com/hanwen/go-fuse/v2/fuse"
 	"golang.org/x/sys/unix"
+	"k8s.io/klog/v2"
 
 	"github.com/csi-memfs/csi-memfs/vfs"
 )
@@ -24,6 +25,13 @@ type Options struct {
 	Observer Observer
 	// Debug logs every request and reply (to the standard logger).
 	Debug bool
+	// Transport chooses how requests reach the server: over io_uring or
+	// /dev/fuse alone; the zero value is TransportAuto.
+	Transport Transport
+	// Handover says the connection may be served by another process
+	// later (Session, Stop, Adopt), which a connection served over
+	// io_uring cannot be: TransportAuto then keeps to /dev/fuse.
+	Handover bool
 }
 
 // Observer receives one call per FUSE request served, after the reply.
@@ -78,7 +86,14 @@ func Mount(mountpoint string, fs vfs.FS, opts Options) (*Server, error) {
 	if name == "" {
 		name = "csi-memfs"
 	}
+	ring, err := offerRing(opts)
+	if err != nil {
+		return nil, fmt.Errorf("fusefs: mount %s: %w", mountpoint, err)
+	}
 	mo := mountOptions(opts)
+	if ring {
+		mo.ExtraCapabilities |= fuse.CAP_OVER_IO_URING
+	}
 	var st unix.Stat_t
 	if err := unix.Stat(mountpoint, &st); err != nil {
 		return nil, fmt.Errorf("fusefs: mount %s: %w", mountpoint, err)
@@ -110,6 +125,9 @@ func Mount(mountpoint string, fs vfs.FS, opts Options) (*Server, error) {
 	if err == nil {
 		err = s.readInit()
 	}
+	if err == nil && ring {
+		err = s.acceptRing(opts)
+	}
 	if err != nil {
 		unix.Unmount(mountpoint, unix.MNT_DETACH)
 		if s != nil {
@@ -120,7 +138,9 @@ func Mount(mountpoint string, fs vfs.FS, opts Options) (*Server, error) {
 	}
 	s.serve()
 	pollHack(mountpoint)
-	return &Server{raw: raw, sess: s, mountpoint: mountpoint}, nil
+	srv := &Server{raw: raw, sess: s, mountpoint: mountpoint}
+	klog.InfoS("Serving a FUSE mount", "fsName", name, "mountpoint", mountpoint, "transport", srv.Transport())
+	return srv, nil
 }
 
 // pollHackName is a name go-fuse's ProtocolServer answers itself
@@ -171,6 +191,9 @@ func (s *Server) Unmount() error {
 func (s *Server) close() {
 	s.raw.releaseAll()
 	s.raw.handles.close()
+	if s.sess.ring != nil {
+		s.sess.ring.close()
+	}
 	s.sess.close()
 }
 
