@@ -105,6 +105,37 @@ func TestRingPosixDaemonIO(t *testing.T) {
 	runPosix(t, Options{Transport: TransportIOUring, DisablePassthrough: true})
 }
 
+func TestRingSeals(t *testing.T) {
+	requireRing(t)
+	testSeals(t, Options{Transport: TransportIOUring})
+}
+
+// TestRingAdoptRefused: a connection whose INIT chose the ring is not
+// adopted, even from a session put together by hand.
+func TestRingAdoptRefused(t *testing.T) {
+	requireRing(t)
+	mnt, l, srv := testMount(t, 16<<20, Options{Transport: TransportIOUring})
+	dev, err := dupFile(srv.sess.devFd, "/dev/fuse")
+	if err != nil {
+		t.Fatal(err)
+	}
+	handles, err := srv.raw.handles.dup()
+	if err != nil {
+		dev.Close()
+		t.Fatal(err)
+	}
+	sess := Session{Dev: dev, Handles: handles, Init: srv.sess.init}
+	if s2, err := Adopt(mnt, sess, l, Options{}, false); !errors.Is(err, ErrRingHandover) {
+		if err == nil {
+			s2.Stop()
+		}
+		t.Fatalf("Adopt of a ring connection: %v, want ErrRingHandover", err)
+	}
+	if err := os.WriteFile(filepath.Join(mnt, "f"), []byte("x"), 0o644); err != nil {
+		t.Errorf("serving after a refused Adopt: %v", err)
+	}
+}
+
 // TestRingFallback: where io_uring is refused (here by
 // kernel.io_uring_disabled=2, as a seccomp filter or an old kernel would),
 // auto serves over /dev/fuse and io-uring fails the mount.
