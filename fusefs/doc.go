@@ -42,6 +42,14 @@
 // are records of the open-handle table (handles.go), kept in a memory
 // file so that they outlive the process too.
 //
+// Where the kernel and the container allow it (Options.Transport), the
+// connection is served over io_uring too (uring_*.go, Linux >= 6.14): one
+// queue per CPU, each a thread of its own answering a request and taking
+// the next in one system call. INIT, FORGET and INTERRUPT stay on
+// /dev/fuse, and so do the session's readers. Such a connection cannot
+// change server, so TransportAuto keeps mounts that may (Options.Handover)
+// on /dev/fuse (docs/restart.md, "FUSE over io_uring").
+//
 // # Restarts
 //
 // The restart_*.go files hold what only a change of server process needs
@@ -70,6 +78,9 @@
 //	file system)
 //	  the file system's locks (a file system never calls back into fusefs)
 //	session.endMu (why serving ended)
+//
+// The io_uring transport takes no lock: a queue's ring, buffers and
+// counters belong to its thread alone.
 //
 // rawFS.backingMu and rederiver.mu are never held together: no call into
 // the file system is made with backingMu held but those on an open File,
