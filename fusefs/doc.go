@@ -47,8 +47,8 @@
 // queue per CPU, each a thread of its own answering a request and taking
 // the next in one system call. INIT, FORGET and INTERRUPT stay on
 // /dev/fuse, and so do the session's readers. Such a connection cannot
-// change server, so TransportAuto keeps mounts that may (Options.Handover)
-// on /dev/fuse (docs/restart.md, "FUSE over io_uring").
+// change server, so TransportAuto uses it only for mounts that never
+// will (Options.NoHandover) (docs/restart.md, "FUSE over io_uring").
 //
 // # Restarts
 //

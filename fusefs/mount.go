@@ -28,10 +28,10 @@ type Options struct {
 	// Transport chooses how requests reach the server: over io_uring or
 	// /dev/fuse alone; the zero value is TransportAuto.
 	Transport Transport
-	// Handover says the connection may be served by another process
-	// later (Session, Stop, Adopt), which a connection served over
-	// io_uring cannot be: TransportAuto then keeps to /dev/fuse.
-	Handover bool
+	// NoHandover says the connection will never be served by another
+	// process (Session, Stop, Adopt), which a connection served over
+	// io_uring cannot be: only then does TransportAuto use io_uring.
+	NoHandover bool
 }
 
 // Observer receives one call per FUSE request served, after the reply.

@@ -142,7 +142,7 @@ func TestRingAdoptRefused(t *testing.T) {
 func TestRingFallback(t *testing.T) {
 	requireRing(t)
 	setSysctl(t, "/proc/sys/kernel/io_uring_disabled", "2")
-	mnt, _, srv := testMount(t, 16<<20, Options{})
+	mnt, _, srv := testMount(t, 16<<20, Options{NoHandover: true})
 	if got := srv.Transport(); got != TransportDevFuse {
 		t.Errorf("auto with io_uring disabled: Transport() = %q, want %q", got, TransportDevFuse)
 	}
@@ -172,7 +172,7 @@ const fuseSuperMagic = 0x65735546
 func TestRingAutoSwitchesParamOn(t *testing.T) {
 	requireRing(t)
 	setSysctl(t, enableURingParam, "N")
-	_, _, srv := testMount(t, 16<<20, Options{})
+	_, _, srv := testMount(t, 16<<20, Options{NoHandover: true})
 	if got := srv.Transport(); got != TransportIOUring {
 		t.Errorf("auto, enable_uring N but writable: Transport() = %q, want %q", got, TransportIOUring)
 	}
@@ -181,16 +181,21 @@ func TestRingAutoSwitchesParamOn(t *testing.T) {
 	}
 }
 
-// TestRingNotWithHandover: auto keeps a mount that must survive restarts
-// on /dev/fuse; a mount on the ring refuses Session and Stop and goes on
-// serving.
+// TestRingNotWithHandover: auto keeps a mount that may change server (the
+// default) on /dev/fuse, and leaves enable_uring alone; a mount on the
+// ring refuses Session and Stop and goes on serving.
 func TestRingNotWithHandover(t *testing.T) {
 	requireRing(t)
-	_, _, srv := testMount(t, 16<<20, Options{Handover: true})
+	setSysctl(t, enableURingParam, "N")
+	_, _, srv := testMount(t, 16<<20, Options{})
 	if got := srv.Transport(); got != TransportDevFuse {
-		t.Errorf("auto with Handover: Transport() = %q, want %q", got, TransportDevFuse)
+		t.Errorf("auto, may change server: Transport() = %q, want %q", got, TransportDevFuse)
 	}
-	mnt, _, srv := testMount(t, 16<<20, Options{Transport: TransportIOUring, Handover: true})
+	if b, _ := os.ReadFile(enableURingParam); len(b) == 0 || b[0] != 'N' {
+		t.Errorf("enable_uring = %q after an auto mount that may change server, want N", b)
+	}
+	os.WriteFile(enableURingParam, []byte("Y"), 0)
+	mnt, _, srv := testMount(t, 16<<20, Options{Transport: TransportIOUring})
 	if _, err := srv.Session(); !errors.Is(err, ErrRingHandover) {
 		t.Errorf("Session() on the ring: %v, want ErrRingHandover", err)
 	}

@@ -19,9 +19,9 @@ type Transport string
 
 const (
 	// TransportAuto serves over io_uring where the kernel and the
-	// container allow it and the mount need not change server
-	// (Options.Handover false); else over /dev/fuse. The zero value
-	// means auto.
+	// container allow it and the mount will never change server
+	// (Options.NoHandover); else over /dev/fuse. The zero value means
+	// auto.
 	TransportAuto Transport = "auto"
 	// TransportIOUring serves over io_uring or fails the mount. Such a
 	// mount cannot be handed over: Session and Stop fail with
@@ -64,7 +64,7 @@ func offerRing(opts Options) (bool, error) {
 	switch {
 	case t == TransportDevFuse:
 		return false, nil
-	case t == TransportAuto && opts.Handover:
+	case t == TransportAuto && !opts.NoHandover:
 		// The common case of csi-memfs volumes: say it quietly.
 		klog.V(2).InfoS("Serving over /dev/fuse: a mount that can change server cannot use io_uring", "fsName", opts.FsName)
 		return false, nil
