@@ -60,6 +60,14 @@
 // are still open after Options.UnmountGrace the connection is aborted
 // through fusectl (abort.go) and Server.Forced says so.
 //
+// Where the kernel and the container allow it (Options.Transport), the
+// connection is served over io_uring too (uring_*.go, Linux >= 6.14): one
+// queue per CPU, each a thread of its own answering a request and taking
+// the next in one system call. INIT, FORGET and INTERRUPT stay on
+// /dev/fuse, and so do the session's readers. Such a connection cannot
+// change server, so TransportAuto uses it only for mounts that never
+// will (Options.NoHandover) (docs/restart.md, "FUSE over io_uring").
+//
 // # Restarts
 //
 // The restart_*.go files hold what only a change of server process needs
@@ -91,6 +99,9 @@
 //	session.endMu (why serving ended)
 //	rawFS.dirsMu (directories kept open between READDIRs): nothing is
 //	called with it held
+//
+// The io_uring transport takes no lock: a queue's ring, buffers and
+// counters belong to its thread alone.
 //
 // rawFS.backingMu and rederiver.mu are never held together: no call into
 // the file system is made with backingMu held but those on an open File,

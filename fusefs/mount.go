@@ -43,6 +43,13 @@ type Options struct {
 	// a busy mount to close before it ends the connection. Zero means
 	// DefaultUnmountGrace.
 	UnmountGrace time.Duration
+	// Transport chooses how requests reach the server: over io_uring or
+	// /dev/fuse alone; the zero value is TransportAuto.
+	Transport Transport
+	// NoHandover says the connection will never be served by another
+	// process (Session, Stop, Adopt), which a connection served over
+	// io_uring cannot be: only then does TransportAuto use io_uring.
+	NoHandover bool
 }
 
 // DefaultUnmountGrace is the UnmountGrace of Options that set none.
@@ -109,7 +116,14 @@ func Mount(mountpoint string, fs vfs.FS, opts Options) (*Server, error) {
 	if subtype == "" {
 		subtype = "memfs"
 	}
+	ring, err := offerRing(opts)
+	if err != nil {
+		return nil, fmt.Errorf("fusefs: mount %s: %w", mountpoint, err)
+	}
 	mo := mountOptions(opts)
+	if ring {
+		mo.ExtraCapabilities |= fuse.CAP_OVER_IO_URING
+	}
 	var st unix.Stat_t
 	if err := unix.Stat(mountpoint, &st); err != nil {
 		return nil, fmt.Errorf("fusefs: mount %s: %w", mountpoint, err)
@@ -141,6 +155,9 @@ func Mount(mountpoint string, fs vfs.FS, opts Options) (*Server, error) {
 	if err == nil {
 		err = s.readInit()
 	}
+	if err == nil && ring {
+		err = s.acceptRing(opts)
+	}
 	if err != nil {
 		unix.Unmount(mountpoint, unix.MNT_DETACH)
 		if s != nil {
@@ -151,7 +168,9 @@ func Mount(mountpoint string, fs vfs.FS, opts Options) (*Server, error) {
 	}
 	s.serve()
 	pollHack(mountpoint)
-	return &Server{raw: raw, sess: s, mountpoint: mountpoint, dev: mountDev(mountpoint)}, nil
+	srv := &Server{raw: raw, sess: s, mountpoint: mountpoint, dev: mountDev(mountpoint)}
+	klog.InfoS("Serving a FUSE mount", "fsName", name, "mountpoint", mountpoint, "transport", srv.Transport())
+	return srv, nil
 }
 
 // pollHackName is a name go-fuse's ProtocolServer answers itself
@@ -237,6 +256,9 @@ func (s *Server) Forced() bool { return s.forced.Load() }
 func (s *Server) close() {
 	s.raw.releaseAll()
 	s.raw.handles.close()
+	if s.sess.ring != nil {
+		s.sess.ring.close()
+	}
 	s.sess.close()
 }
 

@@ -45,6 +45,9 @@ func (s Session) Close() {
 // for a holder that keeps the connection alive if this process dies. It
 // stays valid while the mount exists.
 func (s *Server) Session() (Session, error) {
+	if s.sess.ring != nil {
+		return Session{}, fmt.Errorf("fusefs: session of %s: %w", s.mountpoint, ErrRingHandover)
+	}
 	dev, err := dupFile(s.sess.devFd, "/dev/fuse")
 	if err != nil {
 		return Session{}, fmt.Errorf("fusefs: session of %s: %w", s.mountpoint, err)
@@ -61,8 +64,12 @@ func (s *Server) Session() (Session, error) {
 // session it returns: it stops reading requests, waits until those read
 // are answered, and lets go of its open files and descriptors. Requests
 // that arrive meanwhile wait in the kernel. The caller hands the session
-// on or closes it.
+// on or closes it. A server on io_uring refuses (ErrRingHandover) and
+// goes on serving.
 func (s *Server) Stop() (Session, error) {
+	if s.sess.ring != nil {
+		return Session{}, fmt.Errorf("fusefs: stop %s: %w", s.mountpoint, ErrRingHandover)
+	}
 	if !s.sess.stop() {
 		s.close()
 		return Session{}, fmt.Errorf("fusefs: stop %s: the connection has ended", s.mountpoint)
@@ -88,6 +95,10 @@ func Adopt(mountpoint string, sess Session, fs vfs.FS, opts Options, resend bool
 	if sess.Dev == nil || sess.Handles == nil {
 		sess.Close()
 		return fail(errors.New("incomplete session"))
+	}
+	if err := refuseRingInit(sess.Init); err != nil {
+		sess.Close()
+		return fail(err)
 	}
 	handles, err := mapHandleTable(sess.Handles)
 	if err != nil {

@@ -76,6 +76,10 @@ type session struct {
 	stopFd int
 	ps     *fuse.ProtocolServer
 	raw    *rawFS
+	// ring is the connection's io_uring transport (uring_fuse.go), or
+	// nil when every request comes through devFd. Set before serving;
+	// immutable after.
+	ring *ringTransport
 	// init is the INIT request the kernel sent followed by the reply it
 	// got, verbatim (the request's header gives its length). Set before
 	// serving; immutable after.

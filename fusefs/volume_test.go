@@ -178,8 +178,10 @@ func TestPassthroughBypassesDaemon(t *testing.T) {
 	}
 }
 
-func TestSealsThroughMount(t *testing.T) {
-	mnt, l, _ := testMount(t, 16<<20, Options{})
+func TestSealsThroughMount(t *testing.T) { testSeals(t, Options{}) }
+
+func testSeals(t *testing.T, opts Options) {
+	mnt, l, _ := testMount(t, 16<<20, opts)
 	p := filepath.Join(mnt, "config")
 	f, err := os.OpenFile(p, os.O_CREATE|os.O_RDWR, 0o666)
 	if err != nil {
