@@ -225,6 +225,11 @@ type Config struct {
 
 	// DisablePassthrough serves every read and write through the daemon.
 	DisablePassthrough bool
+	// FUSETransport is volume.Config.Transport for every volume: "auto"
+	// (or empty) serves /dev/fuse, since every volume may be handed to a
+	// successor; "io-uring" serves the ring where the kernel allows it,
+	// and then a restart of the plugin loses the volumes.
+	FUSETransport string
 	// FUSEDebug logs every FUSE request (very verbose).
 	FUSEDebug bool
 }
@@ -345,6 +350,7 @@ func (d *Driver) volumeConfig(id string, spec publishSpec, lower string) volume.
 		Target:             spec.TargetPath,
 		ReadOnly:           spec.ReadOnly,
 		DisablePassthrough: d.cfg.DisablePassthrough,
+		Transport:          d.cfg.FUSETransport,
 		Observer:           d.metrics.fuse,
 		Debug:              d.cfg.FUSEDebug,
 	}

@@ -74,6 +74,7 @@ type metrics struct {
 	volBytesUsed, volBytesLimit, volInodesUsed, volInodesLimit *prometheus.Desc
 	volCopiedUp, volSealViolations, volPassthrough, volLost    *prometheus.Desc
 	volMetaBytes, volPanics, volDegraded, nodeDegraded         *prometheus.Desc
+	volIOUring                                                 *prometheus.Desc
 	nodeVolumes, nodeBytesUsed, nodeBytesReserved, nodeBudget  *prometheus.Desc
 	nodeMaxVolumes, sealViolations, panics                     *prometheus.Desc
 	imageBytes, imageImages, imagePinned, imageBudget          *prometheus.Desc
@@ -175,6 +176,7 @@ func newMetrics(samples func() []volumeSample, budget *budget, registration bool
 		nodeBudget:        node("node_budget_bytes", "The node memory budget (flag --node-memory-budget); 0 means none."),
 		nodeMaxVolumes:    node("node_max_volumes", "The node's volume limit (flag --max-volumes); 0 means none."),
 		sealViolations:    node("seal_violations_total", "Operations refused because a file was sealed, all volumes, published or since unpublished."),
+		volIOUring:        vol("volume_io_uring", "1 while the volume's FUSE requests come over io_uring (--fuse-transport), 0 over /dev/fuse."),
 		volMetaBytes:      vol("volume_metadata_bytes", "Part of the volume's used bytes charged for its inodes and extended attributes."),
 		volPanics:         vol("volume_fuse_handler_panics_total", "FUSE requests on the volume whose handler panicked (answered EIO); should stay 0."),
 		volDegraded: prometheus.NewDesc(metricsPrefix+"volume_degraded",
@@ -253,7 +255,7 @@ func (m *metrics) retire(v *volume.Volume) {
 // scrape time.
 func (m *metrics) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{m.volBytesUsed, m.volBytesLimit, m.volInodesUsed, m.volInodesLimit,
-		m.volCopiedUp, m.volSealViolations, m.volPassthrough, m.volLost, m.volMetaBytes, m.volPanics, m.volDegraded, m.nodeDegraded, m.panics, m.nodeVolumes, m.nodeBytesUsed,
+		m.volCopiedUp, m.volSealViolations, m.volPassthrough, m.volLost, m.volIOUring, m.volMetaBytes, m.volPanics, m.volDegraded, m.nodeDegraded, m.panics, m.nodeVolumes, m.nodeBytesUsed,
 		m.nodeBytesReserved, m.nodeBudget, m.nodeMaxVolumes, m.sealViolations, m.imageBytes, m.imageImages,
 		m.imagePinned, m.imageBudget, m.imageInFlight, m.imageHits, m.imageEvictions} {
 		ch <- d
@@ -280,6 +282,7 @@ func (m *metrics) Collect(ch chan<- prometheus.Metric) {
 			published++
 			gauge(m.volLost, 0, labels...)
 			gauge(m.volPassthrough, b2f(s.passthrough), labels...)
+			gauge(m.volIOUring, b2f(s.transport == "io-uring"), labels...)
 			for _, r := range s.degraded {
 				gauge(m.volDegraded, 1, append(labels, r)...)
 			}
@@ -331,6 +334,7 @@ type volumeSample struct {
 	passthrough    bool
 	sealViolations uint64
 	panics         uint64
+	transport      string
 	// degraded lists why the volume is degraded (degradedReasons).
 	degraded []string
 }

@@ -80,6 +80,7 @@ func (e *entry) sample() (volumeSample, bool) {
 		return s, false
 	}
 	s.u, s.passthrough, s.sealViolations, s.panics = u, e.vol.Passthrough(), e.vol.SealViolations(), e.vol.Panics()
+	s.transport = e.vol.Transport()
 	s.degraded = volumeDegraded(e.vol)
 	return s, true
 }

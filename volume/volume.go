@@ -101,10 +101,25 @@ type Config struct {
 	// DisablePassthrough serves every read and write through this
 	// process.
 	DisablePassthrough bool
+	// Transport is how FUSE requests reach this process: "auto" (or
+	// empty), "io-uring" or "dev-fuse" (CheckTransport). A volume served
+	// over io_uring cannot be handed to another process, so auto uses the
+	// ring only with NoHandover, and with "io-uring" a restart of the
+	// serving process loses the volume (docs/restart.md).
+	Transport string
+	// NoHandover says the volume will never be served by another
+	// process (Stop, Adopt), as for `csi-memfs mount`.
+	NoHandover bool
 	// Observer, if set, is told of every FUSE request served.
 	Observer fusefs.Observer
 	// Debug logs every FUSE request (very verbose).
 	Debug bool
+}
+
+// CheckTransport checks a Config.Transport value.
+func CheckTransport(s string) error {
+	_, err := fusefs.ParseTransport(s)
+	return err
 }
 
 // Source returns the source a volume's mount shows in /proc/mounts:
@@ -185,6 +200,8 @@ func (v *Volume) fuseOptions() fusefs.Options {
 		Subtype:            v.cfg.Subtype,
 		ReadOnly:           v.cfg.ReadOnly,
 		DisablePassthrough: v.cfg.DisablePassthrough,
+		Transport:          fusefs.Transport(v.cfg.Transport),
+		NoHandover:         v.cfg.NoHandover,
 		Observer:           v.cfg.Observer,
 		Debug:              v.cfg.Debug,
 	}
@@ -407,6 +424,15 @@ func (v *Volume) closeTree() error {
 // passthrough; false when it is not served.
 func (v *Volume) Passthrough() bool {
 	return v.server != nil && v.server.Passthrough()
+}
+
+// Transport says how the volume's requests reach this process,
+// "io-uring" or "dev-fuse"; empty when it is not served.
+func (v *Volume) Transport() string {
+	if v.server == nil {
+		return ""
+	}
+	return string(v.server.Transport())
 }
 
 // PassthroughWanted says whether the volume asks for FUSE passthrough

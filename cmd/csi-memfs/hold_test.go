@@ -158,7 +158,8 @@ func testHoldCrash(t *testing.T, bin string) {
 
 	mnt, mstate := t.TempDir(), t.TempDir()
 	var srvErr bytes.Buffer
-	srv := exec.Command(bin, "mount", "--size", "8Mi", "--state-dir", mstate, mnt)
+	srv := exec.Command(bin, "mount", "--size", "8Mi", "--state-dir", mstate,
+		"--fuse-transport", "dev-fuse", mnt) // as the plugin serves: a ring-served connection cannot be held
 	srv.Stderr = &srvErr
 	if err := srv.Start(); err != nil {
 		t.Fatal(err)

@@ -34,6 +34,7 @@ type mountFlags struct {
 	pullSecret    string
 	localImages   string
 	noPassthrough bool
+	transport     string
 	debug         bool
 	mountpoint    string
 	// fsName, subtype and readOnly come from -o.
@@ -113,6 +114,7 @@ func parseMountFlags(args []string, out io.Writer) (*mountFlags, error) {
 	fs.StringVar(&m.localImages, "local-images", "", "directory of local images an --image "+driver.LocalImagePrefix+"NAME[:TAG] names (OCI image layouts or image tarballs)")
 	fs.StringVar(&m.stateDir, "state-dir", os.TempDir(), "directory under which the volume's private tmpfs instance is mounted")
 	fs.BoolVar(&m.noPassthrough, "no-passthrough", false, "serve every read and write through the daemon instead of FUSE passthrough")
+	transportFlag(fs, &m.transport, "auto serves over io_uring where the kernel allows it (this command never hands its mount over), else /dev/fuse")
 	fs.BoolVar(&m.debug, "debug", false, "log every FUSE request")
 	fs.Func("o", "mount options, comma-separated (repeatable): "+mountOptionsHelp+"; fsname is the source df and /proc/mounts show, subtype makes the type fuse.TYPE", m.parseMountOption)
 	usage := func() {
@@ -232,6 +234,8 @@ func serveMount(m *mountFlags) error {
 		Subtype:            m.subtype,
 		ReadOnly:           m.readOnly,
 		DisablePassthrough: m.noPassthrough,
+		Transport:          m.transport,
+		NoHandover:         true,
 		Debug:              m.debug,
 	})
 	if err != nil {
@@ -252,8 +256,8 @@ func serveMount(m *mountFlags) error {
 	if m.image != "" {
 		over = " over image " + m.image
 	}
-	fmt.Fprintf(os.Stderr, "csi-memfs: serving %s%s (size %s, %d inodes, passthrough %s); Ctrl-C unmounts\n",
-		m.mountpoint, over, &m.size, u.InodesLimit, onOff(vol.Passthrough()))
+	fmt.Fprintf(os.Stderr, "csi-memfs: serving %s%s (size %s, %d inodes, passthrough %s, over %s); Ctrl-C unmounts\n",
+		m.mountpoint, over, &m.size, u.InodesLimit, onOff(vol.Passthrough()), vol.Transport())
 	select {
 	case s := <-sigs:
 		fmt.Fprintf(os.Stderr, "csi-memfs: %v: unmounting %s\n", s, m.mountpoint)

@@ -53,6 +53,7 @@ func TestMountFlags(t *testing.T) {
 		{[]string{"-o", "noatime", empty}, `"noatime": unknown option; accepted: fsname=NAME`, 0},
 		{[]string{"-o", "max_read=4096", empty}, "unknown option", 0},
 		{[]string{"-o", "fsname=", empty}, "want a non-empty name", 0},
+		{[]string{"--fuse-transport", "ring", empty}, "want auto, io-uring or dev-fuse", 0},
 		{[]string{"-o", "subtype=a/b", empty}, "want letters, digits", 0},
 	} {
 		var out bytes.Buffer

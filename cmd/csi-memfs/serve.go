@@ -16,6 +16,7 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/csi-memfs/csi-memfs/driver"
+	"github.com/csi-memfs/csi-memfs/volume"
 )
 
 // buildVersion is the version GetPluginInfo reports; release builds set it
@@ -58,6 +59,7 @@ func parseServeFlags(args []string, out io.Writer) (driver.Config, error) {
 	fs.StringVar(&cfg.LocalImagesDir, "local-images", "", "directory of local images (OCI image layouts or image tarballs) a volume names as "+driver.LocalImagePrefix+"NAME[:TAG] (default: none)")
 	fs.DurationVar(&cfg.HandoverWait, "handover-wait", 0, "on SIGTERM, how long to wait for a successor (a replacement plugin pod) to take the volumes over before stopping; the chart sets 20s")
 	fs.BoolVar(&cfg.DisablePassthrough, "no-passthrough", false, "serve every read and write through the daemon instead of FUSE passthrough")
+	transportFlag(fs, &cfg.FUSETransport, "auto serves /dev/fuse (volumes must survive plugin restarts, which a ring-served connection cannot); io-uring serves over io_uring where the kernel allows it, and a plugin restart then loses the volumes")
 	fs.BoolVar(&cfg.FUSEDebug, "fuse-debug", false, "log every FUSE request (very verbose)")
 	logFlags(fs)
 	fs.Usage = func() {
@@ -155,4 +157,16 @@ func registryFlags(fs *flag.FlagSet, insecure, allowed *[]string, caFile *string
 	list("insecure-registry", "registry HOST[:PORT] that may be pulled from over plain HTTP or at a node-local address (loopback, link-local); repeatable; no other registry may", insecure)
 	list("allow-registry", "registry HOST[:PORT] image volumes may pull from; repeatable; when given, only these (and --insecure-registry ones) may be pulled from (default: any public registry)", allowed)
 	fs.StringVar(caFile, "registry-ca-file", "", "PEM file of CA certificates trusted for registries besides the system's")
+}
+
+// transportFlag defines --fuse-transport, checked as it is parsed.
+func transportFlag(fs *flag.FlagSet, p *string, usage string) {
+	*p = "auto"
+	fs.Func("fuse-transport", "how FUSE requests reach this process: auto, io-uring or dev-fuse (default auto); "+usage, func(s string) error {
+		if err := volume.CheckTransport(s); err != nil {
+			return errors.New("want auto, io-uring or dev-fuse")
+		}
+		*p = s
+		return nil
+	})
 }
