@@ -69,11 +69,12 @@ var layers = map[string]rule{
 	"volume": {imports: []string{"vfs", "memfs", "overlay", "fusefs", "handoff", unix, klog},
 		tests: []string{"internal/imagetest", ggcr}},
 	// kubelet plugin registration: knows nothing of volumes.
-	"registrar": {imports: []string{"handoff", kubeletv1, grpc, klog}},
+	"registrar": {imports: []string{"handoff", kubeletv1, grpc, klog},
+		tests: []string{"internal/sockettest"}},
 	// The CSI services.
 	"driver": {imports: []string{"volume", "image", "handoff", "registrar",
 		csi, grpc, protobuf, sanitizer, prom, mountutil, quantity, unix, klog, logr},
-		tests: []string{"memfs", "internal/imagetest", ggcr, csisanity, ginkgo, kubeletv1}},
+		tests: []string{"memfs", "internal/imagetest", "internal/sockettest", ggcr, csisanity, ginkgo, kubeletv1}},
 	// The command: flags and wiring; `hold` answers for a dead plugin
 	// with fusefs.Refuse.
 	// logr: --logging-format=json installs a logr.Logger over log/slog
@@ -82,6 +83,7 @@ var layers = map[string]rule{
 		tests: []string{ggcr, unix}},
 	// Test and build tools.
 	"internal/imagetest":  {imports: []string{ggcr, compress}},
+	"internal/sockettest": {imports: []string{"handoff"}},
 	"bench/cmd/benchtool": {},
 	"hack/ociimage":       {imports: []string{ggcr}},
 	"hack/pause":          {},

@@ -2,7 +2,6 @@ package driver
 
 import (
 	"context"
-	"net"
 	"os"
 	"path/filepath"
 	"testing"
@@ -13,6 +12,7 @@ import (
 	registerapi "k8s.io/kubelet/pkg/apis/pluginregistration/v1"
 
 	"github.com/csi-memfs/csi-memfs/handoff"
+	"github.com/csi-memfs/csi-memfs/internal/sockettest"
 	"github.com/csi-memfs/csi-memfs/registrar"
 )
 
@@ -68,7 +68,7 @@ func TestRunRegistersWithKubelet(t *testing.T) {
 		t.Errorf("refused registrations = %v, want 1", v)
 	}
 	// The refusal brings a new socket; kubelet accepts that one.
-	waitNewSocket(t, sock, before)
+	sockettest.WaitNewSocket(t, sock, before)
 	conn2, err := grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		t.Fatal(err)
@@ -84,24 +84,5 @@ func TestRunRegistersWithKubelet(t *testing.T) {
 	}
 	if v, _ := metricValue(text, "csi_memfs_kubelet_registrations_total", `result="accepted"`); v != 1 {
 		t.Errorf("accepted registrations = %v, want 1", v)
-	}
-}
-
-// waitNewSocket waits until the socket at path is another than old, and
-// answers.
-func waitNewSocket(t *testing.T, path string, old handoff.Stamp) {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		if id := handoff.StampAt(path); id != old && id != (handoff.Stamp{}) {
-			if c, err := net.Dial("unix", path); err == nil {
-				c.Close()
-				return
-			}
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("no new socket at %s", path)
-		}
-		time.Sleep(10 * time.Millisecond)
 	}
 }

@@ -15,6 +15,7 @@ import (
 	registerapi "k8s.io/kubelet/pkg/apis/pluginregistration/v1"
 
 	"github.com/csi-memfs/csi-memfs/handoff"
+	"github.com/csi-memfs/csi-memfs/internal/sockettest"
 )
 
 // startRegistration serves cfg (SocketPath defaulted into a temporary
@@ -195,7 +196,7 @@ func TestRegistrationSuccessorKeepsSocket(t *testing.T) {
 	_, stopOld := startRegistration(t, cfg)
 	before := handoff.StampAt(sock)
 	client, _ := startRegistration(t, cfg)
-	waitNewSocket(t, sock, before)
+	sockettest.WaitNewSocket(t, sock, before)
 	if err := stopOld(); err != nil {
 		t.Fatalf("stopping the predecessor: %v", err)
 	}
@@ -204,25 +205,6 @@ func TestRegistrationSuccessorKeepsSocket(t *testing.T) {
 	}
 	if _, err := client.GetInfo(context.Background(), &registerapi.InfoRequest{}); err != nil {
 		t.Fatalf("GetInfo over the successor's socket: %v", err)
-	}
-}
-
-// waitNewSocket waits until the socket at path is another than old, and
-// answers.
-func waitNewSocket(t *testing.T, path string, old handoff.Stamp) {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		if id := handoff.StampAt(path); id != old && id != (handoff.Stamp{}) {
-			if c, err := net.Dial("unix", path); err == nil {
-				c.Close()
-				return
-			}
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("no new socket at %s", path)
-		}
-		time.Sleep(10 * time.Millisecond)
 	}
 }
 
@@ -260,7 +242,7 @@ func TestRegistrationOfferedAgainAfterRefusal(t *testing.T) {
 	for range 2 {
 		before := handoff.StampAt(sock)
 		notify(&registerapi.RegistrationStatus{PluginRegistered: false, Error: "NodeGetInfo failed"})
-		waitNewSocket(t, sock, before)
+		sockettest.WaitNewSocket(t, sock, before)
 	}
 	// An accepted registration is not offered again.
 	before := handoff.StampAt(sock)
@@ -280,7 +262,7 @@ func TestRegistrationSocketRestored(t *testing.T) {
 	if err := os.Remove(sock); err != nil {
 		t.Fatal(err)
 	}
-	waitNewSocket(t, sock, before)
+	sockettest.WaitNewSocket(t, sock, before)
 
 	// Another process's socket at the path stays.
 	os.Remove(sock)
