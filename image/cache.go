@@ -428,6 +428,15 @@ func NewCache(cfg Config) (*Cache, error) {
 		}
 		c.nodeCreds = append(c.nodeCreds, nodeLookup{n})
 	}
+	if cfg.CredentialProviderConfig != "" {
+		pk, err := newProviderKeychains(cfg.CredentialProviderConfig, cfg.CredentialProviderBinDir, cfg.Logger)
+		if err != nil {
+			return nil, err
+		}
+		c.nodeCreds = append(c.nodeCreds, pk)
+	} else if cfg.CredentialProviderBinDir != "" {
+		return nil, fmt.Errorf("%w: a credential provider bin dir without a credential provider config", ErrInvalidArgument)
+	}
 
 	for _, d := range []string{cfg.Dir, c.imagesDir, c.tmpDir} {
 		if err := os.MkdirAll(d, 0o700); err != nil {
