@@ -428,6 +428,9 @@ func NewCache(cfg Config) (*Cache, error) {
 		}
 		c.nodeCreds = append(c.nodeCreds, nodeLookup{n})
 	}
+	if c.mirrors, err = newMirrors(cfg.Mirrors, c.policy); err != nil {
+		return nil, err
+	}
 	if cfg.CredentialProviderConfig != "" {
 		pk, err := newProviderKeychains(cfg.CredentialProviderConfig, cfg.CredentialProviderBinDir, cfg.Logger)
 		if err != nil {

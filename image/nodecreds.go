@@ -228,5 +228,5 @@ func (c *Cache) keychain(s *source, kc authn.Keychain) authn.Keychain {
 	if len(c.nodeCreds) == 0 {
 		return kc
 	}
-	return &chainKeychain{pod: kc, node: c.nodeCreds, refs: []name.Reference{s.remote}}
+	return &chainKeychain{pod: kc, node: c.nodeCreds, refs: append([]name.Reference{s.remote}, s.mirrors...)}
 }
