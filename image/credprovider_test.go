@@ -125,7 +125,9 @@ func TestCredentialProvider(t *testing.T) {
 func TestCredentialProviderFails(t *testing.T) {
 	reg := newTestRegistry(t)
 	ref := reg.push("app:v1", simpleImage(t, map[string]string{"f": "1"}))
-	cfgFile, binDir, requests := testPlugin(t, []string{"*.example.com", reg.host}, "")
+	private := newTestRegistry(t)
+	private.user, private.pass = "u", "p"
+	cfgFile, binDir, requests := testPlugin(t, []string{"*.example.com", reg.host, private.host}, "")
 	var log logSink
 	c := newTestCache(t, Config{CredentialProviderConfig: cfgFile, CredentialProviderBinDir: binDir, Logger: log.logger()})
 	img, err := get(t, c, ref, PullIfNotPresent, nil)
@@ -142,8 +144,7 @@ func TestCredentialProviderFails(t *testing.T) {
 
 	// A private image: the pull fails as unauthorized, nothing of the
 	// plugin in the error.
-	reg.user, reg.pass = "u", "p"
-	ref2 := reg.push("app:v2", simpleImage(t, map[string]string{"f": "2"}))
+	ref2 := private.push("app:v2", simpleImage(t, map[string]string{"f": "2"}))
 	_, err = get(t, c, ref2, PullIfNotPresent, nil)
 	if !errors.Is(err, ErrUnauthorized) || strings.Contains(err.Error(), "token endpoint") {
 		t.Errorf("err = %v, want ErrUnauthorized without the plugin's output", err)
