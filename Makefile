@@ -33,6 +33,8 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzOps$$' -fuzztime $(FUZZTIME) ./memfs/
 	$(GO) test -run '^$$' -fuzz '^FuzzOracle$$' -fuzztime $(FUZZTIME) ./overlay/
 	$(GO) test -run '^$$' -fuzz '^FuzzFlatten$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 100x ./image/
+	$(GO) test -run '^$$' -fuzz '^FuzzCredentialProviderConfig$$' -fuzztime $(FUZZTIME) ./image/
+	$(GO) test -run '^$$' -fuzz '^FuzzCredentialProviderResponse$$' -fuzztime $(FUZZTIME) ./image/
 
 bench: build
 	bash bench/run.sh

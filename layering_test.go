@@ -26,6 +26,7 @@ const (
 	ggcr      = "github.com/google/go-containerregistry/"
 	compress  = "github.com/klauspost/compress/"
 	sync      = "golang.org/x/sync/"
+	yaml      = "sigs.k8s.io/yaml"
 	roots     = "golang.org/x/crypto/x509roots/"
 	quantity  = "k8s.io/apimachinery/pkg/api/resource"
 	csi       = "github.com/container-storage-interface/spec/"
@@ -62,7 +63,8 @@ var layers = map[string]rule{
 	// Descriptor bundles and the holder: no FUSE, no CSI.
 	"handoff": {imports: []string{unix, klog}},
 	// OCI images as lower directories.
-	"image": {imports: []string{ggcr, compress, sync, unix, klog, logr},
+	// sigs.k8s.io/yaml reads kubelet's credential provider config.
+	"image": {imports: []string{ggcr, compress, sync, yaml, unix, klog, logr},
 		tests: []string{"internal/imagetest"}},
 	// The volume builder: the one place lower, memfs, overlay and fusefs
 	// are put together.

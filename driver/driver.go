@@ -198,6 +198,17 @@ type Config struct {
 	// RegistryCAFile is a PEM file of CA certificates trusted for
 	// registries besides the system's; empty: none.
 	RegistryCAFile string
+	// NodeDockerConfigs is the search list of the node's docker config
+	// files (config.json or .dockercfg); the first that exists gives
+	// credentials for registries a volume's pull secret has none for.
+	NodeDockerConfigs []string
+	// CredentialProviderConfig and CredentialProviderBinDir are kubelet's
+	// --image-credential-provider-config and -bin-dir: exec plugins asked
+	// for credentials after NodeDockerConfigs. Empty: none.
+	CredentialProviderConfig string
+	CredentialProviderBinDir string
+	// RegistryMirrors maps a registry to mirrors tried in order before it.
+	RegistryMirrors map[string][]string
 	// ImageMaxFiles and ImageMaxPathLength bound one image's entries and
 	// the length of a path in it (0: image's defaults); ImageDiskReserve
 	// is the free disk flattening leaves (0: the smaller of 1Gi and 5% of

@@ -28,13 +28,19 @@ func newImageCache(cfg *Config, m *metrics, logger logr.Logger) (*image.Cache, e
 		InsecureRegistries: cfg.InsecureRegistries,
 		AllowedRegistries:  cfg.AllowedRegistries,
 		CAFile:             cfg.RegistryCAFile,
-		MaxFiles:           cfg.ImageMaxFiles,
-		MaxPathLength:      cfg.ImageMaxPathLength,
-		DiskReserve:        cfg.ImageDiskReserve,
-		LocalPrefix:        LocalImagePrefix,
-		LocalDir:           cfg.LocalImagesDir,
-		ProgressInterval:   cfg.ImagePullProgressInterval,
-		NoSync:             cfg.imageNoSync,
+		NodeDockerConfigs:  cfg.NodeDockerConfigs,
+		Mirrors:            cfg.RegistryMirrors,
+		Logger:             logger,
+
+		CredentialProviderConfig: cfg.CredentialProviderConfig,
+		CredentialProviderBinDir: cfg.CredentialProviderBinDir,
+		MaxFiles:                 cfg.ImageMaxFiles,
+		MaxPathLength:            cfg.ImageMaxPathLength,
+		DiskReserve:              cfg.ImageDiskReserve,
+		LocalPrefix:              LocalImagePrefix,
+		LocalDir:                 cfg.LocalImagesDir,
+		ProgressInterval:         cfg.ImagePullProgressInterval,
+		NoSync:                   cfg.imageNoSync,
 		Progress: func(p image.Progress) {
 			// References name no credentials; nothing here comes from
 			// the secrets.
@@ -164,6 +170,9 @@ type ImagePull struct {
 	InsecureRegistries []string
 	AllowedRegistries  []string
 	RegistryCAFile     string
+	// NodeDockerConfigs and RegistryMirrors are as in Config.
+	NodeDockerConfigs []string
+	RegistryMirrors   map[string][]string
 	// LocalImagesDir holds the local images Image may name; empty: none.
 	LocalImagesDir string
 	// Progress, if set, is called every few seconds while a pull runs,
@@ -218,6 +227,8 @@ func PullImage(ctx context.Context, p ImagePull) (*PulledImage, error) {
 		InsecureRegistries: p.InsecureRegistries,
 		AllowedRegistries:  p.AllowedRegistries,
 		CAFile:             p.RegistryCAFile,
+		NodeDockerConfigs:  p.NodeDockerConfigs,
+		Mirrors:            p.RegistryMirrors,
 		LocalPrefix:        LocalImagePrefix,
 		LocalDir:           p.LocalImagesDir,
 	}

@@ -38,7 +38,7 @@ func (c *Cache) fingerprint(s *source, kc authn.Keychain) string {
 	if s.remote == nil || kc == nil {
 		return ""
 	}
-	auth, err := kc.Resolve(s.remote.Context().Registry)
+	auth, err := kc.Resolve(s.remote.Context())
 	if err != nil || auth == nil || auth == authn.Anonymous {
 		return ""
 	}

@@ -15,6 +15,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/go-logr/logr"
 	"github.com/google/go-containerregistry/pkg/authn"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
@@ -68,6 +69,30 @@ type Config struct {
 	// SSL_CERT_DIR select, and which are the fallback roots a program
 	// registered when the system has none).
 	CAFile string
+	// NodeDockerConfigs is the search list of the node's docker config
+	// files (config.json, {"auths": {...}}, or a legacy .dockercfg), as
+	// kubelet's /var/lib/kubelet/config.json, ~/.docker/config.json and
+	// .dockercfg: the first that exists gives credentials for registries
+	// the volume's own Keychain has none for. It is read again when it
+	// changes; credsStore and credHelpers are ignored. Empty: none.
+	NodeDockerConfigs []string
+	// CredentialProviderConfig, if set, is a kubelet CredentialProviderConfig
+	// file (YAML or JSON, kubelet's --image-credential-provider-config)
+	// naming exec plugins in CredentialProviderBinDir (kubelet's
+	// --image-credential-provider-bin-dir) asked for credentials after
+	// NodeDockerConfigs (see credprovider.go).
+	CredentialProviderConfig string
+	CredentialProviderBinDir string
+	// Mirrors maps a registry ("host" or "host:port"; "docker.io" for
+	// Docker Hub) to mirrors ("host[:port]") tried in order before it;
+	// the registry itself is tried when every mirror fails. Mirrors are
+	// subject to AllowedRegistries and InsecureRegistries like any
+	// registry (checked by NewCache).
+	Mirrors map[string][]string
+	// Logger gets what no error can carry: failures of credential
+	// provider plugins and of the node's docker config (never a
+	// credential), and mirrors that failed. The zero Logger discards.
+	Logger logr.Logger
 	// LocalPrefix, if set, marks references to local images: PREFIX NAME,
 	// PREFIX NAME:TAG or PREFIX NAME@DIGEST name the OCI image layout
 	// directory or image tarball (docker save format) LocalDir/NAME (or
@@ -306,6 +331,10 @@ type Cache struct {
 	policy    *registryPolicy
 	transport http.RoundTripper
 	retry     remote.Backoff
+	// nodeCreds are the node's credential sources, in order (see
+	// nodecreds.go); mirrors maps a normalized registry to its mirrors.
+	nodeCreds []credentialLookup
+	mirrors   map[string][]string
 	imagesDir string
 	tmpDir    string
 	lock      *os.File
@@ -391,6 +420,25 @@ func NewCache(cfg Config) (*Cache, error) {
 	}
 	if c.transport, err = newTransport(&c.cfg, c.policy); err != nil {
 		return nil, err
+	}
+	if len(cfg.NodeDockerConfigs) > 0 {
+		n, err := newNodeConfigKeychain(cfg.NodeDockerConfigs, cfg.Logger)
+		if err != nil {
+			return nil, err
+		}
+		c.nodeCreds = append(c.nodeCreds, nodeLookup{n})
+	}
+	if c.mirrors, err = newMirrors(cfg.Mirrors, c.policy); err != nil {
+		return nil, err
+	}
+	if cfg.CredentialProviderConfig != "" {
+		pk, err := newProviderKeychains(cfg.CredentialProviderConfig, cfg.CredentialProviderBinDir, cfg.Logger)
+		if err != nil {
+			return nil, err
+		}
+		c.nodeCreds = append(c.nodeCreds, pk)
+	} else if cfg.CredentialProviderBinDir != "" {
+		return nil, fmt.Errorf("%w: a credential provider bin dir without a credential provider config", ErrInvalidArgument)
 	}
 
 	for _, d := range []string{cfg.Dir, c.imagesDir, c.tmpDir} {
@@ -534,6 +582,9 @@ func (c *Cache) Get(ctx context.Context, ref string, policy PullPolicy, kc authn
 	c.mu.Unlock()
 	if closed {
 		return nil, ErrClosed
+	}
+	if s.remote != nil {
+		kc = c.keychain(s, kc)
 	}
 	fp := c.fingerprint(s, kc)
 	if policy != PullAlways {

@@ -7,9 +7,10 @@
 //
 // It must run as root (CAP_CHOWN, CAP_DAC_OVERRIDE, CAP_FOWNER) to keep
 // ownership and unpack read-only directories; it needs Linux >= 5.6
-// (openat2). It knows nothing of CSI, gRPC, FUSE or Prometheus and never logs: it
-// returns typed errors, calls the Progress and OnPull hooks of its Config,
-// and exposes Stats.
+// (openat2). It knows nothing of CSI, gRPC, FUSE or Prometheus and logs only
+// to Config.Logger what no error can carry (credential provider plugins
+// and mirrors that failed): it returns typed errors, calls the Progress
+// and OnPull hooks of its Config, and exposes Stats.
 //
 // # Use
 //
@@ -99,9 +100,15 @@
 // Config.AllowedRegistries, when set, are the only registries images come
 // from (with the insecure ones). Proxies from the environment (HTTPS_PROXY,
 // NO_PROXY) are used and dialled as configured. Refusals are
-// ErrRegistryNotAllowed. Credentials come only from the Keychain given to
-// Get (KeychainFromSecrets parses a Kubernetes dockerconfigjson or dockercfg
-// pull secret); the node's own docker config is never read. No error
+// ErrRegistryNotAllowed. Config.Mirrors are tried before their registry
+// and obey the same rules (mirror.go).
+//
+// Credentials come from the Keychain given to Get (KeychainFromSecrets
+// parses a Kubernetes dockerconfigjson or dockercfg pull secret), then,
+// as kubelet's keyring, from Config.NodeDockerConfigs and the kubelet
+// credential provider plugins of Config.CredentialProviderConfig
+// (nodecreds.go, credprovider.go); nothing else, such as $HOME/.docker,
+// is read. No error
 // message contains a credential, or any text a server sent: messages say
 // the HTTP status, the registry's error codes when the distribution spec
 // defines them, the kind of network or TLS failure.

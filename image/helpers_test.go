@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/go-logr/logr"
 	"github.com/google/go-containerregistry/pkg/authn"
 	"github.com/google/go-containerregistry/pkg/name"
 	"github.com/google/go-containerregistry/pkg/registry"
@@ -291,3 +292,16 @@ func readFile(t *testing.T, root, p string) string {
 	}
 	return string(b)
 }
+
+// mustRepo parses a repository (or image) reference.
+func mustRepo(t testing.TB, ref string) name.Repository {
+	t.Helper()
+	r, err := name.ParseReference(ref)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r.Context()
+}
+
+// discardLogger is a Logger that drops everything.
+func discardLogger() logr.Logger { return logr.Discard() }

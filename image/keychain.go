@@ -171,6 +171,16 @@ func hostMatches(pattern, host string) bool {
 
 // Resolve implements authn.Keychain.
 func (kc *secretKeychain) Resolve(r authn.Resource) (authn.Authenticator, error) {
+	cfg, ok := kc.lookup(r)
+	if !ok {
+		return authn.Anonymous, nil
+	}
+	return authn.FromConfig(cfg), nil
+}
+
+// lookup returns the credentials of the most specific entry matching r,
+// and false if none does.
+func (kc *secretKeychain) lookup(r authn.Resource) (authn.AuthConfig, bool) {
 	host := canonicalHost(strings.ToLower(r.RegistryStr()))
 	repo := ""
 	if rr, ok := r.(interface{ RepositoryStr() string }); ok {
@@ -193,7 +203,7 @@ func (kc *secretKeychain) Resolve(r authn.Resource) (authn.Authenticator, error)
 		}
 	}
 	if best < 0 {
-		return authn.Anonymous, nil
+		return authn.AuthConfig{}, false
 	}
-	return authn.FromConfig(kc.creds[best].auth), nil
+	return kc.creds[best].auth, true
 }

@@ -126,7 +126,9 @@ func TestKilledPullLeavesNothing(t *testing.T) {
 		gzLayer(t, tarBytes(t, file("first", randString(1<<20)))),
 		gzLayer(t, tarBytes(t, file("second", randString(1<<20)))))
 	ref := reg.push("killed:v1", img)
+	reg.mu.Lock()
 	reg.slow, reg.chunk = 50*time.Millisecond, 64<<10
+	reg.mu.Unlock()
 	dir := t.TempDir()
 	cmd := exec.Command(os.Args[0], "-test.run=^TestKilledPullLeavesNothing$", "-test.count=1")
 	cmd.Env = append(os.Environ(), killedPullEnv+"="+dir+" "+ref)

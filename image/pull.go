@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/google/go-containerregistry/pkg/authn"
+	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"github.com/google/go-containerregistry/pkg/v1/remote/transport"
@@ -66,8 +67,22 @@ func (c *Cache) pull(s *source, r *resolved, kc authn.Keychain) (err error) {
 	if s.remote != nil {
 		// r.img is bound to the context of the Get that resolved it; fetch
 		// through the pull's own context instead.
-		byDigest := s.remote.Context().Digest(digest)
-		if img, err = remote.Image(byDigest, c.remoteOptions(ctx, kc)...); err != nil {
+		// The manifest comes from where the Get found it, or else from
+		// the mirrors and the registry in order.
+		refs := []name.Reference{r.from}
+		for _, m := range append(s.mirrors, s.remote) {
+			if m != r.from {
+				refs = append(refs, m)
+			}
+		}
+		for i, ref := range refs {
+			img, err = remote.Image(ref.Context().Digest(digest), c.remoteOptions(ctx, kc)...)
+			if err == nil || ctx.Err() != nil || i == len(refs)-1 {
+				break
+			}
+			c.mirrorFailed(s, ref, classifyRemote(s.key, err))
+		}
+		if err != nil {
 			return c.pullError(ctx, s.key, err)
 		}
 	}

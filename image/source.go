@@ -37,6 +37,9 @@ type source struct {
 	localDigest string
 	// digest is the manifest (or index) digest the reference pins, if any.
 	digest string
+	// mirrors are remote on the mirrors of its registry, tried in order
+	// before it (Config.Mirrors).
+	mirrors []name.Reference
 }
 
 // safeMediaType quotes a media type from a registry for a message if it
@@ -72,7 +75,7 @@ func (c *Cache) parseRef(ref string) (*source, error) {
 			return nil, fmt.Errorf("%w %q: %v", ErrInvalidReference, ref, err)
 		}
 	}
-	s := &source{key: r.Name(), remote: r}
+	s := &source{key: r.Name(), remote: r, mirrors: c.mirrorRefs(r)}
 	if d, ok := r.(name.Digest); ok {
 		s.digest = d.DigestStr()
 	}
@@ -113,6 +116,9 @@ func (c *Cache) parseLocal(ref string) (*source, error) {
 type resolved struct {
 	digest v1.Hash
 	img    v1.Image
+	// from is the reference the manifest came from: the image's, or one
+	// of its mirrors'. Nil for local images.
+	from name.Reference
 	// layersCompressed says to read layers through Compressed() (and
 	// decompress ourselves); false means Uncompressed() (tarballs, whose
 	// layers may be stored uncompressed).
@@ -140,7 +146,20 @@ func (c *Cache) resolve(ctx context.Context, s *source, kc authn.Keychain) (*res
 	if s.remote == nil {
 		return c.resolveLocal(s)
 	}
-	desc, err := remote.Get(s.remote, c.remoteOptions(ctx, kc)...)
+	for _, m := range s.mirrors {
+		r, err := c.resolveFrom(ctx, s, m, kc)
+		if err == nil || ctx.Err() != nil {
+			return r, err
+		}
+		c.mirrorFailed(s, m, err)
+	}
+	return c.resolveFrom(ctx, s, s.remote, kc)
+}
+
+// resolveFrom resolves the registry image s at ref, s.remote or one of
+// its mirrors.
+func (c *Cache) resolveFrom(ctx context.Context, s *source, ref name.Reference, kc authn.Keychain) (*resolved, error) {
+	desc, err := remote.Get(ref, c.remoteOptions(ctx, kc)...)
 	if err != nil {
 		return nil, classifyRemote(s.key, err)
 	}
@@ -166,7 +185,7 @@ func (c *Cache) resolve(ctx context.Context, s *source, kc authn.Keychain) (*res
 	if err != nil {
 		return nil, classifyRemote(s.key, err)
 	}
-	return &resolved{digest: d, img: img, layersCompressed: true}, nil
+	return &resolved{digest: d, img: img, from: ref, layersCompressed: true}, nil
 }
 
 // pickPlatform returns the image of idx (recursing into nested indexes)

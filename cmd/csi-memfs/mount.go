@@ -31,6 +31,8 @@ type mountFlags struct {
 	insecure      []string
 	allowed       []string
 	caFile        string
+	nodeConfigs   []string
+	mirrors       map[string][]string
 	pullSecret    string
 	localImages   string
 	noPassthrough bool
@@ -110,6 +112,7 @@ func parseMountFlags(args []string, out io.Writer) (*mountFlags, error) {
 	pullPolicy := fs.String("image-pull-policy", "IfNotPresent", "Always, IfNotPresent or Never")
 	fs.StringVar(&m.imageCacheDir, "image-cache-dir", defaultImageCacheDir(), "directory of the image cache; one process at a time uses it, so give each concurrent mount its own (or use the plugin's only when it is stopped)")
 	registryFlags(fs, &m.insecure, &m.allowed, &m.caFile)
+	registryAccessFlags(fs, &m.nodeConfigs, &m.mirrors)
 	fs.StringVar(&m.pullSecret, "pull-secret", "", "a Docker config.json (or a .dockerconfigjson pull secret's content) with registry credentials; default: anonymous")
 	fs.StringVar(&m.localImages, "local-images", "", "directory of local images an --image "+driver.LocalImagePrefix+"NAME[:TAG] names (OCI image layouts or image tarballs)")
 	fs.StringVar(&m.stateDir, "state-dir", os.TempDir(), "directory under which the volume's private tmpfs instance is mounted")
@@ -293,6 +296,8 @@ func pullImage(m *mountFlags) (*driver.PulledImage, error) {
 		InsecureRegistries: m.insecure,
 		AllowedRegistries:  m.allowed,
 		RegistryCAFile:     m.caFile,
+		NodeDockerConfigs:  m.nodeConfigs,
+		RegistryMirrors:    m.mirrors,
 		LocalImagesDir:     m.localImages,
 		Progress: func(ref string, layer, layers int, bytes, totalBytes int64) {
 			fmt.Fprintf(os.Stderr, "csi-memfs: pulling %s: layer %d of %d, %d of %d bytes\n", ref, layer+1, layers, bytes, totalBytes)

@@ -53,6 +53,11 @@ func parseServeFlags(args []string, out io.Writer) (driver.Config, error) {
 	fs.StringVar(&cfg.ImageCacheDir, "image-cache-dir", "", "directory of the node's image cache (default <state-dir>/images)")
 	quantity(fs, &cfg.ImageCacheBudget, "image-cache-budget", "", "disk the image cache keeps itself under by collecting unused images, e.g. 20Gi (default: no limit)")
 	registryFlags(fs, &cfg.InsecureRegistries, &cfg.AllowedRegistries, &cfg.RegistryCAFile)
+	registryAccessFlags(fs, &cfg.NodeDockerConfigs, &cfg.RegistryMirrors)
+	fs.StringVar(&cfg.CredentialProviderConfig, "image-credential-provider-config", "",
+		"kubelet CredentialProviderConfig file (YAML or JSON) of credential provider plugins asked for registry credentials after the pull secret and --node-docker-config (default: none)")
+	fs.StringVar(&cfg.CredentialProviderBinDir, "image-credential-provider-bin-dir", "",
+		"directory of the credential provider plugins --image-credential-provider-config names")
 	fs.Int64Var(&cfg.ImageMaxFiles, "image-max-files", 0, "entries one image may hold, its layers together (0: 1048576; negative: no limit)")
 	fs.IntVar(&cfg.ImageMaxPathLength, "image-max-path-length", 0, "longest path or link target in an image, in bytes (0: 4096)")
 	quantity(fs, &cfg.ImageDiskReserve, "image-disk-reserve", "", "free disk flattening an image leaves on the cache's file system (default: the smaller of 1Gi and 5% of it)")
@@ -167,6 +172,29 @@ func transportFlag(fs *flag.FlagSet, p *string, usage string) {
 			return errors.New("want auto, io-uring or dev-fuse")
 		}
 		*p = s
+		return nil
+	})
+}
+
+// registryAccessFlags defines the flags of where image pulls find
+// credentials and mirrors, for serve and mount alike.
+func registryAccessFlags(fs *flag.FlagSet, nodeConfigs *[]string, mirrors *map[string][]string) {
+	fs.Func("node-docker-config", "docker config file (config.json or .dockercfg) searched for the node's registry credentials, used when a volume's pull secret has none for the registry; repeatable, the first that exists is read (kubelet's: /var/lib/kubelet/config.json) (default: none)", func(s string) error {
+		if !strings.HasPrefix(s, "/") {
+			return errors.New("want an absolute path")
+		}
+		*nodeConfigs = append(*nodeConfigs, s)
+		return nil
+	})
+	fs.Func("registry-mirror", "REGISTRY=MIRROR: pull REGISTRY's images from MIRROR (HOST[:PORT]) first, then from REGISTRY; repeatable, mirrors are tried in order; subject to --allow-registry and --insecure-registry", func(s string) error {
+		reg, mirror, ok := strings.Cut(s, "=")
+		if !ok || reg == "" || mirror == "" || strings.ContainsAny(s, "/ ") {
+			return errors.New("want REGISTRY=MIRROR, each HOST or HOST:PORT")
+		}
+		if *mirrors == nil {
+			*mirrors = map[string][]string{}
+		}
+		(*mirrors)[reg] = append((*mirrors)[reg], mirror)
 		return nil
 	})
 }

@@ -60,3 +60,32 @@ func TestVersion(t *testing.T) {
 		t.Errorf("versionString() = %q, want the build's version", got)
 	}
 }
+
+func TestParseRegistryAccessFlags(t *testing.T) {
+	cfg, err := parseServeFlags([]string{"--node-id", "n1",
+		"--node-docker-config", "/var/lib/kubelet/config.json", "--node-docker-config", "/root/.docker/config.json",
+		"--image-credential-provider-config", "/etc/kubernetes/credential-provider.yaml",
+		"--image-credential-provider-bin-dir", "/usr/libexec/kubernetes/credential-providers",
+		"--registry-mirror", "docker.io=mirror.example.com:5000", "--registry-mirror", "docker.io=mirror2.example.com",
+		"--registry-mirror", "ghcr.io=ghcr-mirror.example.com"}, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.Join(cfg.NodeDockerConfigs, ",") != "/var/lib/kubelet/config.json,/root/.docker/config.json" ||
+		cfg.CredentialProviderConfig != "/etc/kubernetes/credential-provider.yaml" ||
+		cfg.CredentialProviderBinDir != "/usr/libexec/kubernetes/credential-providers" ||
+		strings.Join(cfg.RegistryMirrors["docker.io"], ",") != "mirror.example.com:5000,mirror2.example.com" ||
+		strings.Join(cfg.RegistryMirrors["ghcr.io"], ",") != "ghcr-mirror.example.com" || len(cfg.RegistryMirrors) != 2 {
+		t.Errorf("cfg = %+v", cfg)
+	}
+	for _, args := range [][]string{
+		{"--node-docker-config", "config.json"},
+		{"--registry-mirror", "docker.io"},
+		{"--registry-mirror", "=mirror"},
+		{"--registry-mirror", "docker.io=http://mirror/"},
+	} {
+		if _, err := parseServeFlags(append([]string{"--node-id", "n"}, args...), io.Discard); err == nil {
+			t.Errorf("%s: no error", strings.Join(args, " "))
+		}
+	}
+}
