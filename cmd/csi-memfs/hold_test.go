@@ -11,6 +11,7 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -157,7 +158,7 @@ func testHoldCrash(t *testing.T, bin string) {
 	sock := filepath.Join(state, holderSocket)
 
 	mnt, mstate := t.TempDir(), t.TempDir()
-	var srvErr bytes.Buffer
+	var srvErr lockedBuffer
 	srv := exec.Command(bin, "mount", "--size", "8Mi", "--state-dir", mstate,
 		"--fuse-transport", "dev-fuse", mnt) // as the plugin serves: a ring-served connection cannot be held
 	srv.Stderr = &srvErr
@@ -179,11 +180,15 @@ func testHoldCrash(t *testing.T, bin string) {
 			return nil
 		})
 	})
-	for start := time.Now(); !mounted(mnt); time.Sleep(10 * time.Millisecond) {
+	// Wait for the server to say it serves: Mount has returned, so the
+	// server no longer has a request of its own on the mount (a FLUSH
+	// sent as it closes its probe file cannot be interrupted: killed with
+	// one pending, the server could not exit until the holder answers).
+	for start := time.Now(); !strings.Contains(srvErr.String(), "csi-memfs: serving"); time.Sleep(10 * time.Millisecond) {
 		if time.Since(start) > 10*time.Second {
 			srv.Process.Kill()
 			srv.Wait()
-			t.Fatalf("not mounted; stderr %q", srvErr.String())
+			t.Fatalf("not serving; stderr %q", srvErr.String())
 		}
 	}
 	if err := os.WriteFile(filepath.Join(mnt, "f"), []byte("data"), 0o644); err != nil {
@@ -338,4 +343,22 @@ func answerRequests(t *testing.T, dev *os.File, op uint32) {
 			return
 		}
 	}
+}
+
+// lockedBuffer is a bytes.Buffer a process may write while the test reads.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
 }
