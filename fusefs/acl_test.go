@@ -8,6 +8,7 @@ import (
 	"syscall"
 	"testing"
 
+	"github.com/hanwen/go-fuse/v2/fuse"
 	"golang.org/x/sys/unix"
 )
 
@@ -266,4 +267,36 @@ func TestParityLowerACLs(t *testing.T) {
 		wantAccess(t, 1001, f, 0)
 		wantACL(t, d, aclDefault, dirDefaultACL())
 	})
+}
+
+// TestAdoptWithoutACLs: a successor serving a connection mounted without
+// FUSE_POSIX_ACL (by a server older than ACLs) refuses them, as that
+// server did: the kernel would not check access with them.
+func TestAdoptWithoutACLs(t *testing.T) {
+	base, l := newTestLayer(t, 16<<20)
+	mnt := filepath.Join(base, "mnt")
+	os.Mkdir(mnt, 0o755)
+	srv, err := Mount(mnt, l, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sess, err := srv.Stop()
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The recorded reply's flags (fuse_out_header, then major, minor and
+	// max_readahead), without FUSE_POSIX_ACL.
+	flags := sess.Init[binary.LittleEndian.Uint32(sess.Init)+16+12:]
+	binary.LittleEndian.PutUint32(flags, binary.LittleEndian.Uint32(flags)&^uint32(fuse.CAP_POSIX_ACL))
+	srv2, err := Adopt(mnt, sess, adoptLayer(t, l), Options{}, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv2.Unmount()
+	if err := unix.Setxattr(mnt, aclDefault, dirDefaultACL(), 0); err != unix.EOPNOTSUPP {
+		t.Errorf("setting an ACL: %v, want EOPNOTSUPP", err)
+	}
+	if _, err := unix.Getxattr(mnt, aclAccess, nil); err != unix.EOPNOTSUPP {
+		t.Errorf("reading an ACL: %v, want EOPNOTSUPP", err)
+	}
 }
