@@ -25,8 +25,9 @@
 // rawfs_writers.go), no FLUSH handler, READDIRPLUS in the kernel's
 // automatic mode (no LOOKUP per entry listed), directories read without
 // OPENDIR and RELEASEDIR (dirs.go) and cached by the kernel across opens,
-// ACL and absent security.* look-ups answered EOPNOTSUPP (ls -l then stops
-// asking), symlink caching,
+// absent security.* look-ups answered EOPNOTSUPP (ls -l then stops
+// asking), POSIX ACLs cached by the kernel (FUSE_POSIX_ACL), symlink
+// caching,
 // FUSE_HANDLE_KILLPRIV_V2 (memfs clears set-ID bits itself, sparing a
 // GETXATTR per write), no writeback cache (it excludes passthrough). A
 // read-only mount has a read-only superblock, on which reads do not make
@@ -83,9 +84,12 @@
 // # Permissions
 //
 // Mounts use default_permissions and allow_other: the kernel checks every
-// access against the attributes this server reports, for any uid, and the
-// file system runs as root on the caller's behalf (vfs.Caller). Mounts are
-// always nosuid and nodev.
+// access against the attributes and POSIX ACLs this server reports, for
+// any uid, and the file system runs as root on the caller's behalf
+// (vfs.Caller). With FUSE_POSIX_ACL the kernel leaves the umask to the
+// server (FUSE_DONT_MASK): the caller's goes to the file system, which
+// applies it only where no default ACL takes its place. Mounts are always
+// nosuid and nodev.
 //
 // # Lock order
 //

@@ -215,7 +215,7 @@ type openFile struct {
 func (r *rawFS) Create(_ <-chan struct{}, in *fuse.CreateIn, name string, out *fuse.CreateOut) fuse.Status {
 	start := r.now()
 	o := r.openOptions(&in.InHeader, in.OpenFlags)
-	e, f, err := r.fs.Create(in.NodeId, name, int(in.Flags), in.Mode, caller(&in.InHeader), o)
+	e, f, err := r.fs.Create(in.NodeId, name, int(in.Flags), in.Mode, caller(&in.InHeader, in.Umask), o)
 	if m, ok := r.made(&in.InHeader, err, in.NodeId, name); ok {
 		// An O_EXCL create the dead server carried out: open what it made.
 		e = m
@@ -238,7 +238,7 @@ func (r *rawFS) Create(_ <-chan struct{}, in *fuse.CreateIn, name string, out *f
 
 func (r *rawFS) Tmpfile(_ <-chan struct{}, in *fuse.CreateIn, out *fuse.CreateOut) fuse.Status {
 	start := r.now()
-	e, f, err := r.fs.Tmpfile(in.NodeId, int(in.Flags), in.Mode, caller(&in.InHeader), r.openOptions(&in.InHeader, in.OpenFlags))
+	e, f, err := r.fs.Tmpfile(in.NodeId, int(in.Flags), in.Mode, caller(&in.InHeader, in.Umask), r.openOptions(&in.InHeader, in.OpenFlags))
 	s := status("TMPFILE", err)
 	if s == fuse.OK {
 		if s = r.finishOpen(e.Ino(), in.Flags, f, &out.OpenOut); s == fuse.OK {

@@ -91,11 +91,16 @@ func mountOptions(opts Options) *fuse.MountOptions {
 		MaxWrite:      128 << 10,
 		MaxReadAhead:  1 << 20,
 		MaxBackground: 64,
+		// POSIX ACLs: the kernel checks access with them and caches
+		// them, absent ones too. The kernel then leaves the umask to
+		// us (FUSE_DONT_MASK), which must not apply it where a
+		// default ACL takes its place (memfs does both).
+		EnableAcl: true,
 		// READDIRPLUS in the kernel's automatic mode: the first chunk of
 		// a directory, and later ones when its entries are being looked
 		// up (BENCHMARKS.md, "Metadata at kernel speed").
 		EnableSymlinkCaching: true,
-		ExtraCapabilities:    capHandleKillprivV2 | fuse.CAP_DIRECT_IO_ALLOW_MMAP | fuse.CAP_READDIRPLUS_AUTO,
+		ExtraCapabilities:    capHandleKillprivV2 | fuse.CAP_DIRECT_IO_ALLOW_MMAP | fuse.CAP_READDIRPLUS_AUTO | fuse.CAP_DONT_MASK,
 		Debug:                opts.Debug,
 	}
 	if opts.DisablePassthrough {

@@ -46,27 +46,45 @@ type parityVolume struct {
 // eachParity runs fn on tmpfs (v is nil) and on every kind of volume.
 // dir is an empty directory to work in.
 func eachParity(t *testing.T, fn func(t *testing.T, dir string, v *parityVolume)) {
+	eachParityTree(t, nil, fn)
+}
+
+// eachParityTree is eachParity with the directory fn works in filled by
+// build first: on an overlay, build fills it in the lower (a tmpfs, so
+// that its files can carry ACLs) before the mount; elsewhere, in place.
+func eachParityTree(t *testing.T, build func(t *testing.T, dir string), fn func(t *testing.T, dir string, v *parityVolume)) {
 	t.Run("tmpfs", func(t *testing.T) {
 		_, l := newTestLayer(t, 64<<20)
 		dir := filepath.Join(l.Dir(), "t")
 		if err := os.Mkdir(dir, 0o755); err != nil {
 			t.Fatal(err)
 		}
+		if build != nil {
+			build(t, dir)
+		}
 		fn(t, dir, nil)
 	})
 	for _, k := range parityKinds {
 		t.Run(k.name, func(t *testing.T) {
-			v := newParityVolume(t, k)
+			v := newParityVolume(t, k, build)
 			fn(t, v.dir, v)
 		})
 	}
 }
 
-func newParityVolume(t *testing.T, k parityKind) *parityVolume {
+func newParityVolume(t *testing.T, k parityKind, build func(t *testing.T, dir string)) *parityVolume {
 	base, l := newTestLayer(t, 64<<20)
 	v := &parityVolume{t: t, kind: k, mnt: filepath.Join(base, "mnt"), l: l, ops: &opCounter{ops: map[string]int{}}}
 	v.kind.opts.Observer = v.ops
-	if k.overlay {
+	switch {
+	case k.overlay && build != nil:
+		_, ll := newTestLayer(t, 16<<20)
+		v.lower = ll.Dir()
+		if err := os.Mkdir(filepath.Join(v.lower, "t"), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		build(t, filepath.Join(v.lower, "t"))
+	case k.overlay:
 		v.lower = makeOverlayLower(t)
 	}
 	if err := os.Mkdir(v.mnt, 0o755); err != nil {
@@ -89,6 +107,9 @@ func newParityVolume(t *testing.T, k parityKind) *parityVolume {
 		t.Fatal(err)
 	} else {
 		v.dir = filepath.Join(v.mnt, "t")
+	}
+	if build != nil && !k.overlay {
+		build(t, v.dir)
 	}
 	return v
 }

@@ -35,6 +35,11 @@ type rawFS struct {
 	// files are registered on its descriptor. Set once, before any
 	// request.
 	dev *session
+	// acls says the kernel checks access with POSIX ACLs
+	// (FUSE_POSIX_ACL). A connection mounted without (by an older
+	// server) refuses them: they would be stored and not enforced. Set
+	// once, before any request.
+	acls bool
 
 	// handles are the open files and directories, by FUSE handle.
 	// Immutable.
@@ -97,6 +102,7 @@ func (r *rawFS) negotiated(flags uint64) {
 	r.backingMu.Lock()
 	defer r.backingMu.Unlock()
 	r.passthrough = !r.opts.DisablePassthrough && flags&fuse.CAP_PASSTHROUGH != 0
+	r.acls = flags&fuse.CAP_POSIX_ACL != 0
 }
 
 // status converts an error from the file system to a FUSE status. Anything
@@ -127,8 +133,11 @@ func (r *rawFS) now() time.Time {
 	return time.Now()
 }
 
-func caller(h *fuse.InHeader) vfs.Caller {
-	return vfs.Caller{Uid: h.Uid, Gid: h.Gid}
+// caller returns the Caller of a request; umask is the caller's, for
+// requests that create an inode (the kernel leaves applying it to us:
+// FUSE_DONT_MASK).
+func caller(h *fuse.InHeader, umask uint32) vfs.Caller {
+	return vfs.Caller{Uid: h.Uid, Gid: h.Gid, Umask: umask}
 }
 
 func fillAttr(a *fuse.Attr, st *unix.Stat_t) {
@@ -258,7 +267,7 @@ func (r *rawFS) SetAttr(_ <-chan struct{}, in *fuse.SetAttrIn, out *fuse.AttrOut
 
 func (r *rawFS) Mknod(_ <-chan struct{}, in *fuse.MknodIn, name string, out *fuse.EntryOut) fuse.Status {
 	start := r.now()
-	e, err := r.fs.Mknod(in.NodeId, name, in.Mode, uint64(in.Rdev), caller(&in.InHeader))
+	e, err := r.fs.Mknod(in.NodeId, name, in.Mode, uint64(in.Rdev), caller(&in.InHeader, in.Umask))
 	if m, ok := r.made(&in.InHeader, err, in.NodeId, name); ok {
 		e, err = m, nil
 	}
@@ -267,7 +276,7 @@ func (r *rawFS) Mknod(_ <-chan struct{}, in *fuse.MknodIn, name string, out *fus
 
 func (r *rawFS) Mkdir(_ <-chan struct{}, in *fuse.MkdirIn, name string, out *fuse.EntryOut) fuse.Status {
 	start := r.now()
-	e, err := r.fs.Mkdir(in.NodeId, name, in.Mode, caller(&in.InHeader))
+	e, err := r.fs.Mkdir(in.NodeId, name, in.Mode, caller(&in.InHeader, in.Umask))
 	if m, ok := r.made(&in.InHeader, err, in.NodeId, name); ok {
 		e, err = m, nil
 	}
@@ -276,7 +285,7 @@ func (r *rawFS) Mkdir(_ <-chan struct{}, in *fuse.MkdirIn, name string, out *fus
 
 func (r *rawFS) Symlink(_ <-chan struct{}, h *fuse.InHeader, target, name string, out *fuse.EntryOut) fuse.Status {
 	start := r.now()
-	e, err := r.fs.Symlink(h.NodeId, name, target, caller(h))
+	e, err := r.fs.Symlink(h.NodeId, name, target, caller(h, 0))
 	if m, ok := r.made(h, err, h.NodeId, name); ok {
 		e, err = m, nil
 	}
@@ -336,17 +345,18 @@ func (r *rawFS) Readlink(_ <-chan struct{}, h *fuse.InHeader) ([]byte, fuse.Stat
 	return []byte(target), s
 }
 
-// GetXAttr reads an extended attribute. Two kinds of name are answered
-// EOPNOTSUPP rather than ENODATA, because `ls -l` (coreutils) asks every
-// entry for them and the kernel caches neither answer, while EOPNOTSUPP
-// makes ls stop asking for the whole file system: POSIX ACL names, which
-// memfs refuses to store (permissions are the mode bits), and a security.*
-// name the file does not have (no security module labels a FUSE file
-// system's files by xattr; one that was set is still read back).
-// security.capability, read at exec, treats both answers alike.
+// GetXAttr reads an extended attribute. A security.* name the file does
+// not have is answered EOPNOTSUPP rather than ENODATA, because `ls -l`
+// (coreutils) asks every entry for security.selinux and the kernel does
+// not cache the answer, while EOPNOTSUPP makes ls stop asking for the
+// whole file system (no security module labels a FUSE file system's files
+// by xattr; one that was set is still read back). security.capability,
+// read at exec, treats both answers alike. POSIX ACL look-ups need no such
+// care: the kernel caches ACLs, an absent one too (FUSE_POSIX_ACL); on a
+// connection mounted without it (rawFS.acls) they are answered EOPNOTSUPP.
 func (r *rawFS) GetXAttr(_ <-chan struct{}, h *fuse.InHeader, name string, dest []byte) (uint32, fuse.Status) {
 	start := r.now()
-	if name == aclAccessXattr || name == aclDefaultXattr {
+	if !r.acls && isACL(name) {
 		r.observe("GETXATTR", start, fuse.ENOTSUP)
 		return 0, fuse.ENOTSUP
 	}
@@ -359,11 +369,14 @@ func (r *rawFS) GetXAttr(_ <-chan struct{}, h *fuse.InHeader, name string, dest 
 	return uint32(n), s
 }
 
-// The POSIX ACL attribute names.
+// The POSIX ACL attributes.
 const (
-	aclAccessXattr  = "system.posix_acl_access"
-	aclDefaultXattr = "system.posix_acl_default"
+	aclAccess  = "system.posix_acl_access"
+	aclDefault = "system.posix_acl_default"
 )
+
+// isACL says whether name is a POSIX ACL attribute.
+func isACL(name string) bool { return name == aclAccess || name == aclDefault }
 
 func (r *rawFS) ListXAttr(_ <-chan struct{}, h *fuse.InHeader, dest []byte) (uint32, fuse.Status) {
 	start := r.now()
@@ -380,6 +393,10 @@ const releaseGrace = 200 * time.Millisecond
 
 func (r *rawFS) SetXAttr(_ <-chan struct{}, in *fuse.SetXAttrIn, name string, value []byte) fuse.Status {
 	start := time.Now()
+	if !r.acls && isACL(name) {
+		r.observe("SETXATTR", start, fuse.ENOTSUP)
+		return fuse.ENOTSUP
+	}
 	err := r.fs.SetXattr(in.NodeId, name, value, int(in.Flags))
 	for err == syscall.EBUSY && name == memfs.SealsXattr && time.Since(start) < releaseGrace {
 		time.Sleep(time.Millisecond)

@@ -20,9 +20,13 @@ import (
 )
 
 // TestMain lets a test run a step as another user: the test binary re-runs
-// itself with FUSEFS_TEST_AS set, performs one action, and exits.
+// itself with FUSEFS_TEST_AS set (and FUSEFS_TEST_UMASK, in octal, if the
+// step creates), performs one action, and exits.
 func TestMain(m *testing.M) {
 	if action := os.Getenv("FUSEFS_TEST_AS"); action != "" {
+		if mask, err := strconv.ParseUint(os.Getenv("FUSEFS_TEST_UMASK"), 8, 32); err == nil {
+			unix.Umask(int(mask))
+		}
 		os.Exit(childAction(action, os.Args[len(os.Args)-1]))
 	}
 	code := m.Run()
@@ -44,6 +48,15 @@ func childAction(action, path string) int {
 		}
 	case "truncate":
 		err = os.Truncate(path, 1)
+	case "read":
+		_, err = os.ReadFile(path)
+	case "create":
+		var fd int
+		if fd, err = unix.Open(path, unix.O_CREAT|unix.O_EXCL|unix.O_WRONLY|unix.O_CLOEXEC, 0o666); err == nil {
+			unix.Close(fd)
+		}
+	case "mkdir":
+		err = unix.Mkdir(path, 0o777)
 	case "set-marker":
 		err = unix.Setxattr(path, "trusted.memfs.seals", []byte(""), 0)
 	case "get-marker":
@@ -107,16 +120,23 @@ func helper(t *testing.T) string {
 // asUser runs action on path as uid/gid 1000 and returns its errno.
 func asUser(t *testing.T, action, path string) syscall.Errno {
 	t.Helper()
+	return asCaller(t, 1000, 0, action, path)
+}
+
+// asCaller runs action on path as uid and gid id, with the umask, and
+// returns its errno.
+func asCaller(t *testing.T, id, umask uint32, action, path string) syscall.Errno {
+	t.Helper()
 	cmd := exec.Command(helper(t), "-test.run=^$", path)
-	cmd.Env = append(os.Environ(), "FUSEFS_TEST_AS="+action)
-	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 1000, Gid: 1000}}
+	cmd.Env = append(os.Environ(), "FUSEFS_TEST_AS="+action, "FUSEFS_TEST_UMASK="+strconv.FormatUint(uint64(umask), 8))
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: id, Gid: id}}
 	out, err := cmd.Output()
 	if err != nil {
-		t.Fatalf("%s as uid 1000: %v", action, err)
+		t.Fatalf("%s as uid %d: %v", action, id, err)
 	}
 	n, err := strconv.Atoi(strings.TrimSpace(string(out)))
 	if err != nil {
-		t.Fatalf("%s as uid 1000 printed %q", action, out)
+		t.Fatalf("%s as uid %d printed %q", action, id, out)
 	}
 	return syscall.Errno(n)
 }
@@ -224,12 +244,6 @@ func testSeals(t *testing.T, opts Options) {
 	}
 	if l.SealViolations() == 0 {
 		t.Error("no seal violation counted")
-	}
-	// POSIX ACLs would not be enforced (the kernel checks mode bits), so
-	// they are refused rather than stored.
-	acl := []byte{2, 0, 0, 0, 1, 0, 6, 0, 0xff, 0xff, 0xff, 0xff, 4, 0, 4, 0, 0xff, 0xff, 0xff, 0xff, 0x20, 0, 4, 0, 0xff, 0xff, 0xff, 0xff}
-	if got := unix.Setxattr(mnt, "system.posix_acl_default", acl, 0); got != unix.EOPNOTSUPP {
-		t.Errorf("setting a default ACL: %v, want EOPNOTSUPP", got)
 	}
 
 	// Grow seal: writes past the end are cut back to the EOF page.

@@ -187,7 +187,7 @@ func (l *Layer) Create(parent uint64, name string, flags int, mode uint32, c vfs
 			e, err = l.entryAt(pfd, name)
 			return err
 		}
-		fd, err := unix.Openat(pfd, name, acc|unix.O_CREAT|unix.O_EXCL|unix.O_NOFOLLOW|unix.O_CLOEXEC, mode&07777)
+		fd, err := unix.Openat(pfd, name, acc|unix.O_CREAT|unix.O_EXCL|unix.O_NOFOLLOW|unix.O_CLOEXEC, createMode(pfd, mode&07777, c))
 		if err == unix.EEXIST && flags&unix.O_EXCL == 0 {
 			existed = true
 			e, err = l.entryAt(pfd, name)
@@ -239,7 +239,7 @@ func (l *Layer) Tmpfile(parent uint64, flags int, mode uint32, c vfs.Caller, o v
 		f *File
 	)
 	err := l.withFd(parent, func(_ *inode, pfd int) error {
-		fd, err := unix.Openat(pfd, ".", acc|unix.O_TMPFILE|unix.O_CLOEXEC|flags&unix.O_EXCL, mode&07777)
+		fd, err := unix.Openat(pfd, ".", acc|unix.O_TMPFILE|unix.O_CLOEXEC|flags&unix.O_EXCL, createMode(pfd, mode&07777, c))
 		if err != nil {
 			return Errno(err)
 		}

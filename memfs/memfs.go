@@ -37,7 +37,10 @@
 // caller's access against the attributes memfs reports. memfs gives what it
 // creates to the vfs.Caller and clears set-user-ID and set-group-ID bits where
 // Linux would (write, truncate, chown by a caller). It sets the process
-// umask to 0 (New) so that modes are applied exactly as given.
+// umask to 0 (New) and applies the caller's umask itself (vfs.Caller), so
+// that the instance's own POSIX ACL support works as on Linux: ACLs are
+// stored as the instance's system.posix_acl_* attributes, a new inode
+// inherits its directory's default ACL, and chmod updates an ACL's mask.
 //
 // Block and character device nodes can be made (Mknod), renamed, linked
 // and removed like other files, and report their device number, but they

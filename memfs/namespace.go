@@ -16,7 +16,7 @@ import (
 // Errors: EEXIST, ENOENT (parent was removed), ENOSPC, EINVAL, ENAMETOOLONG.
 func (l *Layer) Mkdir(parent uint64, name string, mode uint32, c vfs.Caller) (vfs.Entry, error) {
 	return l.create(parent, name, c, func(pfd int) error {
-		return unix.Mkdirat(pfd, name, mode&07777)
+		return unix.Mkdirat(pfd, name, createMode(pfd, mode&07777, c))
 	})
 }
 
@@ -44,7 +44,7 @@ func (l *Layer) Mknod(parent uint64, name string, mode uint32, rdev uint64, c vf
 		return vfs.Entry{}, syscall.EINVAL
 	}
 	return l.create(parent, name, c, func(pfd int) error {
-		return unix.Mknodat(pfd, name, mode, int(rdev))
+		return unix.Mknodat(pfd, name, createMode(pfd, mode, c), int(rdev))
 	})
 }
 

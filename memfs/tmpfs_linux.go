@@ -28,8 +28,8 @@ var ErrNotInstance = errors.New("not a memfs tmpfs instance")
 // missing; it must be empty) and returns the Layer serving it.
 //
 // memfs applies modes exactly as callers give them, so New sets the
-// process umask to 0 (callers above memfs, like the FUSE kernel module,
-// apply the requesting process's umask themselves).
+// process umask to 0 (memfs applies the requesting process's umask
+// itself, vfs.Caller.Umask, where no default ACL takes its place).
 func New(dir string, opts Options) (*Layer, error) {
 	opts, err := prepare(opts)
 	if err != nil {

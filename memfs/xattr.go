@@ -6,6 +6,8 @@ import (
 	"syscall"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/csi-memfs/csi-memfs/vfs"
 )
 
 const (
@@ -28,12 +30,22 @@ func procPath(fd int) string {
 
 func isMarker(name string) bool { return strings.HasPrefix(name, markerPrefix) }
 
-// isACL says whether name is a POSIX ACL attribute. The FUSE layer checks
-// permissions from mode bits alone, so an ACL stored here would look set
-// and grant or deny nothing: memfs refuses ACLs as a tmpfs mounted without
-// them does (EOPNOTSUPP).
-func isACL(name string) bool {
-	return name == "system.posix_acl_access" || name == "system.posix_acl_default"
+// aclDefaultXattr names a directory's default POSIX ACL, which the
+// instance stores and applies itself (see createMode).
+const aclDefaultXattr = "system.posix_acl_default"
+
+// createMode returns the mode to create an inode for c with in the
+// directory pfd: mode less c's umask, unless the directory has a default
+// ACL. Then the instance, whose process umask is 0, masks mode with the
+// ACL it gives the new inode, as posix_acl_create does on Linux.
+func createMode(pfd int, mode uint32, c vfs.Caller) uint32 {
+	if mode&c.Umask&0777 == 0 {
+		return mode
+	}
+	if n, err := unix.Getxattr(procPath(pfd), aclDefaultXattr, nil); err == nil && n > 0 {
+		return mode
+	}
+	return mode &^ (c.Umask & 0777)
 }
 
 // GetXattr reads the attribute name of ino into dest and returns its size;
@@ -131,15 +143,17 @@ func filterMarkers(list []byte) []byte {
 // SetXattr sets the attribute name of ino, with setxattr(2) flags.
 // Setting SealsXattr adds the seals its value lists (see AddSeals).
 //
-// Errors: EPERM (an internal name), EOPNOTSUPP (POSIX ACLs), EEXIST or
-// ENODATA (flags), ENOSPC (also when the volume's size has no room for
-// the attribute: see StatFS), E2BIG, and AddSeals's errors for SealsXattr.
+// POSIX ACLs are stored and enforced by the instance: setting
+// system.posix_acl_access sets the mode's permission bits too, and a
+// chmod (SetAttr) updates the ACL's mask.
+//
+// Errors: EPERM (an internal name), EEXIST or ENODATA (flags), ENOSPC
+// (also when the volume's size has no room for the attribute: see
+// StatFS), E2BIG, EINVAL (a malformed ACL), and AddSeals's errors for
+// SealsXattr.
 func (l *Layer) SetXattr(ino uint64, name string, value []byte, flags int) error {
 	if isMarker(name) {
 		return syscall.EPERM
-	}
-	if isACL(name) {
-		return syscall.EOPNOTSUPP
 	}
 	if name == SealsXattr {
 		s, err := ParseSeals(string(value))

@@ -258,8 +258,8 @@ func (n *node) forgetSubdirs() {
 }
 
 // New returns the overlay of upper over lower (nil for none). It creates
-// WorkName in the upper root if missing, removes temporaries an interrupted
-// copy-up left there, and gives a fresh upper root the lower root's
+// WorkName in the upper root if missing, removes what an interrupted
+// copy-up or create left there, and gives a fresh upper root the lower root's
 // attributes.
 func New(upper *memfs.Layer, lower Lower) (*FS, error) {
 	fs := &FS{upper: upper, lower: lower, nodes: map[uint64]*node{}}
@@ -327,8 +327,12 @@ func (fs *FS) initRoot() error {
 	return fs.upper.SetMarker(vfs.RootIno, markerRoot, []byte("1"), 0)
 }
 
-// cleanWork removes the temporaries in WorkName.
+// cleanWork removes the temporaries in WorkName, and a default ACL one
+// lent it (inheritingFrom).
 func (fs *FS) cleanWork() error {
+	if err := fs.upper.RemoveXattr(fs.workIno, aclDefault); err != nil && err != syscall.ENODATA {
+		return err
+	}
 	var names []string
 	d, err := fs.upper.OpenDir(fs.workIno)
 	if err != nil {

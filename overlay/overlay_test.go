@@ -304,6 +304,12 @@ func TestWorkDirHidden(t *testing.T) {
 		t.Fatal(err)
 	}
 	fs.upper.Forget(e.Ino(), 1)
+	// And from an interrupted create over a whiteout: a default ACL lent
+	// to the work directory (user::rwx group::r-x other::---).
+	acl := []byte{2, 0, 0, 0, 1, 0, 7, 0, 0xff, 0xff, 0xff, 0xff, 4, 0, 5, 0, 0xff, 0xff, 0xff, 0xff, 0x20, 0, 0, 0, 0xff, 0xff, 0xff, 0xff}
+	if err := fs.upper.SetXattr(fs.workIno, aclDefault, acl, 0); err != nil {
+		t.Fatal(err)
+	}
 	fs2, err := New(fs.upper, fs.lower)
 	if err != nil {
 		t.Fatal(err)
@@ -311,6 +317,9 @@ func TestWorkDirHidden(t *testing.T) {
 	defer fs2.Close()
 	if _, err := fs.upper.Lookup(fs.workIno, "t999"); err != syscall.ENOENT {
 		t.Errorf("leftover survives: %v", err)
+	}
+	if _, err := fs.upper.GetXattr(fs.workIno, aclDefault, nil); err != syscall.ENODATA {
+		t.Errorf("a default ACL lent to the work directory survives: %v", err)
 	}
 }
 

@@ -126,6 +126,49 @@ func (fs *FS) creatorIn(p *node, c vfs.Caller, isDir bool) (vfs.Caller, uint32, 
 	return c, 0, nil
 }
 
+// inheritingFrom runs mk, which creates an entry in WorkName standing in
+// for the upper directory dir, with dir's default POSIX ACL, if any, lent
+// to WorkName, so that the entry inherits it as it would in dir. On error
+// the entry mk made, if any, is returned with its reference.
+//
+// Preconditions:
+//   - fs.treeMu is locked for writing (nothing else uses WorkName).
+func (fs *FS) inheritingFrom(dir uint64, mk func() (vfs.Entry, error)) (vfs.Entry, error) {
+	acl, err := fs.upperXattr(dir, aclDefault)
+	if err == syscall.ENODATA {
+		return mk()
+	}
+	if err != nil {
+		return vfs.Entry{}, err
+	}
+	if err := fs.upper.SetXattr(fs.workIno, aclDefault, acl, 0); err != nil {
+		return vfs.Entry{}, err
+	}
+	e, err := mk()
+	if rerr := fs.upper.RemoveXattr(fs.workIno, aclDefault); err == nil {
+		err = rerr
+	}
+	return e, err
+}
+
+// upperXattr returns the attribute name of the upper inode ino.
+//
+// Errors: ENODATA.
+func (fs *FS) upperXattr(ino uint64, name string) ([]byte, error) {
+	for {
+		n, err := fs.upper.GetXattr(ino, name, nil)
+		if err != nil {
+			return nil, err
+		}
+		v := make([]byte, n)
+		n, err = fs.upper.GetXattr(ino, name, v)
+		if err == syscall.ERANGE {
+			continue // grew meanwhile
+		}
+		return v[:n], err
+	}
+}
+
 // createLocked makes a new entry name in p with mk, which creates it in an
 // upper directory under the given name.
 //
@@ -150,8 +193,12 @@ func (fs *FS) createLocked(p *node, name string, c vfs.Caller, isDir bool, mk fu
 		return nil, err
 	}
 	tmp := fs.tmpName()
-	e, err := mk(fs.workIno, tmp, c, extra)
+	e, err := fs.inheritingFrom(p.upper, func() (vfs.Entry, error) { return mk(fs.workIno, tmp, c, extra) })
 	if err != nil {
+		if e.Ino() != 0 {
+			fs.upper.Forget(e.Ino(), 1)
+			fs.removeAll(fs.workIno, tmp)
+		}
 		return nil, err
 	}
 	if extra != 0 && e.Stat.Mode&extra != extra {

@@ -7,12 +7,15 @@ import (
 	"github.com/csi-memfs/csi-memfs/memfs"
 )
 
+// aclDefault names a directory's default POSIX ACL, which entries made
+// in it inherit.
+const aclDefault = "system.posix_acl_default"
+
 // lowerXattrVisible says whether the lower attribute name is shown (and
-// copied up). POSIX ACLs are not: the volume has none (memfs refuses
-// them, permissions are the mode bits), and copying one up failed.
+// copied up): all but memfs's internal names. POSIX ACLs are, as on
+// Linux's overlayfs: shown, enforced, and copied up with the file.
 func lowerXattrVisible(name string) bool {
-	return !strings.HasPrefix(name, "trusted.memfs.") && name != memfs.SealsXattr &&
-		name != "system.posix_acl_access" && name != "system.posix_acl_default"
+	return !strings.HasPrefix(name, "trusted.memfs.") && name != memfs.SealsXattr
 }
 
 // GetXattr reads the attribute name of ino (see memfs.Layer.GetXattr).

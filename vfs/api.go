@@ -115,8 +115,11 @@ type Xattrs interface {
 	ListXattr(ino uint64, dest []byte) (int, error)
 	// SetXattr sets the attribute name of ino, with setxattr(2) flags.
 	//
-	// Errors: EPERM (an internal name), EOPNOTSUPP (POSIX ACLs), EEXIST or
-	// ENODATA (flags), ENOSPC, E2BIG, and the seals' errors for the seals
+	// Setting the POSIX ACL system.posix_acl_access also sets the mode's
+	// permission bits, as Linux does.
+	//
+	// Errors: EPERM (an internal name), EEXIST or ENODATA (flags), ENOSPC,
+	// E2BIG, EINVAL (a malformed ACL), and the seals' errors for the seals
 	// attribute.
 	SetXattr(ino uint64, name string, value []byte, flags int) error
 	// RemoveXattr removes the attribute name of ino.

@@ -49,6 +49,11 @@ const RootIno uint64 = 1
 // file system request.
 type Caller struct {
 	Uid, Gid uint32
+	// Umask is the caller's umask. An operation that creates an inode
+	// clears its bits from the new inode's mode, unless the parent
+	// directory has a default POSIX ACL, which then takes its place (as
+	// Linux's posix_acl_create does).
+	Umask uint32
 }
 
 // Root is the Caller uid 0, gid 0: the caller of operations a file system,

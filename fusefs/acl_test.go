@@ -1,0 +1,302 @@
+package fusefs
+
+import (
+	"bytes"
+	"encoding/binary"
+	"os"
+	"path/filepath"
+	"syscall"
+	"testing"
+
+	"github.com/hanwen/go-fuse/v2/fuse"
+	"golang.org/x/sys/unix"
+)
+
+// aclEntry is one entry of a POSIX ACL.
+type aclEntry struct {
+	tag, perm uint16
+	id        uint32
+}
+
+// The tags of ACL entries (linux/posix_acl.h).
+const (
+	aclUserObj  = 0x01
+	aclUser     = 0x02
+	aclGroupObj = 0x04
+	aclMask     = 0x10
+	aclOther    = 0x20
+)
+
+// encodeACL encodes entries, which must be sorted by tag and id, as
+// setfacl passes them to setxattr(2): a version 2 header, then each entry.
+func encodeACL(entries ...aclEntry) []byte {
+	b := binary.LittleEndian.AppendUint32(nil, 2)
+	for _, e := range entries {
+		id := e.id
+		if e.tag != aclUser {
+			id = ^uint32(0)
+		}
+		b = binary.LittleEndian.AppendUint16(b, e.tag)
+		b = binary.LittleEndian.AppendUint16(b, e.perm)
+		b = binary.LittleEndian.AppendUint32(b, id)
+	}
+	return b
+}
+
+// readACL returns the ACL attribute name of path, or nil if it has none.
+func readACL(t *testing.T, path, name string) []byte {
+	t.Helper()
+	buf := make([]byte, 1024)
+	n, err := unix.Getxattr(path, name, buf)
+	if err == unix.ENODATA {
+		return nil
+	}
+	if err != nil {
+		t.Fatalf("getxattr %s %s: %v", path, name, err)
+	}
+	return buf[:n]
+}
+
+// wantACL checks the ACL attribute name of path.
+func wantACL(t *testing.T, path, name string, want []byte) {
+	t.Helper()
+	if got := readACL(t, path, name); !bytes.Equal(got, want) {
+		t.Errorf("%s of %s: %x, want %x", name, filepath.Base(path), got, want)
+	}
+}
+
+// wantMode checks the permission bits of path.
+func wantMode(t *testing.T, path string, want uint32) {
+	t.Helper()
+	var st unix.Stat_t
+	if err := unix.Lstat(path, &st); err != nil {
+		t.Fatal(err)
+	}
+	if got := st.Mode & 07777; got != want {
+		t.Errorf("mode of %s: %o, want %o", filepath.Base(path), got, want)
+	}
+}
+
+// wantAccess checks what uid (with the same gid) gets reading path.
+func wantAccess(t *testing.T, uid uint32, path string, want syscall.Errno) {
+	t.Helper()
+	if got := asCaller(t, uid, 0, "read", path); got != want {
+		t.Errorf("uid %d reading %s: %v, want %v", uid, filepath.Base(path), got, want)
+	}
+}
+
+// The ACLs of the tests: a file's that grants uid 1000 r-- (with the
+// mask m and other's perms o), and a directory's default that grants uid
+// 1000 rwx.
+func fileACL(m, o uint16) []byte {
+	return encodeACL(
+		aclEntry{tag: aclUserObj, perm: 6},
+		aclEntry{tag: aclUser, perm: 4, id: 1000},
+		aclEntry{tag: aclGroupObj},
+		aclEntry{tag: aclMask, perm: m},
+		aclEntry{tag: aclOther, perm: o},
+	)
+}
+
+func dirDefaultACL() []byte {
+	return encodeACL(
+		aclEntry{tag: aclUserObj, perm: 7},
+		aclEntry{tag: aclUser, perm: 7, id: 1000},
+		aclEntry{tag: aclGroupObj, perm: 5},
+		aclEntry{tag: aclMask, perm: 7},
+		aclEntry{tag: aclOther},
+	)
+}
+
+// inheritedACL is what a new file of mode 0666 gets under dirDefaultACL:
+// its entries, with the owner's, mask's and other's masked by the mode.
+func inheritedACL(m uint16) []byte {
+	return encodeACL(
+		aclEntry{tag: aclUserObj, perm: 6},
+		aclEntry{tag: aclUser, perm: 7, id: 1000},
+		aclEntry{tag: aclGroupObj, perm: 5},
+		aclEntry{tag: aclMask, perm: m},
+		aclEntry{tag: aclOther},
+	)
+}
+
+// checkInheritance creates a file and a directory in d, which has
+// dirDefaultACL, with a umask that the default ACL overrides.
+func checkInheritance(t *testing.T, d, file, sub string) {
+	t.Helper()
+	f, s := filepath.Join(d, file), filepath.Join(d, sub)
+	if err := asCaller(t, 0, 077, "create", f); err != 0 {
+		t.Fatalf("create %s: %v", file, err)
+	}
+	wantMode(t, f, 0o660)
+	wantACL(t, f, aclAccess, inheritedACL(6))
+	wantACL(t, f, aclDefault, nil)
+	wantAccess(t, 1000, f, 0)
+	wantAccess(t, 1001, f, syscall.EACCES)
+	if err := asCaller(t, 0, 077, "mkdir", s); err != 0 {
+		t.Fatalf("mkdir %s: %v", sub, err)
+	}
+	wantMode(t, s, 0o770)
+	wantACL(t, s, aclDefault, dirDefaultACL())
+	wantACL(t, s, aclAccess, dirDefaultACL())
+}
+
+// TestParityACLs: POSIX ACLs set, read back, enforced, inherited in place
+// of the umask, and masked by chmod, as on tmpfs, and across a takeover.
+func TestParityACLs(t *testing.T) {
+	eachParity(t, func(t *testing.T, dir string, v *parityVolume) {
+		f := filepath.Join(dir, "f")
+		if err := os.WriteFile(f, []byte("secret"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		wantACL(t, f, aclAccess, nil)
+		wantAccess(t, 1000, f, syscall.EACCES)
+		if err := unix.Setxattr(f, aclAccess, fileACL(4, 0), 0); err != nil {
+			t.Fatalf("setting an access ACL: %v", err)
+		}
+		wantACL(t, f, aclAccess, fileACL(4, 0))
+		wantMode(t, f, 0o640) // the mask shows as the group bits
+		wantAccess(t, 1000, f, 0)
+		wantAccess(t, 1001, f, syscall.EACCES)
+		if err := unix.Setxattr(f, aclAccess, []byte{2, 0, 0, 0, 1}, 0); err != unix.EINVAL {
+			t.Errorf("a malformed ACL: %v, want EINVAL", err)
+		}
+
+		// Without a default ACL the umask applies.
+		if err := asCaller(t, 0, 027, "create", filepath.Join(dir, "plain")); err != 0 {
+			t.Fatalf("create: %v", err)
+		}
+		wantMode(t, filepath.Join(dir, "plain"), 0o640)
+		if err := asCaller(t, 0, 027, "mkdir", filepath.Join(dir, "pd")); err != 0 {
+			t.Fatalf("mkdir: %v", err)
+		}
+		wantMode(t, filepath.Join(dir, "pd"), 0o750)
+
+		d := filepath.Join(dir, "d")
+		if err := os.Mkdir(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := unix.Setxattr(d, aclDefault, dirDefaultACL(), 0); err != nil {
+			t.Fatalf("setting a default ACL: %v", err)
+		}
+		wantMode(t, d, 0o755)
+		checkInheritance(t, d, "f", "sub")
+
+		// chmod sets the mask: uid 1000's r-- is masked off, and
+		// others may read. (With a mask of ---, Linux would not look
+		// at the ACL at all: others' bits would let uid 1000 read.)
+		if err := os.Chmod(f, 0o614); err != nil {
+			t.Fatal(err)
+		}
+		wantACL(t, f, aclAccess, fileACL(1, 4))
+		wantAccess(t, 1000, f, syscall.EACCES)
+		wantAccess(t, 1001, f, 0)
+
+		v.takeover()
+		wantACL(t, f, aclAccess, fileACL(1, 4))
+		wantAccess(t, 1000, f, syscall.EACCES)
+		wantAccess(t, 1001, f, 0)
+		if err := os.Chmod(f, 0o640); err != nil {
+			t.Fatal(err)
+		}
+		wantACL(t, f, aclAccess, fileACL(4, 0))
+		wantAccess(t, 1000, f, 0)
+		wantAccess(t, 1001, f, syscall.EACCES)
+		wantACL(t, filepath.Join(d, "sub"), aclDefault, dirDefaultACL())
+		checkInheritance(t, d, "g", "sub2")
+		if err := unix.Removexattr(d, aclDefault); err != nil {
+			t.Fatal(err)
+		}
+		if err := asCaller(t, 0, 027, "create", filepath.Join(d, "h")); err != 0 {
+			t.Fatalf("create: %v", err)
+		}
+		wantMode(t, filepath.Join(d, "h"), 0o640)
+		wantACL(t, filepath.Join(d, "h"), aclAccess, nil)
+	})
+}
+
+// TestParityLowerACLs: ACLs of files and directories that were there
+// before the mount (in an overlay's lower) are shown, enforced, inherited
+// from, and kept by copy-up, as on tmpfs.
+func TestParityLowerACLs(t *testing.T) {
+	build := func(t *testing.T, dir string) {
+		f, d := filepath.Join(dir, "f"), filepath.Join(dir, "d")
+		if err := os.WriteFile(f, []byte("secret"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if err := unix.Setxattr(f, aclAccess, fileACL(4, 0), 0); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Mkdir(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(d, "old"), nil, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if err := unix.Setxattr(d, aclDefault, dirDefaultACL(), 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	eachParityTree(t, build, func(t *testing.T, dir string, v *parityVolume) {
+		f, d := filepath.Join(dir, "f"), filepath.Join(dir, "d")
+		wantACL(t, f, aclAccess, fileACL(4, 0))
+		wantMode(t, f, 0o640)
+		wantACL(t, d, aclDefault, dirDefaultACL())
+		buf := make([]byte, 256)
+		if n, err := unix.Listxattr(f, buf); err != nil || string(buf[:n]) != aclAccess+"\x00" {
+			t.Errorf("listxattr: %q, %v", buf[:n], err)
+		}
+		wantAccess(t, 1000, f, 0)
+		wantAccess(t, 1001, f, syscall.EACCES)
+		checkInheritance(t, d, "new", "sub")
+		// A name that was removed is made again over its whiteout.
+		if err := os.Remove(filepath.Join(d, "old")); err != nil {
+			t.Fatal(err)
+		}
+		checkInheritance(t, d, "old", "old-dir")
+
+		if err := os.Chmod(f, 0o614); err != nil { // copies f up
+			t.Fatal(err)
+		}
+		wantACL(t, f, aclAccess, fileACL(1, 4))
+		wantAccess(t, 1000, f, syscall.EACCES)
+		wantAccess(t, 1001, f, 0)
+		v.takeover()
+		wantACL(t, f, aclAccess, fileACL(1, 4))
+		wantAccess(t, 1000, f, syscall.EACCES)
+		wantAccess(t, 1001, f, 0)
+		wantACL(t, d, aclDefault, dirDefaultACL())
+	})
+}
+
+// TestAdoptWithoutACLs: a successor serving a connection mounted without
+// FUSE_POSIX_ACL (by a server older than ACLs) refuses them, as that
+// server did: the kernel would not check access with them.
+func TestAdoptWithoutACLs(t *testing.T) {
+	base, l := newTestLayer(t, 16<<20)
+	mnt := filepath.Join(base, "mnt")
+	os.Mkdir(mnt, 0o755)
+	srv, err := Mount(mnt, l, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sess, err := srv.Stop()
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The recorded reply's flags (fuse_out_header, then major, minor and
+	// max_readahead), without FUSE_POSIX_ACL.
+	flags := sess.Init[binary.LittleEndian.Uint32(sess.Init)+16+12:]
+	binary.LittleEndian.PutUint32(flags, binary.LittleEndian.Uint32(flags)&^uint32(fuse.CAP_POSIX_ACL))
+	srv2, err := Adopt(mnt, sess, adoptLayer(t, l), Options{}, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv2.Unmount()
+	if err := unix.Setxattr(mnt, aclDefault, dirDefaultACL(), 0); err != unix.EOPNOTSUPP {
+		t.Errorf("setting an ACL: %v, want EOPNOTSUPP", err)
+	}
+	if _, err := unix.Getxattr(mnt, aclAccess, nil); err != unix.EOPNOTSUPP {
+		t.Errorf("reading an ACL: %v, want EOPNOTSUPP", err)
+	}
+}
