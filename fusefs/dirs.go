@@ -59,6 +59,9 @@ func (r *rawFS) putDirStream(ino uint64, ds *dirStream, ended bool) {
 	} else {
 		r.dirsMu.Lock()
 		if old := r.dirs[ino]; old != nil {
+			// Out of the map first, so that the eviction below cannot
+			// pick it again and close it twice.
+			delete(r.dirs, ino)
 			drop = append(drop, old)
 		}
 		for k, v := range r.dirs {
@@ -172,7 +175,7 @@ func (r *rawFS) ReadDirPlus(_ <-chan struct{}, in *fuse.ReadIn, out *fuse.DirEnt
 			return true
 		}
 		if le, err := r.fs.Lookup(in.NodeId, e.Name); err == nil {
-			fillEntry(eo, &le)
+			r.fillEntry(eo, &le)
 			out.FixMode(le.Stat.Mode)
 		}
 		return true

@@ -74,10 +74,10 @@ func (r *rawFS) opened(of *openFile, flags uint32, out *fuse.OpenOut) fuse.Statu
 	r.backingMu.Lock()
 	defer r.backingMu.Unlock()
 	// Opens closed just before this one may not be released yet (RELEASE
-	// is asynchronous): give them releaseGrace before calling it a conflict.
+	// is asynchronous): give them r.grace() before calling it a conflict.
 	for start := time.Now(); ; {
 		s := r.openModeLocked(of.ino, of, out)
-		if s != fuse.Status(syscall.ETXTBSY) || time.Since(start) > releaseGrace {
+		if s != fuse.Status(syscall.ETXTBSY) || time.Since(start) >= r.grace() {
 			if s != fuse.OK {
 				return s
 			}
@@ -226,8 +226,7 @@ func (r *rawFS) Create(_ <-chan struct{}, in *fuse.CreateIn, name string, out *f
 	s := status("CREATE", err)
 	if s == fuse.OK {
 		if s = r.finishOpen(e.Ino(), in.Flags, f, &out.OpenOut); s == fuse.OK {
-			fillEntry(&out.EntryOut, &e)
-			out.EntryOut.SetAttrTimeout(r.attrTimeout(e.Ino()))
+			r.fillEntry(&out.EntryOut, &e)
 		} else {
 			r.fs.Forget(e.Ino(), 1)
 		}
@@ -242,8 +241,7 @@ func (r *rawFS) Tmpfile(_ <-chan struct{}, in *fuse.CreateIn, out *fuse.CreateOu
 	s := status("TMPFILE", err)
 	if s == fuse.OK {
 		if s = r.finishOpen(e.Ino(), in.Flags, f, &out.OpenOut); s == fuse.OK {
-			fillEntry(&out.EntryOut, &e)
-			out.EntryOut.SetAttrTimeout(r.attrTimeout(e.Ino()))
+			r.fillEntry(&out.EntryOut, &e)
 		} else {
 			r.fs.Forget(e.Ino(), 1)
 		}

@@ -62,6 +62,8 @@ type rawFS struct {
 	writers map[uint64]int
 	// writing is the sum of writers. Accessed atomically.
 	writing atomic.Int64
+	// onRing is set once requests come over io_uring (acceptRing).
+	onRing atomic.Bool
 	// dirsMu protects dirs.
 	dirsMu sync.Mutex
 	// dirs are directories kept open between READDIRs without a handle
@@ -154,16 +156,19 @@ func fillAttr(a *fuse.Attr, st *unix.Stat_t) {
 	a.Blksize = uint32(st.Blksize)
 }
 
-func fillEntry(out *fuse.EntryOut, e *vfs.Entry) {
+// fillEntry fills an entry reply, its attribute timeout that of the
+// inode (attrTimeout: none cached while it has passthrough writers).
+func (r *rawFS) fillEntry(out *fuse.EntryOut, e *vfs.Entry) {
 	out.NodeId = e.Ino()
 	out.Generation = uint64(e.Gen)
 	out.SetEntryTimeout(cacheTimeout)
-	out.SetAttrTimeout(cacheTimeout)
+	out.SetAttrTimeout(r.attrTimeout(e.Ino()))
 	fillAttr(&out.Attr, &e.Stat)
 }
 
-func fillAttrOut(out *fuse.AttrOut, st *unix.Stat_t) {
-	out.SetTimeout(cacheTimeout)
+// fillAttrOut fills an attribute reply of ino, as fillEntry.
+func (r *rawFS) fillAttrOut(out *fuse.AttrOut, ino uint64, st *unix.Stat_t) {
+	out.SetTimeout(r.attrTimeout(ino))
 	fillAttr(&out.Attr, st)
 }
 
@@ -171,8 +176,7 @@ func fillAttrOut(out *fuse.AttrOut, st *unix.Stat_t) {
 func (r *rawFS) entry(op string, start time.Time, out *fuse.EntryOut, e vfs.Entry, err error) fuse.Status {
 	st := status(op, err)
 	if st == fuse.OK {
-		fillEntry(out, &e)
-		out.SetAttrTimeout(r.attrTimeout(e.Ino()))
+		r.fillEntry(out, &e)
 	}
 	r.observe(op, start, st)
 	return st
@@ -195,21 +199,24 @@ func (r *rawFS) Forget(nodeid, nlookup uint64) {
 	r.fs.Forget(nodeid, nlookup)
 }
 
+// getAttr returns the attributes of ino, through the open file fh when
+// flags say the request names one (FUSE_GETATTR_FH); the handle table is
+// looked up only then.
+func (r *rawFS) getAttr(ino uint64, flags uint32, fh uint64) (unix.Stat_t, error) {
+	if flags&fuse.FUSE_GETATTR_FH != 0 {
+		if f, ok := r.file(fh); ok == fuse.OK {
+			return f.Stat()
+		}
+	}
+	return r.fs.GetAttr(ino)
+}
+
 func (r *rawFS) GetAttr(_ <-chan struct{}, in *fuse.GetAttrIn, out *fuse.AttrOut) fuse.Status {
 	start := r.now()
-	var (
-		st  unix.Stat_t
-		err error
-	)
-	if f, ok := r.file(in.Fh()); ok == fuse.OK && in.Flags()&fuse.FUSE_GETATTR_FH != 0 {
-		st, err = f.Stat()
-	} else {
-		st, err = r.fs.GetAttr(in.NodeId)
-	}
+	st, err := r.getAttr(in.NodeId, in.Flags(), in.Fh())
 	s := status("GETATTR", err)
 	if s == fuse.OK {
-		fillAttrOut(out, &st)
-		out.SetTimeout(r.attrTimeout(in.NodeId))
+		r.fillAttrOut(out, in.NodeId, &st)
 	}
 	r.observe("GETATTR", start, s)
 	return s
@@ -258,8 +265,7 @@ func (r *rawFS) SetAttr(_ <-chan struct{}, in *fuse.SetAttrIn, out *fuse.AttrOut
 	st, err := r.fs.SetAttr(in.NodeId, f, a)
 	s := status("SETATTR", err)
 	if s == fuse.OK {
-		fillAttrOut(out, &st)
-		out.SetTimeout(r.attrTimeout(in.NodeId))
+		r.fillAttrOut(out, in.NodeId, &st)
 	}
 	r.observe("SETATTR", start, s)
 	return s
@@ -391,6 +397,16 @@ func (r *rawFS) ListXAttr(_ <-chan struct{}, h *fuse.InHeader, dest []byte) (uin
 // returns, so "close the writer, then seal" would otherwise race.
 const releaseGrace = 200 * time.Millisecond
 
+// grace is how long a conflict waits for RELEASEs: releaseGrace, or none
+// when requests come over io_uring, where a RELEASE from the same CPU
+// queues behind the very request that would wait for it.
+func (r *rawFS) grace() time.Duration {
+	if r.onRing.Load() {
+		return 0
+	}
+	return releaseGrace
+}
+
 func (r *rawFS) SetXAttr(_ <-chan struct{}, in *fuse.SetXAttrIn, name string, value []byte) fuse.Status {
 	start := time.Now()
 	if !r.acls && isACL(name) {
@@ -398,7 +414,7 @@ func (r *rawFS) SetXAttr(_ <-chan struct{}, in *fuse.SetXAttrIn, name string, va
 		return fuse.ENOTSUP
 	}
 	err := r.fs.SetXattr(in.NodeId, name, value, int(in.Flags))
-	for err == syscall.EBUSY && name == memfs.SealsXattr && time.Since(start) < releaseGrace {
+	for err == syscall.EBUSY && name == memfs.SealsXattr && time.Since(start) < r.grace() {
 		time.Sleep(time.Millisecond)
 		err = r.fs.SetXattr(in.NodeId, name, value, int(in.Flags))
 	}

@@ -15,15 +15,7 @@ import (
 // STATX costs a round trip only where a GETATTR would.
 func (r *rawFS) Statx(_ <-chan struct{}, in *fuse.StatxIn, out *fuse.StatxOut) fuse.Status {
 	start := r.now()
-	var (
-		st  unix.Stat_t
-		err error
-	)
-	if f, ok := r.file(in.Fh); ok == fuse.OK && in.GetattrFlags&fuse.FUSE_GETATTR_FH != 0 {
-		st, err = f.Stat()
-	} else {
-		st, err = r.fs.GetAttr(in.NodeId)
-	}
+	st, err := r.getAttr(in.NodeId, in.GetattrFlags, in.Fh)
 	var (
 		btime unix.Timespec
 		known bool

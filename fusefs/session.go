@@ -368,6 +368,13 @@ type handlerPanic struct {
 // logged once with the request's opcode and node id, counted, and answered
 // EIO (or not answered, for a request that takes no reply).
 func (s *session) serveRequest(in, out []byte) (w int, st fuse.Status) {
+	return s.serveVec([][]byte{in}, [][]byte{out})
+}
+
+// serveVec is serveRequest for a request and a reply held in several
+// buffers, the fuse_in_header and fuse_out_header at the start of the
+// first (the io_uring transport's entries).
+func (s *session) serveVec(in, out [][]byte) (w int, st fuse.Status) {
 	defer func() {
 		r := recover()
 		if r == nil {
@@ -380,19 +387,19 @@ func (s *session) serveRequest(in, out []byte) (w int, st fuse.Status) {
 		s.panics.Add(1)
 		var op uint32
 		var unique, node uint64
-		if len(in) >= refuseInHeaderSize {
-			op = binary.LittleEndian.Uint32(in[4:])
-			unique = binary.LittleEndian.Uint64(in[8:])
-			node = binary.LittleEndian.Uint64(in[16:])
+		if hdr := in[0]; len(hdr) >= refuseInHeaderSize {
+			op = binary.LittleEndian.Uint32(hdr[4:])
+			unique = binary.LittleEndian.Uint64(hdr[8:])
+			node = binary.LittleEndian.Uint64(hdr[16:])
 		}
 		klog.ErrorS(nil, "FUSE request handler panicked; answered EIO", "fsName", s.raw.opts.FsName,
 			"op", opName(op), "nodeID", node, "panic", fmt.Sprint(p.value), "stack", string(p.stack))
 		w, st = 0, fuse.OK
-		if len(in) >= refuseInHeaderSize && op != opInit && refuseNeedsReply(op) {
-			w = errorReply(out, unique, syscall.EIO)
+		if len(in[0]) >= refuseInHeaderSize && refuseNeedsReply(op) {
+			w = errorReply(out[0], unique, syscall.EIO)
 		}
 	}()
-	return s.ps.HandleRequest([][]byte{in}, [][]byte{out})
+	return s.ps.HandleRequest(in, out)
 }
 
 // errorReply writes to out a reply of errno to the request unique and

@@ -33,8 +33,8 @@ import (
 // Those are mapped outside the Go heap (the kernel writes them while the
 // thread waits) and reused; nothing is allocated per request on our side.
 // A handler served here must not wait for another FUSE request of the same
-// mount: the queue's other requests wait behind it (no handler of rawFS
-// does).
+// mount: the queue's other requests wait behind it (rawFS.grace: opens and
+// seals that would wait for a RELEASE do not, on the ring).
 //
 // A ring-served connection cannot change server (docs/restart.md): Session
 // and Stop refuse it, Adopt refuses a recorded INIT that chose the ring.
@@ -68,9 +68,11 @@ type ringQueue struct {
 	dev int
 	// stopFd is the transport's (ringTransport.stopFd).
 	stopFd int
-	ps     *fuse.ProtocolServer
-	name   string
-	ring   *uring
+	// sess is the session the ring serves: its ProtocolServer, request
+	// counts and panic recovery (serveVec), as for /dev/fuse.
+	sess *session
+	name string
+	ring *uring
 	// mem holds every entry's header and payload buffers.
 	mem  []byte
 	ents [ringEntries]ringEntry
@@ -146,7 +148,7 @@ func startRing(s *session, init fuse.InitOut) (*ringTransport, error) {
 	t := &ringTransport{stopFd: stopFd}
 	ready := make(chan error, n)
 	for qid := range n {
-		q := &ringQueue{qid: qid, dev: s.devFd, stopFd: stopFd, ps: s.ps, name: s.raw.opts.FsName}
+		q := &ringQueue{qid: qid, dev: s.devFd, stopFd: stopFd, sess: s, name: s.raw.opts.FsName}
 		t.wg.Add(1)
 		go q.run(payload, ready, &t.wg)
 	}
@@ -344,8 +346,9 @@ func (q *ringQueue) serveEntry(e *ringEntry, commitID uint64) {
 	if op >= 0 && op <= uringOpInMax && psz <= len(e.payload) {
 		e.in = [3][]byte{e.hdr[:inHeaderSize], e.hdr[uringOpInOffset : uringOpInOffset+op], e.payload[:psz]}
 		e.out = [2][]byte{e.hdr[:outHeaderSize], e.payload}
+		q.sess.counts.add(e.hdr)
 		var st fuse.Status
-		w, st = q.ps.HandleRequest(e.in[:], e.out[:])
+		w, st = q.sess.serveVec(e.in[:], e.out[:])
 		if !st.Ok() {
 			klog.ErrorS(syscall.Errno(st), "Malformed FUSE request", "fsName", q.name, "bytes", total)
 			w = 0

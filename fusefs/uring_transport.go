@@ -116,7 +116,9 @@ func (s *session) acceptRing(opts Options) error {
 	}
 	if io.Flags64()&fuse.CAP_OVER_IO_URING == 0 {
 		err = errors.New("the kernel did not offer FUSE_OVER_IO_URING in INIT")
-	} else if s.ring, err = startRing(s, io); err != nil {
+	} else if s.ring, err = startRing(s, io); err == nil {
+		s.raw.onRing.Store(true)
+	} else {
 		// Until told otherwise the kernel holds every request back
 		// for the ring.
 		if derr := disarmRing(s.devFd); derr != nil {

@@ -28,8 +28,9 @@
 //
 // # Concurrency
 //
-// A Volume has no lock of its own. Usage, SealViolations and Passthrough
-// may run concurrently with each other; Mount, Unmount, Disconnect, Stop
+// A Volume has no lock of its own. Usage, SealViolations, Panics,
+// Passthrough, PassthroughWanted, KernelResend and Transport may run
+// concurrently with each other; Mount, Unmount, Disconnect, Stop
 // and Close must not run concurrently with any other method. The driver
 // holds its per-volume lock for that.
 package volume
