@@ -55,13 +55,12 @@ type rawFS struct {
 	// the options allow it, and no registration has failed.
 	passthrough bool
 
-	// writersMu protects writers.
+	// writersMu serializes changes of writers.
 	writersMu sync.Mutex
 	// writers counts the writable passthrough opens of each inode that
-	// has some (rawfs_writers.go).
-	writers map[uint64]int
-	// writing is the sum of writers. Accessed atomically.
-	writing atomic.Int64
+	// has some (rawfs_writers.go). The map is replaced, never changed in
+	// place, under writersMu, so that replies read it without a lock.
+	writers atomic.Pointer[map[uint64]int]
 	// onRing is set once requests come over io_uring (acceptRing).
 	onRing atomic.Bool
 	// dirsMu protects dirs.
@@ -92,7 +91,6 @@ func newRawFS(fs vfs.FS, opts Options, handles *handleTable) *rawFS {
 		opts:          opts,
 		handles:       handles,
 		backing:       map[uint64]*backingFile{},
-		writers:       map[uint64]int{},
 		dirs:          map[uint64]*dirStream{},
 	}
 }

@@ -20,8 +20,9 @@ import (
 // server reports for it carry a timeout of zero, and the kernel asks for
 // them on each stat(2) and permission check; the first such open and the
 // last one's RELEASE tell the kernel to forget the attributes it holds
-// (FUSE_NOTIFY_INVAL_INODE), which were given for an hour. A file nobody
-// writes costs one atomic load per reply; figures in BENCHMARKS.md
+// (FUSE_NOTIFY_INVAL_INODE), which were given for an hour. A reply costs
+// one atomic load and, while any file has writers, a lookup in a map
+// replaced on each writable open and release; figures in BENCHMARKS.md
 // ("Passthrough writers and attribute timeouts").
 //
 // Served by the daemon (no passthrough), every write, mapped or not,
@@ -32,27 +33,42 @@ const notifyInvalInode = 2
 
 // attrTimeout is how long the kernel may keep ino's attributes.
 func (r *rawFS) attrTimeout(ino uint64) time.Duration {
-	if r.writing.Load() == 0 {
-		return cacheTimeout
-	}
-	r.writersMu.Lock()
-	n := r.writers[ino]
-	r.writersMu.Unlock()
-	if n > 0 {
+	if m := r.writers.Load(); m != nil && (*m)[ino] > 0 {
 		return 0
 	}
 	return cacheTimeout
 }
 
+// addWriter adds d to ino's count of writable passthrough opens and
+// returns the new count. Writable opens are rare next to replies, so the
+// map is copied on change.
+func (r *rawFS) addWriter(ino uint64, d int) int {
+	r.writersMu.Lock()
+	defer r.writersMu.Unlock()
+	m := map[uint64]int{}
+	if old := r.writers.Load(); old != nil {
+		for k, v := range *old {
+			m[k] = v
+		}
+	}
+	n := m[ino] + d
+	if n > 0 {
+		m[ino] = n
+	} else {
+		delete(m, ino)
+	}
+	if len(m) == 0 {
+		r.writers.Store(nil)
+	} else {
+		r.writers.Store(&m)
+	}
+	return n
+}
+
 // writerOpened counts a writable passthrough open of ino; the first has
 // the kernel forget ino's attributes.
 func (r *rawFS) writerOpened(ino uint64) {
-	r.writersMu.Lock()
-	r.writers[ino]++
-	first := r.writers[ino] == 1
-	r.writersMu.Unlock()
-	r.writing.Add(1)
-	if first {
+	if r.addWriter(ino, 1) == 1 {
 		r.dev.invalAttr(ino)
 	}
 }
@@ -60,15 +76,7 @@ func (r *rawFS) writerOpened(ino uint64) {
 // writerReleased uncounts a writable passthrough open of ino; the last
 // has the kernel forget ino's attributes.
 func (r *rawFS) writerReleased(ino uint64) {
-	r.writersMu.Lock()
-	r.writers[ino]--
-	last := r.writers[ino] == 0
-	if last {
-		delete(r.writers, ino)
-	}
-	r.writersMu.Unlock()
-	r.writing.Add(-1)
-	if last {
+	if r.addWriter(ino, -1) == 0 {
 		r.dev.invalAttr(ino)
 	}
 }
