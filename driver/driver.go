@@ -301,6 +301,7 @@ func (c *Config) limits() limits {
 type Driver struct {
 	csi.UnimplementedIdentityServer
 	csi.UnimplementedNodeServer
+	csi.UnimplementedControllerServer
 
 	// cfg is the configuration, defaults filled in. Immutable.
 	cfg Config
@@ -320,6 +321,8 @@ type Driver struct {
 	fds *volume.FdBudget
 	// mounter cleans target paths (mount-utils). Immutable.
 	mounter mount.Interface
+	// created remembers CreateVolume's answers (controller.go).
+	created created
 	// ready is true once the journal is recovered. Accessed atomically.
 	ready atomic.Bool
 	// holder keeps the holder's copies of the volumes' sessions.
