@@ -49,14 +49,23 @@ func newCapacityPublisher(cfg Config, classes storagelisters.StorageClassLister)
 	return &capacityPublisher{cfg: cfg, classes: classes, written: map[string]capacity{}}
 }
 
+// refreshEvery is how many intervals pass before every object is read
+// and written again whether or not the capacity changed: one deleted
+// from outside comes back.
+const refreshEvery = 12
+
 // run syncs every CapacityInterval until ctx is done: a publish or
 // unpublish reaches the objects within one interval, and an idle node
-// writes nothing.
+// writes nothing but every refreshEvery intervals.
 func (c *capacityPublisher) run(ctx context.Context) {
 	logger := klog.FromContext(ctx)
 	t := time.NewTicker(c.cfg.CapacityInterval)
 	defer t.Stop()
-	for {
+	for i := 1; ; i++ {
+		if i%refreshEvery == 0 {
+			clear(c.written)
+			c.objects = nil
+		}
 		if err := c.sync(ctx); err != nil && ctx.Err() == nil {
 			logger.Error(err, "Cannot publish the node's storage capacity")
 		}

@@ -18,8 +18,9 @@ import (
 
 // startProvisioner runs the node's provisioner (serve --provisioner) on
 // the in-cluster API until ctx is done. Its CSIStorageCapacity objects live
-// in $POD_NAMESPACE, owned by the pod $POD_NAME ($POD_UID), so they go
-// with the pod.
+// in $POD_NAMESPACE, owned by the DaemonSet of the pod $POD_NAME, so they
+// outlive a rolling update of the pod and go with the DaemonSet; by the
+// pod ($POD_UID) when it has no DaemonSet.
 func startProvisioner(ctx context.Context, d *driver.Driver, cfg driver.Config) error {
 	rc, err := rest.InClusterConfig()
 	if err != nil {
@@ -34,10 +35,7 @@ func startProvisioner(ctx context.Context, d *driver.Driver, cfg driver.Config) 
 	if ns == "" {
 		return errors.New("--provisioner needs $POD_NAMESPACE (the namespace of the CSIStorageCapacity objects)")
 	}
-	var owner *metav1.OwnerReference
-	if name, uid := os.Getenv("POD_NAME"), os.Getenv("POD_UID"); name != "" && uid != "" {
-		owner = &metav1.OwnerReference{APIVersion: "v1", Kind: "Pod", Name: name, UID: types.UID(uid)}
-	}
+	owner := capacityOwner(ctx, client, ns)
 	go func() {
 		err := provisioner.Run(ctx, provisioner.Config{
 			Client:      client,
@@ -53,4 +51,24 @@ func startProvisioner(ctx context.Context, d *driver.Driver, cfg driver.Config) 
 		}
 	}()
 	return nil
+}
+
+// capacityOwner returns the owner of the node's CSIStorageCapacity
+// objects: the DaemonSet controlling the pod $POD_NAME, else the pod, else
+// none.
+func capacityOwner(ctx context.Context, client kubernetes.Interface, ns string) *metav1.OwnerReference {
+	name, uid := os.Getenv("POD_NAME"), os.Getenv("POD_UID")
+	if name == "" {
+		return nil
+	}
+	p, err := client.CoreV1().Pods(ns).Get(ctx, name, metav1.GetOptions{})
+	if err != nil {
+		klog.ErrorS(err, "Cannot read the plugin pod; its CSIStorageCapacity objects are owned by the pod", "pod", klog.KRef(ns, name))
+	} else if c := metav1.GetControllerOf(p); c != nil && c.Kind == "DaemonSet" {
+		return &metav1.OwnerReference{APIVersion: c.APIVersion, Kind: c.Kind, Name: c.Name, UID: c.UID}
+	}
+	if uid == "" {
+		return nil
+	}
+	return &metav1.OwnerReference{APIVersion: "v1", Kind: "Pod", Name: name, UID: types.UID(uid)}
 }
