@@ -38,6 +38,12 @@ const (
 	kubeletv1 = "k8s.io/kubelet/pkg/apis/pluginregistration/"
 	csisanity = "github.com/kubernetes-csi/csi-test/"
 	ginkgo    = "github.com/onsi/"
+	// The provisioner's: the Kubernetes API and the external-provisioner
+	// library (it brings client-go).
+	kubeapi      = "k8s.io/api/"
+	apimachine   = "k8s.io/apimachinery/"
+	clientgo     = "k8s.io/client-go/"
+	provisionlib = "sigs.k8s.io/sig-storage-lib-external-provisioner/"
 )
 
 // rule is what one package may import: the module's packages by name
@@ -77,11 +83,19 @@ var layers = map[string]rule{
 	"driver": {imports: []string{"volume", "image", "handoff", "registrar",
 		csi, grpc, protobuf, sanitizer, prom, mountutil, quantity, unix, klog, logr},
 		tests: []string{"memfs", "internal/imagetest", "internal/sockettest", ggcr, csisanity, ginkgo, kubeletv1}},
+	// The node's provisioner and capacity publisher: the one package that
+	// talks to the Kubernetes API; it calls the driver's controller
+	// service through its own small interface, so knows no driver.
+	"provisioner": {imports: []string{csi, grpc, kubeapi, apimachine, clientgo, provisionlib, klog},
+		tests: []string{protobuf}},
 	// The command: flags and wiring; `hold` answers for a dead plugin
 	// with fusefs.Refuse.
 	// logr: --logging-format=json installs a logr.Logger over log/slog
 	// as klog's logger (component-base's JSON format is far heavier).
-	"cmd/csi-memfs": {imports: []string{"driver", "volume", "handoff", "fusefs", roots, quantity, klog, logr},
+	// provisioner, apimachine, clientgo: serve --provisioner builds the
+	// in-cluster client and the owner of the capacity objects.
+	"cmd/csi-memfs": {imports: []string{"driver", "volume", "handoff", "fusefs", "provisioner", roots, quantity,
+		apimachine, clientgo, klog, logr},
 		tests: []string{ggcr, unix}},
 	// Test and build tools.
 	"internal/imagetest":  {imports: []string{ggcr, compress}},
@@ -142,6 +156,8 @@ func TestLayeringRefusesForbiddenImports(t *testing.T) {
 		{"image", pkg{Imports: []string{mod + "overlay"}}},
 		{"cmd/csi-memfs", pkg{Imports: []string{mod + "memfs"}}},
 		{"driver", pkg{Imports: []string{fuse + "fs"}}},
+		{"driver", pkg{Imports: []string{clientgo + "kubernetes"}}},
+		{"provisioner", pkg{Imports: []string{mod + "driver"}}},
 		{"memfs", pkg{TestImports: []string{grpc}}},
 	} {
 		if len(check(c.name, layers[c.name], c.p)) == 0 {

@@ -60,3 +60,17 @@ func (b *budget) release(size int64) {
 	b.bytes.Add(-size)
 	b.volumes.Add(-1)
 }
+
+// free returns the bytes left in the budget (0 when over it), or -1 when
+// there is no budget.
+func (b *budget) free() int64 {
+	if b.limit == 0 {
+		return -1
+	}
+	return max(b.limit-b.bytes.Load(), 0)
+}
+
+// full says whether the volume count is at its limit.
+func (b *budget) full() bool {
+	return b.maxVolumes > 0 && b.volumes.Load() >= b.maxVolumes
+}

@@ -6,9 +6,15 @@
 //
 // # Volumes
 //
-// csi-memfs serves only inline ephemeral volumes: kubelet invents a volume
-// id per pod volume and calls NodePublishVolume with the pod's
-// volumeAttributes, parsed once into a publishSpec (params.go). Publishing
+// csi-memfs serves inline ephemeral volumes: kubelet invents a volume id
+// per pod volume and calls NodePublishVolume with the pod's
+// volumeAttributes, parsed once into a publishSpec (params.go). It serves
+// volumes of its StorageClasses too (generic ephemeral volumes, claims):
+// each node's plugin answers the controller service for its own node
+// (controller.go), CreateVolume checks the class's parameters with the
+// same parser and returns them as the volume_context NodePublishVolume
+// reads back, marked provisioned; nothing is allocated until the publish.
+// Publishing
 // a volume (volumes.go)
 //
 //  1. for a volume with an image attribute, gets the image from the node's
@@ -70,6 +76,7 @@
 //	identity.go     the Identity service, health
 //	stats.go        NodeGetVolumeStats
 //	list.go         the volume list of `csi-memfs volumes`
+//	controller.go   the Controller service: CreateVolume, GetCapacity, topology
 //	node.go         the Node service's publish and unpublish, request checks
 //	interceptor.go  request logs and metrics of every call
 //	volumes.go      publish, unpublish, teardown
@@ -312,6 +319,7 @@ func (c *Config) limits() limits {
 type Driver struct {
 	csi.UnimplementedIdentityServer
 	csi.UnimplementedNodeServer
+	csi.UnimplementedControllerServer
 
 	// cfg is the configuration, defaults filled in. Immutable.
 	cfg Config
@@ -331,6 +339,8 @@ type Driver struct {
 	fds *volume.FdBudget
 	// mounter cleans target paths (mount-utils). Immutable.
 	mounter mount.Interface
+	// created remembers CreateVolume's answers (controller.go).
+	created created
 	// ready is true once the journal is recovered. Accessed atomically.
 	ready atomic.Bool
 	// holder keeps the holder's copies of the volumes' sessions.

@@ -13,7 +13,8 @@ import (
 	"k8s.io/klog/v2"
 )
 
-// NodePublishVolume mounts an inline ephemeral volume on the target path.
+// NodePublishVolume mounts an inline ephemeral volume, or one CreateVolume
+// made, on the target path.
 func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolumeRequest) (*csi.NodePublishVolumeResponse, error) {
 	start := time.Now()
 	id, spec, pod, err := d.publishRequest(req)
@@ -161,9 +162,12 @@ func (d *Driver) NodeUnpublishVolume(ctx context.Context, req *csi.NodeUnpublish
 	return nil, err
 }
 
-// NodeGetInfo reports the node id and how many volumes it takes.
+// NodeGetInfo reports the node id, how many volumes it takes, and its
+// topology segment (TopologyKey): kubelet labels the node with it, and the
+// volumes CreateVolume makes are reachable from it alone.
 func (d *Driver) NodeGetInfo(context.Context, *csi.NodeGetInfoRequest) (*csi.NodeGetInfoResponse, error) {
-	return &csi.NodeGetInfoResponse{NodeId: d.cfg.NodeID, MaxVolumesPerNode: d.cfg.MaxVolumes}, nil
+	return &csi.NodeGetInfoResponse{NodeId: d.cfg.NodeID, MaxVolumesPerNode: d.cfg.MaxVolumes,
+		AccessibleTopology: d.topology()}, nil
 }
 
 // NodeGetCapabilities: volume stats, and the volume_mount_group (fsGroup)

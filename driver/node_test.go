@@ -85,7 +85,7 @@ func TestHandlerErrors(t *testing.T) {
 		{"publish: mount group", pub(func(r *csi.NodePublishVolumeRequest) { r.VolumeCapability.GetMount().VolumeMountGroup = "wheel" }), codes.InvalidArgument, "volume_mount_group"},
 		{"publish: multi node", pub(mode(csi.VolumeCapability_AccessMode_MULTI_NODE_MULTI_WRITER)), codes.InvalidArgument, "access_mode"},
 		{"publish: no access mode", pub(mode(csi.VolumeCapability_AccessMode_UNKNOWN)), codes.InvalidArgument, "access_mode"},
-		{"publish: persistent", pub(func(r *csi.NodePublishVolumeRequest) { delete(r.VolumeContext, attrEphemeral) }), codes.InvalidArgument, "only inline ephemeral"},
+		{"publish: persistent", pub(func(r *csi.NodePublishVolumeRequest) { delete(r.VolumeContext, attrEphemeral) }), codes.InvalidArgument, "inline ephemeral volumes"},
 		{"publish: unknown attribute", pub(func(r *csi.NodePublishVolumeRequest) { r.VolumeContext["sizee"] = "1" }), codes.InvalidArgument, "unknown key"},
 		{"publish: bad size", pub(func(r *csi.NodePublishVolumeRequest) { r.VolumeContext["size"] = "big" }), codes.InvalidArgument, "volumeAttributes.size"},
 		{"publish: image not cached, Never", pub(func(r *csi.NodePublishVolumeRequest) {

@@ -6,6 +6,7 @@ import (
 	"regexp"
 	"slices"
 	"sort"
+	"strconv"
 	"strings"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
@@ -169,6 +170,27 @@ type volumeParams struct {
 	Seal []string `json:"seal,omitempty"`
 }
 
+// attributes renders p as the attributes parseParams reads back as p:
+// the volume_context of a volume CreateVolume made, every value explicit.
+func (p volumeParams) attributes() map[string]string {
+	a := map[string]string{
+		attrSize:   strconv.FormatInt(p.Size, 10),
+		attrInodes: strconv.FormatUint(p.Inodes, 10),
+	}
+	if p.NoSwap {
+		a[attrNoSwap] = "true"
+	}
+	if len(p.Seal) > 0 {
+		a[attrSeal] = strings.Join(p.Seal, ",")
+	}
+	if p.Image != "" {
+		a[attrImage] = p.Image
+		a[attrImagePullPolicy] = p.PullPolicy.String()
+		a[attrImagePath] = p.ImagePath
+	}
+	return a
+}
+
 // equal says whether p and q describe the same volume.
 func (p volumeParams) equal(q volumeParams) bool {
 	return p.Image == q.Image && p.PullPolicy == q.PullPolicy && p.ImagePath == q.ImagePath &&
@@ -202,39 +224,64 @@ type limits struct {
 	MaxInodes uint64
 }
 
-// parseVolumeParams validates an inline volume's attributes. Every error is
-// an InvalidArgument naming the key and the values it accepts.
+// attrProvisioned marks the volume_context CreateVolume returns: a volume
+// of a StorageClass, which NodePublishVolume takes like an inline one.
+const attrProvisioned = "memfs.csi.dev/provisioned"
+
+// parseVolumeParams validates the attributes NodePublishVolume gets: those
+// of an inline ephemeral volume, or the volume_context of a volume
+// CreateVolume made. Every error is an InvalidArgument naming the key and
+// the values it accepts.
 func parseVolumeParams(attrs map[string]string, lim limits) (volumeParams, podInfo, error) {
+	if err := checkKeys(attrs, attrProvisioned); err != nil {
+		return volumeParams{}, podInfo{}, err
+	}
+	if attrs[attrEphemeral] != "true" && attrs[attrProvisioned] != "true" {
+		return volumeParams{}, podInfo{}, errorf(codes.InvalidArgument,
+			"volumeAttributes[%s] is %q, want \"true\": csi-memfs serves inline ephemeral volumes "+
+				"(a csi volume in the pod spec, with a CSIDriver whose volumeLifecycleModes has Ephemeral) "+
+				"and volumes of its own StorageClasses (whose volume_context has %s=true)",
+			attrEphemeral, attrs[attrEphemeral], attrProvisioned)
+	}
+	p, err := parseParams(attrs, lim)
+	if err != nil {
+		return volumeParams{}, podInfo{}, err
+	}
+	return p, podOf(attrs), nil
+}
+
+// checkKeys refuses a key that is neither a user-facing one, one under
+// kubeletPrefix, nor one of extra.
+func checkKeys(attrs map[string]string, extra ...string) error {
 	var unknown []string
 	for k := range attrs {
-		if !slices.Contains(knownAttrs, k) && !strings.HasPrefix(k, kubeletPrefix) {
+		if !slices.Contains(knownAttrs, k) && !slices.Contains(extra, k) && !strings.HasPrefix(k, kubeletPrefix) {
 			unknown = append(unknown, k)
 		}
 	}
 	if len(unknown) > 0 {
 		sort.Strings(unknown)
-		return volumeParams{}, podInfo{}, errorf(codes.InvalidArgument,
+		return errorf(codes.InvalidArgument,
 			"volumeAttributes: unknown key %q; known keys are %s (and the %s* keys kubelet adds)",
 			unknown[0], strings.Join(knownAttrs, ", "), kubeletPrefix)
 	}
-	if v := attrs[attrEphemeral]; v != "true" {
-		return volumeParams{}, podInfo{}, errorf(codes.InvalidArgument,
-			"volumeAttributes[%s] is %q, want \"true\": csi-memfs serves only inline ephemeral volumes "+
-				"(a csi volume in the pod spec, with a CSIDriver whose volumeLifecycleModes is [Ephemeral]); "+
-				"it has no controller to provision persistent volumes", attrEphemeral, v)
-	}
-	pod := podOf(attrs)
+	return nil
+}
 
+// parseParams parses the user-facing keys of attrs, whose keys are
+// checked. Shared by NodePublishVolume (volumeAttributes), CreateVolume
+// and GetCapacity (StorageClass parameters).
+func parseParams(attrs map[string]string, lim limits) (volumeParams, error) {
 	p := volumeParams{Size: lim.DefaultSize, Inodes: lim.DefaultInodes}
 	var err error
 	if v, ok := attrs[attrSize]; ok {
 		if p.Size, err = parseSize(v, lim.MaxSize); err != nil {
-			return volumeParams{}, podInfo{}, err
+			return volumeParams{}, err
 		}
 	}
 	if v, ok := attrs[attrInodes]; ok {
 		if p.Inodes, err = parseInodes(v, lim.MaxInodes); err != nil {
-			return volumeParams{}, podInfo{}, err
+			return volumeParams{}, err
 		}
 	} else if p.Inodes == 0 {
 		p.Inodes = min(max(uint64(p.Size)/4096, 1024), lim.MaxInodes)
@@ -245,14 +292,14 @@ func parseVolumeParams(attrs map[string]string, lim limits) (volumeParams, podIn
 			p.NoSwap = true
 		case "false":
 		default:
-			return volumeParams{}, podInfo{}, errorf(codes.InvalidArgument,
+			return volumeParams{}, errorf(codes.InvalidArgument,
 				"volumeAttributes.%s: %q; want \"true\" (keep the volume's memory out of swap; Linux 6.4 or later) or \"false\"",
 				attrNoSwap, v)
 		}
 	}
 	if v, ok := attrs[attrSeal]; ok {
 		if p.Seal, err = parseSealGlobs(v); err != nil {
-			return volumeParams{}, podInfo{}, err
+			return volumeParams{}, err
 		}
 	}
 
@@ -260,7 +307,7 @@ func parseVolumeParams(attrs map[string]string, lim limits) (volumeParams, podIn
 	// A local image (oci:NAME) is checked by the image cache, which alone
 	// knows where local images are.
 	if p.Image != "" && !strings.HasPrefix(p.Image, LocalImagePrefix) && !validImageRef(p.Image) {
-		return volumeParams{}, podInfo{}, errorf(codes.InvalidArgument,
+		return volumeParams{}, errorf(codes.InvalidArgument,
 			"volumeAttributes.%s: %q is not an OCI image reference; want repo:tag or repo@sha256:<hex> "+
 				"(e.g. registry.example/team/app:1.2), or %sNAME[:TAG] for a local image", attrImage, p.Image, LocalImagePrefix)
 	}
@@ -271,7 +318,7 @@ func parseVolumeParams(attrs map[string]string, lim limits) (volumeParams, podIn
 		if !hasPolicy {
 			key = attrImagePath
 		}
-		return volumeParams{}, podInfo{}, errorf(codes.InvalidArgument,
+		return volumeParams{}, errorf(codes.InvalidArgument,
 			"volumeAttributes.%s is set but %s is empty; set %s, or drop %s for a pure memory volume",
 			key, attrImage, attrImage, key)
 	}
@@ -279,7 +326,7 @@ func parseVolumeParams(attrs map[string]string, lim limits) (volumeParams, podIn
 		p.PullPolicy = defaultPullPolicy
 		if v, ok := attrs[attrImagePullPolicy]; ok {
 			if p.PullPolicy, ok = ParsePullPolicy(v); !ok {
-				return volumeParams{}, podInfo{}, errorf(codes.InvalidArgument,
+				return volumeParams{}, errorf(codes.InvalidArgument,
 					"volumeAttributes.%s: %q is not a pull policy; want Always, IfNotPresent or Never",
 					attrImagePullPolicy, v)
 			}
@@ -287,11 +334,11 @@ func parseVolumeParams(attrs map[string]string, lim limits) (volumeParams, podIn
 		p.ImagePath = defaultImageDir
 		if v, ok := attrs[attrImagePath]; ok {
 			if p.ImagePath, err = parseImagePath(v); err != nil {
-				return volumeParams{}, podInfo{}, err
+				return volumeParams{}, err
 			}
 		}
 	}
-	return p, pod, nil
+	return p, nil
 }
 
 // parseSize parses a size attribute: a Kubernetes quantity from

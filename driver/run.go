@@ -133,6 +133,7 @@ func (d *Driver) Run(ctx context.Context) error {
 	srv := grpc.NewServer(grpc.UnaryInterceptor(d.interceptor))
 	csi.RegisterIdentityServer(srv, d)
 	csi.RegisterNodeServer(srv, d)
+	csi.RegisterControllerServer(srv, d)
 
 	errc := make(chan error, 3) // CSI, metrics and registration servers
 	go func() { errc <- srv.Serve(lis) }()

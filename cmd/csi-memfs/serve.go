@@ -27,7 +27,21 @@ var buildVersion string
 // parseServeFlags parses the serve command's arguments into a driver
 // configuration. klog's flags (-v, ...) are registered on the same set.
 func parseServeFlags(args []string, out io.Writer) (driver.Config, error) {
+	cfg, _, err := parseServeArgs(args, out)
+	return cfg, err
+}
+
+// serveOptions are the serve command's options besides the driver's.
+type serveOptions struct {
+	// provisioner runs the node's provisioner (provision.go).
+	provisioner bool
+}
+
+// parseServeArgs is parseServeFlags, with the options that are not the
+// driver's.
+func parseServeArgs(args []string, out io.Writer) (driver.Config, serveOptions, error) {
 	cfg := driver.Config{Version: versionString()}
+	var opts serveOptions
 	fs := flag.NewFlagSet("csi-memfs serve", flag.ContinueOnError)
 	fs.SetOutput(out)
 	fs.StringVar(&cfg.Endpoint, "endpoint", "unix:///csi/csi.sock", "CSI endpoint kubelet connects to")
@@ -66,6 +80,8 @@ func parseServeFlags(args []string, out io.Writer) (driver.Config, error) {
 	fs.BoolVar(&cfg.DisablePassthrough, "no-passthrough", false, "serve every read and write through the daemon instead of FUSE passthrough")
 	transportFlag(fs, &cfg.FUSETransport, "auto serves /dev/fuse (volumes must survive plugin restarts, which a ring-served connection cannot); io-uring serves over io_uring where the kernel allows it, and a plugin restart then loses the volumes")
 	fs.BoolVar(&cfg.FUSEDebug, "fuse-debug", false, "log every FUSE request (very verbose)")
+	fs.BoolVar(&opts.provisioner, "provisioner", false, "provision the volumes of csi-memfs StorageClasses selected for this node, "+
+		"and publish its CSIStorageCapacity (in-cluster API access; $POD_NAMESPACE, $POD_NAME, $POD_UID)")
 	logFlags(fs)
 	fs.Usage = func() {
 		fmt.Fprintf(out, `Usage: csi-memfs serve [flags]
@@ -81,15 +97,15 @@ Flags:
 		fs.PrintDefaults()
 	}
 	if err := fs.Parse(args); err != nil {
-		return cfg, err
+		return cfg, opts, err
 	}
 	if fs.NArg() > 0 {
-		return cfg, fmt.Errorf("unexpected argument %q (see --help)", fs.Arg(0))
+		return cfg, opts, fmt.Errorf("unexpected argument %q (see --help)", fs.Arg(0))
 	}
 	if cfg.NodeID == "" {
-		return cfg, errors.New("--node-id is required (or set NODE_NAME)")
+		return cfg, opts, errors.New("--node-id is required (or set NODE_NAME)")
 	}
-	return cfg, nil
+	return cfg, opts, nil
 }
 
 // quantity defines a flag holding a byte count written as a Kubernetes
@@ -126,7 +142,7 @@ func versionString() string {
 }
 
 func runServe(args []string) int {
-	cfg, err := parseServeFlags(args, os.Stderr)
+	cfg, opts, err := parseServeArgs(args, os.Stderr)
 	if code, done := flagsDone("serve", err); done {
 		return code
 	}
@@ -139,6 +155,12 @@ func runServe(args []string) int {
 	defer d.Close()
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
+	if opts.provisioner {
+		if err := startProvisioner(ctx, d, cfg); err != nil {
+			klog.ErrorS(err, "Cannot start the provisioner")
+			return 1
+		}
+	}
 	if err := d.Run(ctx); err != nil {
 		klog.ErrorS(err, "Serving failed")
 		return 1

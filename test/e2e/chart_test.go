@@ -95,6 +95,7 @@ func TestChartLint(t *testing.T) {
 		{"--set", "driver.nodeMemoryBudget=8Gi", "--set", "grafanaDashboard.enabled=true",
 			"--set", "metrics.serviceMonitor.enabled=true", "--set", "metrics.podMonitor.enabled=true"},
 		{"--set", "kubeletDir=/var/snap/microk8s/common/var/lib/kubelet"},
+		{"--set", "provisioner.enabled=true", "--set", "driver.nodeMemoryBudget=4Gi"},
 		{"--set", "holder.enabled=false", "--set", "hostNetwork=false", "--set", "driver.nodeMemoryBudget="},
 		{"--set", "metrics.prometheusRule.enabled=true", "--set", "admissionPolicy.enabled=true",
 			"--set", "admissionPolicy.allowedNamespaces={team}", "--set", "admissionPolicy.maxVolumeSize=1Gi",
@@ -311,6 +312,32 @@ func TestChartRendering(t *testing.T) {
 		out, err := helm(t, "template", "x", chartDir, "--set", "admissionPolicy.enabled=true", "--kube-version", "1.29.0")
 		if err == nil || !strings.Contains(out, "Kubernetes 1.30 or later") {
 			t.Errorf("admissionPolicy on Kubernetes 1.29 rendered, or without the reason: %v\n%s", err, out)
+		}
+	})
+	t.Run("provisioner", func(t *testing.T) {
+		// Off (the default): no token, no RBAC, no StorageClass, inline
+		// volumes only.
+		out := render(t)
+		has(t, out, "automountServiceAccountToken: false", "storageCapacity: false", "    - Ephemeral\n  # The plugin")
+		hasNot(t, out, "kind: ClusterRole", "kind: Role\n", "kind: StorageClass", "--provisioner", "POD_NAMESPACE", "- Persistent")
+		out = render(t, "--set", "provisioner.enabled=true", "--set", "storageClasses[0].name=memory",
+			"--set", "storageClasses[0].parameters.noswap=true", "--set", "storageClasses[0].isDefault=true")
+		has(t, out, "automountServiceAccountToken: true", "storageCapacity: true", "    - Ephemeral\n", "    - Persistent\n",
+			"kind: ClusterRole\n", "kind: ClusterRoleBinding\n", "kind: Role\n", "kind: RoleBinding\n",
+			"resources: [persistentvolumes]\n    verbs: [get, list, watch, create, delete]",
+			"resources: [persistentvolumeclaims]\n    verbs: [get, list, watch, update]",
+			"resources: [csistoragecapacities]\n    verbs: [get, list, watch, create, update, delete]",
+			"- --provisioner\n", "- name: POD_NAMESPACE\n", "- name: POD_UID\n",
+			"kind: StorageClass\n", "provisioner: memfs.csi.dev\n", "  noswap: \"true\"\n",
+			"volumeBindingMode: WaitForFirstConsumer\n", "reclaimPolicy: Delete\n", "allowVolumeExpansion: false\n",
+			`storageclass.kubernetes.io/is-default-class: "true"`)
+		// The flag goes to the plugin container alone.
+		if c := containerSpec(t, out, "csi-memfs"); !strings.Contains(c, "- --provisioner") {
+			t.Errorf("the plugin container lacks --provisioner:\n%s", c)
+		}
+		if _, err := helm(t, "template", "x", chartDir, "--set", "provisioner.enabled=true",
+			"--set", "storageClasses[0].parameters.size=1Gi"); err == nil {
+			t.Errorf("a StorageClass with a size parameter rendered; want a schema error (the size is the claim's)")
 		}
 	})
 	t.Run("monitoring", func(t *testing.T) {
