@@ -315,11 +315,11 @@ func TestChartRendering(t *testing.T) {
 		}
 	})
 	t.Run("provisioner", func(t *testing.T) {
-		// Off (the default): no token, no RBAC, no StorageClass, inline
-		// volumes only.
+		// Off (the default): no token, no RBAC, no StorageClass; both
+		// lifecycle modes all the same (the field is immutable).
 		out := render(t)
-		has(t, out, "automountServiceAccountToken: false", "storageCapacity: false", "    - Ephemeral\n  # The plugin")
-		hasNot(t, out, "kind: ClusterRole", "kind: Role\n", "kind: StorageClass", "--provisioner", "POD_NAMESPACE", "- Persistent")
+		has(t, out, "automountServiceAccountToken: false", "storageCapacity: false", "    - Ephemeral\n    - Persistent\n")
+		hasNot(t, out, "kind: ClusterRole", "kind: Role\n", "kind: StorageClass", "--provisioner", "POD_NAMESPACE")
 		out = render(t, "--set", "provisioner.enabled=true", "--set", "storageClasses[0].name=memory",
 			"--set", "storageClasses[0].parameters.noswap=true", "--set", "storageClasses[0].isDefault=true")
 		has(t, out, "automountServiceAccountToken: true", "storageCapacity: true", "    - Ephemeral\n", "    - Persistent\n",
