@@ -452,7 +452,7 @@ func TestInstall(t *testing.T) {
 	if err != nil {
 		t.Fatalf("%v\n%s", err, out)
 	}
-	if want := `false true ["Ephemeral"] File`; out != want {
+	if want := `false true ["Ephemeral","Persistent"] File`; out != want {
 		t.Errorf("CSIDriver spec = %q, want %q", out, want)
 	}
 	resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/healthz", metricsPort))
