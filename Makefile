@@ -22,7 +22,7 @@ demo: build
 
 # The tests: race detector on, fuzz seed corpora included.
 test: lint
-	$(GO) test -race -count=1 ./...
+	$(GO) test -race -count=1 -timeout 20m ./...
 
 # Slower suites CI also runs: every fuzz target for FUZZTIME each, and the
 # crash loop of the plugin (ten SIGKILLs, one a second).
