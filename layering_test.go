@@ -61,11 +61,12 @@ var layers = map[string]rule{
 	"vfs": {imports: []string{unix}},
 	// The writable memory layer and the union over a lower tree: no
 	// FUSE, gRPC, Kubernetes or logging.
-	"memfs":   {imports: []string{"vfs", unix}},
+	"memfs": {imports: []string{"vfs", unix},
+		tests: []string{"internal/acltest"}},
 	"overlay": {imports: []string{"vfs", "memfs", unix}},
 	// FUSE: the one package that imports go-fuse.
 	"fusefs": {imports: []string{"vfs", "memfs", fuse, unix, klog},
-		tests: []string{"overlay", logr}},
+		tests: []string{"overlay", "internal/acltest", logr}},
 	// Descriptor bundles and the holder: no FUSE, no CSI.
 	"handoff": {imports: []string{unix, klog}},
 	// OCI images as lower directories.
@@ -100,6 +101,7 @@ var layers = map[string]rule{
 	// Test and build tools.
 	"internal/imagetest":  {imports: []string{ggcr, compress}},
 	"internal/sockettest": {imports: []string{"handoff"}},
+	"internal/acltest":    {},
 	"bench/cmd/benchtool": {},
 	"hack/ociimage":       {imports: []string{ggcr}},
 	"hack/pause":          {},

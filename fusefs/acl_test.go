@@ -8,40 +8,10 @@ import (
 	"syscall"
 	"testing"
 
+	"github.com/csi-memfs/csi-memfs/internal/acltest"
 	"github.com/hanwen/go-fuse/v2/fuse"
 	"golang.org/x/sys/unix"
 )
-
-// aclEntry is one entry of a POSIX ACL.
-type aclEntry struct {
-	tag, perm uint16
-	id        uint32
-}
-
-// The tags of ACL entries (linux/posix_acl.h).
-const (
-	aclUserObj  = 0x01
-	aclUser     = 0x02
-	aclGroupObj = 0x04
-	aclMask     = 0x10
-	aclOther    = 0x20
-)
-
-// encodeACL encodes entries, which must be sorted by tag and id, as
-// setfacl passes them to setxattr(2): a version 2 header, then each entry.
-func encodeACL(entries ...aclEntry) []byte {
-	b := binary.LittleEndian.AppendUint32(nil, 2)
-	for _, e := range entries {
-		id := e.id
-		if e.tag != aclUser {
-			id = ^uint32(0)
-		}
-		b = binary.LittleEndian.AppendUint16(b, e.tag)
-		b = binary.LittleEndian.AppendUint16(b, e.perm)
-		b = binary.LittleEndian.AppendUint32(b, id)
-	}
-	return b
-}
 
 // readACL returns the ACL attribute name of path, or nil if it has none.
 func readACL(t *testing.T, path, name string) []byte {
@@ -89,34 +59,34 @@ func wantAccess(t *testing.T, uid uint32, path string, want syscall.Errno) {
 // mask m and other's perms o), and a directory's default that grants uid
 // 1000 rwx.
 func fileACL(m, o uint16) []byte {
-	return encodeACL(
-		aclEntry{tag: aclUserObj, perm: 6},
-		aclEntry{tag: aclUser, perm: 4, id: 1000},
-		aclEntry{tag: aclGroupObj},
-		aclEntry{tag: aclMask, perm: m},
-		aclEntry{tag: aclOther, perm: o},
+	return acltest.Encode(
+		acltest.Entry{Tag: acltest.UserObj, Perm: 6},
+		acltest.Entry{Tag: acltest.User, Perm: 4, ID: 1000},
+		acltest.Entry{Tag: acltest.GroupObj},
+		acltest.Entry{Tag: acltest.Mask, Perm: m},
+		acltest.Entry{Tag: acltest.Other, Perm: o},
 	)
 }
 
 func dirDefaultACL() []byte {
-	return encodeACL(
-		aclEntry{tag: aclUserObj, perm: 7},
-		aclEntry{tag: aclUser, perm: 7, id: 1000},
-		aclEntry{tag: aclGroupObj, perm: 5},
-		aclEntry{tag: aclMask, perm: 7},
-		aclEntry{tag: aclOther},
+	return acltest.Encode(
+		acltest.Entry{Tag: acltest.UserObj, Perm: 7},
+		acltest.Entry{Tag: acltest.User, Perm: 7, ID: 1000},
+		acltest.Entry{Tag: acltest.GroupObj, Perm: 5},
+		acltest.Entry{Tag: acltest.Mask, Perm: 7},
+		acltest.Entry{Tag: acltest.Other},
 	)
 }
 
 // inheritedACL is what a new file of mode 0666 gets under dirDefaultACL:
 // its entries, with the owner's, mask's and other's masked by the mode.
 func inheritedACL(m uint16) []byte {
-	return encodeACL(
-		aclEntry{tag: aclUserObj, perm: 6},
-		aclEntry{tag: aclUser, perm: 7, id: 1000},
-		aclEntry{tag: aclGroupObj, perm: 5},
-		aclEntry{tag: aclMask, perm: m},
-		aclEntry{tag: aclOther},
+	return acltest.Encode(
+		acltest.Entry{Tag: acltest.UserObj, Perm: 6},
+		acltest.Entry{Tag: acltest.User, Perm: 7, ID: 1000},
+		acltest.Entry{Tag: acltest.GroupObj, Perm: 5},
+		acltest.Entry{Tag: acltest.Mask, Perm: m},
+		acltest.Entry{Tag: acltest.Other},
 	)
 }
 

@@ -17,6 +17,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/csi-memfs/csi-memfs/internal/acltest"
 	"github.com/csi-memfs/csi-memfs/overlay"
 )
 
@@ -277,12 +278,12 @@ func TestLowerXattrs(t *testing.T) {
 	lower := ll.Dir()
 	f := filepath.Join(lower, "f")
 	os.WriteFile(f, nil, 0o644)
-	acl := encodeACL(
-		aclEntry{tag: aclUserObj, perm: 6},
-		aclEntry{tag: aclUser, perm: 4, id: 1000},
-		aclEntry{tag: aclGroupObj, perm: 4},
-		aclEntry{tag: aclMask, perm: 4},
-		aclEntry{tag: aclOther, perm: 4},
+	acl := acltest.Encode(
+		acltest.Entry{Tag: acltest.UserObj, Perm: 6},
+		acltest.Entry{Tag: acltest.User, Perm: 4, ID: 1000},
+		acltest.Entry{Tag: acltest.GroupObj, Perm: 4},
+		acltest.Entry{Tag: acltest.Mask, Perm: 4},
+		acltest.Entry{Tag: acltest.Other, Perm: 4},
 	)
 	if err := unix.Setxattr(f, aclAccess, acl, 0); err != nil {
 		t.Fatal(err)

@@ -7,39 +7,9 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/csi-memfs/csi-memfs/internal/acltest"
 	"github.com/csi-memfs/csi-memfs/vfs"
 )
-
-// aclEntry is one entry of a POSIX ACL in its xattr form.
-type aclEntry struct {
-	tag, perm uint16
-	id        uint32
-}
-
-// The tags of ACL entries (linux/posix_acl.h).
-const (
-	aclUserObj  = 0x01
-	aclUser     = 0x02
-	aclGroupObj = 0x04
-	aclMask     = 0x10
-	aclOther    = 0x20
-)
-
-// encodeACL encodes entries, which must be sorted by tag, in the
-// system.posix_acl_* attribute format (version 2).
-func encodeACL(entries ...aclEntry) []byte {
-	b := binary.LittleEndian.AppendUint32(nil, 2)
-	for _, e := range entries {
-		id := e.id
-		if e.tag != aclUser {
-			id = ^uint32(0)
-		}
-		b = binary.LittleEndian.AppendUint16(b, e.tag)
-		b = binary.LittleEndian.AppendUint16(b, e.perm)
-		b = binary.LittleEndian.AppendUint32(b, id)
-	}
-	return b
-}
 
 // aclPerm returns the permissions of the first entry tagged tag in the
 // encoded ACL b, or -1.
@@ -57,12 +27,12 @@ func aclPerm(b []byte, tag uint16) int {
 func TestACLs(t *testing.T) {
 	l := newLayer(t, 1<<20)
 	c := vfs.Caller{Uid: 1000, Gid: 1000, Umask: 022}
-	acl := encodeACL(
-		aclEntry{tag: aclUserObj, perm: 7},
-		aclEntry{tag: aclUser, perm: 5, id: 65534},
-		aclEntry{tag: aclGroupObj, perm: 5},
-		aclEntry{tag: aclMask, perm: 7},
-		aclEntry{tag: aclOther},
+	acl := acltest.Encode(
+		acltest.Entry{Tag: acltest.UserObj, Perm: 7},
+		acltest.Entry{Tag: acltest.User, Perm: 5, ID: 65534},
+		acltest.Entry{Tag: acltest.GroupObj, Perm: 5},
+		acltest.Entry{Tag: acltest.Mask, Perm: 7},
+		acltest.Entry{Tag: acltest.Other},
 	)
 	d := must[vfs.Entry](t)(l.Mkdir(vfs.RootIno, "d", 0o755, c))
 	if err := l.SetXattr(d.Ino(), "system.posix_acl_default", acl, 0); err != nil {
@@ -82,7 +52,7 @@ func TestACLs(t *testing.T) {
 	if err != nil {
 		t.Fatalf("inherited access ACL: %v", err)
 	}
-	if got := aclPerm(buf[:n], aclMask); got != 6 {
+	if got := aclPerm(buf[:n], acltest.Mask); got != 6 {
 		t.Errorf("inherited mask: %o, want 6", got)
 	}
 	sub := must[vfs.Entry](t)(l.Mkdir(d.Ino(), "sub", 0o777, c))
@@ -95,7 +65,7 @@ func TestACLs(t *testing.T) {
 		t.Errorf("chmod: mode %o", st.Mode&07777)
 	}
 	n = must[int](t)(l.GetXattr(f.Ino(), "system.posix_acl_access", buf))
-	if got := aclPerm(buf[:n], aclMask); got != 4 {
+	if got := aclPerm(buf[:n], acltest.Mask); got != 4 {
 		t.Errorf("mask after chmod 640: %o, want 4", got)
 	}
 
