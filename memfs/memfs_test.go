@@ -655,7 +655,8 @@ func TestMetadataCountsAgainstSize(t *testing.T) {
 			if os.Geteuid() != 0 {
 				t.Skip("needs root to mount tmpfs")
 			}
-			l, err := New(filepath.Join(t.TempDir(), "upper"), Options{Size: size, Inodes: 1500000})
+			dir := filepath.Join(t.TempDir(), "upper")
+			l, err := New(dir, Options{Size: size, Inodes: 1500000})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -691,6 +692,14 @@ func TestMetadataCountsAgainstSize(t *testing.T) {
 			}
 			if st := must[unix.Statfs_t](t)(l.StatFS()); (st.Blocks-st.Bfree)*uint64(st.Bsize) != u.BytesUsed {
 				t.Errorf("statfs used %d, usage %d", (st.Blocks-st.Bfree)*uint64(st.Bsize), u.BytesUsed)
+			}
+			// Measured from outside, as the driver measures a lost
+			// volume's layer: the charge is counted, the room kept
+			// beyond it is not (at most a step).
+			mu := must[Usage](t)(MountedUsage(dir))
+			if mu.MetaBytes != u.MetaBytes || mu.BytesUsed > u.BytesUsed || mu.BytesUsed+uint64(metaChunk(size)) < u.BytesUsed ||
+				mu.BytesLimit > size || mu.BytesLimit+uint64(metaChunk(size)) < size {
+				t.Errorf("MountedUsage = %+v, want the Layer's %+v less at most a step of %d", mu, u, metaChunk(size))
 			}
 			_, df, err := l.Create(vfs.RootIno, "data", unix.O_RDWR, 0o644, vfs.Root, vfs.OpenOptions{})
 			if err == nil {

@@ -1,7 +1,7 @@
 package volume
 
 import (
-	"golang.org/x/sys/unix"
+	"github.com/csi-memfs/csi-memfs/memfs"
 )
 
 // Usage is what a volume's memory layer uses and may use, as the tmpfs
@@ -40,13 +40,12 @@ func (v *Volume) Usage() (Usage, error) {
 }
 
 // UpperUsage measures a memory layer that no Volume serves, mounted on dir
-// (one a previous process left), by statfs on its mount point.
+// (one a previous process left); see memfs.MountedUsage.
 func UpperUsage(dir string) (Usage, error) {
-	var st unix.Statfs_t
-	if err := unix.Statfs(dir, &st); err != nil {
+	u, err := memfs.MountedUsage(dir)
+	if err != nil {
 		return Usage{}, err
 	}
-	bs := uint64(st.Bsize)
-	return Usage{BytesUsed: (st.Blocks - st.Bfree) * bs, BytesLimit: st.Blocks * bs,
-		InodesUsed: st.Files - st.Ffree, InodesLimit: st.Files}, nil
+	return Usage{BytesUsed: u.BytesUsed, BytesLimit: u.BytesLimit, InodesUsed: u.InodesUsed, InodesLimit: u.InodesLimit,
+		MetaBytes: u.MetaBytes}, nil
 }
