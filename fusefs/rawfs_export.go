@@ -65,17 +65,23 @@ func (r *rederiver) LookupInode(ino uint64) (vfs.Entry, error) {
 	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if r.knownLocked(ino) {
-		// Found meanwhile, by a name.
-		return ex.LookupInode(ino)
-	}
-	if err := r.deriveLocked(ino); err != nil {
-		return vfs.Entry{}, err
-	}
-	e, err = ex.LookupInode(ino)
-	if err == nil {
-		// Leaves the derivation's reference, so never the last one.
-		r.fs.Forget(ino, 1)
+	// A FORGET of the kernel's earlier lookups of ino may still arrive
+	// and drop what the derivation found: it is then found once more.
+	for range 2 {
+		if r.knownLocked(ino) {
+			// Found meanwhile, by a name.
+			e, err = ex.LookupInode(ino)
+		} else if err = r.deriveLocked(ino); err == nil {
+			e, err = ex.LookupInode(ino)
+			if err == nil {
+				// Leaves the derivation's reference, so never the
+				// last one.
+				r.fs.Forget(ino, 1)
+			}
+		}
+		if err != syscall.ESTALE {
+			break
+		}
 	}
 	return e, err
 }

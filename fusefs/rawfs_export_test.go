@@ -186,5 +186,10 @@ func TestExportHandles(t *testing.T) {
 		forget()
 		v.takeover()
 		t.Run("after-takeover", check)
+		// A successor gets the FORGETs of its predecessor's lookups
+		// while it finds the inodes again.
+		v.takeover()
+		dropCaches(t)
+		t.Run("forgotten-after-takeover", check)
 	})
 }
