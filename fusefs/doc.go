@@ -40,7 +40,11 @@
 //
 // FUSE node ids are the file system's inode numbers, unmapped; the root is
 // 1 in both. A successor process serving the same kernel connection can
-// therefore re-derive every node from the tree the kernel still holds.
+// therefore re-derive every node from the tree the kernel still holds, and
+// any server can find the inode of a file handle the kernel has forgotten
+// (FUSE_EXPORT_SUPPORT, rawfs_export.go). Every server serves its tree
+// through the rederiving decorator (restart_rederive.go), so that its
+// index of the tree knows every namespace change.
 //
 // # Serving
 //

@@ -103,6 +103,9 @@ func mountOptions(opts Options) *fuse.MountOptions {
 		ExtraCapabilities:    capHandleKillprivV2 | fuse.CAP_DIRECT_IO_ALLOW_MMAP | fuse.CAP_READDIRPLUS_AUTO | fuse.CAP_DONT_MASK,
 		Debug:                opts.Debug,
 	}
+	// File handles of forgotten inodes are decoded with LOOKUP of "." and
+	// ".." (rawfs_export.go).
+	mo.ExtraCapabilities |= fuse.CAP_EXPORT_SUPPORT
 	if opts.DisablePassthrough {
 		mo.DisabledCapabilities |= fuse.CAP_PASSTHROUGH
 		mo.MaxWrite = 1 << 20
@@ -155,7 +158,7 @@ func Mount(mountpoint string, fs vfs.FS, opts Options) (*Server, error) {
 		handles.close()
 		return nil, fmt.Errorf("fusefs: mount %s: %w", mountpoint, err)
 	}
-	raw := newRawFS(fs, opts, handles)
+	raw := newRawFS(rederiving(fs), opts, handles)
 	s, err := newSession(dev, raw, mo)
 	if err == nil {
 		err = s.readInit()

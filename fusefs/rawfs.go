@@ -26,7 +26,8 @@ const cacheTimeout = time.Hour
 // serve the same kernel connection from the same tree.
 type rawFS struct {
 	fuse.RawFileSystem // ENOSYS for what is not implemented below
-	// fs is the tree served (wrapped by rederiving in a successor).
+	// fs is the tree served, wrapped by rederiving (node ids a
+	// successor never looked up, file handles of forgotten inodes).
 	// Immutable.
 	fs vfs.FS
 	// opts are the server's options. Immutable.
@@ -181,6 +182,9 @@ func (r *rawFS) entry(op string, start time.Time, out *fuse.EntryOut, e vfs.Entr
 }
 
 func (r *rawFS) Lookup(_ <-chan struct{}, h *fuse.InHeader, name string, out *fuse.EntryOut) fuse.Status {
+	if name == "." || name == ".." {
+		return r.lookupDots(h, name, out)
+	}
 	start := r.now()
 	e, err := r.fs.Lookup(h.NodeId, name)
 	if err == syscall.ENOENT {

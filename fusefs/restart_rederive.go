@@ -15,7 +15,8 @@ import (
 //
 // A process that takes over a FUSE connection inherits the kernel's node
 // ids, which are inode numbers (see doc.go), but none of the references
-// behind them: memfs and overlay answer ESTALE for an inode number they hold
+// behind them (and any server gets node ids the kernel forgot, in file
+// handles: rawfs_export.go): memfs and overlay answer ESTALE for an inode number they hold
 // no reference to. rederiving wraps a vfs.FS so that such an answer
 // makes it find the node again, by its place in the tree, and retry the
 // call once.

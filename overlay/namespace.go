@@ -251,11 +251,12 @@ func (fs *FS) setParent(n, p *node, name string) {
 	}
 	if p != nil {
 		p.refs++
+		p.kids++
 	}
 	n.parent, n.name = p, name
 	fs.mu.Unlock()
 	if old != nil {
-		fs.unref(old, 1)
+		fs.drop(old, 1, true)
 	}
 }
 

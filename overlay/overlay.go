@@ -73,6 +73,8 @@
 // As the vfs contract says: every Entry, File and Dir returned holds a
 // reference on the overlay inode, dropped by Forget, Release and Close. A node also holds one
 // reference on its parent node, and one memfs reference on its upper inode.
+// Forget drops no more than the callers' references: a directory stays
+// while a node in it is held, however much a server forgets.
 //
 // # Lock order
 //
@@ -188,6 +190,9 @@ type node struct {
 	// refs counts references: callers' (lookups, open Files and Dirs) and
 	// one per child node. Protected by FS.mu.
 	refs uint64
+	// kids counts the references of child nodes (those whose parent is
+	// this node). Invariant: kids <= refs. Protected by FS.mu.
+	kids uint64
 
 	// parent and name locate the node (one of its names, for a hard link);
 	// parent is nil for the root and for a node whose name was removed.
@@ -403,7 +408,8 @@ func (fs *FS) ref(n *node) {
 	fs.mu.Unlock()
 }
 
-// Forget drops n references to ino.
+// Forget drops n references to ino. Forgetting more than the callers hold
+// drops theirs, never those of the nodes in ino (see unref).
 func (fs *FS) Forget(ino, n uint64) {
 	fs.mu.Lock()
 	nd := fs.nodes[ino]
@@ -414,14 +420,32 @@ func (fs *FS) Forget(ino, n uint64) {
 	fs.unref(nd, n)
 }
 
-// unref drops k references to n; a node left with none leaves the table and
-// drops its references on its parent and its upper inode.
+// unref drops k of the callers' references to n; a node left with none
+// leaves the table and drops its references on its parent and its upper
+// inode. The references of n's children are not the callers': k is cut to
+// what the callers hold, so that a directory stays while a node in it is
+// held (a server that took over a connection may forget the lookups of its
+// predecessor, more than it holds).
 func (fs *FS) unref(n *node, k uint64) {
+	fs.drop(n, k, false)
+}
+
+// drop drops k references to n; kid says they are the one reference a
+// child of n held.
+func (fs *FS) drop(n *node, k uint64, kid bool) {
 	for n != nil {
 		fs.mu.Lock()
 		if n == fs.root {
+			if kid {
+				n.kids--
+			}
 			fs.mu.Unlock()
 			return
+		}
+		if kid {
+			n.kids--
+		} else if held := n.refs - n.kids; k > held {
+			k = held
 		}
 		if k < n.refs {
 			n.refs -= k
@@ -437,7 +461,7 @@ func (fs *FS) unref(n *node, k uint64) {
 		if n.upper != 0 {
 			fs.upper.Forget(n.upper, 1)
 		}
-		n, k = n.parent, 1
+		n, k, kid = n.parent, 1, true
 	}
 }
 
@@ -594,7 +618,24 @@ func (fs *FS) CheckInvariants() error {
 			fs.mu.Unlock()
 			return fmt.Errorf("node %#x has an unregistered parent %#x", n.ino, n.parent.ino)
 		}
+		if n.kids > n.refs {
+			fs.mu.Unlock()
+			return fmt.Errorf("node %#x has %d references, %d of them its children's", n.ino, n.refs, n.kids)
+		}
 		nodes = append(nodes, n)
+	}
+	kids := map[*node]uint64{}
+	for _, n := range nodes {
+		if n.parent != nil {
+			kids[n.parent]++
+		}
+	}
+	for _, n := range nodes {
+		// A child leaving the table drops its reference on n just after.
+		if kids[n] > n.kids {
+			fs.mu.Unlock()
+			return fmt.Errorf("node %#x has %d children, counts %d", n.ino, kids[n], n.kids)
+		}
 	}
 	fs.mu.Unlock()
 	for _, n := range nodes {

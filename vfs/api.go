@@ -3,9 +3,9 @@ package vfs
 import "golang.org/x/sys/unix"
 
 // The interfaces below are what fusefs serves. FS composes the five a
-// served tree must have; OrphanFinder, HandleFile, BirthTimer and
-// InodeFlags are optional, and their docs say what the server does without
-// them. Each method returns nil or a bare syscall.Errno (see the package
+// served tree must have; OrphanFinder, HandleFile, BirthTimer, InodeFlags
+// and Exporter are optional, and their docs say what the server does
+// without them. Each method returns nil or a bare syscall.Errno (see the package
 // doc); the errnos listed are those the contract gives meaning to, beyond
 // the kernel's usual ones for the same system call (ENOSPC, EIO, ...).
 
@@ -261,4 +261,28 @@ type InodeFlags interface {
 	//
 	// Errors: EOPNOTSUPP (a flag the file system does not keep), ENOTTY.
 	SetFlags(ino uint64, flags uint32) error
+}
+
+// Exporter is implemented by an FS that can take an inode by its number
+// alone and name a directory's parent: what the server needs to resolve a
+// file handle (name_to_handle_at(2) and open_by_handle_at(2), an NFS
+// export) once the kernel has forgotten the inode (FUSE_EXPORT_SUPPORT).
+// The server finds an inode that the file system holds no reference to in
+// the tree first, by its number, so that LookupInode finds it. Without
+// Exporter, such handles are ESTALE.
+type Exporter interface {
+	// LookupInode adds one reference to ino and returns its Entry. Unlike
+	// every other method, it may be called for an inode the caller holds
+	// no reference to; the file system must hold one (the caller's
+	// forgotten lookups aside: an open File's, say).
+	//
+	// Errors: ESTALE (the file system holds no reference to ino, or the
+	// inode is gone).
+	LookupInode(ino uint64) (Entry, error)
+	// LookupParent returns the directory holding the directory ino, with
+	// one reference added; the root's parent is the root.
+	//
+	// Errors: ENOTDIR (ino is not a directory), ESTALE (ino has been
+	// removed).
+	LookupParent(ino uint64) (Entry, error)
 }
