@@ -5,6 +5,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -226,5 +227,87 @@ func BenchmarkBigDirectoryUnlink(b *testing.B) {
 				b.Fatal(err)
 			}
 		}
+	}
+}
+
+// TestRenameKeepsSubdirCounts: renames of directories and files in and
+// out of, within and across merged directories, exchanges, and a
+// directory replacing an empty one keep both parents' link counts right
+// without merging either again.
+func TestRenameKeepsSubdirCounts(t *testing.T) {
+	const dirs = 5
+	fs, cl := bigOverlay(t, makeBigLower(t, 10, dirs))
+	big, err := fs.Lookup(vfs.RootIno, "big")
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := big.Ino()
+	other, err := fs.Mkdir(vfs.RootIno, "other", 0o755, vfs.Root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	o := other.Ino()
+	nlinks := func() (uint64, uint64) {
+		t.Helper()
+		a, err := fs.GetAttr(d)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, err := fs.GetAttr(o)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return uint64(a.Nlink), uint64(b.Nlink)
+	}
+	// A first change copies big up; its count comes from one merge here.
+	if err := fs.Unlink(d, "f9"); err != nil {
+		t.Fatal(err)
+	}
+	nlinks()
+	var merges int64
+	if _, err := fs.Mkdir(o, "empty", 0o755, vfs.Root); err != nil {
+		t.Fatal(err)
+	}
+	for _, step := range []struct {
+		what               string
+		from               uint64
+		name               string
+		to                 uint64
+		newName            string
+		flags              uint32
+		wantBig, wantOther uint64
+	}{
+		{"lower dir out", d, "d0", o, "d0", 0, 2 + dirs - 1, 2 + 2},
+		{"lower dir within", d, "d1", d, "d1b", 0, 2 + dirs - 1, 2 + 2},
+		{"file out", d, "f0", o, "f0", 0, 2 + dirs - 1, 2 + 2},
+		{"dir back in", o, "d0", d, "d0", 0, 2 + dirs, 2 + 1},
+		{"dir over an empty dir", d, "d2", o, "empty", 0, 2 + dirs - 1, 2 + 1},
+		{"exchange dir and file", d, "d3", o, "f0", vfs.RenameExchange, 2 + dirs - 2, 2 + 2},
+		{"exchange two dirs", d, "d4", o, "empty", vfs.RenameExchange, 2 + dirs - 2, 2 + 2},
+		{"noreplace dir in", o, "f0", d, "d5", vfs.RenameNoReplace, 2 + dirs - 1, 2 + 1},
+	} {
+		start := cl.readDirs.Load()
+		if err := fs.Rename(step.from, step.name, step.to, step.newName, step.flags); err != nil {
+			t.Fatalf("%s: %v", step.what, err)
+		}
+		if b, oth := nlinks(); b != step.wantBig || oth != step.wantOther {
+			t.Errorf("%s: nlink %d and %d, want %d and %d", step.what, b, oth, step.wantBig, step.wantOther)
+		}
+		merges += cl.readDirs.Load() - start
+		// CheckInvariants merges every directory to check the counts.
+		if err := fs.CheckInvariants(); err != nil {
+			t.Fatalf("%s: %v", step.what, err)
+		}
+	}
+	// A failed rename (a directory over a file) changes nothing.
+	start := cl.readDirs.Load()
+	if err := fs.Rename(d, "d0", d, "f1", 0); err != syscall.ENOTDIR {
+		t.Fatalf("dir over file: %v, want ENOTDIR", err)
+	}
+	if merges += cl.readDirs.Load() - start; merges != 0 {
+		t.Errorf("the renames merged directories %d times", merges)
+	}
+	if b, oth := nlinks(); b != 2+dirs-1 || oth != 2+1 {
+		t.Errorf("after a failed rename: nlink %d and %d", b, oth)
 	}
 }

@@ -226,8 +226,9 @@ type node struct {
 	lowerDirect int
 	// subdirs counts the subdirectories a merged directory shows, for its
 	// link count; valid when subdirsKnown. A merge of the directory sets
-	// it (under FS.treeMu for reading); a mkdir or rmdir in it adjusts it
-	// and a rename forgets it (under FS.treeMu for writing), so that the
+	// it (under FS.treeMu for reading); a mkdir, rmdir or rename in it
+	// adjusts it, and one that fails part way forgets it (under FS.treeMu
+	// for writing), so that the
 	// GETATTR the kernel sends after each change in a big directory costs
 	// no merge. Invariant: when subdirsKnown, subdirs is the number of
 	// directories mergedEntriesLocked shows.
