@@ -3,7 +3,9 @@ package overlay
 import (
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
+	"strings"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -309,5 +311,102 @@ func TestRenameKeepsSubdirCounts(t *testing.T) {
 	}
 	if b, oth := nlinks(); b != 2+dirs-1 || oth != 2+1 {
 		t.Errorf("after a failed rename: nlink %d and %d", b, oth)
+	}
+}
+
+// TestSharedWhiteout: removing lower names, directly or by renaming them
+// away, links the shared whiteout in their place (no inode each); a
+// successor FS over the same layers finds the same one; whiteouts of their
+// own inode (made by earlier versions) still hide their names; a name
+// created over a whiteout drops its link.
+func TestSharedWhiteout(t *testing.T) {
+	fs, _ := bigOverlay(t, makeBigLower(t, 10, 2))
+	big, err := fs.Lookup(vfs.RootIno, "big")
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := big.Ino()
+	for _, name := range []string{"f0", "f1", "f2"} {
+		if err := fs.Unlink(d, name); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := fs.Rmdir(d, "d0"); err != nil {
+		t.Fatal(err)
+	}
+	if err := fs.Rename(d, "f3", vfs.RootIno, "f3", 0); err != nil {
+		t.Fatal(err)
+	}
+	// An old-style whiteout: an inode of its own with the marker.
+	tmp := fs.tmpName()
+	if err := fs.makeWhiteout(tmp); err != nil {
+		t.Fatal(err)
+	}
+	bu := fs.nodes[d].upper
+	if err := fs.upper.Rename(fs.workIno, tmp, bu, "f4", 0); err != nil {
+		t.Fatal(err)
+	}
+	linksOf := func(fs *FS) uint32 {
+		t.Helper()
+		st, err := fs.upper.GetAttr(fs.whiteoutIno)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return uint32(st.Nlink)
+	}
+	if got := linksOf(fs); got != 1+5 {
+		t.Errorf("shared whiteout has %d links, want 6", got)
+	}
+	for _, name := range []string{"f0", "f1", "f2", "d0", "f3"} {
+		e, err := fs.upper.Lookup(bu, name)
+		if err != nil {
+			t.Fatalf("upper %s: %v", name, err)
+		}
+		fs.upper.Forget(e.Ino(), 1)
+		if e.Ino() != fs.whiteoutIno {
+			t.Errorf("upper %s is inode %d, not the shared whiteout %d", name, e.Ino(), fs.whiteoutIno)
+		}
+	}
+	// A successor process: a new FS over the same layers.
+	next, err := New(fs.upper, fs.lower)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer next.Close()
+	if next.whiteoutIno != fs.whiteoutIno {
+		t.Errorf("successor's shared whiteout is %d, was %d", next.whiteoutIno, fs.whiteoutIno)
+	}
+	nb, err := next.Lookup(vfs.RootIno, "big")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer next.Forget(nb.Ino(), 1)
+	for _, name := range []string{"f0", "f1", "f2", "f3", "f4", "d0"} {
+		if _, err := next.Lookup(nb.Ino(), name); err != syscall.ENOENT {
+			t.Errorf("lookup of removed %s: %v, want ENOENT", name, err)
+		}
+	}
+	var names []string
+	dir, err := next.OpenDir(nb.Ino())
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir.ReadDir(0, func(e *vfs.DirEntry) bool {
+		names = append(names, e.Name)
+		return true
+	})
+	dir.Close()
+	slices.Sort(names)
+	if want := ". .. d1 f5 f6 f7 f8 f9"; strings.Join(names, " ") != want {
+		t.Errorf("listing %q, want %q", names, want)
+	}
+	if _, err := next.Mkdir(nb.Ino(), "f0", 0o755, vfs.Root); err != nil {
+		t.Fatal(err)
+	}
+	if got := linksOf(next); got != 1+4 {
+		t.Errorf("after a mkdir over a whiteout the shared one has %d links, want 5", got)
+	}
+	if err := next.CheckInvariants(); err != nil {
+		t.Fatal(err)
 	}
 }

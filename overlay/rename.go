@@ -118,10 +118,10 @@ func (fs *FS) Rename(parent uint64, name string, newParent uint64, newName strin
 		if err := fs.copyUpLocked(t); err != nil {
 			return err
 		}
-		if err := fs.setMixed(p.upper); err != nil {
+		if err := fs.setMixed(p); err != nil {
 			return err
 		}
-		if err := fs.setMixed(q.upper); err != nil {
+		if err := fs.setMixed(q); err != nil {
 			return err
 		}
 		if err := fs.upper.Rename(p.upper, name, q.upper, newName, vfs.RenameExchange); err != nil {
@@ -157,22 +157,17 @@ func (fs *FS) Rename(parent uint64, name string, newParent uint64, newName strin
 			return err
 		}
 	}
-	if err := fs.setMixed(q.upper); err != nil {
+	if err := fs.setMixed(q); err != nil {
 		return err
 	}
 	if err := fs.upper.Rename(p.upper, name, q.upper, newName, 0); err != nil {
 		return err
 	}
 	if whiteout {
-		tmp := fs.tmpName()
-		if err := fs.makeWhiteout(tmp); err != nil {
+		if err := fs.setMixed(p); err != nil {
 			return err
 		}
-		if err := fs.setMixed(p.upper); err != nil {
-			return err
-		}
-		if err := fs.upper.Rename(fs.workIno, tmp, p.upper, name, vfs.RenameNoReplace); err != nil {
-			fs.upper.Unlink(fs.workIno, tmp)
+		if err := fs.linkWhiteout(p.upper, name); err != nil {
 			return err
 		}
 	}
