@@ -96,7 +96,7 @@ func TestBigLowerDirRemove(t *testing.T) {
 // countSyscalls counts this process's system calls with perf until the
 // returned function is called, which returns the count, or -1 when perf
 // is missing or fails.
-func countSyscalls(t *testing.T) func() int64 {
+func countSyscalls(t testing.TB) func() int64 {
 	out := filepath.Join(t.TempDir(), "perf")
 	cmd := exec.Command("perf", "stat", "-x,", "-o", out, "-e", "raw_syscalls:sys_enter", "-p", strconv.Itoa(os.Getpid()))
 	if err := cmd.Start(); err != nil {
