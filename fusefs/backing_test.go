@@ -6,6 +6,7 @@ import (
 	"path/filepath"
 	"syscall"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -109,5 +110,119 @@ func TestOneBackingPerInode(t *testing.T) {
 	}
 	if fi, _ := os.Stat(s); fi.Mode()&(os.ModeSetuid|os.ModeSetgid) != 0 {
 		t.Errorf("set-ID bits kept: %v", fi.Mode())
+	}
+}
+
+// TestBackingKeptWhileKernelHoldsInode: an inode's passthrough backing
+// registration outlives its opens: opening a file again costs no
+// BACKING_OPEN, and the registration goes when the kernel forgets the
+// inode (here: the file is removed). A successor takes over a registration
+// kept so (its record) and reuses and closes it itself; after a copy-up
+// on an overlay, the upper file replaces the lower one as the backing.
+func TestBackingKeptWhileKernelHoldsInode(t *testing.T) {
+	base, l := newTestLayer(t, 16<<20)
+	mnt := filepath.Join(base, "mnt")
+	os.Mkdir(mnt, 0o755)
+	srv, err := Mount(mnt, l, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !srv.Passthrough() {
+		t.Skip("no passthrough here")
+	}
+	ops := func(s *Server) (uint64, uint64) { return s.sess.backingOpens.Load(), s.sess.backingCloses.Load() }
+	readAll := func(name, want string) {
+		t.Helper()
+		for range 3 {
+			if got, err := os.ReadFile(filepath.Join(mnt, name)); err != nil || string(got) != want {
+				t.Fatalf("read %s: %q, %v", name, got, err)
+			}
+		}
+	}
+	waitCloses := func(s *Server, want uint64) {
+		t.Helper()
+		for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(time.Millisecond) {
+			if _, c := ops(s); c == want {
+				return
+			} else if time.Now().After(deadline) {
+				t.Fatalf("%d BACKING_CLOSEs, want %d", c, want)
+			}
+		}
+	}
+	for _, n := range []string{"x", "y"} {
+		if err := os.WriteFile(filepath.Join(mnt, n), []byte(n+n), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	o0, c0 := ops(srv)
+	readAll("x", "xx")
+	readAll("y", "yy")
+	if o, c := ops(srv); o-o0 != 0 || c-c0 != 0 {
+		// The writes' registrations were kept: the reads made none.
+		t.Errorf("6 opens of 2 files registered %d and unregistered %d backing files, want 0 and 0", o-o0, c-c0)
+	}
+	if err := os.Remove(filepath.Join(mnt, "x")); err != nil {
+		t.Fatal(err)
+	}
+	waitCloses(srv, c0+1) // FORGET of x
+
+	sess, err := srv.Stop()
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv2, err := Adopt(mnt, sess, adoptLayer(t, l), Options{}, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		if err := srv2.Unmount(); err != nil {
+			t.Error(err)
+		}
+	}()
+	readAll("y", "yy")
+	if o, c := ops(srv2); o != 0 || c != 0 {
+		t.Errorf("the successor registered %d and unregistered %d backing files for y, want 0 and 0", o, c)
+	}
+	if err := os.Remove(filepath.Join(mnt, "y")); err != nil {
+		t.Fatal(err)
+	}
+	waitCloses(srv2, 1)
+}
+
+// TestBackingFollowsCopyUp: a lower file's kept registration is replaced
+// by its upper copy's at the first write open after the copy-up, and
+// reads see what was written.
+func TestBackingFollowsCopyUp(t *testing.T) {
+	lower := t.TempDir()
+	if err := os.WriteFile(filepath.Join(lower, "f"), []byte("lower"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	mnt, srv := testOverlayMountServer(t, lower, Options{})
+	if !srv.Passthrough() {
+		t.Skip("no passthrough here")
+	}
+	p := filepath.Join(mnt, "f")
+	if got, err := os.ReadFile(p); err != nil || string(got) != "lower" {
+		t.Fatalf("read: %q, %v", got, err)
+	}
+	o0, c0 := srv.sess.backingOpens.Load(), srv.sess.backingCloses.Load()
+	f, err := os.OpenFile(p, os.O_WRONLY|os.O_APPEND, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteString("+upper"); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	if o, c := srv.sess.backingOpens.Load()-o0, srv.sess.backingCloses.Load()-c0; o != 1 || c != 1 {
+		t.Errorf("the write open after a read registered %d and unregistered %d backing files, want 1 and 1", o, c)
+	}
+	for range 2 {
+		if got, err := os.ReadFile(p); err != nil || string(got) != "lower+upper" {
+			t.Errorf("read after the write: %q, %v", got, err)
+		}
+	}
+	if got, _ := os.ReadFile(filepath.Join(lower, "f")); string(got) != "lower" {
+		t.Errorf("the lower file became %q", got)
 	}
 }

@@ -128,7 +128,7 @@ func (r *rawFS) openModeLocked(ino uint64, f vfs.File, out *fuse.OpenOut) fuse.S
 		}
 		fallthrough
 	default:
-		if r.backing[ino] != nil {
+		if b := r.backing[ino]; b != nil && b.refs > 0 {
 			return fuse.Status(syscall.ETXTBSY)
 		}
 		// Served here, beside passthrough opens of other inodes.
@@ -153,11 +153,15 @@ func (r *rawFS) acquireBackingLocked(ino uint64, fd int) (int32, bool) {
 	}
 	file := fileID{st.Dev, st.Ino}
 	if b := r.backing[ino]; b != nil {
-		if b.file != file {
+		if b.file == file {
+			b.refs++
+			return b.id, true
+		}
+		if b.refs > 0 {
 			return 0, false
 		}
-		b.refs++
-		return b.id, true
+		// Idle, on the file the inode had before a copy-up.
+		r.closeBackingLocked(ino, b)
 	}
 	id, errno := r.dev.openBacking(fd)
 	if errno != 0 {
@@ -178,7 +182,9 @@ func (r *rawFS) releaseBacking(ino uint64) {
 	r.releaseBackingLocked(ino)
 }
 
-// releaseBackingLocked drops a reference on ino's backing file.
+// releaseBackingLocked drops a reference on ino's backing file. The last
+// leaves it registered, idle, with its record (see rawFS.backing); or
+// unregisters it when the records are at their bound.
 //
 // Preconditions:
 //   - r.backingMu is locked.
@@ -187,11 +193,48 @@ func (r *rawFS) releaseBackingLocked(ino uint64) {
 	if b == nil {
 		return
 	}
-	if b.refs--; b.refs == 0 {
-		delete(r.backing, ino)
-		if errno := r.dev.closeBacking(b.id); errno != 0 {
-			klog.ErrorS(errno, "Unregistering passthrough backing file", "fsName", r.opts.FsName, "ino", ino)
+	if b.refs--; b.refs > 0 || b.recFh != 0 {
+		return
+	}
+	if r.recordedBacking < maxRecordedBacking {
+		fh, err := r.handles.add(&recordedBacking{ino: ino}, handleRecord{
+			Kind: recBacking, Ino: ino, BackingID: b.id, BackingDev: b.file.dev, BackingIno: b.file.ino,
+		})
+		if err == nil {
+			b.recFh = fh
+			r.recordedBacking++
+			return
 		}
+	}
+	r.closeBackingLocked(ino, b)
+}
+
+// closeBackingLocked unregisters b, ino's backing file, which no open
+// uses. Its record goes first: a crash in between leaves a registration
+// nobody closes until the connection ends, never a record of a closed id.
+//
+// Preconditions:
+//   - r.backingMu is locked; b.refs == 0.
+func (r *rawFS) closeBackingLocked(ino uint64, b *backingFile) {
+	if b.recFh != 0 {
+		r.handles.remove(b.recFh)
+		r.recordedBacking--
+	}
+	delete(r.backing, ino)
+	if errno := r.dev.closeBacking(b.id); errno != 0 {
+		klog.ErrorS(errno, "Unregistering passthrough backing file", "fsName", r.opts.FsName, "ino", ino)
+	}
+}
+
+// forgetBacking unregisters ino's idle backing file, if any: the kernel
+// has forgotten the inode (FORGET), and the next open, if any, comes after
+// a new lookup. A FORGET of a node the kernel still holds (it sends some
+// for failed lookups) only costs that open a registration.
+func (r *rawFS) forgetBacking(ino uint64) {
+	r.backingMu.Lock()
+	defer r.backingMu.Unlock()
+	if b := r.backing[ino]; b != nil && b.refs == 0 {
+		r.closeBackingLocked(ino, b)
 	}
 }
 

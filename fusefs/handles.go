@@ -36,11 +36,19 @@ const (
 	recFree = iota
 	recFile
 	recDir
+	// recBacking is a passthrough backing registration kept past its
+	// inode's last open (rawFS.backing): Ino, BackingID, BackingDev and
+	// BackingIno, Backed 0. No request names its fh.
+	recBacking
 )
+
+// maxRecordedBacking bounds the recBacking records, so that opens keep
+// most of the table.
+const maxRecordedBacking = maxHandles / 8
 
 // handleRecord is one record of the table, as stored (64 bytes).
 type handleRecord struct {
-	// Kind is recFree, recFile or recDir. Written last (atomically) when
+	// Kind is recFree, recFile, recDir or recBacking. Written last (atomically) when
 	// a record is made, first when it is cleared.
 	Kind uint32
 	// Flags are a file's open(2) flags.
@@ -84,6 +92,10 @@ type handleTable struct {
 	// next is the lowest fh never used.
 	next uint64
 }
+
+// recordedBacking stands, in the handle table, for the recBacking record
+// of ino's backing registration.
+type recordedBacking struct{ ino uint64 }
 
 // deadHandle stands for a handle a successor could not reopen (its file
 // was removed while open and nothing kept it, for example). Requests on it

@@ -50,8 +50,20 @@ type rawFS struct {
 	backingMu sync.Mutex
 	// backing maps an inode to its registered passthrough backing file.
 	// The kernel allows one backing file per inode; every passthrough open
-	// of the inode shares it. Invariant: every entry has refs > 0.
+	// of the inode shares it. A registration outlives the inode's last
+	// open (idle: refs == 0) until the kernel forgets the inode (FORGET),
+	// another file must back the inode (a copy-up), or recordedBacking
+	// reaches maxRecordedBacking: opens of a file the kernel holds cost
+	// one BACKING_OPEN in all, not one each and a BACKING_CLOSE at each
+	// last release. The kernel opens a backing file of its own for each
+	// open, with that open's flags, so the registered file's mode does not
+	// matter. A registration has a recBacking record in the handle table
+	// (recFh) from its first idle moment until it is closed, so that a
+	// successor, even after a crash, takes it over and closes it.
+	// Invariant: every entry has refs > 0 or recFh != 0.
 	backing map[uint64]*backingFile
+	// recordedBacking counts the entries of backing with recFh != 0.
+	recordedBacking int
 	// passthrough says passthrough may be used: the kernel offered it,
 	// the options allow it, and no registration has failed.
 	passthrough bool
@@ -80,6 +92,8 @@ type backingFile struct {
 	refs int
 	// file is the backing file's identity.
 	file fileID
+	// recFh is the fh of its recBacking record, or 0.
+	recFh uint64
 }
 
 // fileID names a file by device and inode number.
@@ -199,6 +213,7 @@ func (r *rawFS) Lookup(_ <-chan struct{}, h *fuse.InHeader, name string, out *fu
 
 func (r *rawFS) Forget(nodeid, nlookup uint64) {
 	r.fs.Forget(nodeid, nlookup)
+	r.forgetBacking(nodeid)
 }
 
 // getAttr returns the attributes of ino, through the open file fh when

@@ -178,6 +178,20 @@ func (r *rawFS) restore() error {
 			}
 		case recDir:
 			h, err = r.fs.OpenDir(rec.Ino)
+		case recBacking:
+			// A registration kept past its last open; the open records
+			// of the inode, if any (a crash between a release and the
+			// record), name the same id.
+			r.backingMu.Lock()
+			defer r.backingMu.Unlock()
+			b := r.backing[rec.Ino]
+			if b == nil {
+				b = &backingFile{id: rec.BackingID, file: fileID{rec.BackingDev, rec.BackingIno}}
+				r.backing[rec.Ino] = b
+			}
+			b.recFh = fh
+			r.recordedBacking++
+			return &recordedBacking{ino: rec.Ino}
 		default:
 			err = fmt.Errorf("record kind %d", rec.Kind)
 		}

@@ -109,6 +109,10 @@ type session struct {
 	panics atomic.Uint64
 	// counts counts the requests read, by operation.
 	counts opCounts
+	// backingOpens and backingCloses count the passthrough backing
+	// registrations made and dropped (FUSE_DEV_IOC_BACKING_OPEN and
+	// _CLOSE), successful or not: what rawFS.backing saves.
+	backingOpens, backingCloses atomic.Uint64
 
 	// testHook, set by tests, sees every request: with skip the request
 	// is dropped unserved, with noReply it is served and its reply
@@ -438,12 +442,14 @@ func (s *session) openBacking(fd int) (int32, syscall.Errno) {
 		flags   uint32
 		padding uint64
 	}{fd: int32(fd)}
+	s.backingOpens.Add(1)
 	id, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(s.devFd), iocBackingOpen, uintptr(unsafe.Pointer(&m)))
 	return int32(id), errno
 }
 
 // closeBacking unregisters the backing file id.
 func (s *session) closeBacking(id int32) syscall.Errno {
+	s.backingCloses.Add(1)
 	_, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(s.devFd), iocBackingClose, uintptr(unsafe.Pointer(&id)))
 	return errno
 }

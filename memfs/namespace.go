@@ -149,13 +149,36 @@ func giveTo(fd, pfd int, st *unix.Stat_t, c vfs.Caller) error {
 // Errors: EPERM (ino is a directory), EEXIST, ENOENT (ino was removed),
 // EMLINK, ENOSPC, EINVAL.
 func (l *Layer) Link(ino, newParent uint64, name string) (vfs.Entry, error) {
+	var e vfs.Entry
+	err := l.link(ino, newParent, name, func(fd int) error {
+		var st unix.Stat_t
+		if err := unix.Fstat(fd, &st); err != nil {
+			return Errno(err)
+		}
+		var err error
+		e, err = l.register(fd, &st)
+		return err
+	})
+	return e, err
+}
+
+// AddLink is Link for a caller that holds a reference to ino and wants
+// no other: it returns no Entry and costs no stat of ino.
+//
+// Errors: as Link.
+func (l *Layer) AddLink(ino, newParent uint64, name string) error {
+	return l.link(ino, newParent, name, func(int) error { return nil })
+}
+
+// link makes name in newParent a link to ino, then calls linked with a
+// descriptor of ino.
+func (l *Layer) link(ino, newParent uint64, name string, linked func(fd int) error) error {
 	if err := CheckName(name); err != nil {
-		return vfs.Entry{}, err
+		return err
 	}
 	// tmpfs counts a link as an inode.
 	noRoom := l.reserveMeta(bogoInode)
-	var e vfs.Entry
-	err := l.withFd(ino, func(i *inode, fd int) error {
+	return l.withFd(ino, func(i *inode, fd int) error {
 		if i.fileType == unix.S_IFDIR {
 			return syscall.EPERM
 		}
@@ -166,16 +189,9 @@ func (l *Layer) Link(ino, newParent uint64, name string) (vfs.Entry, error) {
 			if err := unix.Linkat(fd, "", pfd, name, unix.AT_EMPTY_PATH); err != nil {
 				return Errno(err)
 			}
-			var st unix.Stat_t
-			if err := unix.Fstat(fd, &st); err != nil {
-				return Errno(err)
-			}
-			var err error
-			e, err = l.register(fd, &st)
-			return err
+			return linked(fd)
 		})
 	})
-	return e, err
 }
 
 // Unlink removes the non-directory name from parent.

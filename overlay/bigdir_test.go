@@ -3,8 +3,11 @@ package overlay
 import (
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
+	"strings"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -226,5 +229,184 @@ func BenchmarkBigDirectoryUnlink(b *testing.B) {
 				b.Fatal(err)
 			}
 		}
+	}
+}
+
+// TestRenameKeepsSubdirCounts: renames of directories and files in and
+// out of, within and across merged directories, exchanges, and a
+// directory replacing an empty one keep both parents' link counts right
+// without merging either again.
+func TestRenameKeepsSubdirCounts(t *testing.T) {
+	const dirs = 5
+	fs, cl := bigOverlay(t, makeBigLower(t, 10, dirs))
+	big, err := fs.Lookup(vfs.RootIno, "big")
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := big.Ino()
+	other, err := fs.Mkdir(vfs.RootIno, "other", 0o755, vfs.Root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	o := other.Ino()
+	nlinks := func() (uint64, uint64) {
+		t.Helper()
+		a, err := fs.GetAttr(d)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, err := fs.GetAttr(o)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return uint64(a.Nlink), uint64(b.Nlink)
+	}
+	// A first change copies big up; its count comes from one merge here.
+	if err := fs.Unlink(d, "f9"); err != nil {
+		t.Fatal(err)
+	}
+	nlinks()
+	var merges int64
+	if _, err := fs.Mkdir(o, "empty", 0o755, vfs.Root); err != nil {
+		t.Fatal(err)
+	}
+	for _, step := range []struct {
+		what               string
+		from               uint64
+		name               string
+		to                 uint64
+		newName            string
+		flags              uint32
+		wantBig, wantOther uint64
+	}{
+		{"lower dir out", d, "d0", o, "d0", 0, 2 + dirs - 1, 2 + 2},
+		{"lower dir within", d, "d1", d, "d1b", 0, 2 + dirs - 1, 2 + 2},
+		{"file out", d, "f0", o, "f0", 0, 2 + dirs - 1, 2 + 2},
+		{"dir back in", o, "d0", d, "d0", 0, 2 + dirs, 2 + 1},
+		{"dir over an empty dir", d, "d2", o, "empty", 0, 2 + dirs - 1, 2 + 1},
+		{"exchange dir and file", d, "d3", o, "f0", vfs.RenameExchange, 2 + dirs - 2, 2 + 2},
+		{"exchange two dirs", d, "d4", o, "empty", vfs.RenameExchange, 2 + dirs - 2, 2 + 2},
+		{"noreplace dir in", o, "f0", d, "d5", vfs.RenameNoReplace, 2 + dirs - 1, 2 + 1},
+	} {
+		start := cl.readDirs.Load()
+		if err := fs.Rename(step.from, step.name, step.to, step.newName, step.flags); err != nil {
+			t.Fatalf("%s: %v", step.what, err)
+		}
+		if b, oth := nlinks(); b != step.wantBig || oth != step.wantOther {
+			t.Errorf("%s: nlink %d and %d, want %d and %d", step.what, b, oth, step.wantBig, step.wantOther)
+		}
+		merges += cl.readDirs.Load() - start
+		// CheckInvariants merges every directory to check the counts.
+		if err := fs.CheckInvariants(); err != nil {
+			t.Fatalf("%s: %v", step.what, err)
+		}
+	}
+	// A failed rename (a directory over a file) changes nothing.
+	start := cl.readDirs.Load()
+	if err := fs.Rename(d, "d0", d, "f1", 0); err != syscall.ENOTDIR {
+		t.Fatalf("dir over file: %v, want ENOTDIR", err)
+	}
+	if merges += cl.readDirs.Load() - start; merges != 0 {
+		t.Errorf("the renames merged directories %d times", merges)
+	}
+	if b, oth := nlinks(); b != 2+dirs-1 || oth != 2+1 {
+		t.Errorf("after a failed rename: nlink %d and %d", b, oth)
+	}
+}
+
+// TestSharedWhiteout: removing lower names, directly or by renaming them
+// away, links the shared whiteout in their place (no inode each); a
+// successor FS over the same layers finds the same one; whiteouts of their
+// own inode (made by earlier versions) still hide their names; a name
+// created over a whiteout drops its link.
+func TestSharedWhiteout(t *testing.T) {
+	fs, _ := bigOverlay(t, makeBigLower(t, 10, 2))
+	big, err := fs.Lookup(vfs.RootIno, "big")
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := big.Ino()
+	for _, name := range []string{"f0", "f1", "f2"} {
+		if err := fs.Unlink(d, name); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := fs.Rmdir(d, "d0"); err != nil {
+		t.Fatal(err)
+	}
+	if err := fs.Rename(d, "f3", vfs.RootIno, "f3", 0); err != nil {
+		t.Fatal(err)
+	}
+	// An old-style whiteout: an inode of its own with the marker.
+	tmp := fs.tmpName()
+	if err := fs.makeWhiteout(tmp); err != nil {
+		t.Fatal(err)
+	}
+	bu := fs.nodes[d].upper
+	if err := fs.upper.Rename(fs.workIno, tmp, bu, "f4", 0); err != nil {
+		t.Fatal(err)
+	}
+	linksOf := func(fs *FS) uint32 {
+		t.Helper()
+		st, err := fs.upper.GetAttr(fs.whiteoutIno)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return uint32(st.Nlink)
+	}
+	if got := linksOf(fs); got != 1+5 {
+		t.Errorf("shared whiteout has %d links, want 6", got)
+	}
+	for _, name := range []string{"f0", "f1", "f2", "d0", "f3"} {
+		e, err := fs.upper.Lookup(bu, name)
+		if err != nil {
+			t.Fatalf("upper %s: %v", name, err)
+		}
+		fs.upper.Forget(e.Ino(), 1)
+		if e.Ino() != fs.whiteoutIno {
+			t.Errorf("upper %s is inode %d, not the shared whiteout %d", name, e.Ino(), fs.whiteoutIno)
+		}
+	}
+	// A successor process: a new FS over the same layers.
+	next, err := New(fs.upper, fs.lower)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer next.Close()
+	if next.whiteoutIno != fs.whiteoutIno {
+		t.Errorf("successor's shared whiteout is %d, was %d", next.whiteoutIno, fs.whiteoutIno)
+	}
+	nb, err := next.Lookup(vfs.RootIno, "big")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer next.Forget(nb.Ino(), 1)
+	for _, name := range []string{"f0", "f1", "f2", "f3", "f4", "d0"} {
+		if _, err := next.Lookup(nb.Ino(), name); err != syscall.ENOENT {
+			t.Errorf("lookup of removed %s: %v, want ENOENT", name, err)
+		}
+	}
+	var names []string
+	dir, err := next.OpenDir(nb.Ino())
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir.ReadDir(0, func(e *vfs.DirEntry) bool {
+		names = append(names, e.Name)
+		return true
+	})
+	dir.Close()
+	slices.Sort(names)
+	if want := ". .. d1 f5 f6 f7 f8 f9"; strings.Join(names, " ") != want {
+		t.Errorf("listing %q, want %q", names, want)
+	}
+	if _, err := next.Mkdir(nb.Ino(), "f0", 0o755, vfs.Root); err != nil {
+		t.Fatal(err)
+	}
+	if got := linksOf(next); got != 1+4 {
+		t.Errorf("after a mkdir over a whiteout the shared one has %d links, want 5", got)
+	}
+	if err := next.CheckInvariants(); err != nil {
+		t.Fatal(err)
 	}
 }

@@ -188,7 +188,7 @@ func (fs *FS) copyXattrs(path string, ino uint64) error {
 //   - fs.treeMu is locked for writing; p.upper != 0.
 func (fs *FS) placeLocked(p *node, tmp, name string, flags uint32) error {
 	return fs.keepTimes(p.upper, func() error {
-		if err := fs.setMixed(p.upper); err != nil {
+		if err := fs.setMixed(p); err != nil {
 			return err
 		}
 		return fs.upper.Rename(fs.workIno, tmp, p.upper, name, flags)
@@ -287,7 +287,7 @@ func (fs *FS) placeIndexedLocked(p *node, name string, lowerIno uint64, write bo
 	}
 	var e vfs.Entry
 	err = fs.keepTimes(p.upper, func() error {
-		if err := fs.setMixed(p.upper); err != nil {
+		if err := fs.setMixed(p); err != nil {
 			return err
 		}
 		var err error

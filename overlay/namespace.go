@@ -145,6 +145,10 @@ func (fs *FS) lookupStatLocked(p *node, name string, write bool) (n *node, st un
 // Preconditions:
 //   - fs.treeMu is locked.
 func (fs *FS) upperNode(p *node, name string, e vfs.Entry) (*node, error) {
+	if e.Ino() == fs.whiteoutIno {
+		fs.upper.Forget(e.Ino(), 1)
+		return nil, syscall.ENOENT
+	}
 	m, err := fs.readMeta(e.Ino())
 	if err != nil {
 		fs.upper.Forget(e.Ino(), 1)
@@ -408,7 +412,7 @@ func (fs *FS) Link(ino, newParent uint64, name string) (vfs.Entry, error) {
 	}
 	fs.upper.Forget(e.Ino(), 1)
 	if m, err := fs.readMeta(n.upper); err == nil && m.ino != 0 {
-		fs.setMixed(p.upper)
+		fs.setMixed(p)
 	}
 	fs.ref(n)
 	out, err := fs.entryOf(n)
@@ -478,7 +482,8 @@ func (fs *FS) remove(parent uint64, name string, dir bool) error {
 			return syscall.ENOTEMPTY
 		}
 	}
-	if err := fs.removeLocked(p, name, fs.lowerNamed(n, p, name)); err != nil {
+	// A lower node found at p/name says the upper has nothing there.
+	if err := fs.removeLocked(p, name, fs.lowerNamed(n, p, name), n.upper == 0); err != nil {
 		if dir {
 			p.forgetSubdirs()
 		}

@@ -33,7 +33,12 @@
 // The upper root holds one hidden directory, WorkName, which users can
 // neither see nor create: new copies are built there under temporary names
 // and renamed into place, so a failed or interrupted copy-up leaves no half
-// state in the visible tree; it also holds the hard-link index.
+// state in the visible tree; it also holds the hard-link index and the
+// shared whiteout, whiteoutName, which every whiteout made since is a hard
+// link of (as Linux overlayfs shares one): one linkat per removed lower
+// name, no inode each, and a merge tells such a whiteout by its inode
+// number without reading its marker. Whiteouts of other inodes, made by
+// earlier versions, keep working by their marker.
 //
 // # Inode numbers
 //
@@ -117,6 +122,10 @@ import (
 // WorkName is the hidden directory in the upper root.
 const WorkName = ".memfs-work"
 
+// whiteoutName is the shared whiteout in WorkName. Neither a temporary
+// ("t...", see cleanWork) nor an index entry ("i...").
+const whiteoutName = "whiteout"
+
 // Marker keys (stored by memfs as trusted.memfs.<key>).
 const (
 	markerOv     = "ov"
@@ -157,6 +166,9 @@ type FS struct {
 	// workIno is the upper inode of WorkName; FS holds a memfs reference
 	// on it. Immutable.
 	workIno uint64
+	// whiteoutIno is the upper inode of the shared whiteout (whiteoutName);
+	// FS holds a memfs reference on it. Immutable.
+	whiteoutIno uint64
 	// copiedMu serializes updates of copiedUp and of its record.
 	copiedMu sync.Mutex
 	// copiedUp counts the bytes ever copied from the lower into the upper;
@@ -213,6 +225,10 @@ type node struct {
 	// indexed says the node's upper copy is linked into the hard-link
 	// index. Protected like upper.
 	indexed bool
+	// mixed says the node's upper directory carries the "mixed" marker,
+	// which is never removed, so that setMixed need not read it again.
+	// Set only, under FS.treeMu for writing; read under FS.treeMu.
+	mixed bool
 
 	// mu protects the fields below.
 	mu sync.Mutex
@@ -231,8 +247,9 @@ type node struct {
 	lowerDirect int
 	// subdirs counts the subdirectories a merged directory shows, for its
 	// link count; valid when subdirsKnown. A merge of the directory sets
-	// it (under FS.treeMu for reading); a mkdir or rmdir in it adjusts it
-	// and a rename forgets it (under FS.treeMu for writing), so that the
+	// it (under FS.treeMu for reading); a mkdir, rmdir or rename in it
+	// adjusts it, and one that fails part way forgets it (under FS.treeMu
+	// for writing), so that the
 	// GETATTR the kernel sends after each change in a big directory costs
 	// no merge. Invariant: when subdirsKnown, subdirs is the number of
 	// directories mergedEntriesLocked shows.
@@ -280,6 +297,10 @@ func New(upper *memfs.Layer, lower Lower) (*FS, error) {
 		upper.Forget(fs.workIno, 1)
 		return nil, fmt.Errorf("overlay: clean work directory: %w", err)
 	}
+	if err := fs.initWhiteout(); err != nil {
+		upper.Forget(fs.workIno, 1)
+		return nil, fmt.Errorf("overlay: shared whiteout: %w", err)
+	}
 	var cb [24]byte
 	if n, err := upper.GetMarker(vfs.RootIno, markerCopied, cb[:]); err == nil {
 		if v, err := strconv.ParseInt(string(cb[:n]), 10, 64); err == nil {
@@ -290,16 +311,17 @@ func New(upper *memfs.Layer, lower Lower) (*FS, error) {
 	fs.nodes[vfs.RootIno] = fs.root
 	if lower != nil {
 		if err := fs.initRoot(); err != nil {
-			upper.Forget(fs.workIno, 1)
+			fs.Close()
 			return nil, fmt.Errorf("overlay: root: %w", err)
 		}
 	}
 	return fs, nil
 }
 
-// Close drops the FS's reference on the work directory. The caller closes
-// the layers.
+// Close drops the FS's references on the work directory and the shared
+// whiteout. The caller closes the layers.
 func (fs *FS) Close() {
+	fs.upper.Forget(fs.whiteoutIno, 1)
 	fs.upper.Forget(fs.workIno, 1)
 }
 
@@ -555,12 +577,21 @@ func (fs *FS) isMixed(ino uint64) bool {
 	return err != syscall.ENODATA
 }
 
-// setMixed marks the upper directory ino as holding entries with markers.
-func (fs *FS) setMixed(ino uint64) error {
-	if fs.isMixed(ino) {
+// setMixed marks the upper directory of n as holding entries with markers.
+//
+// Preconditions:
+//   - fs.treeMu is locked for writing; n.upper != 0.
+func (fs *FS) setMixed(n *node) error {
+	if n.mixed {
 		return nil
 	}
-	return fs.upper.SetMarker(ino, markerMixed, []byte("1"), 0)
+	if !fs.isMixed(n.upper) {
+		if err := fs.upper.SetMarker(n.upper, markerMixed, []byte("1"), 0); err != nil {
+			return err
+		}
+	}
+	n.mixed = true
+	return nil
 }
 
 // addCopied counts n more bytes copied up, and records the total.

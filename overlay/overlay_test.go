@@ -369,7 +369,7 @@ func TestCopyUpFailureLeavesNothing(t *testing.T) {
 		var names []string
 		d, _ := fs.upper.OpenDir(fs.workIno)
 		d.ReadDir(0, func(e *vfs.DirEntry) bool {
-			if e.Name != "." && e.Name != ".." {
+			if e.Name != "." && e.Name != ".." && e.Name != whiteoutName {
 				names = append(names, e.Name)
 			}
 			return true

@@ -33,9 +33,17 @@ func (fs *FS) mergedEntriesLocked(n *node) ([]vfs.DirEntry, error) {
 		if err != nil {
 			return nil, err
 		}
-		if fs.isMixed(n.upper) {
+		if n.mixed || fs.isMixed(n.upper) {
 			kept := out[:0]
 			for _, e := range out {
+				if e.Ino == fs.whiteoutIno {
+					// A link of the shared whiteout: no marker to read.
+					if seen == nil {
+						seen = map[string]bool{}
+					}
+					seen[e.Name] = true
+					continue
+				}
 				m, err := fs.readMetaAt(n.upper, e.Name)
 				if err == syscall.ENOENT {
 					continue // removed meanwhile

@@ -29,7 +29,7 @@ func (fs *FS) isAncestor(a, d *node) bool {
 //
 // Errors: ENOENT, EEXIST, ENOTEMPTY, EISDIR, ENOTDIR, EINVAL (a directory
 // into itself, bad flags), EPERM (WorkName).
-func (fs *FS) Rename(parent uint64, name string, newParent uint64, newName string, flags uint32) error {
+func (fs *FS) Rename(parent uint64, name string, newParent uint64, newName string, flags uint32) (err error) {
 	if flags&^(vfs.RenameNoReplace|vfs.RenameExchange) != 0 || flags == vfs.RenameNoReplace|vfs.RenameExchange {
 		return syscall.EINVAL
 	}
@@ -43,9 +43,15 @@ func (fs *FS) Rename(parent uint64, name string, newParent uint64, newName strin
 	}
 	fs.treeMu.Lock()
 	defer fs.treeMu.Unlock()
-	// A rename may move directories in or out of both parents.
-	defer q.forgetSubdirs()
-	defer p.forgetSubdirs()
+	// A rename that fails part way may have moved a directory or not:
+	// the parents' counts of subdirectories are dropped then; one that
+	// succeeds adjusts them (renamed below).
+	defer func() {
+		if err != nil {
+			p.forgetSubdirs()
+			q.forgetSubdirs()
+		}
+	}()
 	if err := checkName(newName); err != nil {
 		return err
 	}
@@ -112,10 +118,10 @@ func (fs *FS) Rename(parent uint64, name string, newParent uint64, newName strin
 		if err := fs.copyUpLocked(t); err != nil {
 			return err
 		}
-		if err := fs.setMixed(p.upper); err != nil {
+		if err := fs.setMixed(p); err != nil {
 			return err
 		}
-		if err := fs.setMixed(q.upper); err != nil {
+		if err := fs.setMixed(q); err != nil {
 			return err
 		}
 		if err := fs.upper.Rename(p.upper, name, q.upper, newName, vfs.RenameExchange); err != nil {
@@ -123,6 +129,8 @@ func (fs *FS) Rename(parent uint64, name string, newParent uint64, newName strin
 		}
 		fs.setParent(s, q, newName)
 		fs.setParent(t, p, name)
+		renamed(p, q, s)
+		renamed(q, p, t)
 		return nil
 	}
 
@@ -149,26 +157,26 @@ func (fs *FS) Rename(parent uint64, name string, newParent uint64, newName strin
 			return err
 		}
 	}
-	if err := fs.setMixed(q.upper); err != nil {
+	if err := fs.setMixed(q); err != nil {
 		return err
 	}
 	if err := fs.upper.Rename(p.upper, name, q.upper, newName, 0); err != nil {
 		return err
 	}
 	if whiteout {
-		tmp := fs.tmpName()
-		if err := fs.makeWhiteout(tmp); err != nil {
+		if err := fs.setMixed(p); err != nil {
 			return err
 		}
-		if err := fs.setMixed(p.upper); err != nil {
-			return err
-		}
-		if err := fs.upper.Rename(fs.workIno, tmp, p.upper, name, vfs.RenameNoReplace); err != nil {
-			fs.upper.Unlink(fs.workIno, tmp)
+		if err := fs.linkWhiteout(p.upper, name); err != nil {
 			return err
 		}
 	}
+	renamed(p, q, s)
 	if t != nil {
+		// t, a directory only if s is one, leaves q.
+		if t.typ == unix.S_IFDIR {
+			q.addSubdirs(-1)
+		}
 		fs.detach(t, q, newName)
 		if err := fs.dropIndexLocked(t); err != nil {
 			return err
@@ -176,4 +184,17 @@ func (fs *FS) Rename(parent uint64, name string, newParent uint64, newName strin
 	}
 	fs.setParent(s, q, newName)
 	return nil
+}
+
+// renamed adjusts the counts of subdirectories of from and to for n's
+// move from one to the other.
+//
+// Preconditions:
+//   - FS.treeMu is locked for writing.
+func renamed(from, to, n *node) {
+	if n.typ != unix.S_IFDIR || from == to {
+		return
+	}
+	from.addSubdirs(-1)
+	to.addSubdirs(1)
 }

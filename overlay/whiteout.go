@@ -8,7 +8,36 @@ import (
 	"github.com/csi-memfs/csi-memfs/vfs"
 )
 
-// makeWhiteout creates a whiteout as tmp in WorkName.
+// initWhiteout finds the shared whiteout in WorkName, or makes it (aside,
+// then renamed into place: whiteoutName is never a file without its
+// marker), and keeps a reference on it.
+func (fs *FS) initWhiteout() error {
+	e, err := fs.upper.Lookup(fs.workIno, whiteoutName)
+	if err == syscall.ENOENT {
+		tmp := fs.tmpName()
+		if err := fs.makeWhiteout(tmp); err != nil {
+			return err
+		}
+		if err := fs.upper.Rename(fs.workIno, tmp, fs.workIno, whiteoutName, vfs.RenameNoReplace); err != nil {
+			fs.upper.Unlink(fs.workIno, tmp)
+			return err
+		}
+		e, err = fs.upper.Lookup(fs.workIno, whiteoutName)
+	}
+	if err != nil {
+		return err
+	}
+	fs.whiteoutIno = e.Ino()
+	return nil
+}
+
+// linkWhiteout makes name, which must be free, in the upper directory dir a
+// whiteout: a hard link of the shared one.
+func (fs *FS) linkWhiteout(dir uint64, name string) error {
+	return fs.upper.AddLink(fs.whiteoutIno, dir, name)
+}
+
+// makeWhiteout creates a whiteout inode as tmp in WorkName.
 func (fs *FS) makeWhiteout(tmp string) error {
 	e, err := fs.upper.Mknod(fs.workIno, tmp, unix.S_IFREG, 0, vfs.Root)
 	if err != nil {
@@ -223,11 +252,13 @@ func (fs *FS) createLocked(p *node, name string, c vfs.Caller, isDir bool, mk fu
 // removeLocked removes the entry name of p (checked by the caller) from the
 // union: its upper entry goes, and a whiteout hides a lower one. inLower
 // says the caller knows the lower has name (see lowerNamed); false means
-// the lower is asked.
+// the lower is asked. upperFree says the caller knows the upper has
+// nothing at name (the entry found there is a lower one); false means the
+// upper is asked.
 //
 // Preconditions:
 //   - fs.treeMu is locked for writing.
-func (fs *FS) removeLocked(p *node, name string, inLower bool) error {
+func (fs *FS) removeLocked(p *node, name string, inLower, upperFree bool) error {
 	whiteout := inLower
 	if !whiteout {
 		var err error
@@ -238,14 +269,17 @@ func (fs *FS) removeLocked(p *node, name string, inLower bool) error {
 	if err := fs.copyUpLocked(p); err != nil {
 		return err
 	}
-	state, err := fs.upperAt(p, name)
-	if err != nil {
-		return err
+	state := upperNone
+	if !upperFree {
+		var err error
+		if state, err = fs.upperAt(p, name); err != nil {
+			return err
+		}
 	}
 	switch {
 	case state == upperEntry && whiteout:
 		tmp := fs.tmpName()
-		if err := fs.makeWhiteout(tmp); err != nil {
+		if err := fs.linkWhiteout(fs.workIno, tmp); err != nil {
 			return err
 		}
 		if err := fs.upper.Rename(fs.workIno, tmp, p.upper, name, vfs.RenameExchange); err != nil {
@@ -268,19 +302,10 @@ func (fs *FS) removeLocked(p *node, name string, inLower bool) error {
 		}
 		return err
 	case whiteout:
-		tmp := fs.tmpName()
-		if err := fs.makeWhiteout(tmp); err != nil {
+		if err := fs.setMixed(p); err != nil {
 			return err
 		}
-		if err := fs.setMixed(p.upper); err != nil {
-			fs.upper.Unlink(fs.workIno, tmp)
-			return err
-		}
-		if err := fs.upper.Rename(fs.workIno, tmp, p.upper, name, 0); err != nil {
-			fs.upper.Unlink(fs.workIno, tmp)
-			return err
-		}
-		return nil
+		return fs.linkWhiteout(p.upper, name)
 	}
 	return syscall.ENOENT
 }
