@@ -211,15 +211,14 @@ func (s *session) readInit() error {
 
 // parseInitReply parses an INIT reply (with its fuse_out_header).
 func parseInitReply(out []byte) (fuse.InitOut, error) {
-	const hdr = 16 // fuse_out_header
 	var io fuse.InitOut
-	if len(out) < hdr+int(unsafe.Sizeof(io)) {
+	if len(out) < outHeaderSize+int(unsafe.Sizeof(io)) {
 		return io, fmt.Errorf("INIT reply of %d bytes", len(out))
 	}
 	if errno := int32(binary.LittleEndian.Uint32(out[4:])); errno != 0 {
 		return io, fmt.Errorf("INIT refused: %v", syscall.Errno(-errno))
 	}
-	copy(unsafe.Slice((*byte)(unsafe.Pointer(&io)), unsafe.Sizeof(io)), out[hdr:])
+	copy(unsafe.Slice((*byte)(unsafe.Pointer(&io)), unsafe.Sizeof(io)), out[outHeaderSize:])
 	return io, nil
 }
 
