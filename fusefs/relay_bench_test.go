@@ -44,14 +44,11 @@ import (
 	"github.com/csi-memfs/csi-memfs/memfs"
 )
 
-// FUSE opcodes and constants the relay needs (include/uapi/linux/fuse.h).
+// FUSE opcodes and constants the relay needs (include/uapi/linux/fuse.h;
+// more in kernel.go).
 const (
-	opLookup      = 1
-	opForget      = 2
-	opMkdir       = 9
-	opInterrupt   = 36
-	opNotifyReply = 41
-	opBatchForget = 42
+	opLookup = 1
+	opMkdir  = 9
 
 	relayMaxWrite = 128 << 10
 	relayBufSize  = relayMaxWrite + 64<<10

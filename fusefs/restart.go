@@ -288,8 +288,8 @@ func (s *session) ended() bool {
 // those a dead server read and never answered. It must come before the
 // first read, while every unanswered request is the dead server's.
 func (s *session) resend() error {
-	var msg [16]byte
-	binary.LittleEndian.PutUint32(msg[0:], 16)
+	var msg [outHeaderSize]byte
+	binary.LittleEndian.PutUint32(msg[0:], outHeaderSize)
 	binary.LittleEndian.PutUint32(msg[4:], notifyResend)
 	_, err := unix.Write(s.devFd, msg[:])
 	return err

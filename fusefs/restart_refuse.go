@@ -16,19 +16,8 @@ import (
 // get EIO instead of waiting in the kernel for as long as the plugin is
 // crash-looping; the mount stays, and a returning server serves it again.
 
-// FUSE constants of Refuse (include/uapi/linux/fuse.h); the names are
-// prefixed to stay clear of the serving loop's.
+// Refuse's buffer and polling.
 const (
-	refuseOpForget      = 2
-	refuseOpInit        = 26
-	refuseOpInterrupt   = 36
-	refuseOpNotifyReply = 41
-	refuseOpBatchForget = 42
-
-	// refuseInHeaderSize is sizeof(struct fuse_in_header): len u32,
-	// opcode u32, unique u64, nodeid u64, uid, gid, pid u32, total_extlen
-	// u16, padding u16.
-	refuseInHeaderSize = 40
 	// refuseBufSize is the read buffer. The kernel refuses a read into a
 	// buffer smaller than a WRITE of max_write with its headers, and
 	// Mount's largest max_write is 1 MiB.
@@ -87,10 +76,7 @@ func Refuse(dev *os.File, stop <-chan struct{}) error {
 		}
 	}()
 	buf := make([]byte, refuseBufSize)
-	var out [16]byte
-	binary.LittleEndian.PutUint32(out[0:], uint32(len(out)))
-	errno := -int32(unix.EIO)
-	binary.LittleEndian.PutUint32(out[4:], uint32(errno))
+	var out [outHeaderSize]byte
 	pfd := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
 	for {
 		select {
@@ -118,7 +104,7 @@ func Refuse(dev *os.File, stop <-chan struct{}) error {
 			continue // nothing queued after all, or interrupted meanwhile
 		case err != nil:
 			return fmt.Errorf("fusefs: refuse: reading a request: %w", err)
-		case n < refuseInHeaderSize:
+		case n < inHeaderSize:
 			continue // not a request; nothing to answer
 		}
 		op := binary.LittleEndian.Uint32(buf[4:])
@@ -126,7 +112,7 @@ func Refuse(dev *os.File, stop <-chan struct{}) error {
 			unanswered++
 			continue
 		}
-		copy(out[8:], buf[8:16]) // unique
+		errorReply(out[:], binary.LittleEndian.Uint64(buf[8:]), unix.EIO)
 		if _, err := unix.Write(fd, out[:]); err != nil {
 			switch {
 			case errors.Is(err, unix.ENODEV):
@@ -144,7 +130,7 @@ func Refuse(dev *os.File, stop <-chan struct{}) error {
 // refuseNeedsReply says whether Refuse answers a request of opcode op.
 func refuseNeedsReply(op uint32) bool {
 	switch op {
-	case refuseOpForget, refuseOpBatchForget, refuseOpInterrupt, refuseOpNotifyReply, refuseOpInit:
+	case opForget, opBatchForget, opInterrupt, opNotifyReply, opInit:
 		return false
 	}
 	return true

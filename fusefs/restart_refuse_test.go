@@ -40,7 +40,7 @@ func refuseTestMount(t *testing.T) (string, *os.File) {
 	})
 	buf := make([]byte, refuseBufSize)
 	n, err := dev.Read(buf)
-	if err != nil || n < refuseInHeaderSize || binary.LittleEndian.Uint32(buf[4:]) != refuseOpInit {
+	if err != nil || n < inHeaderSize || binary.LittleEndian.Uint32(buf[4:]) != opInit {
 		t.Fatalf("reading INIT: %d bytes, %v", n, err)
 	}
 	out := make([]byte, 4096)
@@ -150,15 +150,12 @@ func TestRefuse(t *testing.T) {
 		if err != nil {
 			t.Fatalf("reading the queued request: %v", err)
 		}
-		var out [16]byte
-		binary.LittleEndian.PutUint32(out[0:], 16)
-		errno := -int32(unix.ENOENT)
-		binary.LittleEndian.PutUint32(out[4:], uint32(errno))
-		copy(out[8:], buf[8:16])
+		var out [outHeaderSize]byte
+		errorReply(out[:], binary.LittleEndian.Uint64(buf[8:]), unix.ENOENT)
 		if op := binary.LittleEndian.Uint32(buf[4:]); refuseNeedsReply(op) {
 			dev.Write(out[:])
 		}
-		if n >= refuseInHeaderSize && binary.LittleEndian.Uint32(buf[4:]) == 1 { // LOOKUP
+		if n >= inHeaderSize && binary.LittleEndian.Uint32(buf[4:]) == 1 { // LOOKUP
 			break
 		}
 	}

@@ -143,11 +143,7 @@ func TestStopAndAdopt(t *testing.T) {
 // sent again by the kernel when the successor adopts with resend, and
 // those the dead server carried out answer as if it had replied.
 func TestAdoptResends(t *testing.T) {
-	const (
-		opUnlink = 10
-		opMkdir  = 9
-		opStatfs = 17
-	)
+	const opUnlink = 10
 	for _, tc := range []struct {
 		name    string
 		op      uint32

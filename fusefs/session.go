@@ -215,15 +215,14 @@ func (s *session) readInit() error {
 
 // parseInitReply parses an INIT reply (with its fuse_out_header).
 func parseInitReply(out []byte) (fuse.InitOut, error) {
-	const hdr = 16 // fuse_out_header
 	var io fuse.InitOut
-	if len(out) < hdr+int(unsafe.Sizeof(io)) {
+	if len(out) < outHeaderSize+int(unsafe.Sizeof(io)) {
 		return io, fmt.Errorf("INIT reply of %d bytes", len(out))
 	}
 	if errno := int32(binary.LittleEndian.Uint32(out[4:])); errno != 0 {
 		return io, fmt.Errorf("INIT refused: %v", syscall.Errno(-errno))
 	}
-	copy(unsafe.Slice((*byte)(unsafe.Pointer(&io)), unsafe.Sizeof(io)), out[hdr:])
+	copy(unsafe.Slice((*byte)(unsafe.Pointer(&io)), unsafe.Sizeof(io)), out[outHeaderSize:])
 	return io, nil
 }
 
@@ -391,7 +390,7 @@ func (s *session) serveVec(in, out [][]byte) (w int, st fuse.Status) {
 		s.panics.Add(1)
 		var op uint32
 		var unique, node uint64
-		if hdr := in[0]; len(hdr) >= refuseInHeaderSize {
+		if hdr := in[0]; len(hdr) >= inHeaderSize {
 			op = binary.LittleEndian.Uint32(hdr[4:])
 			unique = binary.LittleEndian.Uint64(hdr[8:])
 			node = binary.LittleEndian.Uint64(hdr[16:])
@@ -399,7 +398,7 @@ func (s *session) serveVec(in, out [][]byte) (w int, st fuse.Status) {
 		klog.ErrorS(nil, "FUSE request handler panicked; answered EIO", "fsName", s.raw.opts.FsName,
 			"op", opName(op), "nodeID", node, "panic", fmt.Sprint(p.value), "stack", string(p.stack))
 		w, st = 0, fuse.OK
-		if len(in[0]) >= refuseInHeaderSize && refuseNeedsReply(op) {
+		if len(in[0]) >= inHeaderSize && refuseNeedsReply(op) {
 			w = errorReply(out[0], unique, syscall.EIO)
 		}
 	}()
@@ -409,11 +408,10 @@ func (s *session) serveVec(in, out [][]byte) (w int, st fuse.Status) {
 // errorReply writes to out a reply of errno to the request unique and
 // returns its length.
 func errorReply(out []byte, unique uint64, errno syscall.Errno) int {
-	const n = 16 // fuse_out_header: len u32, error s32, unique u64
-	binary.LittleEndian.PutUint32(out[0:], n)
+	binary.LittleEndian.PutUint32(out[0:], outHeaderSize)
 	binary.LittleEndian.PutUint32(out[4:], uint32(-int32(errno)))
 	binary.LittleEndian.PutUint64(out[8:], unique)
-	return n
+	return outHeaderSize
 }
 
 // opName returns the name of opcode op.

@@ -52,8 +52,6 @@ const (
 	uringCommitIDOff = 256 + 8
 	uringPayloadOff  = 256 + 16
 	uringOpInMax     = 128
-	inHeaderSize     = 40
-	outHeaderSize    = 16
 
 	// ringEntries is how many requests a queue can hold at once. One
 	// thread serves them in turn; more than one lets it answer a burst
@@ -357,11 +355,7 @@ func (q *ringQueue) serveEntry(e *ringEntry, commitID uint64) {
 	if w < outHeaderSize {
 		// Every request on the ring takes a reply; one go-fuse could
 		// not parse, or that took none, fails.
-		binary.LittleEndian.PutUint32(e.hdr[0:], outHeaderSize)
-		eio := -int32(syscall.EIO)
-		binary.LittleEndian.PutUint32(e.hdr[4:], uint32(eio))
-		binary.LittleEndian.PutUint64(e.hdr[8:], commitID)
-		w = outHeaderSize
+		w = errorReply(e.hdr, commitID, syscall.EIO)
 	}
 	binary.LittleEndian.PutUint32(e.hdr[uringPayloadOff:], uint32(w-outHeaderSize))
 }
