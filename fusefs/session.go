@@ -9,6 +9,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"syscall"
+	"time"
 	"unsafe"
 
 	"github.com/hanwen/go-fuse/v2/fuse"
@@ -54,6 +55,10 @@ const (
 
 	// maxReaders bounds the goroutines of one session reading requests.
 	maxReaders = 16
+	// ringDevPause is how long a reader of a ring-served connection
+	// waits, having emptied the device, before it reads again and only
+	// then sleeps in epoll_wait.
+	ringDevPause = time.Millisecond
 )
 
 // errStopped is what a read returns once stop has begun; errSurplus, to
@@ -236,6 +241,7 @@ func parseInitReply(out []byte) (fuse.InitOut, error) {
 // wake-up another waiter had already taken, would strand it.
 func (s *session) read(buf []byte) (int, error) {
 	var ev [1]unix.EpollEvent
+	paused := false
 	for {
 		n, err := unix.Read(s.devFd, buf)
 		switch err {
@@ -253,6 +259,17 @@ func (s *session) read(buf []byte) (int, error) {
 			if v := s.idle.Load(); v > 2 && s.idle.CompareAndSwap(v, v-1) {
 				return 0, errSurplus
 			}
+			if s.ring != nil && !paused {
+				// On the ring, only FORGET, BATCH_FORGET and
+				// INTERRUPT come here: let the FORGETs of an unlink
+				// or eviction storm gather into one BATCH_FORGET
+				// instead of waking a reader for each (figures:
+				// BENCHMARKS.md, "FUSE over io_uring").
+				paused = true
+				time.Sleep(ringDevPause)
+				continue
+			}
+			paused = false
 			if _, err := unix.EpollWait(s.epFd, ev[:], -1); err != nil && err != unix.EINTR {
 				return 0, os.NewSyscallError("epoll_wait", err)
 			}
