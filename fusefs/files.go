@@ -69,8 +69,9 @@ func (r *rawFS) openOptions(h *fuse.InHeader, openFlags uint32) vfs.OpenOptions 
 // passthrough opens, every other open must share their backing file. An
 // open that cannot (a grow-sealed writer; an overlay writer while readers
 // hold the lower file) fails with ETXTBSY, the kernel's own errno for
-// conflicting modes and Linux's for writing a file in use.
-func (r *rawFS) opened(of *openFile, flags uint32, out *fuse.OpenOut) fuse.Status {
+// conflicting modes and Linux's for writing a file in use. withEntry: see
+// finishOpen.
+func (r *rawFS) opened(of *openFile, flags uint32, out *fuse.OpenOut, withEntry bool) fuse.Status {
 	r.backingMu.Lock()
 	defer r.backingMu.Unlock()
 	// Opens closed just before this one may not be released yet (RELEASE
@@ -102,7 +103,7 @@ func (r *rawFS) opened(of *openFile, flags uint32, out *fuse.OpenOut) fuse.Statu
 			}
 			out.Fh = fh
 			if of.writer {
-				r.writerOpened(of.ino)
+				r.writerOpened(of.ino, !withEntry)
 			}
 			return fuse.OK
 		}
@@ -268,7 +269,7 @@ func (r *rawFS) Create(_ <-chan struct{}, in *fuse.CreateIn, name string, out *f
 	}
 	s := status("CREATE", err)
 	if s == fuse.OK {
-		if s = r.finishOpen(e.Ino(), in.Flags, f, &out.OpenOut); s == fuse.OK {
+		if s = r.finishOpen(e.Ino(), in.Flags, f, &out.OpenOut, true); s == fuse.OK {
 			r.fillEntry(&out.EntryOut, &e)
 		} else {
 			r.fs.Forget(e.Ino(), 1)
@@ -283,7 +284,7 @@ func (r *rawFS) Tmpfile(_ <-chan struct{}, in *fuse.CreateIn, out *fuse.CreateOu
 	e, f, err := r.fs.Tmpfile(in.NodeId, int(in.Flags), in.Mode, caller(&in.InHeader, in.Umask), r.openOptions(&in.InHeader, in.OpenFlags))
 	s := status("TMPFILE", err)
 	if s == fuse.OK {
-		if s = r.finishOpen(e.Ino(), in.Flags, f, &out.OpenOut); s == fuse.OK {
+		if s = r.finishOpen(e.Ino(), in.Flags, f, &out.OpenOut, true); s == fuse.OK {
 			r.fillEntry(&out.EntryOut, &e)
 		} else {
 			r.fs.Forget(e.Ino(), 1)
@@ -309,17 +310,18 @@ func (r *rawFS) Open(_ <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOut) fuse
 	f, err := r.fs.Open(in.NodeId, int(in.Flags), r.openOptions(&in.InHeader, in.Mode))
 	s := status("OPEN", err)
 	if s == fuse.OK {
-		s = r.finishOpen(in.NodeId, in.Flags, f, out)
+		s = r.finishOpen(in.NodeId, in.Flags, f, out, false)
 	}
 	r.observe("OPEN", start, s)
 	return s
 }
 
 // finishOpen answers an open of f with open(2) flags; on failure f is
-// released.
-func (r *rawFS) finishOpen(ino uint64, flags uint32, f vfs.File, out *fuse.OpenOut) fuse.Status {
+// released. withEntry says the reply carries ino's attributes too (CREATE,
+// TMPFILE), filled after this returns.
+func (r *rawFS) finishOpen(ino uint64, flags uint32, f vfs.File, out *fuse.OpenOut, withEntry bool) fuse.Status {
 	of := &openFile{File: f, ino: ino}
-	if s := r.opened(of, flags, out); s != fuse.OK {
+	if s := r.opened(of, flags, out, withEntry); s != fuse.OK {
 		f.Release()
 		return s
 	}

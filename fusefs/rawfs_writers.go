@@ -66,9 +66,12 @@ func (r *rawFS) addWriter(ino uint64, d int) int {
 }
 
 // writerOpened counts a writable passthrough open of ino; the first has
-// the kernel forget ino's attributes.
-func (r *rawFS) writerOpened(ino uint64) {
-	if r.addWriter(ino, 1) == 1 {
+// the kernel forget ino's attributes, unless inval is false: a CREATE's
+// reply replaces them itself, with the writer's zero timeout (and for a
+// new inode, the kernel's usual case, the notice would only fail with
+// ENOENT, a write to /dev/fuse per create).
+func (r *rawFS) writerOpened(ino uint64, inval bool) {
+	if r.addWriter(ino, 1) == 1 && inval {
 		r.dev.invalAttr(ino)
 	}
 }

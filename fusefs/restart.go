@@ -154,7 +154,7 @@ func (r *rawFS) restore() error {
 		backed := rec.Backed != 0
 		writer := isWriter(rec.Flags, backed)
 		if writer {
-			r.writerOpened(rec.Ino)
+			r.writerOpened(rec.Ino, true)
 		}
 		var h any
 		var err error

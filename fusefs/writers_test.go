@@ -97,6 +97,24 @@ func TestMmapWriteTimes(t *testing.T) {
 		w.Close()
 		times("after its close")
 
+		// Through the descriptor that created the file: CREATE's own
+		// reply gives the writer's attributes (no invalidation notice).
+		os.Remove(f)
+		c, err := os.OpenFile(f, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o644)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := c.Truncate(4096); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Chtimes(f, old, old); err != nil {
+			t.Fatal(err)
+		}
+		os.Stat(f)
+		mmapWriteChild(t, f, c)
+		times("after a store through the creating descriptor")
+		c.Close()
+
 		if v == nil {
 			return
 		}
