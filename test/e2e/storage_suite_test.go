@@ -41,15 +41,15 @@ var storageSuiteSkip = []string{`\[Disruptive\]`, `\[Serial\]`}
 // driver definition the suite does not understand (every spec skipped)
 // fails the test. The provisioner adds its own.
 var storageSuiteMustPass = []string{
-	"CSI Ephemeral-volume (default fs) ephemeral should create read-only inline ephemeral volume",
-	"CSI Ephemeral-volume (default fs) ephemeral should create read/write inline ephemeral volume",
-	"CSI Ephemeral-volume (default fs) ephemeral should support two pods which have the same volume definition",
-	"CSI Ephemeral-volume (default fs) ephemeral should support multiple inline ephemeral volumes",
+	"[Testpattern: CSI Ephemeral-volume (default fs)] ephemeral should create read-only inline ephemeral volume",
+	"[Testpattern: CSI Ephemeral-volume (default fs)] ephemeral should create read/write inline ephemeral volume",
+	"[Testpattern: CSI Ephemeral-volume (default fs)] ephemeral should support two pods which have the same volume definition",
+	"[Testpattern: CSI Ephemeral-volume (default fs)] ephemeral should support multiple inline ephemeral volumes",
 }
 
 var storageSuiteMustPassProvisioner = []string{
-	"Generic Ephemeral-volume (default fs) (late-binding)] ephemeral should create read/write inline ephemeral volume",
-	"Generic Ephemeral-volume (default fs) (late-binding)] ephemeral should support multiple inline ephemeral volumes",
+	"[Testpattern: Generic Ephemeral-volume (default fs) (late-binding)] ephemeral should create read/write inline ephemeral volume",
+	"[Testpattern: Generic Ephemeral-volume (default fs) (late-binding)] ephemeral should support multiple inline ephemeral volumes",
 }
 
 // ginkgoSpec is the part of a Ginkgo v2 JSON report's SpecReport read here
