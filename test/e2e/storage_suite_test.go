@@ -27,15 +27,20 @@ const (
 // storageSuiteSkip are the matching specs the suite does not run, and why:
 //   - [Disruptive]: they restart kubelet or stop the node's services (the
 //     cluster is the rest of the e2e suite's too);
-//   - [Serial]: the volume-limits specs fill the node up to its
-//     MaxVolumesPerNode, one pod after the other, and the capacity ones
-//     need no other spec running; both are slow, and volumeLimits and
-//     capacity are false in memfs.yaml anyway.
+//   - [Serial]: volume limits (filling the node up to MaxVolumesPerNode),
+//     stress and performance at scale, and data-source populators;
+//   - [Slow]: the same at a smaller scale, and the multi-volume and
+//     subPath variants: with the provisioner, tens of minutes CI has no
+//     budget for;
+//   - [Feature:...]: optional cluster features the e2e cluster does not
+//     have (snapshots, SELinux, VolumeAttributesClass, Windows nodes);
+//   - [Flaky]: as Kubernetes' own CI.
 //
-// Immediate binding needs no pattern here: memfs.yaml's TopologyKeys make
-// the suite skip those specs itself (a volume is one node's memory, made
-// for a claim only once the scheduler picked the node).
-var storageSuiteSkip = []string{`\[Disruptive\]`, `\[Serial\]`}
+// None of them is a CSI inline-volume spec. Immediate binding needs no
+// pattern here: memfs.yaml's TopologyKeys make the suite skip those specs
+// itself (a volume is one node's memory, made for a claim only once the
+// scheduler picked the node).
+var storageSuiteSkip = []string{`\[Disruptive\]`, `\[Serial\]`, `\[Slow\]`, `\[Feature:`, `\[Flaky\]`}
 
 // storageSuiteMustPass are specs that must have run and passed, so that a
 // driver definition the suite does not understand (every spec skipped)
