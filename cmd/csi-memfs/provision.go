@@ -35,6 +35,10 @@ func startProvisioner(ctx context.Context, d *driver.Driver, cfg driver.Config) 
 	if ns == "" {
 		return errors.New("--provisioner needs $POD_NAMESPACE (the namespace of the CSIStorageCapacity objects)")
 	}
+	// The API server's address, from KUBERNETES_SERVICE_HOST and _PORT:
+	// where it leads nowhere (a cluster without kube-proxy, seen from the
+	// host network), every call fails and no capacity is published.
+	klog.InfoS("Starting the provisioner", "apiServer", rc.Host, "namespace", ns)
 	owner := capacityOwner(ctx, client, ns)
 	go func() {
 		err := provisioner.Run(ctx, provisioner.Config{

@@ -326,11 +326,13 @@ func TestChartRendering(t *testing.T) {
 			"kind: ClusterRole\n", "kind: ClusterRoleBinding\n", "kind: Role\n", "kind: RoleBinding\n",
 			"resources: [persistentvolumes]\n    verbs: [get, list, watch, create, delete]",
 			"resources: [persistentvolumeclaims]\n    verbs: [get, list, watch, update]",
-			"resources: [csistoragecapacities]\n    verbs: [get, list, watch, create, update, delete]",
+			"resources: [csistoragecapacities]\n    verbs: [get, list, create, update, delete]",
 			"- --provisioner\n", "- name: POD_NAMESPACE\n", "- name: POD_UID\n",
 			"kind: StorageClass\n", "provisioner: memfs.csi.dev\n", "  noswap: \"true\"\n",
 			"volumeBindingMode: WaitForFirstConsumer\n", "reclaimPolicy: Delete\n", "allowVolumeExpansion: false\n",
 			`storageclass.kubernetes.io/is-default-class: "true"`)
+		// Minimal: no leader election, nothing of the DaemonSet.
+		hasNot(t, out, "leases", "daemonsets", "resources: [\"*\"]", "verbs: [\"*\"]")
 		// The flag goes to the plugin container alone.
 		if c := containerSpec(t, out, "csi-memfs"); !strings.Contains(c, "- --provisioner") {
 			t.Errorf("the plugin container lacks --provisioner:\n%s", c)
