@@ -44,15 +44,12 @@ var storageSuiteSkip = []string{`\[Disruptive\]`, `\[Serial\]`, `\[Slow\]`, `\[F
 
 // storageSuiteMustPass are specs that must have run and passed, so that a
 // driver definition the suite does not understand (every spec skipped)
-// fails the test. The provisioner adds its own.
+// fails the test: the inline volume specs and the generic ephemeral ones.
 var storageSuiteMustPass = []string{
 	"[Testpattern: CSI Ephemeral-volume (default fs)] ephemeral should create read-only inline ephemeral volume",
 	"[Testpattern: CSI Ephemeral-volume (default fs)] ephemeral should create read/write inline ephemeral volume",
 	"[Testpattern: CSI Ephemeral-volume (default fs)] ephemeral should support two pods which have the same volume definition",
 	"[Testpattern: CSI Ephemeral-volume (default fs)] ephemeral should support multiple inline ephemeral volumes",
-}
-
-var storageSuiteMustPassProvisioner = []string{
 	"[Testpattern: Generic Ephemeral-volume (default fs) (late-binding)] ephemeral should create read/write inline ephemeral volume",
 	"[Testpattern: Generic Ephemeral-volume (default fs) (late-binding)] ephemeral should support multiple inline ephemeral volumes",
 }
@@ -76,9 +73,8 @@ func (s ginkgoSpec) name() string {
 // the installed chart: e2e.test with memfs.yaml as -storage.testdriver,
 // focused on this driver, its output and reports saved in
 // bin/e2e/storage-suite. It fails when a spec fails or when a spec of
-// storageSuiteMustPass did not pass. E2E_PROVISIONER=1 enables the
-// provisioner and the chart's StorageClass (storageclass.yaml) for the
-// generic ephemeral and dynamic provisioning specs.
+// storageSuiteMustPass did not pass. The chart's provisioner is enabled
+// for it (provisionerValues) and off again at the end.
 func TestExternalStorageSuite(t *testing.T) {
 	requireCluster(t)
 	bin := e2eTestBinary(t)
@@ -95,19 +91,8 @@ func TestExternalStorageSuite(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	mustPass := storageSuiteMustPass
-	if os.Getenv("E2E_PROVISIONER") == "1" {
-		sc, err := os.ReadFile(filepath.Join(repoRoot, storageSuiteDir, "storageclass.yaml"))
-		if err != nil {
-			t.Fatal(err)
-		}
-		driver = append(driver, sc...)
-		mustPass = append(mustPass, storageSuiteMustPassProvisioner...)
-		upgradeProvisioner(t, true)
-		t.Cleanup(func() { upgradeProvisioner(t, false) })
-	} else {
-		t.Log("E2E_PROVISIONER is not 1: inline volume specs only (the provisioner is experimental)")
-	}
+	upgradePlugin(t, provisionerValues...)
+	t.Cleanup(func() { upgradePlugin(t, provisionerOffValues...) })
 	driverFile := filepath.Join(out, "memfs.yaml")
 	if err := os.WriteFile(driverFile, driver, 0o644); err != nil {
 		t.Fatal(err)
@@ -153,7 +138,7 @@ func TestExternalStorageSuite(t *testing.T) {
 	for _, s := range specs {
 		states[s.name()] = s.State
 	}
-	for _, want := range mustPass {
+	for _, want := range storageSuiteMustPass {
 		found := false
 		for name, state := range states {
 			if strings.HasSuffix(name, want) {
@@ -216,13 +201,13 @@ func tagTestImage(t *testing.T, bin string) {
 	}
 }
 
-// upgradeProvisioner turns the chart's provisioner on or off, as
+// upgradePlugin runs helm upgrade --reuse-values with the given values, as
 // TestGenericEphemeralVolume does: the plugin pod is replaced, its volumes
 // handed over.
-func upgradeProvisioner(t *testing.T, on bool) {
+func upgradePlugin(t *testing.T, values ...string) {
 	t.Helper()
-	args := []string{"upgrade", "csi-memfs", "charts/csi-memfs", "--namespace", pluginNS, "--reuse-values",
-		"--set", fmt.Sprintf("provisioner.enabled=%t", on), "--wait", "--timeout", "4m"}
+	args := append([]string{"upgrade", "csi-memfs", "charts/csi-memfs", "--namespace", pluginNS, "--reuse-values"}, values...)
+	args = append(args, "--wait", "--timeout", "4m")
 	if out, err := helmCmd(args...); err != nil {
 		t.Fatalf("helm %s: %v\n%s", strings.Join(args, " "), err, out)
 	}
