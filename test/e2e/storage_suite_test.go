@@ -20,7 +20,7 @@ import (
 // test/e2e/storage-suite/memfs.yaml declares. build-e2e-test.sh builds
 // e2e.test at the cluster's version; run.sh passes its path as E2E_TEST_BIN.
 const (
-	storageSuiteDir   = "test/e2e/storage-suite"
+	storageSuiteDir = "test/e2e/storage-suite"
 	// The CSI inline and the generic ephemeral volume specs. The suite's
 	// dynamic PV specs (provisioning, subPath, volumes, multivolume, ...)
 	// are not selected yet: several run the agnhost image, which pods on
