@@ -55,7 +55,9 @@ var storageSuiteMustPass = []string{
 	"[Testpattern: CSI Ephemeral-volume (default fs)] ephemeral should create read/write inline ephemeral volume",
 	"[Testpattern: CSI Ephemeral-volume (default fs)] ephemeral should support two pods which have the same volume definition",
 	"[Testpattern: CSI Ephemeral-volume (default fs)] ephemeral should support multiple inline ephemeral volumes",
+	"[Testpattern: Generic Ephemeral-volume (default fs) (late-binding)] ephemeral should create read-only inline ephemeral volume",
 	"[Testpattern: Generic Ephemeral-volume (default fs) (late-binding)] ephemeral should create read/write inline ephemeral volume",
+	"[Testpattern: Generic Ephemeral-volume (default fs) (late-binding)] ephemeral should support two pods which have the same volume definition",
 	"[Testpattern: Generic Ephemeral-volume (default fs) (late-binding)] ephemeral should support multiple inline ephemeral volumes",
 }
 
@@ -245,7 +247,7 @@ func readGinkgoReport(t *testing.T, file string) []ginkgoSpec {
 }
 
 // summarize counts the specs by state, and the skipped ones by reason
-// (the message of e2eskipper.Skipf, or the -ginkgo.skip pattern), and
+// (the message of e2eskipper.Skipf, or not selected), and
 // lists every spec that ran.
 func summarize(specs []ginkgoSpec) string {
 	var b strings.Builder
@@ -260,7 +262,7 @@ func summarize(specs []ginkgoSpec) string {
 		}
 		reason := strings.TrimSpace(strings.SplitN(s.Failure.Message, "\n", 2)[0])
 		if reason == "" {
-			reason = "not run: -ginkgo.skip " + strings.Join(storageSuiteSkip, "|") + " (or the run was interrupted)"
+			reason = "not selected by storageSuiteFocus and storageSuiteSkip (or the run was interrupted)"
 		}
 		reasons[reason]++
 	}
