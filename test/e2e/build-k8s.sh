@@ -3,13 +3,10 @@
 # print the directory that holds them.
 #
 # kube-apiserver, kube-controller-manager, kube-scheduler, kubelet and kubectl
-# are compiled from source through the Go module proxy. `go install
-# k8s.io/kubernetes/cmd/...@v` does not work (the kubernetes module replaces
-# its staging modules with local paths), so a scratch module requires
-# k8s.io/kubernetes and replaces every staging module with its published
-# v0.MINOR.PATCH; the few staging modules the proxy does not serve
-# (code-generator, sample-*) become empty local stubs, since no binary built
-# here imports them.
+# are compiled from source through the Go module proxy, in the scratch module
+# k8s-module.sh writes (shared with build-e2e-test.sh); the few staging
+# modules the proxy does not serve (code-generator, sample-*) become empty
+# local stubs, since no binary built here imports them.
 #
 # The binaries are cached in $E2E_CACHE/k8s-$K8S_VERSION/bin (default
 # /var/cache/csi-memfs-e2e), so later runs on the same machine reuse them; a
@@ -22,8 +19,9 @@ set -euo pipefail
 K8S_VERSION=${K8S_VERSION:-v1.33.13}
 E2E_CACHE=${E2E_CACHE:-/var/cache/csi-memfs-e2e}
 GO=${GO:-go}
+# shellcheck source=k8s-module.sh
+. "$(dirname "$0")/k8s-module.sh"
 
-staging_version=v0.${K8S_VERSION#v1.}
 out=$E2E_CACHE/k8s-$K8S_VERSION
 bins=(kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl)
 
@@ -49,51 +47,12 @@ fi
 
 src=$out/src
 rm -rf "$src"
-mkdir -p "$src/stubs"
+k8s_module "$src"
 cd "$src"
-
-{
-	echo "module csi-memfs-e2e/k8s"
-	echo
-	echo "go 1.24.0"
-	echo
-	echo "godebug default=go1.24"
-	echo
-	echo "require k8s.io/kubernetes $K8S_VERSION"
-	echo
-	echo "replace ("
-} >go.mod
-
-# The staging modules come from the kubernetes module's own replace block.
-(cd / && GOFLAGS= "$GO" mod download -json "k8s.io/kubernetes@$K8S_VERSION") >download.json
-kmod=$(sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",$/\1/p' download.json)
-staging=$(sed -n 's#^[[:space:]]*\(k8s.io/[a-z0-9-]*\) => ./staging/.*#\1#p' "$kmod")
-[ -n "$staging" ] || { echo "build-k8s: no staging modules found in $kmod" >&2; exit 1; }
-for m in $staging; do
-	case $m in
-	k8s.io/code-generator | k8s.io/sample-*)
-		d=stubs/${m#k8s.io/}
-		mkdir -p "$d"
-		printf 'module %s\n\ngo 1.24\n' "$m" >"$d/go.mod"
-		echo "	$m => ./$d" >>go.mod
-		;;
-	*)
-		echo "	$m => $m $staging_version" >>go.mod
-		;;
-	esac
-done
-echo ")" >>go.mod
 
 pkgs=()
 for b in "${bins[@]}"; do pkgs+=("k8s.io/kubernetes/cmd/$b"); done
-
-minor=${K8S_VERSION#v1.}
-minor=${minor%%.*}
-ldflags="-s -w"
-for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
-	ldflags+=" -X $p.gitVersion=$K8S_VERSION -X $p.gitMajor=1 -X $p.gitMinor=$minor"
-	ldflags+=" -X $p.gitTreeState=clean -X $p.buildDate=1970-01-01T00:00:00Z"
-done
+ldflags=$(k8s_ldflags)
 
 echo "build-k8s: building Kubernetes $K8S_VERSION into $out/bin (cold: 10-25 minutes)" >&2
 start=$(date +%s)
@@ -104,5 +63,6 @@ rm -rf "$out/bin"
 mv "$out/bin.tmp" "$out/bin"
 touch "$out/bin/.complete"
 echo "build-k8s: built in $(($(date +%s) - start))s" >&2
+cd /
 rm -rf "$src"
 echo "$out/bin"

@@ -16,13 +16,25 @@ comma := ,
 space := $(subst ,, )
 PLATFORMS = $(subst $(space),$(comma),$(patsubst %,linux/%,$(ARCHES)))
 
-.PHONY: e2e image image-binaries image-index release-dry-run version chart-lint promtool deploy-manifests helm docs-diagrams
+.PHONY: e2e e2e-test-binary image image-binaries image-index release-dry-run version chart-lint promtool deploy-manifests helm docs-diagrams
 
 # A real single-node cluster (etcd, apiserver, controller-manager,
 # scheduler, kubelet, containerd), the chart installed with Helm, pods with
-# csi-memfs volumes. Cold (Kubernetes built from source): add ~15 minutes.
+# csi-memfs volumes, Kubernetes' External Storage suite. Cold (Kubernetes
+# and its e2e.test built from source): add ~15 minutes plus e2e.test's
+# build. run.sh builds e2e.test (e2e-test-binary's script) in the
+# background while it builds the images and starts the cluster, after the
+# Kubernetes binaries: both compile the same k8s.io packages, which the
+# second build takes from the build cache (at the same time, both would
+# compile them, on the same 2 cores).
 e2e:
 	E2E_CACHE=$(E2E_CACHE) bash test/e2e/run.sh
+
+# Build (once per machine, cached in $(E2E_CACHE)) Kubernetes' e2e.test at
+# the cluster's version, which TestExternalStorageSuite runs:
+# test/e2e/build-e2e-test.sh. `make e2e` builds it too (run.sh).
+e2e-test-binary:
+	E2E_CACHE=$(E2E_CACHE) bash test/e2e/build-e2e-test.sh
 
 # The plugin image, without Docker: an OCI layout tarball holding the image
 # index $(IMAGE) with an image per architecture (static csi-memfs

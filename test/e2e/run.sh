@@ -3,12 +3,15 @@
 #
 #   1. install the Debian packages the cluster needs (cluster.sh deps);
 #   2. build the Kubernetes binaries and Helm, once per machine (cached in
-#      $E2E_CACHE, default /var/cache/csi-memfs-e2e);
+#      $E2E_CACHE, default /var/cache/csi-memfs-e2e), then Kubernetes'
+#      e2e.test (build-e2e-test.sh, cached too) in the background while the
+#      next steps run;
 #   3. build the plugin image and the workload image as OCI tarballs
 #      (hack/ociimage: no Docker);
 #   4. start a single-node cluster in a fresh folder and import the images;
 #   5. run the Go suite (go test -tags e2e ./test/e2e/), which installs the
-#      chart with Helm and runs pods with csi-memfs volumes;
+#      chart with Helm, runs pods with csi-memfs volumes and Kubernetes'
+#      External Storage suite (TestExternalStorageSuite);
 #   6. tear the cluster down (consumer pods, then the plugin, then the
 #      processes this run started, then every mount under the folder), even
 #      when a step failed. E2E_KEEP=1 keeps it running for a look.
@@ -29,6 +32,10 @@ bash test/e2e/helm.sh version --short >/dev/null &
 helm_pid=$!
 bash test/e2e/build-k8s.sh >/dev/null
 wait "$helm_pid"
+# After the cluster's binaries, whose packages it shares from the build
+# cache (built at the same time, both would compile them).
+bash test/e2e/build-e2e-test.sh >/dev/null &
+e2e_test_pid=$!
 
 stamp "building the plugin and workload images"
 out=$root/bin/e2e
@@ -62,7 +69,11 @@ stamp "starting the cluster in $dir"
 bash test/e2e/cluster.sh up "$dir"
 bash test/e2e/cluster.sh import "$dir" "$out/csi-memfs-image.tar" "$out/workload-image.tar"
 
+stamp "waiting for e2e.test"
+wait "$e2e_test_pid"
+E2E_TEST_BIN=$(bash test/e2e/build-e2e-test.sh)
+
 stamp "running the suite"
-E2E_CLUSTER_DIR=$dir \
+E2E_CLUSTER_DIR=$dir E2E_TEST_BIN=$E2E_TEST_BIN \
 	go test -tags e2e -count=1 -v -timeout "${E2E_TIMEOUT:-40m}" ${E2E_RUN:+-run "$E2E_RUN"} ./test/e2e/
 stamp "suite passed"
