@@ -4,7 +4,9 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strconv"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -29,6 +31,9 @@ import (
 // that it allocates nothing: allocs/op and B/op are the server's, per
 // operation. Reported besides ns/op: FUSE requests per operation, FORGETs
 // included (req/op), and the 1-minute load average at the end (load1).
+//
+// An operation that takes ringStallAfter leaves its evidence in a file
+// (ringStallDump) and the benchmark goes on waiting.
 func BenchmarkRingMetadata(b *testing.B) {
 	requireRing(b)
 	mounts := map[Transport]*Server{}
@@ -64,6 +69,8 @@ func requestsServed(srv *Server) uint64 {
 }
 
 func benchRingOp(b *testing.B, srv *Server, op string) {
+	guard := time.AfterFunc(ringStallAfter, func() { ringStallDump(b.Name(), srv) })
+	defer guard.Stop()
 	dir, err := os.MkdirTemp(srv.mountpoint, op)
 	if err != nil {
 		b.Fatal(err)
@@ -130,4 +137,44 @@ func benchRingOp(b *testing.B, srv *Server, op string) {
 	time.Sleep(20 * time.Millisecond)
 	b.ReportMetric(float64(requestsServed(srv)-reqs)/float64(b.N), "req/op")
 	b.ReportMetric(loadAvg(), "load1")
+}
+
+// ringStallAfter is how long one run of benchRingOp may take before it
+// counts as stalled: a normal run takes under 2 s, at load 15 too.
+const ringStallAfter = 30 * time.Second
+
+// ringStallDump writes what a stalled benchmark shows to a file in the
+// temporary directory, and says where on stderr: srv's readers and
+// request counts, the kernel's requests waiting on each FUSE connection,
+// the kernel stack and state of each thread of this process, and every
+// goroutine. Its timer is the one this process would not otherwise have:
+// a stall that only a timer or sysmon ends may end at the dump.
+func ringStallDump(name string, srv *Server) {
+	var b strings.Builder
+	s := srv.sess
+	fmt.Fprintf(&b, "%s stalled %v at %s\n%s %s: readers=%d idle=%d requests=%v\n", name, ringStallAfter,
+		time.Now().Format(time.RFC3339Nano), srv.mountpoint, srv.Transport(), s.readers.Load(), s.idle.Load(), srv.RequestCounts())
+	conns, _ := filepath.Glob(filepath.Join(fusectlDir, "*", "waiting"))
+	for _, c := range conns {
+		w, _ := os.ReadFile(c)
+		fmt.Fprintf(&b, "%s: %s", c, w)
+	}
+	tasks, _ := filepath.Glob("/proc/self/task/*")
+	for _, t := range tasks {
+		stat, _ := os.ReadFile(filepath.Join(t, "stat"))
+		stack, _ := os.ReadFile(filepath.Join(t, "stack"))
+		fmt.Fprintf(&b, "== thread %s\n%s", strings.Join(strings.Fields(string(stat))[:3], " "), stack)
+	}
+	buf := make([]byte, 16<<20)
+	b.Write(buf[:runtime.Stack(buf, true)])
+	f, err := os.CreateTemp("", "ring-stall-*.txt")
+	if err == nil {
+		_, err = f.WriteString(b.String())
+		f.Close()
+	}
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "%s stalled; writing the evidence failed: %v\n", name, err)
+		return
+	}
+	fmt.Fprintf(os.Stderr, "%s stalled %v: evidence in %s\n", name, ringStallAfter, f.Name())
 }
