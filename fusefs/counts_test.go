@@ -55,7 +55,18 @@ func countsDelta(t testing.TB, srv *Server, dir, cmd string) map[string]uint64 {
 	if out, err := c.CombinedOutput(); err != nil {
 		t.Fatalf("%s: %v\n%s", cmd, err, out)
 	}
+	// RELEASE is asynchronous: the command may exit before its last
+	// files' releases reach the server. Wait for one per OPEN and
+	// CREATE (an OPEN answered ENOSYS, NoOpen's, never gets one: the
+	// wait ends at the deadline then).
 	after := srv.RequestCounts()
+	for deadline := time.Now().Add(2 * time.Second); time.Now().Before(deadline); after = srv.RequestCounts() {
+		opens := after["OPEN"] + after["CREATE"] - before["OPEN"] - before["CREATE"]
+		if after["RELEASE"]-before["RELEASE"] >= opens {
+			break
+		}
+		time.Sleep(time.Millisecond)
+	}
 	d := map[string]uint64{}
 	for op, v := range after {
 		if v > before[op] {
