@@ -21,12 +21,13 @@ import (
 // e2e.test at the cluster's version; run.sh passes its path as E2E_TEST_BIN.
 const (
 	storageSuiteDir = "test/e2e/storage-suite"
-	// The CSI inline and the generic ephemeral volume specs. The suite's
-	// dynamic PV specs (provisioning, subPath, volumes, multivolume, ...)
-	// are not selected yet: several run the agnhost image, which pods on
-	// the e2e cluster cannot pull (the busybox one is tagged from the
-	// workload image, tagTestImage), and would wait 5 minutes each for it.
-	storageSuiteFocus = `External.Storage.*memfs\.csi\.dev.*\[Testpattern: (CSI|Generic) Ephemeral-volume`
+	// The CSI inline, generic ephemeral and dynamic PV specs (the volume
+	// types memfs.yaml serves: the provisioner makes the PVs). Their pods
+	// run e2e-test-images, which the e2e cluster cannot pull: testImages.
+	storageSuiteFocus = `External.Storage.*memfs\.csi\.dev.*\[Testpattern: (CSI Ephemeral-volume|Generic Ephemeral-volume|Dynamic PV)`
+	// agnhostImage is Kubernetes' agnhost test program (build-agnhost.sh)
+	// on the workload image's busybox, which run.sh builds and imports.
+	agnhostImage = "docker.io/csi-memfs/e2e-agnhost:e2e"
 )
 
 // storageSuiteSkip are the matching specs the suite does not run, and why:
@@ -182,29 +183,43 @@ func e2eTestBinary(t *testing.T) string {
 	return strings.TrimSpace(string(b))
 }
 
-// tagTestImage gives the workload image (a static busybox with every
-// applet) the name of the busybox image the storage specs run
-// (e2epod.GetDefaultTestImage, as e2e.test -list-images prints it): pods
-// on the e2e cluster cannot pull.
+// testImages are the e2e-test-images the selected specs run (as
+// e2e.test -list-images names them: REPO:TAG) and the imported image
+// tagTestImage gives each name, since pods on the e2e cluster cannot pull.
+var testImages = []struct{ repo, image string }{
+	// e2epod.GetDefaultTestImage: the specs' shell commands.
+	{"e2e-test-images/busybox", workload},
+	// "volumes should allow exec of files on the volume" runs /bin/sh -c
+	// in the nginx image, nothing of nginx.
+	{"e2e-test-images/nginx", workload},
+	// subPath's containers run agnhost mounttest and shell commands.
+	{"e2e-test-images/agnhost", agnhostImage},
+}
+
+// tagTestImage tags the imported images with the names of testImages.
 func tagTestImage(t *testing.T, bin string) {
 	t.Helper()
 	b, err := exec.Command(bin, "-list-images").Output()
 	if err != nil {
 		t.Fatalf("e2e.test -list-images: %v", err)
 	}
-	var busybox string
-	for _, img := range strings.Fields(string(b)) {
-		if strings.Contains(img, "/busybox:") {
-			busybox = img
+	for _, ti := range testImages {
+		var names []string
+		for _, img := range strings.Fields(string(b)) {
+			if i := strings.LastIndex(img, ":"); i > 0 && strings.HasSuffix(img[:i], "/"+ti.repo) {
+				names = append(names, img)
+			}
 		}
-	}
-	if busybox == "" {
-		t.Fatalf("e2e.test -list-images names no busybox image:\n%s", b)
-	}
-	ctr := exec.Command("ctr", "--address", filepath.Join(cl.dir, "containerd", "containerd.sock"),
-		"-n", "k8s.io", "images", "tag", "--force", workload, busybox)
-	if out, err := ctr.CombinedOutput(); err != nil {
-		t.Fatalf("%s: %v\n%s", strings.Join(ctr.Args, " "), err, out)
+		if len(names) == 0 {
+			t.Fatalf("e2e.test -list-images names no %s image:\n%s", ti.repo, b)
+		}
+		for _, name := range names {
+			ctr := exec.Command("ctr", "--address", filepath.Join(cl.dir, "containerd", "containerd.sock"),
+				"-n", "k8s.io", "images", "tag", "--force", ti.image, name)
+			if out, err := ctr.CombinedOutput(); err != nil {
+				t.Fatalf("%s: %v\n%s", strings.Join(ctr.Args, " "), err, out)
+			}
+		}
 	}
 }
 
