@@ -63,7 +63,7 @@ var storageSuiteSkipSpecs = []struct{ spec, why string }{
 	{"[Testpattern: Dynamic PV (default fs)] fsgroupchangepolicy (Always)[LinuxOnly], rwop pod created with an initial fsgroup, new pod fsgroup applied to volume contents", persistenceSpec},
 	{"[Testpattern: Dynamic PV (default fs)] subPath should support existing directories when readOnly specified in the volumeSource", persistenceSpec},
 	{"[Testpattern: Dynamic PV (filesystem volmode)] volumeMode should not mount / map unused volumes in a pod [LinuxOnly]",
-		"it lists /var/lib/kubelet/pods/UID (a path it hard-codes), which the e2e cluster's kubelet does not use (its root is the cluster folder's kubelet/): it would pass having checked nothing"},
+		"its host-exec pod runs nsenter --mount=/rootfs/proc/1/ns/mnt, which this machine refuses (Permission denied), to list /var/lib/kubelet/pods/UID, a path it hard-codes and the e2e cluster's kubelet does not use (its root is the cluster folder's kubelet/)"},
 }
 
 // skipPattern is e2e.test's -ginkgo.skip: storageSuiteSkip and
