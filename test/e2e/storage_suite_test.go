@@ -62,6 +62,8 @@ var storageSuiteSkipSpecs = []struct{ spec, why string }{
 	{"[Testpattern: Dynamic PV (default fs)] fsgroupchangepolicy (OnRootMismatch)[LinuxOnly], pod created with an initial fsgroup, new pod fsgroup applied to volume contents", persistenceSpec},
 	{"[Testpattern: Dynamic PV (default fs)] fsgroupchangepolicy (Always)[LinuxOnly], rwop pod created with an initial fsgroup, new pod fsgroup applied to volume contents", persistenceSpec},
 	{"[Testpattern: Dynamic PV (default fs)] subPath should support existing directories when readOnly specified in the volumeSource", persistenceSpec},
+	{"[Testpattern: Dynamic PV (immediate binding)] topology should provision a volume and schedule a pod with AllowedTopologies",
+		"its StorageClass binds Immediately, and the provisioner serves only the claims the scheduler picked a node for (WaitForFirstConsumer: a volume is one node's memory): the claim stays Pending, the pod waits 5 minutes and fails"},
 	{"[Testpattern: Dynamic PV (filesystem volmode)] volumeMode should not mount / map unused volumes in a pod [LinuxOnly]",
 		"its host-exec pod runs nsenter --mount=/rootfs/proc/1/ns/mnt, which this machine refuses (Permission denied), to list /var/lib/kubelet/pods/UID, a path it hard-codes and the e2e cluster's kubelet does not use (its root is the cluster folder's kubelet/)"},
 }
