@@ -46,7 +46,8 @@ const (
 // None of them is a CSI inline-volume spec. Immediate binding needs no
 // pattern here: memfs.yaml's TopologyKeys make the suite skip those specs
 // itself (a volume is one node's memory, made for a claim only once the
-// scheduler picked the node).
+// scheduler picked the node), but for the topology one, which
+// storageSuiteSkipSpecs names.
 var storageSuiteSkip = []string{`\[Disruptive\]`, `\[Serial\]`, `\[Slow\]`, `\[Feature:`, `\[Flaky\]`}
 
 // persistenceSpec is why storageSuiteSkipSpecs skips the specs that read,
