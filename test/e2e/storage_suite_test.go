@@ -81,7 +81,9 @@ func skipPattern() string {
 
 // storageSuiteMustPass are specs that must have run and passed, so that a
 // driver definition the suite does not understand (every spec skipped)
-// fails the test: the inline volume specs and the generic ephemeral ones.
+// fails the test: the inline volume specs, the generic ephemeral ones, and
+// dynamic PV specs of each suite that runs (provisioning with capacity,
+// volumes, subPath with the agnhost image, topology, ReadWriteOncePod).
 var storageSuiteMustPass = []string{
 	"[Testpattern: CSI Ephemeral-volume (default fs)] ephemeral should create read-only inline ephemeral volume",
 	"[Testpattern: CSI Ephemeral-volume (default fs)] ephemeral should create read/write inline ephemeral volume",
@@ -91,6 +93,13 @@ var storageSuiteMustPass = []string{
 	"[Testpattern: Generic Ephemeral-volume (default fs) (late-binding)] ephemeral should create read/write inline ephemeral volume",
 	"[Testpattern: Generic Ephemeral-volume (default fs) (late-binding)] ephemeral should support two pods which have the same volume definition",
 	"[Testpattern: Generic Ephemeral-volume (default fs) (late-binding)] ephemeral should support multiple inline ephemeral volumes",
+	"[Testpattern: Dynamic PV (default fs)] capacity provides storage capacity information",
+	"[Testpattern: Dynamic PV (default fs)] volumes should store data",
+	"[Testpattern: Dynamic PV (default fs)] volumes should allow exec of files on the volume",
+	"[Testpattern: Dynamic PV (default fs)] subPath should support existing directory",
+	"[Testpattern: Dynamic PV (default fs)] subPath should support file as subpath [LinuxOnly]",
+	"[Testpattern: Dynamic PV (delayed binding)] topology should provision a volume and schedule a pod with AllowedTopologies",
+	"[Testpattern: Dynamic PV (default fs)] read-write-once-pod [MinimumKubeletVersion:1.27] should block a second pod from using an in-use ReadWriteOncePod volume on the same node",
 }
 
 // ginkgoSpec is the part of a Ginkgo v2 JSON report's SpecReport read here
