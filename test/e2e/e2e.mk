@@ -22,7 +22,7 @@ PLATFORMS = $(subst $(space),$(comma),$(patsubst %,linux/%,$(ARCHES)))
 # scheduler, kubelet, containerd), the chart installed with Helm, pods with
 # csi-memfs volumes, Kubernetes' External Storage suite. Cold (Kubernetes
 # and its e2e.test built from source): add ~15 minutes plus e2e.test's
-# build. run.sh builds e2e.test (e2e-test-binary's script) in the
+# build. run.sh builds agnhost and e2e.test (e2e-test-binary's scripts) in the
 # background while it builds the images and starts the cluster, after the
 # Kubernetes binaries: both compile the same k8s.io packages, which the
 # second build takes from the build cache (at the same time, both would
@@ -31,9 +31,11 @@ e2e:
 	E2E_CACHE=$(E2E_CACHE) bash test/e2e/run.sh
 
 # Build (once per machine, cached in $(E2E_CACHE)) Kubernetes' e2e.test at
-# the cluster's version, which TestExternalStorageSuite runs:
-# test/e2e/build-e2e-test.sh. `make e2e` builds it too (run.sh).
+# the cluster's version, which TestExternalStorageSuite runs, and the
+# agnhost its specs' pods run: test/e2e/build-e2e-test.sh,
+# build-agnhost.sh. `make e2e` builds them too (run.sh).
 e2e-test-binary:
+	E2E_CACHE=$(E2E_CACHE) bash test/e2e/build-agnhost.sh
 	E2E_CACHE=$(E2E_CACHE) bash test/e2e/build-e2e-test.sh
 
 # The plugin image, without Docker: an OCI layout tarball holding the image

@@ -4,11 +4,14 @@
 #   1. install the Debian packages the cluster needs (cluster.sh deps);
 #   2. build the Kubernetes binaries and Helm, once per machine (cached in
 #      $E2E_CACHE, default /var/cache/csi-memfs-e2e), then Kubernetes'
-#      e2e.test (build-e2e-test.sh, cached too) in the background while the
-#      next steps run;
+#      agnhost test program and e2e.test (build-agnhost.sh,
+#      build-e2e-test.sh, cached too) in the background while the next
+#      steps run;
 #   3. build the plugin image and the workload image as OCI tarballs
 #      (hack/ociimage: no Docker);
-#   4. start a single-node cluster in a fresh folder and import the images;
+#   4. start a single-node cluster in a fresh folder and import the images,
+#      then the agnhost image (agnhost on the workload image's busybox) once
+#      agnhost is built;
 #   5. run the Go suite (go test -tags e2e ./test/e2e/), which installs the
 #      chart with Helm, runs pods with csi-memfs volumes and Kubernetes'
 #      External Storage suite (TestExternalStorageSuite);
@@ -32,9 +35,10 @@ bash test/e2e/helm.sh version --short >/dev/null &
 helm_pid=$!
 bash test/e2e/build-k8s.sh >/dev/null
 wait "$helm_pid"
-# After the cluster's binaries, whose packages it shares from the build
-# cache (built at the same time, both would compile them).
-bash test/e2e/build-e2e-test.sh >/dev/null &
+# After the cluster's binaries, whose packages they share from the build
+# cache (built at the same time, both would compile them); agnhost first,
+# the smaller.
+(bash test/e2e/build-agnhost.sh && bash test/e2e/build-e2e-test.sh) >/dev/null &
 e2e_test_pid=$!
 
 stamp "building the plugin and workload images"
@@ -69,9 +73,17 @@ stamp "starting the cluster in $dir"
 bash test/e2e/cluster.sh up "$dir"
 bash test/e2e/cluster.sh import "$dir" "$out/csi-memfs-image.tar" "$out/workload-image.tar"
 
-stamp "waiting for e2e.test"
+stamp "waiting for agnhost and e2e.test"
 wait "$e2e_test_pid"
 E2E_TEST_BIN=$(bash test/e2e/build-e2e-test.sh)
+# The External Storage specs' agnhost containers run agnhost subcommands
+# (mounttest) and shell commands (sh -c, cat, ls, ...): agnhost as its own
+# image's entrypoint, over every busybox applet. TestExternalStorageSuite
+# gives it the name e2e.test runs.
+go run ./hack/ociimage -o "$out/agnhost-image.tar" -tag docker.io/csi-memfs/e2e-agnhost:e2e \
+	-file "$(bash test/e2e/build-agnhost.sh):/agnhost" -busybox "$(command -v busybox)" -applets all \
+	-entrypoint /agnhost -cmd pause
+bash test/e2e/cluster.sh import "$dir" "$out/agnhost-image.tar"
 
 stamp "running the suite"
 E2E_CLUSTER_DIR=$dir E2E_TEST_BIN=$E2E_TEST_BIN \
