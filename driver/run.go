@@ -28,18 +28,6 @@ import (
 // holderCheckPeriod is how often the holder connection is checked.
 const holderCheckPeriod = 2 * time.Second
 
-// cachedFdBudget is how many descriptors the memory layers may keep cached
-// between them: half the open-file limit (Go raises the soft limit to the
-// hard one at start), leaving the rest to open files, sockets, the FUSE
-// devices and the image cache.
-func cachedFdBudget() int {
-	var rl unix.Rlimit
-	if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &rl); err != nil || rl.Cur > 1<<20 {
-		return 1 << 19
-	}
-	return int(rl.Cur / 2)
-}
-
 // New checks cfg, creates the state directory, opens the image cache and
 // recovers the volumes the journal records (see "Restarts" in the package
 // doc). Close the Driver when done.
@@ -53,7 +41,7 @@ func New(cfg Config) (*Driver, error) {
 		journal: journal{dir: filepath.Join(cfg.StateDir, "volumes")},
 		vols:    newRegistry(),
 		budget:  &budget{limit: cfg.NodeBudget, maxVolumes: cfg.MaxVolumes},
-		fds:     volume.NewFdBudget(cachedFdBudget()),
+		fds:     volume.ProcessFdBudget(),
 		mounter: mount.New(""),
 		holder:  &holderLink{path: filepath.Join(cfg.StateDir, holderSocket)},
 	}

@@ -271,6 +271,7 @@ func (r *rawFS) Create(_ <-chan struct{}, in *fuse.CreateIn, name string, out *f
 	if s == fuse.OK {
 		if s = r.finishOpen(e.Ino(), in.Flags, f, &out.OpenOut, true); s == fuse.OK {
 			r.fillEntry(&out.EntryOut, &e)
+			createdEmpty(&out.EntryOut, &e.Stat, 1)
 		} else {
 			r.fs.Forget(e.Ino(), 1)
 		}
@@ -286,6 +287,7 @@ func (r *rawFS) Tmpfile(_ <-chan struct{}, in *fuse.CreateIn, out *fuse.CreateOu
 	if s == fuse.OK {
 		if s = r.finishOpen(e.Ino(), in.Flags, f, &out.OpenOut, true); s == fuse.OK {
 			r.fillEntry(&out.EntryOut, &e)
+			createdEmpty(&out.EntryOut, &e.Stat, 0)
 		} else {
 			r.fs.Forget(e.Ino(), 1)
 		}

@@ -1,6 +1,7 @@
 package fusefs
 
 import (
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -115,15 +116,56 @@ func TestMmapWriteTimes(t *testing.T) {
 		times("after a store through the creating descriptor")
 		c.Close()
 
+		// A created file keeps CREATE's attributes for long (it is empty:
+		// nothing can be stored into a mapping of it) until a write(2)
+		// through passthrough makes it longer; a store after that must
+		// still move its times.
+		os.Remove(f)
+		c, err = os.OpenFile(f, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o644)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := c.Write(make([]byte, 4096)); err != nil {
+			t.Fatal(err)
+		}
+		var st unix.Stat_t
+		if err := unix.Fstat(int(c.Fd()), &st); err != nil || st.Size != 4096 {
+			t.Fatalf("after writing 4096 bytes: size %d, %v", st.Size, err)
+		}
+		written := st.Mtim
+		time.Sleep(10 * time.Millisecond)
+		mmapWriteChild(t, f, c)
+		if err := unix.Stat(f, &st); err != nil {
+			t.Fatal(err)
+		}
+		if st.Mtim == written {
+			t.Errorf("a store into a file created and written through passthrough: mtime still %v", time.Unix(written.Unix()))
+		}
+		c.Close()
+
 		if v == nil {
 			return
+		}
+		// Creating a file sends no attribute request for it: the
+		// permission check of the open uses CREATE's reply.
+		before := v.ops.count("GETATTR") + v.ops.count("STATX")
+		for i := 0; i < 10; i++ {
+			c, err := os.OpenFile(filepath.Join(dir, fmt.Sprint("new", i)), os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o644)
+			if err != nil {
+				t.Fatal(err)
+			}
+			c.Close()
+		}
+		// One GETATTR per create is the directory's: each create changed it.
+		if n := v.ops.count("GETATTR") + v.ops.count("STATX") - before; n > 10 {
+			t.Errorf("10 creates: %d attribute requests, want at most 10 (the directory's)", n)
 		}
 		// A file nobody writes: its attributes stay cached.
 		g := filepath.Join(dir, "g")
 		os.WriteFile(g, []byte("g"), 0o644)
 		time.Sleep(50 * time.Millisecond) // its RELEASE
 		os.Stat(g)
-		before := v.ops.count("GETATTR") + v.ops.count("STATX")
+		before = v.ops.count("GETATTR") + v.ops.count("STATX")
 		for i := 0; i < 20; i++ {
 			os.Stat(g)
 			if r, err := os.Open(g); err == nil {

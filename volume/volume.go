@@ -143,6 +143,20 @@ type FdBudget struct {
 // NewFdBudget returns a budget of n descriptors.
 func NewFdBudget(n int) *FdBudget { return &FdBudget{fds: memfs.NewFdBudget(n)} }
 
+// ProcessFdBudget returns the budget a process serving volumes gives their
+// memory layers: half its open-file limit (Go raises the soft limit to the
+// hard one at start), leaving the rest to open files, sockets, the FUSE
+// devices and the image cache. An inode without a cached descriptor costs
+// an open_by_handle_at and a close on each request that reaches it
+// (BENCHMARKS.md, "Descriptors").
+func ProcessFdBudget() *FdBudget {
+	var rl unix.Rlimit
+	if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &rl); err != nil || rl.Cur > 1<<20 {
+		return NewFdBudget(1 << 19)
+	}
+	return NewFdBudget(int(rl.Cur / 2))
+}
+
 // memfs returns the budget to give memfs; nil for none.
 func (b *FdBudget) memfs() *memfs.FdBudget {
 	if b == nil {

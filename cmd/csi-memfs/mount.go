@@ -231,6 +231,7 @@ func serveMount(m *mountFlags) error {
 		Upper:              filepath.Join(private, "upper"),
 		Size:               m.size.Value(),
 		Inodes:             m.inodes,
+		Fds:                volume.ProcessFdBudget(),
 		Lower:              lowerDir,
 		Target:             m.mountpoint,
 		FsName:             m.fsName,
