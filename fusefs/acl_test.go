@@ -13,6 +13,9 @@ import (
 	"golang.org/x/sys/unix"
 )
 
+// capXattr names a file's capabilities.
+const capXattr = "security.capability"
+
 // readACL returns the ACL attribute name of path, or nil if it has none.
 func readACL(t *testing.T, path, name string) []byte {
 	t.Helper()
@@ -269,4 +272,139 @@ func TestAdoptWithoutACLs(t *testing.T) {
 	if _, err := unix.Getxattr(mnt, aclAccess, nil); err != unix.EOPNOTSUPP {
 		t.Errorf("reading an ACL: %v, want EOPNOTSUPP", err)
 	}
+}
+
+// TestParityDefaultACLLearnt: what the memory layer remembers of a
+// directory's default ACL (to spare a getxattr per create) follows every
+// change: a default ACL set on a directory after creates in it, one
+// removed, one inherited by a new subdirectory, and all of them across a
+// takeover, after which the successor knows nothing and asks.
+func TestParityDefaultACLLearnt(t *testing.T) {
+	eachParity(t, func(t *testing.T, dir string, v *parityVolume) {
+		d := filepath.Join(dir, "d")
+		create := func(name string, umask, want uint32) {
+			t.Helper()
+			p := filepath.Join(d, name)
+			if err := asCaller(t, 0, umask, "create", p); err != 0 {
+				t.Fatalf("create %s: %v", name, err)
+			}
+			wantMode(t, p, want)
+		}
+		mkdir := func(name string, umask, want uint32) {
+			t.Helper()
+			p := filepath.Join(d, name)
+			if err := asCaller(t, 0, umask, "mkdir", p); err != 0 {
+				t.Fatalf("mkdir %s: %v", name, err)
+			}
+			wantMode(t, p, want)
+		}
+		if err := os.Mkdir(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		create("before", 027, 0o640) // no default ACL: the umask
+		mkdir("early", 027, 0o750)
+		if err := unix.Setxattr(d, aclDefault, dirDefaultACL(), 0); err != nil {
+			t.Fatal(err)
+		}
+		create("after", 077, 0o660) // the default ACL, not the umask
+		create("early/f", 027, 0o640)
+		mkdir("sub", 077, 0o770)
+		create("sub/f", 077, 0o660) // inherited with sub
+		wantACL(t, filepath.Join(d, "sub/f"), aclAccess, inheritedACL(6))
+		mkdir("sub/deeper", 077, 0o770)
+		create("sub/deeper/f", 077, 0o660)
+		if err := unix.Setxattr(filepath.Join(d, "early"), aclDefault, dirDefaultACL(), 0); err != nil {
+			t.Fatal(err)
+		}
+		create("early/g", 077, 0o660)
+
+		if err := unix.Removexattr(d, aclDefault); err != nil {
+			t.Fatal(err)
+		}
+		create("removed", 027, 0o640)
+		mkdir("plain", 027, 0o750)
+		create("plain/f", 027, 0o640)
+		create("sub/g", 077, 0o660) // sub keeps its own
+
+		v.takeover()
+		create("taken", 027, 0o640)
+		create("sub/h", 077, 0o660)
+		create("early/h", 077, 0o660)
+		if err := unix.Setxattr(d, aclDefault, dirDefaultACL(), 0); err != nil {
+			t.Fatal(err)
+		}
+		create("again", 077, 0o660)
+		if err := unix.Removexattr(filepath.Join(d, "sub"), aclDefault); err != nil {
+			t.Fatal(err)
+		}
+		create("sub/i", 027, 0o640)
+	})
+}
+
+// TestParityCapabilitiesLearnt: a file's security.capability, which the
+// memory layer remembers a file it made lacks (the kernel asks for it
+// before every write and chown, to clear it), is seen once set, before
+// and after a takeover, and cleared by a write and by removexattr, as on
+// tmpfs.
+func TestParityCapabilitiesLearnt(t *testing.T) {
+	// VFS_CAP_REVISION_2, effective, permitted CAP_NET_BIND_SERVICE.
+	caps := []byte{1, 0, 0, 2, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}
+	eachParity(t, func(t *testing.T, dir string, v *parityVolume) {
+		f := filepath.Join(dir, "f")
+		if err := os.WriteFile(f, []byte("x"), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		// An absent security.* attribute reads as EOPNOTSUPP through
+		// the mount (see rawFS.GetXAttr), as ENODATA on tmpfs.
+		wantCaps := func(want []byte) {
+			t.Helper()
+			buf := make([]byte, 64)
+			n, err := unix.Getxattr(f, capXattr, buf)
+			switch {
+			case err == unix.ENODATA || err == unix.EOPNOTSUPP:
+				n = 0
+			case err != nil:
+				t.Fatal(err)
+			}
+			if !bytes.Equal(buf[:n], want) {
+				t.Errorf("%s: %x, want %x", capXattr, buf[:n], want)
+			}
+		}
+		write := func() {
+			t.Helper()
+			w, err := os.OpenFile(f, os.O_WRONLY, 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer w.Close()
+			if _, err := w.Write([]byte("y")); err != nil {
+				t.Fatal(err)
+			}
+		}
+		wantCaps(nil)
+		write()
+		if err := unix.Setxattr(f, capXattr, caps, 0); err != nil {
+			t.Fatal(err)
+		}
+		wantCaps(caps)
+		write()
+		wantCaps(nil)
+		if err := unix.Setxattr(f, capXattr, caps, 0); err != nil {
+			t.Fatal(err)
+		}
+		v.takeover()
+		wantCaps(caps)
+		if err := unix.Removexattr(f, capXattr); err != nil {
+			t.Fatal(err)
+		}
+		wantCaps(nil)
+		if err := unix.Setxattr(f, capXattr, caps, 0); err != nil {
+			t.Fatal(err)
+		}
+		wantCaps(caps)
+		if err := os.Chown(f, 1000, 1000); err != nil {
+			t.Fatal(err)
+		}
+		wantCaps(nil)
+	})
 }

@@ -77,7 +77,7 @@ func (r *rawFS) opened(of *openFile, flags uint32, out *fuse.OpenOut, withEntry 
 	// Opens closed just before this one may not be released yet (RELEASE
 	// is asynchronous): give them r.grace() before calling it a conflict.
 	for start := time.Now(); ; {
-		s := r.openModeLocked(of.ino, of, out)
+		s := r.openModeLocked(of.ino, of.File, out)
 		if s != fuse.Status(syscall.ETXTBSY) || time.Since(start) >= r.grace() {
 			if s != fuse.OK {
 				return s
@@ -122,7 +122,7 @@ func (r *rawFS) openModeLocked(ino uint64, f vfs.File, out *fuse.OpenOut) fuse.S
 	case !r.passthrough:
 		out.OpenFlags |= fuse.FOPEN_KEEP_CACHE
 	case f.Direct():
-		if id, ok := r.acquireBackingLocked(ino, f.Fd()); ok {
+		if id, ok := r.acquireBackingLocked(ino, f); ok {
 			out.OpenFlags |= fuse.FOPEN_PASSTHROUGH
 			out.BackingID = id
 			return fuse.OK
@@ -147,12 +147,18 @@ func (r *rawFS) openModeLocked(ino uint64, f vfs.File, out *fuse.OpenOut) fuse.S
 //
 // Preconditions:
 //   - r.backingMu is locked.
-func (r *rawFS) acquireBackingLocked(ino uint64, fd int) (int32, bool) {
-	var st unix.Stat_t
-	if err := unix.Fstat(fd, &st); err != nil {
-		return 0, false
+func (r *rawFS) acquireBackingLocked(ino uint64, f vfs.File) (int32, bool) {
+	fd := f.Fd()
+	var file fileID
+	if k, ok := f.(fileKnower); ok {
+		file.dev, file.ino = k.FileID()
+	} else {
+		var st unix.Stat_t
+		if err := unix.Fstat(fd, &st); err != nil {
+			return 0, false
+		}
+		file = fileID{st.Dev, st.Ino}
 	}
-	file := fileID{st.Dev, st.Ino}
 	if b := r.backing[ino]; b != nil {
 		if b.file == file {
 			b.refs++

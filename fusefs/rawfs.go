@@ -99,6 +99,13 @@ type backingFile struct {
 // fileID names a file by device and inode number.
 type fileID struct{ dev, ino uint64 }
 
+// fileKnower is a vfs.File that knows the device and inode numbers of
+// the file its Fd is open on (a memfs.File): passthrough spares a stat
+// per open then.
+type fileKnower interface {
+	FileID() (dev, ino uint64)
+}
+
 func newRawFS(fs vfs.FS, opts Options, handles *handleTable) *rawFS {
 	return &rawFS{
 		RawFileSystem: fuse.NewDefaultRawFileSystem(),

@@ -61,7 +61,7 @@ func (l *Layer) LookupParent(ino uint64) (vfs.Entry, error) {
 			return Errno(err)
 		}
 		var adopted bool
-		e, adopted, err = l.registerFd(pfd, &st, true)
+		e, adopted, err = l.registerFd(pfd, &st, true, knownXattrs{})
 		if !adopted {
 			unix.Close(pfd)
 		}

@@ -34,6 +34,10 @@ func (f *File) Fd() int { return f.fd }
 // Ino returns the File's inode number.
 func (f *File) Ino() uint64 { return f.i.ino }
 
+// FileID returns the device and inode numbers of the file Fd is open on,
+// as fstat(2) would.
+func (f *File) FileID() (dev, ino uint64) { return f.l.dev, f.i.ino }
+
 // Handle returns the File's inode number and generation, which name it to
 // LookupHandle even once it has no name; ok is always true.
 func (f *File) Handle() (ino uint64, gen uint32, ok bool) { return f.i.ino, f.i.gen, true }
@@ -175,7 +179,7 @@ func (l *Layer) Create(parent uint64, name string, flags int, mode uint32, c vfs
 		existed bool
 	)
 	noRoom := l.reserveMeta(bogoInode)
-	err := l.withFd(parent, func(_ *inode, pfd int) error {
+	err := l.withFd(parent, func(p *inode, pfd int) error {
 		acc := flags & unix.O_ACCMODE
 		if noRoom != nil {
 			// Opening an existing file takes no room.
@@ -187,7 +191,9 @@ func (l *Layer) Create(parent uint64, name string, flags int, mode uint32, c vfs
 			e, err = l.entryAt(pfd, name)
 			return err
 		}
-		fd, err := unix.Openat(pfd, name, acc|unix.O_CREAT|unix.O_EXCL|unix.O_NOFOLLOW|unix.O_CLOEXEC, createMode(pfd, mode&07777, c))
+		p.mu.Lock()
+		fd, err := unix.Openat(pfd, name, acc|unix.O_CREAT|unix.O_EXCL|unix.O_NOFOLLOW|unix.O_CLOEXEC, createModeLocked(p, pfd, mode&07777, c))
+		p.mu.Unlock()
 		if err == unix.EEXIST && flags&unix.O_EXCL == 0 {
 			existed = true
 			e, err = l.entryAt(pfd, name)
@@ -238,8 +244,10 @@ func (l *Layer) Tmpfile(parent uint64, flags int, mode uint32, c vfs.Caller, o v
 		e vfs.Entry
 		f *File
 	)
-	err := l.withFd(parent, func(_ *inode, pfd int) error {
-		fd, err := unix.Openat(pfd, ".", acc|unix.O_TMPFILE|unix.O_CLOEXEC|flags&unix.O_EXCL, createMode(pfd, mode&07777, c))
+	err := l.withFd(parent, func(p *inode, pfd int) error {
+		p.mu.Lock()
+		fd, err := unix.Openat(pfd, ".", acc|unix.O_TMPFILE|unix.O_CLOEXEC|flags&unix.O_EXCL, createModeLocked(p, pfd, mode&07777, c))
+		p.mu.Unlock()
 		if err != nil {
 			return Errno(err)
 		}
@@ -261,7 +269,8 @@ func (l *Layer) newFile(fd, pfd int, c vfs.Caller, writable bool, o vfs.OpenOpti
 		unix.Close(fd)
 		return vfs.Entry{}, nil, err
 	}
-	e, err := l.register(fd, &st)
+	// A new file has no capabilities.
+	e, _, err := l.registerFd(fd, &st, false, knownXattrs{caps: xattrAbsent})
 	if err != nil {
 		unix.Close(fd)
 		return vfs.Entry{}, nil, err

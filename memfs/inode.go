@@ -42,6 +42,15 @@ type inode struct {
 	// directWriters counts writable Files whose writes bypass memfs
 	// (Passthrough). Invariant: directWriters <= writers.
 	directWriters int
+	// defaultACL says whether the directory has a default POSIX ACL
+	// (aclDefaultXattr), which createModeLocked consults for every inode
+	// made in it; caps whether the inode has a capXattr, which the kernel
+	// asks for before a write or chown of a file (to clear it). Each is
+	// learnt from the instance, or from what this Layer made; a Layer
+	// that reopens an instance starts with both unknown. Only this Layer
+	// sets xattrs in its instance, and it sets and removes these two with
+	// mu held (see knownXattr), so a remembered state holds until then.
+	defaultACL, caps xattrState
 }
 
 // get returns the registered inode ino.
@@ -99,15 +108,17 @@ func (l *Layer) withFd(ino uint64, fn func(i *inode, fd int) error) error {
 // descriptor of it) with attributes st, registering it first if it is new.
 // fd is not consumed.
 func (l *Layer) register(fd int, st *unix.Stat_t) (vfs.Entry, error) {
-	e, _, err := l.registerFd(fd, st, false)
+	e, _, err := l.registerFd(fd, st, false, knownXattrs{})
 	return e, err
 }
 
 // registerFd is register; with adopt, fd must be an O_PATH descriptor,
 // and it becomes the inode's cached descriptor if the inode is new and the
 // cache has room, in which case adopted is true and the caller must not
-// close fd.
-func (l *Layer) registerFd(fd int, st *unix.Stat_t, adopt bool) (e vfs.Entry, adopted bool, err error) {
+// close fd. An inode registered anew starts knowing known (the caller has
+// just made it); one registered already keeps what it knows, which a
+// holder of a reference may have changed since it was made.
+func (l *Layer) registerFd(fd int, st *unix.Stat_t, adopt bool, known knownXattrs) (e vfs.Entry, adopted bool, err error) {
 	l.mu.Lock()
 	if i := l.inodes[st.Ino]; i != nil {
 		i.refs++
@@ -127,6 +138,9 @@ func (l *Layer) registerFd(fd int, st *unix.Stat_t, adopt bool) (e vfs.Entry, ad
 		handle:   h,
 		refs:     1,
 		pathFd:   -1,
+
+		defaultACL: known.defaultACL,
+		caps:       known.caps,
 	}
 
 	l.mu.Lock()
@@ -175,7 +189,7 @@ func (l *Layer) LookupHandle(ino uint64, gen uint32) (vfs.Entry, error) {
 		unix.Close(fd)
 		return vfs.Entry{}, syscall.ESTALE
 	}
-	e, adopted, err := l.registerFd(fd, &st, true)
+	e, adopted, err := l.registerFd(fd, &st, true, knownXattrs{})
 	if !adopted {
 		unix.Close(fd)
 	}
@@ -228,6 +242,7 @@ func (l *Layer) initRoot() error {
 	}
 	// Every handle of the instance has the root's type (LookupHandle).
 	l.handleType = l.inodes[vfs.RootIno].handle.Type()
+	l.dev = st.Dev
 	return nil
 }
 

@@ -69,7 +69,7 @@
 //
 //	Layer.limitsMu (the instance's limits: remounts)
 //	  Layer.mu (the inode table)
-//	    inode.mu (seals and open-writer counts)
+//	    inode.mu (seals, open-writer counts, the xattrs an inode remembers)
 //
 // No kernel call is made while Layer.mu is held except closing an evicted
 // descriptor.
@@ -155,10 +155,17 @@ type Layer struct {
 	// opts.Size - reserved (see usage.go). Changed with limitsMu held;
 	// accessed atomically.
 	reserved atomic.Int64
+	// metaRoom is how much of reserved is known to be free for the
+	// charge of inodes and xattrs without asking statfs (see reserveMeta);
+	// negative or zero means ask. Set with limitsMu held, by the statfs
+	// that learns it and by every remount (to zero); lowered by every
+	// charge. Accessed atomically.
+	metaRoom atomic.Int64
 
-	// handleType is the type of the instance's file handles. Set once by
-	// initRoot.
+	// handleType is the type of the instance's file handles, and dev its
+	// device number. Set once by initRoot.
 	handleType int32
+	dev        uint64
 	// mu protects the inode table and the descriptor cache count.
 	mu sync.Mutex
 	// inodes maps Ino to the inodes callers hold references to.

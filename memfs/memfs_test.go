@@ -740,3 +740,31 @@ func TestMetadataCountsAgainstSize(t *testing.T) {
 		})
 	}
 }
+
+// TestReservedCoversMetadata: after every operation that reserves inode
+// space, reserved covers all the inode space in use, though reserveMeta
+// asks statfs only when what it counted runs out, and markers take space
+// without reserving it.
+func TestReservedCoversMetadata(t *testing.T) {
+	l := newLayer(t, 4<<20)
+	value := bytes.Repeat([]byte("m"), 4000)
+	for n := range 200 {
+		e, err := l.Mknod(vfs.RootIno, fmt.Sprintf("f%d", n), unix.S_IFREG|0o644, 0, vfs.Root)
+		if err != nil {
+			t.Fatalf("mknod %d: %v", n, err)
+		}
+		var st unix.Statfs_t
+		if err := unix.Fstatfs(l.rootFd, &st); err != nil {
+			t.Fatal(err)
+		}
+		if used, r := metaUsed(&st), l.reserved.Load(); used > r {
+			t.Fatalf("after %d files: metadata charge %d, reserved %d", n+1, used, r)
+		}
+		if n%3 == 0 {
+			if err := l.SetMarker(e.Ino(), "test", value, 0); err != nil {
+				t.Fatal(err)
+			}
+		}
+		l.Forget(e.Ino(), 1)
+	}
+}

@@ -15,8 +15,12 @@ import (
 //
 // Errors: EEXIST, ENOENT (parent was removed), ENOSPC, EINVAL, ENAMETOOLONG.
 func (l *Layer) Mkdir(parent uint64, name string, mode uint32, c vfs.Caller) (vfs.Entry, error) {
-	return l.create(parent, name, c, func(pfd int) error {
-		return unix.Mkdirat(pfd, name, createMode(pfd, mode&07777, c))
+	return l.create(parent, name, c, func(p *inode, pfd int) (knownXattrs, error) {
+		// The new directory inherits p's default ACL, if any: learn
+		// whether p has one (once per directory) to know the child's.
+		acl := defaultACLLocked(p, pfd)
+		err := unix.Mkdirat(pfd, name, createModeLocked(p, pfd, mode&07777, c))
+		return knownXattrs{defaultACL: acl, caps: xattrAbsent}, err
 	})
 }
 
@@ -43,8 +47,9 @@ func (l *Layer) Mknod(parent uint64, name string, mode uint32, rdev uint64, c vf
 	default:
 		return vfs.Entry{}, syscall.EINVAL
 	}
-	return l.create(parent, name, c, func(pfd int) error {
-		return unix.Mknodat(pfd, name, createMode(pfd, mode, c), int(rdev))
+	return l.create(parent, name, c, func(p *inode, pfd int) (knownXattrs, error) {
+		err := unix.Mknodat(pfd, name, createModeLocked(p, pfd, mode, c), int(rdev))
+		return knownXattrs{caps: xattrAbsent}, err
 	})
 }
 
@@ -56,24 +61,29 @@ func (l *Layer) Symlink(parent uint64, name, target string, c vfs.Caller) (vfs.E
 	if target == "" {
 		return vfs.Entry{}, syscall.ENOENT
 	}
-	return l.create(parent, name, c, func(pfd int) error {
-		return unix.Symlinkat(target, pfd, name)
+	return l.create(parent, name, c, func(_ *inode, pfd int) (knownXattrs, error) {
+		return knownXattrs{caps: xattrAbsent}, unix.Symlinkat(target, pfd, name)
 	})
 }
 
 // create checks name, runs mk to create it in parent, gives the new inode
-// to c and returns it with one reference.
-func (l *Layer) create(parent uint64, name string, c vfs.Caller, mk func(pfd int) error) (vfs.Entry, error) {
+// to c and returns it with one reference. mk runs with the lock of
+// parent's inode p held (see createModeLocked) and returns what the new
+// inode is known to have.
+func (l *Layer) create(parent uint64, name string, c vfs.Caller, mk func(p *inode, pfd int) (knownXattrs, error)) (vfs.Entry, error) {
 	if err := CheckName(name); err != nil {
 		return vfs.Entry{}, err
 	}
 	noRoom := l.reserveMeta(bogoInode)
 	var e vfs.Entry
-	err := l.withFd(parent, func(_ *inode, pfd int) error {
+	err := l.withFd(parent, func(p *inode, pfd int) error {
 		if noRoom != nil {
 			return existsOr(pfd, name, noRoom)
 		}
-		if err := mk(pfd); err != nil {
+		p.mu.Lock()
+		known, err := mk(p, pfd)
+		p.mu.Unlock()
+		if err != nil {
 			return Errno(err)
 		}
 		fd, err := unix.Openat(pfd, name, unix.O_PATH|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
@@ -85,7 +95,7 @@ func (l *Layer) create(parent uint64, name string, c vfs.Caller, mk func(pfd int
 			unix.Close(fd)
 			return err
 		}
-		e, err = l.registerPath(fd, &st)
+		e, err = l.registerPath(fd, &st, known)
 		return err
 	})
 	return e, err

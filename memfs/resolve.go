@@ -69,20 +69,21 @@ func (l *Layer) entryAt(dirfd int, name string) (vfs.Entry, error) {
 	if err != nil {
 		return vfs.Entry{}, Errno(err)
 	}
-	return l.registerPath(fd, &st)
+	return l.registerPath(fd, &st, knownXattrs{})
 }
 
 // registerPath registers the inode open as the O_PATH descriptor fd, which
 // it consumes: fd becomes the inode's cached descriptor or is closed.
-// st is filled in from fd unless st.Ino is already set.
-func (l *Layer) registerPath(fd int, st *unix.Stat_t) (vfs.Entry, error) {
+// st is filled in from fd unless st.Ino is already set. A new inode
+// starts knowing known (see registerFd).
+func (l *Layer) registerPath(fd int, st *unix.Stat_t, known knownXattrs) (vfs.Entry, error) {
 	if st.Ino == 0 {
 		if err := unix.Fstat(fd, st); err != nil {
 			unix.Close(fd)
 			return vfs.Entry{}, Errno(err)
 		}
 	}
-	e, adopted, err := l.registerFd(fd, st, true)
+	e, adopted, err := l.registerFd(fd, st, true, known)
 	if !adopted {
 		unix.Close(fd)
 	}

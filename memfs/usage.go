@@ -36,6 +36,11 @@ const (
 	// xattrSpace is the inode space of an xattr beside its name and
 	// value (simple_xattr_space).
 	xattrSpace = 40
+	// metaSlack is inode space counted for every operation beside what it
+	// asks for, for what the kernel may add unasked: a security module's
+	// label of a new inode (security.selinux is 40 + 17 + about 30
+	// bytes). It only makes reserveMeta ask statfs sooner.
+	metaSlack = 256
 )
 
 // metaUsed returns the bytes of size charged for the inode space st
@@ -57,28 +62,44 @@ func roundUp(n, to int64) int64 { return (n + to - 1) / to * to }
 // reserveMeta makes reserved cover the inode space in use and ispace bytes
 // more, for an operation about to take them.
 //
+// Knowing the space in use costs a statfs, which reserveMeta spares while
+// metaRoom covers the operation: what statfs last showed free of reserved,
+// less what was charged since (with metaSlack each). Every way memfs takes
+// inode space is charged (reserveMeta, chargeMeta); what unlinks free only
+// makes metaRoom an underestimate. So reserveMeta decides on statfs's
+// figures as before, only less often. Operations that charge while the
+// statfs that refreshes metaRoom is under way may go uncounted, as their
+// consumption may pass reserved between check and call anyway.
+//
 // Errors: ENOSPC (data and metadata would pass the size limit).
 func (l *Layer) reserveMeta(ispace int64) error {
+	if l.metaRoom.Add(-(ispace+metaSlack)*metaCost) >= 0 {
+		return nil
+	}
+	l.limitsMu.Lock()
+	defer l.limitsMu.Unlock()
 	var st unix.Statfs_t
 	if err := unix.Fstatfs(l.rootFd, &st); err != nil {
 		return Errno(err)
 	}
 	need := metaUsed(&st) + ispace*metaCost
-	if need <= l.reserved.Load() {
-		return nil
+	if need > l.reserved.Load() {
+		l.mu.Lock()
+		o := l.opts
+		l.mu.Unlock()
+		if err := l.remountLocked(o, roundUp(need, metaChunk(o.Size))); err != nil {
+			return syscall.ENOSPC
+		}
 	}
-	l.limitsMu.Lock()
-	defer l.limitsMu.Unlock()
-	if need <= l.reserved.Load() {
-		return nil
-	}
-	l.mu.Lock()
-	o := l.opts
-	l.mu.Unlock()
-	if err := l.remountLocked(o, roundUp(need, metaChunk(o.Size))); err != nil {
-		return syscall.ENOSPC
-	}
+	l.metaRoom.Store(l.reserved.Load() - need)
 	return nil
+}
+
+// chargeMeta counts ispace bytes of inode space that an operation takes
+// without reserving them (an internal marker) against metaRoom, so that
+// the next reserveMeta that needs them asks statfs.
+func (l *Layer) chargeMeta(ispace int64) {
+	l.metaRoom.Add(-ispace * metaCost)
 }
 
 // remountLocked sets the instance's limits to o, with reserved bytes of
@@ -98,6 +119,7 @@ func (l *Layer) remountLocked(o Options, reserved int64) error {
 		return Errno(err)
 	}
 	l.reserved.Store(reserved)
+	l.metaRoom.Store(0) // the next reserveMeta asks statfs
 	return nil
 }
 

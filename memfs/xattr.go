@@ -31,21 +31,89 @@ func procPath(fd int) string {
 func isMarker(name string) bool { return strings.HasPrefix(name, markerPrefix) }
 
 // aclDefaultXattr names a directory's default POSIX ACL, which the
-// instance stores and applies itself (see createMode).
+// instance stores and applies itself (see createModeLocked).
 const aclDefaultXattr = "system.posix_acl_default"
 
-// createMode returns the mode to create an inode for c with in the
-// directory pfd: mode less c's umask, unless the directory has a default
+// capXattr names a file's capabilities, which the kernel asks a FUSE
+// server for before every write and chown of a file, to clear them.
+const capXattr = "security.capability"
+
+// xattrState is what an inode knows of one of its extended attributes.
+type xattrState uint8
+
+const (
+	// xattrUnknown: ask the instance.
+	xattrUnknown xattrState = iota
+	// xattrAbsent: the inode has no such attribute.
+	xattrAbsent
+	// xattrPresent: it has one (its value is not kept: ask the instance).
+	xattrPresent
+)
+
+// knownXattrs is what an inode just made is known to have (see
+// inode.defaultACL).
+type knownXattrs struct{ defaultACL, caps xattrState }
+
+// knownXattr returns the field of i that remembers the attribute name, or
+// nil if i remembers nothing of it. The field is protected by i.mu, which
+// is held across the instance's call that reads, sets or removes the
+// attribute, so that what the field says is never older than the call.
+func (i *inode) knownXattr(name string) *xattrState {
+	switch name {
+	case aclDefaultXattr:
+		return &i.defaultACL
+	case capXattr:
+		return &i.caps
+	}
+	return nil
+}
+
+// learnt returns what a getxattr that returned err says of the attribute,
+// or was if it says nothing.
+func learnt(was xattrState, err error) xattrState {
+	switch err {
+	case nil, unix.ERANGE:
+		return xattrPresent
+	case unix.ENODATA:
+		return xattrAbsent
+	}
+	return was
+}
+
+// createModeLocked returns the mode to create an inode for c with in the
+// directory p, open as pfd: mode less c's umask, unless p has a default
 // ACL. Then the instance, whose process umask is 0, masks mode with the
-// ACL it gives the new inode, as posix_acl_create does on Linux.
-func createMode(pfd int, mode uint32, c vfs.Caller) uint32 {
+// ACL it gives the new inode, as posix_acl_create does on Linux. p's
+// default ACL is read from the instance once, and only if the umask
+// matters.
+//
+// Preconditions:
+//   - p.mu is locked, and stays locked until the inode is made, so that
+//     the default ACL the instance applies is the one p.defaultACL says.
+func createModeLocked(p *inode, pfd int, mode uint32, c vfs.Caller) uint32 {
 	if mode&c.Umask&0777 == 0 {
 		return mode
 	}
-	if n, err := unix.Getxattr(procPath(pfd), aclDefaultXattr, nil); err == nil && n > 0 {
+	if defaultACLLocked(p, pfd) == xattrPresent {
 		return mode
 	}
 	return mode &^ (c.Umask & 0777)
+}
+
+// defaultACLLocked returns whether the directory p, open as pfd, has a
+// default ACL, reading it from the instance if p does not know.
+//
+// Preconditions:
+//   - p.mu is locked.
+func defaultACLLocked(p *inode, pfd int) xattrState {
+	if p.defaultACL == xattrUnknown {
+		n, err := unix.Getxattr(procPath(pfd), aclDefaultXattr, nil)
+		if err == nil && n == 0 {
+			err = unix.ENODATA // an empty one is none
+		}
+		p.defaultACL = learnt(xattrUnknown, err)
+	}
+	return p.defaultACL
 }
 
 // GetXattr reads the attribute name of ino into dest and returns its size;
@@ -71,9 +139,21 @@ func (l *Layer) GetXattr(ino uint64, name string, dest []byte) (int, error) {
 		return copy(dest, v), nil
 	}
 	var n int
-	err := l.withFd(ino, func(_ *inode, fd int) error {
+	err := l.withFd(ino, func(i *inode, fd int) error {
+		known := i.knownXattr(name)
+		if known == nil {
+			var err error
+			n, err = unix.Getxattr(procPath(fd), name, dest)
+			return Errno(err)
+		}
+		i.mu.Lock()
+		defer i.mu.Unlock()
+		if *known == xattrAbsent {
+			return syscall.ENODATA
+		}
 		var err error
 		n, err = unix.Getxattr(procPath(fd), name, dest)
+		*known = learnt(*known, err)
 		return Errno(err)
 	})
 	return n, err
@@ -165,7 +245,14 @@ func (l *Layer) SetXattr(ino uint64, name string, value []byte, flags int) error
 	if err := l.reserveMeta(int64(xattrSpace + len(name) + len(value))); err != nil {
 		return err
 	}
-	return l.withFd(ino, func(_ *inode, fd int) error {
+	return l.withFd(ino, func(i *inode, fd int) error {
+		if known := i.knownXattr(name); known != nil {
+			// What the instance keeps of the value is its business (an
+			// empty ACL removes one): the next reader asks.
+			i.mu.Lock()
+			defer i.mu.Unlock()
+			*known = xattrUnknown
+		}
 		return Errno(unix.Setxattr(procPath(fd), name, value, flags))
 	})
 }
@@ -178,8 +265,20 @@ func (l *Layer) RemoveXattr(ino uint64, name string) error {
 	if isMarker(name) || name == SealsXattr {
 		return syscall.EPERM
 	}
-	return l.withFd(ino, func(_ *inode, fd int) error {
-		return Errno(unix.Removexattr(procPath(fd), name))
+	return l.withFd(ino, func(i *inode, fd int) error {
+		known := i.knownXattr(name)
+		if known == nil {
+			return Errno(unix.Removexattr(procPath(fd), name))
+		}
+		i.mu.Lock()
+		defer i.mu.Unlock()
+		err := unix.Removexattr(procPath(fd), name)
+		if err == nil || err == unix.ENODATA {
+			*known = xattrAbsent
+		} else {
+			*known = xattrUnknown
+		}
+		return Errno(err)
 	})
 }
 
@@ -228,6 +327,7 @@ func (l *Layer) setMarker(i *inode, key string, value []byte, flags int) error {
 	if err != nil {
 		return err
 	}
+	l.chargeMeta(int64(xattrSpace + len(markerPrefix) + len(key) + len(value)))
 	err = unix.Setxattr(procPath(fd), markerPrefix+key, value, flags)
 	if transient {
 		unix.Close(fd)
