@@ -96,7 +96,7 @@ func (r *rawFS) writerReleased(ino uint64) {
 // GETATTR that the open's permission check would send right after the
 // reply: one request in five of a create, one in ten of an untar.
 func createdEmpty(out *fuse.EntryOut, st *unix.Stat_t, nlink uint64) {
-	if st.Size == 0 && st.Nlink == nlink {
+	if st.Size == 0 && uint64(st.Nlink) == nlink {
 		out.SetAttrTimeout(cacheTimeout)
 	}
 }
