@@ -278,6 +278,10 @@ func (l *Layer) newFile(fd, pfd int, c vfs.Caller, writable bool, o vfs.OpenOpti
 	i, err := l.get(e.Ino())
 	if err == nil {
 		i.mu.Lock()
+		if !i.sealsLoaded {
+			// Nor seals: its first open reads no marker.
+			i.seals, i.sealsLoaded = 0, true
+		}
 		var f *File
 		f, err = l.newFileLocked(i, fd, writable, 0, st.Mode, o)
 		i.mu.Unlock()
