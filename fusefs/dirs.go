@@ -158,9 +158,28 @@ func (r *rawFS) FsyncDir(_ <-chan struct{}, in *fuse.FsyncIn) fuse.Status {
 // after lookups in it: each entry comes with what a LOOKUP of it would
 // answer, so that a walk that goes on to stat or open the entries sends no
 // LOOKUP for them. Each entry so answered counts as a lookup, as a LOOKUP
-// reply would. "." and ".." go without (node id 0: "no information").
+// reply would.
+//
+// An entry whose inode the file system says is held (vfs.Holder), and
+// "." and "..", go with node id 0 instead: the kernel's "no information"
+// (fuse_direntplus_link), on which it emits the name and changes nothing,
+// takes no lookup count and touches no dentry. A held inode is one the
+// kernel looked up and has not forgotten, so it has the dentry and the
+// attributes already (they stay valid for cacheTimeout, or come by
+// GETATTR); a READDIRPLUS after creating and stat'ing the files of a
+// directory then costs no Lookup, which would find every entry again in
+// the file system and take a reference the kernel gives back at once.
+//
+// Held is a hint and may be wrong by the time the reply arrives, both
+// ways, without harm. If the kernel forgets the inode between the check
+// and the reply (or never held it: a reference that is the server's own,
+// a kept directory stream), node id 0 leaves nothing in the kernel
+// pointing at it, and a later access of the name sends a LOOKUP. If the
+// kernel holds an inode the file system does not know (a successor's,
+// before it meets it), the entry is answered in full, as any other.
 func (r *rawFS) ReadDirPlus(_ <-chan struct{}, in *fuse.ReadIn, out *fuse.DirEntryList) fuse.Status {
 	start := r.now()
+	holder, _ := r.fs.(vfs.Holder)
 	s := r.readDir(in, func(e *vfs.DirEntry) bool {
 		eo := out.AddDirLookupEntry(fuse.DirEntry{
 			Name: e.Name,
@@ -171,7 +190,7 @@ func (r *rawFS) ReadDirPlus(_ <-chan struct{}, in *fuse.ReadIn, out *fuse.DirEnt
 		if eo == nil {
 			return false
 		}
-		if e.Name == "." || e.Name == ".." {
+		if e.Name == "." || e.Name == ".." || holder != nil && holder.Held(e.Ino) {
 			return true
 		}
 		if le, err := r.fs.Lookup(in.NodeId, e.Name); err == nil {

@@ -5,9 +5,13 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"sync/atomic"
 	"testing"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/csi-memfs/csi-memfs/overlay"
+	"github.com/csi-memfs/csi-memfs/vfs"
 )
 
 // getdentsNames reads at most max bytes of directory entries from fd and
@@ -118,5 +122,242 @@ func TestReadDirWithoutOpenAcrossAdopt(t *testing.T) {
 	// Entries a successor answered in READDIRPLUS are known to it.
 	if _, err := os.Stat(filepath.Join(dir, "file-with-a-longish-name-0599")); err != nil {
 		t.Error(err)
+	}
+}
+
+// lookupCounter is the file system it wraps, counting the Lookups the
+// server makes in it. Held is passed on; the other optional interfaces
+// are left out, as these tests need none.
+type lookupCounter struct {
+	vfs.FS
+	n atomic.Int64
+}
+
+func (c *lookupCounter) Lookup(parent uint64, name string) (vfs.Entry, error) {
+	c.n.Add(1)
+	return c.FS.Lookup(parent, name)
+}
+
+func (c *lookupCounter) Held(ino uint64) bool { return c.FS.(vfs.Holder).Held(ino) }
+
+// requestsSince returns the requests srv served since before, by
+// operation, FORGETs left out (they come when the kernel pleases).
+func requestsSince(srv *Server, before map[string]uint64) map[string]uint64 {
+	d := map[string]uint64{}
+	for op, v := range srv.RequestCounts() {
+		if v > before[op] && op != "FORGET" && op != "BATCH_FORGET" {
+			d[op] = v - before[op]
+		}
+	}
+	return d
+}
+
+// listThenStat lists dir, which must hold the names want (nothing else),
+// then lstats every entry as ls -l does and checks its size against
+// want. It returns the Lookups c saw during the listing and the requests
+// the listing and the stats cost srv.
+func listThenStat(t *testing.T, srv *Server, c *lookupCounter, dir string, want map[string]int64) (lookups int64, list, stats map[string]uint64) {
+	t.Helper()
+	if _, err := os.Lstat(dir); err != nil {
+		t.Fatal(err)
+	}
+	before, n := srv.RequestCounts(), c.n.Load()
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lookups, list = c.n.Load()-n, requestsSince(srv, before)
+	if len(ents) != len(want) {
+		t.Errorf("%s: %d entries, want %d", dir, len(ents), len(want))
+	}
+	before = srv.RequestCounts()
+	for _, e := range ents {
+		fi, err := os.Lstat(filepath.Join(dir, e.Name()))
+		if size, ok := want[e.Name()]; err != nil || !ok || fi.Size() != size {
+			t.Errorf("%s: %v (size %d, want %d of %v)", e.Name(), err, fi.Size(), size, ok)
+		}
+	}
+	return lookups, list, requestsSince(srv, before)
+}
+
+// plusFiles makes n files f000... in dir through whatever made dir, file
+// i holding i%7 bytes, and returns their names and sizes.
+func plusFiles(t *testing.T, dir string, n int) map[string]int64 {
+	t.Helper()
+	want := map[string]int64{}
+	for i := range n {
+		name := fmt.Sprintf("f%03d", i)
+		if err := os.WriteFile(filepath.Join(dir, name), make([]byte, i%7), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		want[name] = int64(i % 7)
+	}
+	return want
+}
+
+// statAll lstats every name of want in dir.
+func statAll(t *testing.T, dir string, want map[string]int64) {
+	t.Helper()
+	for name := range want {
+		if _, err := os.Lstat(filepath.Join(dir, name)); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// plusMounts mounts a memory volume and an overlay volume (over lower),
+// each served through a lookupCounter, with passthrough, and runs fn on
+// each. layerDir is the memory volume's tmpfs, before the mount.
+func plusMounts(t *testing.T, lower string, before func(layerDir string), fn func(t *testing.T, mnt string, srv *Server, c *lookupCounter)) {
+	t.Run("memory", func(t *testing.T) {
+		base, l := newTestLayer(t, 64<<20)
+		if before != nil {
+			before(l.Dir())
+		}
+		c := &lookupCounter{FS: l}
+		mnt, srv := mountTest(t, base, c, Options{})
+		fn(t, mnt, srv, c)
+	})
+	t.Run("overlay", func(t *testing.T) {
+		base, l := newTestLayer(t, 64<<20)
+		dl, err := overlay.NewDirLower(lower)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ofs, err := overlay.New(l, dl)
+		if err != nil {
+			dl.Close()
+			t.Fatal(err)
+		}
+		t.Cleanup(func() {
+			if err := ofs.CheckInvariants(); err != nil {
+				t.Errorf("invariants after unmount: %v", err)
+			}
+			ofs.Close()
+			dl.Close()
+		})
+		c := &lookupCounter{FS: ofs}
+		mnt, srv := mountTest(t, base, c, Options{})
+		fn(t, mnt, srv, c)
+	})
+}
+
+// TestReadDirPlusHeld: entries the kernel holds (made, or looked up, and
+// stat'ed) are listed with no Lookup in the file system, and stats
+// after the listing send no LOOKUP: the kernel kept its dentries. On an
+// overlay, lower entries the same.
+func TestReadDirPlusHeld(t *testing.T) {
+	requireFUSE(t)
+	const n = 300
+	lower := t.TempDir()
+	os.Mkdir(filepath.Join(lower, "low"), 0o755)
+	lowWant := plusFiles(t, filepath.Join(lower, "low"), n)
+	plusMounts(t, lower, nil, func(t *testing.T, mnt string, srv *Server, c *lookupCounter) {
+		dirs := map[string]map[string]int64{}
+		dir := filepath.Join(mnt, "new")
+		if err := os.Mkdir(dir, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		dirs[dir] = plusFiles(t, dir, n)
+		if t.Name() == "TestReadDirPlusHeld/overlay" {
+			dirs[filepath.Join(mnt, "low")] = lowWant
+		}
+		for dir, want := range dirs {
+			statAll(t, dir, want)
+			lookups, list, stats := listThenStat(t, srv, c, dir, want)
+			t.Logf("%s: listing %s, %d Lookups; stats %s", dir, fmtCounts(list), lookups, fmtCounts(stats))
+			if lookups != 0 || list["READDIRPLUS"] == 0 {
+				t.Errorf("%s: the listing made %d Lookups in %d READDIRPLUS; want none in at least one", dir, lookups, list["READDIRPLUS"])
+			}
+			if stats["LOOKUP"] != 0 {
+				t.Errorf("%s: the stats after the listing sent %d LOOKUPs, want none", dir, stats["LOOKUP"])
+			}
+		}
+	})
+}
+
+// TestReadDirPlusCold: a directory the kernel holds nothing of, on a
+// fresh mount over existing files, is listed with every entry looked up
+// and answered in full: the stats after the listing send no LOOKUP.
+func TestReadDirPlusCold(t *testing.T) {
+	requireFUSE(t)
+	const n = 20 // all in the first READDIRPLUS
+	lower := t.TempDir()
+	os.Mkdir(filepath.Join(lower, "cold"), 0o755)
+	want := plusFiles(t, filepath.Join(lower, "cold"), n)
+	plusMounts(t, lower, func(layerDir string) {
+		os.Mkdir(filepath.Join(layerDir, "cold"), 0o755)
+		plusFiles(t, filepath.Join(layerDir, "cold"), n)
+	}, func(t *testing.T, mnt string, srv *Server, c *lookupCounter) {
+		dir := filepath.Join(mnt, "cold")
+		lookups, list, stats := listThenStat(t, srv, c, dir, want)
+		t.Logf("listing %s, %d Lookups; stats %s", fmtCounts(list), lookups, fmtCounts(stats))
+		if lookups != n || list["READDIRPLUS"] == 0 {
+			t.Errorf("the listing made %d Lookups in %d READDIRPLUS; want %d", lookups, list["READDIRPLUS"], n)
+		}
+		if stats["LOOKUP"] != 0 {
+			t.Errorf("the stats after the listing sent %d LOOKUPs, want none", stats["LOOKUP"])
+		}
+	})
+}
+
+// TestReadDirPlusAcrossAdopt: a successor holds none of the entries the
+// kernel holds: it answers them in full (Lookups), then knows them, and a
+// listing after a change of the directory makes no Lookup. Names, sizes
+// and the lookup counts stay right throughout.
+func TestReadDirPlusAcrossAdopt(t *testing.T) {
+	base, l := newTestLayer(t, 16<<20)
+	mnt := filepath.Join(base, "mnt")
+	os.Mkdir(mnt, 0o755)
+	srv, err := Mount(mnt, l, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	const n = 40 // all in the first READDIRPLUS
+	dir := filepath.Join(mnt, "d")
+	os.Mkdir(dir, 0o755)
+	want := plusFiles(t, dir, n)
+	statAll(t, dir, want)
+	sess, err := srv.Stop()
+	if err != nil {
+		t.Fatal(err)
+	}
+	l2 := adoptLayer(t, l)
+	c := &lookupCounter{FS: l2}
+	srv2, err := Adopt(mnt, sess, c, Options{}, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		if err := srv2.Unmount(); err != nil {
+			t.Error(err)
+		}
+		if err := l2.CheckInvariants(); err != nil {
+			t.Errorf("successor's invariants after unmount: %v", err)
+		}
+		l2.Detach()
+	}()
+	for i, wantLookups := range []string{"some", "none"} {
+		// A change of the directory makes the kernel read it again.
+		name := fmt.Sprintf("new%d", i)
+		if err := os.WriteFile(filepath.Join(dir, name), nil, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		want[name] = 0
+		lookups, list, stats := listThenStat(t, srv2, c, dir, want)
+		t.Logf("listing %d: %s, %d Lookups; stats %s", i, fmtCounts(list), lookups, fmtCounts(stats))
+		if list["READDIRPLUS"] == 0 || (wantLookups == "none") != (lookups == 0) {
+			t.Errorf("listing %d made %d Lookups in %d READDIRPLUS; want %s", i, lookups, list["READDIRPLUS"], wantLookups)
+		}
+		if stats["LOOKUP"] != 0 {
+			t.Errorf("listing %d: the stats after it sent %d LOOKUPs, want none", i, stats["LOOKUP"])
+		}
+	}
+	// The successor's references are the kernel's: removing every file
+	// leaves the table clean (checked at the end).
+	for name := range want {
+		if err := os.Remove(filepath.Join(dir, name)); err != nil {
+			t.Error(err)
+		}
 	}
 }

@@ -488,6 +488,15 @@ func (r *rederiver) BirthTime(ino uint64) (unix.Timespec, bool, error) {
 	return t, known, err
 }
 
+// Held passes Held on, and derives nothing: an inode fs does not know
+// (a successor's, before it is looked up or derived) is not held, and the
+// caller does what it does for any inode not held (ReadDirPlus looks the
+// entry up, which makes fs know it). False where fs is no Holder.
+func (r *rederiver) Held(ino uint64) bool {
+	h, ok := r.fs.(vfs.Holder)
+	return ok && h.Held(ino)
+}
+
 // GetFlags passes GetFlags on; ENOTTY where fs keeps no flags.
 func (r *rederiver) GetFlags(ino uint64) (uint32, error) {
 	fl, ok := r.fs.(vfs.InodeFlags)

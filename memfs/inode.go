@@ -280,6 +280,22 @@ func (i *inode) closeFdLocked(l *Layer) {
 	}
 }
 
+// Held reports whether ino is registered, which is to say that references
+// to it are held (refs > 0; the root is always held); it implements
+// vfs.Holder. refs counts lookups and open Files and Dirs alike, so an open
+// File makes its inode held even when every lookup of it was forgotten.
+// That is what a FUSE server wants: the kernel keeps an inode while a
+// file of it is open (the open file pins its dentry), so it still holds
+// the inode. Where the reference is the server's own (a directory kept
+// open between READDIRs, say) the answer errs toward held, which the
+// vfs.Holder contract allows: the server then sends the name alone and the
+// kernel looks the entry up itself if it needs it.
+func (l *Layer) Held(ino uint64) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.inodes[ino] != nil
+}
+
 // Refs returns the number of references held on ino (0 if it is not
 // registered). It exists for tests and invariant checks.
 func (l *Layer) Refs(ino uint64) uint64 {

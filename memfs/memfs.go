@@ -185,6 +185,7 @@ type Layer struct {
 var (
 	_ vfs.FS           = (*Layer)(nil)
 	_ vfs.OrphanFinder = (*Layer)(nil)
+	_ vfs.Holder       = (*Layer)(nil)
 	_ vfs.File         = (*File)(nil)
 	_ vfs.HandleFile   = (*File)(nil)
 	_ vfs.Dir          = (*Dir)(nil)

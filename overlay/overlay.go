@@ -152,6 +152,7 @@ func lowerOvIno(ino uint64) uint64 {
 var (
 	_ vfs.FS           = (*FS)(nil)
 	_ vfs.OrphanFinder = (*FS)(nil)
+	_ vfs.Holder       = (*FS)(nil)
 	_ vfs.File         = (*File)(nil)
 	_ vfs.HandleFile   = (*File)(nil)
 	_ vfs.Dir          = (*Dir)(nil)
@@ -440,6 +441,19 @@ func (fs *FS) Forget(ino, n uint64) {
 		return
 	}
 	fs.unref(nd, n)
+}
+
+// Held reports whether callers hold references to ino (lookups not
+// forgotten, open Files and Dirs); it implements vfs.Holder. The
+// references a node's children hold on it are not the callers': a
+// directory kept in the table only by its children is not held. Open
+// Files count, as in memfs.Layer.Held: the kernel keeps an inode while a
+// file of it is open. The root is always held.
+func (fs *FS) Held(ino uint64) bool {
+	fs.mu.Lock()
+	defer fs.mu.Unlock()
+	n := fs.nodes[ino]
+	return n != nil && (n == fs.root || n.refs > n.kids)
 }
 
 // unref drops k of the callers' references to n; a node left with none

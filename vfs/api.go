@@ -3,9 +3,9 @@ package vfs
 import "golang.org/x/sys/unix"
 
 // The interfaces below are what fusefs serves. FS composes the five a
-// served tree must have; OrphanFinder, HandleFile, BirthTimer, InodeFlags
-// and Exporter are optional, and their docs say what the server does
-// without them. Each method returns nil or a bare syscall.Errno (see the package
+// served tree must have; OrphanFinder, HandleFile, BirthTimer, InodeFlags,
+// Exporter and Holder are optional, and their docs say what the server
+// does without them. Each method returns nil or a bare syscall.Errno (see the package
 // doc); the errnos listed are those the contract gives meaning to, beyond
 // the kernel's usual ones for the same system call (ENOSPC, EIO, ...).
 
@@ -285,4 +285,22 @@ type Exporter interface {
 	// Errors: ENOTDIR (ino is not a directory), ESTALE (ino has been
 	// removed).
 	LookupParent(ino uint64) (Entry, error)
+}
+
+// Holder is implemented by an FS that can say whether an inode is held.
+// The server answers READDIRPLUS with the name alone (no Lookup, no
+// attributes) for an entry whose inode the kernel already holds; the
+// kernel takes such an answer as "no information" and changes nothing.
+// Without Holder, every entry of a READDIRPLUS is looked up.
+type Holder interface {
+	// Held reports whether ino has references the caller has not given
+	// back: an Entry's not yet dropped by Forget, or an open File's or
+	// Dir's. Held adds no reference and, unlike other methods, may be
+	// called for any inode number: one the file system does not know is
+	// not held.
+	//
+	// The answer is a hint, out of date as soon as it is returned: a
+	// concurrent Forget, Lookup, open or close changes it. A caller must
+	// stay correct whichever way it errs.
+	Held(ino uint64) bool
 }
