@@ -169,6 +169,10 @@ func (r *rawFS) FsyncDir(_ <-chan struct{}, in *fuse.FsyncIn) fuse.Status {
 // GETATTR); a READDIRPLUS after creating and stat'ing the files of a
 // directory then costs no Lookup, which would find every entry again in
 // the file system and take a reference the kernel gives back at once.
+// Unless this server made the kernel drop that inode's attributes
+// (staleAttrs, rawfs_stale.go): then the full answer refreshes them, and
+// the stat or open that follows a listing sends no GETATTR (the files an
+// untar just wrote, listed by find and read by cat).
 //
 // Held is a hint and may be wrong by the time the reply arrives, both
 // ways, without harm. If the kernel forgets the inode between the check
@@ -190,7 +194,7 @@ func (r *rawFS) ReadDirPlus(_ <-chan struct{}, in *fuse.ReadIn, out *fuse.DirEnt
 		if eo == nil {
 			return false
 		}
-		if e.Name == "." || e.Name == ".." || holder != nil && holder.Held(e.Ino) {
+		if e.Name == "." || e.Name == ".." || holder != nil && holder.Held(e.Ino) && !r.stale.has(e.Ino) {
 			return true
 		}
 		if le, err := r.fs.Lookup(in.NodeId, e.Name); err == nil {

@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -276,6 +277,32 @@ func TestReadDirPlusHeld(t *testing.T) {
 	})
 }
 
+// TestReadDirPlusRefreshesStale: files just written, whose attributes
+// the kernel dropped at their last writer's RELEASE, are listed with full
+// answers although the kernel holds them, so that the stats (or opens)
+// after the listing send no GETATTR: find and cat after an untar.
+func TestReadDirPlusRefreshesStale(t *testing.T) {
+	requireFUSE(t)
+	const n = 40 // all in the first READDIRPLUS
+	plusMounts(t, t.TempDir(), nil, func(t *testing.T, mnt string, srv *Server, c *lookupCounter) {
+		dir := filepath.Join(mnt, "written")
+		if err := os.Mkdir(dir, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		before := srv.RequestCounts()["RELEASE"]
+		want := plusFiles(t, dir, n)
+		waitFor(t, "the writers' RELEASEs", func() bool { return srv.RequestCounts()["RELEASE"]-before >= n })
+		lookups, list, stats := listThenStat(t, srv, c, dir, want)
+		t.Logf("listing %s, %d Lookups; stats %s", fmtCounts(list), lookups, fmtCounts(stats))
+		if lookups != n {
+			t.Errorf("the listing made %d Lookups, want %d (one per written file)", lookups, n)
+		}
+		if stats["GETATTR"]+stats["STATX"]+stats["LOOKUP"] != 0 {
+			t.Errorf("the stats after the listing sent %s; want no request", fmtCounts(stats))
+		}
+	})
+}
+
 // TestReadDirPlusCold: a directory the kernel holds nothing of, on a
 // fresh mount over existing files, is listed with every entry looked up
 // and answered in full: the stats after the listing send no LOOKUP.
@@ -338,12 +365,14 @@ func TestReadDirPlusAcrossAdopt(t *testing.T) {
 		l2.Detach()
 	}()
 	for i, wantLookups := range []string{"some", "none"} {
-		// A change of the directory makes the kernel read it again.
+		// A change of the directory makes the kernel read it again (a
+		// symlink: no writer whose RELEASE would make the kernel drop
+		// the new entry's attributes, see TestReadDirPlusRefreshesStale).
 		name := fmt.Sprintf("new%d", i)
-		if err := os.WriteFile(filepath.Join(dir, name), nil, 0o644); err != nil {
+		if err := os.Symlink("t", filepath.Join(dir, name)); err != nil {
 			t.Fatal(err)
 		}
-		want[name] = 0
+		want[name] = 1
 		lookups, list, stats := listThenStat(t, srv2, c, dir, want)
 		t.Logf("listing %d: %s, %d Lookups; stats %s", i, fmtCounts(list), lookups, fmtCounts(stats))
 		if list["READDIRPLUS"] == 0 || (wantLookups == "none") != (lookups == 0) {
@@ -358,6 +387,17 @@ func TestReadDirPlusAcrossAdopt(t *testing.T) {
 	for name := range want {
 		if err := os.Remove(filepath.Join(dir, name)); err != nil {
 			t.Error(err)
+		}
+	}
+}
+
+// waitFor waits up to 10 s for cond, polling; then fails the test, naming
+// what it waited for.
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	for deadline := time.Now().Add(10 * time.Second); !cond(); time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("waited 10 s for %s", what)
 		}
 	}
 }

@@ -273,6 +273,7 @@ func (r *rawFS) Create(_ <-chan struct{}, in *fuse.CreateIn, name string, out *f
 			r.fs.Forget(e.Ino(), 1)
 		}
 	}
+	r.changed(err, in.NodeId)
 	s := status("CREATE", err)
 	if s == fuse.OK {
 		if s = r.finishOpen(e.Ino(), in.Flags, f, &out.OpenOut, true); s == fuse.OK {
@@ -289,6 +290,7 @@ func (r *rawFS) Create(_ <-chan struct{}, in *fuse.CreateIn, name string, out *f
 func (r *rawFS) Tmpfile(_ <-chan struct{}, in *fuse.CreateIn, out *fuse.CreateOut) fuse.Status {
 	start := r.now()
 	e, f, err := r.fs.Tmpfile(in.NodeId, int(in.Flags), in.Mode, caller(&in.InHeader, in.Umask), r.openOptions(&in.InHeader, in.OpenFlags))
+	r.changed(err, in.NodeId)
 	s := status("TMPFILE", err)
 	if s == fuse.OK {
 		if s = r.finishOpen(e.Ino(), in.Flags, f, &out.OpenOut, true); s == fuse.OK {

@@ -77,6 +77,9 @@ type rawFS struct {
 	// onRing is set once requests come over io_uring (acceptRing).
 	onRing atomic.Bool
 	// dirsMu protects dirs.
+	// stale are the inodes whose attributes the kernel holds stale
+	// (rawfs_stale.go).
+	stale staleAttrs
 	dirsMu sync.Mutex
 	// dirs are directories kept open between READDIRs without a handle
 	// (dirs.go), by inode. Invariant: len(dirs) <= maxDirStreams.
@@ -184,12 +187,18 @@ func (r *rawFS) fillEntry(out *fuse.EntryOut, e *vfs.Entry) {
 	out.SetEntryTimeout(cacheTimeout)
 	out.SetAttrTimeout(r.attrTimeout(e.Ino()))
 	fillAttr(&out.Attr, &e.Stat)
+	if out.AttrValid != 0 {
+		r.stale.fresh(e.Ino())
+	}
 }
 
 // fillAttrOut fills an attribute reply of ino, as fillEntry.
 func (r *rawFS) fillAttrOut(out *fuse.AttrOut, ino uint64, st *unix.Stat_t) {
 	out.SetTimeout(r.attrTimeout(ino))
 	fillAttr(&out.Attr, st)
+	if out.AttrValid != 0 {
+		r.stale.fresh(ino)
+	}
 }
 
 // entry finishes a request that made or found an entry.
@@ -301,6 +310,7 @@ func (r *rawFS) Mknod(_ <-chan struct{}, in *fuse.MknodIn, name string, out *fus
 	if m, ok := r.made(&in.InHeader, err, in.NodeId, name); ok {
 		e, err = m, nil
 	}
+	r.changed(err, in.NodeId)
 	return r.entry("MKNOD", start, out, e, err)
 }
 
@@ -310,6 +320,7 @@ func (r *rawFS) Mkdir(_ <-chan struct{}, in *fuse.MkdirIn, name string, out *fus
 	if m, ok := r.made(&in.InHeader, err, in.NodeId, name); ok {
 		e, err = m, nil
 	}
+	r.changed(err, in.NodeId)
 	return r.entry("MKDIR", start, out, e, err)
 }
 
@@ -319,6 +330,7 @@ func (r *rawFS) Symlink(_ <-chan struct{}, h *fuse.InHeader, target, name string
 	if m, ok := r.made(h, err, h.NodeId, name); ok {
 		e, err = m, nil
 	}
+	r.changed(err, h.NodeId)
 	return r.entry("SYMLINK", start, out, e, err)
 }
 
@@ -328,6 +340,7 @@ func (r *rawFS) Link(_ <-chan struct{}, in *fuse.LinkIn, name string, out *fuse.
 	if m, ok := r.made(&in.InHeader, err, in.NodeId, name); ok {
 		e, err = m, nil
 	}
+	r.changed(err, in.NodeId, in.Oldnodeid)
 	return r.entry("LINK", start, out, e, err)
 }
 
@@ -337,6 +350,7 @@ func (r *rawFS) Unlink(_ <-chan struct{}, h *fuse.InHeader, name string) fuse.St
 	if gone(h, err) {
 		err = nil
 	}
+	r.changed(err, h.NodeId)
 	s := status("UNLINK", err)
 	r.observe("UNLINK", start, s)
 	return s
@@ -348,6 +362,7 @@ func (r *rawFS) Rmdir(_ <-chan struct{}, h *fuse.InHeader, name string) fuse.Sta
 	if gone(h, err) {
 		err = nil
 	}
+	r.changed(err, h.NodeId)
 	s := status("RMDIR", err)
 	r.observe("RMDIR", start, s)
 	return s
@@ -362,6 +377,7 @@ func (r *rawFS) Rename(_ <-chan struct{}, in *fuse.RenameIn, name, newName strin
 			err = nil
 		}
 	}
+	r.changed(err, in.NodeId, in.Newdir)
 	s := status("RENAME", err)
 	r.observe("RENAME", start, s)
 	return s
@@ -442,6 +458,7 @@ func (r *rawFS) SetXAttr(_ <-chan struct{}, in *fuse.SetXAttrIn, name string, va
 		time.Sleep(time.Millisecond)
 		err = r.fs.SetXattr(in.NodeId, name, value, int(in.Flags))
 	}
+	r.changed(err, in.NodeId)
 	s := status("SETXATTR", err)
 	r.observe("SETXATTR", start, s)
 	return s
@@ -449,7 +466,9 @@ func (r *rawFS) SetXAttr(_ <-chan struct{}, in *fuse.SetXAttrIn, name string, va
 
 func (r *rawFS) RemoveXAttr(_ <-chan struct{}, h *fuse.InHeader, name string) fuse.Status {
 	start := r.now()
-	s := status("REMOVEXATTR", r.fs.RemoveXattr(h.NodeId, name))
+	err := r.fs.RemoveXattr(h.NodeId, name)
+	r.changed(err, h.NodeId)
+	s := status("REMOVEXATTR", err)
 	r.observe("REMOVEXATTR", start, s)
 	return s
 }

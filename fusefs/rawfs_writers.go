@@ -73,6 +73,7 @@ func (r *rawFS) addWriter(ino uint64, d int) int {
 // ENOENT, a write to /dev/fuse per create).
 func (r *rawFS) writerOpened(ino uint64, inval bool) {
 	if r.addWriter(ino, 1) == 1 && inval {
+		r.stale.add(ino)
 		r.dev.invalAttr(ino)
 	}
 }
@@ -81,6 +82,7 @@ func (r *rawFS) writerOpened(ino uint64, inval bool) {
 // has the kernel forget ino's attributes.
 func (r *rawFS) writerReleased(ino uint64) {
 	if r.addWriter(ino, -1) == 0 {
+		r.stale.add(ino)
 		r.dev.invalAttr(ino)
 	}
 }
