@@ -247,12 +247,7 @@ func TestParityLowerACLs(t *testing.T) {
 // server did: the kernel would not check access with them.
 func TestAdoptWithoutACLs(t *testing.T) {
 	base, l := newTestLayer(t, 16<<20)
-	mnt := filepath.Join(base, "mnt")
-	os.Mkdir(mnt, 0o755)
-	srv, err := Mount(mnt, l, Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	mnt, srv := mountUnmanaged(t, base, l, Options{})
 	sess, err := srv.Stop()
 	if err != nil {
 		t.Fatal(err)

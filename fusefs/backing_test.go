@@ -121,12 +121,7 @@ func TestOneBackingPerInode(t *testing.T) {
 // on an overlay, the upper file replaces the lower one as the backing.
 func TestBackingKeptWhileKernelHoldsInode(t *testing.T) {
 	base, l := newTestLayer(t, 16<<20)
-	mnt := filepath.Join(base, "mnt")
-	os.Mkdir(mnt, 0o755)
-	srv, err := Mount(mnt, l, Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	mnt, srv := mountUnmanaged(t, base, l, Options{})
 	if !srv.Passthrough() {
 		t.Skip("no passthrough here")
 	}

@@ -175,6 +175,15 @@ func TestRequestCountsNoOpen(t *testing.T) {
 	for _, w := range []string{"cold", "warm"} {
 		got := countsDelta(t, srv, mnt, cat)
 		t.Logf("find+cat %s, read-only, no OPEN: %.2f requests per file: %s", w, float64(total(got))/float64(nfiles), fmtCounts(got))
+		if w == "warm" && !maps.Equal(got, want[w]) && total(got) <= 4 {
+			// Under load the kernel has been seen to drop one page or
+			// one directory's cache between the passes (1 run in 15
+			// beside two CPU-burning loops, before this test's code
+			// changed too); what it re-read is cached again, so a
+			// second warm pass must cost nothing.
+			got = countsDelta(t, srv, mnt, cat)
+			t.Logf("find+cat warm again: %s", fmtCounts(got))
+		}
 		if !maps.Equal(got, want[w]) {
 			t.Errorf("find+cat %s: got %s, want %s", w, fmtCounts(got), fmtCounts(want[w]))
 		}

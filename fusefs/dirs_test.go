@@ -50,12 +50,7 @@ func getdentsNames(t *testing.T, fd, max int) ([]string, bool) {
 // ENOSYS) and no RELEASEDIR, ever.
 func TestReadDirWithoutOpenAcrossAdopt(t *testing.T) {
 	base, l := newTestLayer(t, 16<<20)
-	mnt := filepath.Join(base, "mnt")
-	os.Mkdir(mnt, 0o755)
-	srv, err := Mount(mnt, l, Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	mnt, srv := mountUnmanaged(t, base, l, Options{})
 	const n = 600
 	dir := filepath.Join(mnt, "d")
 	os.Mkdir(dir, 0o755)
@@ -334,12 +329,7 @@ func TestReadDirPlusCold(t *testing.T) {
 // and the lookup counts stay right throughout.
 func TestReadDirPlusAcrossAdopt(t *testing.T) {
 	base, l := newTestLayer(t, 16<<20)
-	mnt := filepath.Join(base, "mnt")
-	os.Mkdir(mnt, 0o755)
-	srv, err := Mount(mnt, l, Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	mnt, srv := mountUnmanaged(t, base, l, Options{})
 	const n = 40 // all in the first READDIRPLUS
 	dir := filepath.Join(mnt, "d")
 	os.Mkdir(dir, 0o755)

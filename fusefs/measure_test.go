@@ -72,12 +72,7 @@ func TestMeasureVolumeMemory(t *testing.T) {
 			t.Fatal(err)
 		}
 		mnt, srv := func() (string, *Server) {
-			mnt := filepath.Join(base, "mnt")
-			os.Mkdir(mnt, 0o755)
-			srv, err := Mount(mnt, l, Options{})
-			if err != nil {
-				t.Fatal(err)
-			}
+			mnt, srv := mountUnmanaged(t, base, l, Options{})
 			return mnt, srv
 		}()
 		time.Sleep(time.Second)

@@ -58,6 +58,19 @@ func closeAtCleanup(t testing.TB, l *memfs.Layer, when string) {
 // registered earlier runs.
 func mountTest(t testing.TB, base string, fs vfs.FS, opts Options) (string, *Server) {
 	t.Helper()
+	mnt, srv := mountUnmanaged(t, base, fs, opts)
+	t.Cleanup(func() {
+		if err := srv.Unmount(); err != nil {
+			t.Errorf("unmount: %v", err)
+		}
+	})
+	return mnt, srv
+}
+
+// mountUnmanaged mounts fs at base/mnt and returns the mountpoint and the
+// server, which the test stops or unmounts itself (takeover tests).
+func mountUnmanaged(t testing.TB, base string, fs vfs.FS, opts Options) (string, *Server) {
+	t.Helper()
 	mnt := filepath.Join(base, "mnt")
 	if err := os.Mkdir(mnt, 0o755); err != nil {
 		t.Fatal(err)
@@ -66,11 +79,6 @@ func mountTest(t testing.TB, base string, fs vfs.FS, opts Options) (string, *Ser
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() {
-		if err := srv.Unmount(); err != nil {
-			t.Errorf("unmount: %v", err)
-		}
-	})
 	return mnt, srv
 }
 

@@ -183,12 +183,7 @@ func TestAdoptResends(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			base, l := newTestLayer(t, 16<<20)
-			mnt := filepath.Join(base, "mnt")
-			os.Mkdir(mnt, 0o755)
-			srv, err := Mount(mnt, l, Options{})
-			if err != nil {
-				t.Fatal(err)
-			}
+			mnt, srv := mountUnmanaged(t, base, l, Options{})
 			if tc.prepare != nil {
 				if err := tc.prepare(mnt); err != nil {
 					t.Fatal(err)
