@@ -76,10 +76,10 @@ type rawFS struct {
 	writers atomic.Pointer[map[uint64]int]
 	// onRing is set once requests come over io_uring (acceptRing).
 	onRing atomic.Bool
-	// dirsMu protects dirs.
 	// stale are the inodes whose attributes the kernel holds stale
 	// (rawfs_stale.go).
 	stale staleAttrs
+	// dirsMu protects dirs.
 	dirsMu sync.Mutex
 	// dirs are directories kept open between READDIRs without a handle
 	// (dirs.go), by inode. Invariant: len(dirs) <= maxDirStreams.
