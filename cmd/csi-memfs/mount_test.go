@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"flag"
+	"fmt"
 	"io"
 	"log"
 	"net/http/httptest"
@@ -143,6 +144,7 @@ func TestMountCommand(t *testing.T) {
 	if got, _ := os.ReadFile(filepath.Join(lower, "from-lower")); string(got) != "lower data" {
 		t.Errorf("the lower directory changed: %q", got)
 	}
+	checkCachedDescriptors(t, cmd.Process.Pid, mnt)
 	cmd.Process.Signal(syscall.SIGTERM)
 	if err := cmd.Wait(); err != nil {
 		t.Errorf("exit after SIGTERM: %v; stderr %q", err, stderr.String())
@@ -152,6 +154,46 @@ func TestMountCommand(t *testing.T) {
 	}
 	if entries, _ := os.ReadDir(state); len(entries) != 0 {
 		t.Errorf("state dir left behind: %v", entries)
+	}
+}
+
+// checkCachedDescriptors creates and stats 1500 files on the mount of
+// the csi-memfs process pid and checks that it keeps a descriptor of each
+// (the plugin's budget, half the open-file limit; it kept 1024, past which
+// every request on an inode opened and closed one).
+func checkCachedDescriptors(t *testing.T, pid int, mnt string) {
+	t.Helper()
+	const files = 1500
+	var rl syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &rl); err != nil || rl.Max/2 < files+100 {
+		t.Logf("open-file limit %d (%v): too low to check %d cached descriptors", rl.Max, err, files)
+		return
+	}
+	dir := filepath.Join(mnt, "many")
+	if err := os.Mkdir(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for i := range files {
+		p := filepath.Join(dir, fmt.Sprint(i))
+		if err := os.WriteFile(p, nil, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := os.Stat(p); err != nil {
+			t.Fatal(err)
+		}
+	}
+	fds, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cached := 0
+	for _, fd := range fds {
+		if target, err := os.Readlink(fmt.Sprintf("/proc/%d/fd/%s", pid, fd.Name())); err == nil && strings.Contains(target, "/upper/many/") {
+			cached++
+		}
+	}
+	if cached < files {
+		t.Errorf("the daemon holds %d descriptors of the %d files the kernel holds; want one each", cached, files)
 	}
 }
 
