@@ -63,10 +63,11 @@ var layers = map[string]rule{
 	// FUSE, gRPC, Kubernetes or logging.
 	"memfs": {imports: []string{"vfs", unix},
 		tests: []string{"internal/acltest"}},
-	"overlay": {imports: []string{"vfs", "memfs", unix}},
+	"overlay": {imports: []string{"vfs", "memfs", unix},
+		tests: []string{"internal/treetest"}},
 	// FUSE: the one package that imports go-fuse.
 	"fusefs": {imports: []string{"vfs", "memfs", fuse, unix, klog},
-		tests: []string{"overlay", "internal/acltest", logr}},
+		tests: []string{"overlay", "internal/acltest", "internal/treetest", logr}},
 	// Descriptor bundles and the holder: no FUSE, no CSI.
 	"handoff": {imports: []string{unix, klog}},
 	// OCI images as lower directories.
@@ -102,6 +103,7 @@ var layers = map[string]rule{
 	"internal/imagetest":  {imports: []string{ggcr, compress}},
 	"internal/sockettest": {imports: []string{"handoff"}},
 	"internal/acltest":    {},
+	"internal/treetest":   {},
 	"bench/cmd/benchtool": {},
 	"hack/ociimage":       {imports: []string{ggcr}},
 	"hack/pause":          {},

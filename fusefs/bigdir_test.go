@@ -11,6 +11,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/csi-memfs/csi-memfs/internal/treetest"
 	"github.com/csi-memfs/csi-memfs/memfs"
 	"github.com/csi-memfs/csi-memfs/overlay"
 )
@@ -27,18 +28,7 @@ func TestBigLowerDirRemove(t *testing.T) {
 		t.Skip("set CSI_MEMFS_BIG_DIR=N to time rm -rf of N lower entries")
 	}
 	requireFUSE(t)
-	lower := t.TempDir()
-	big := filepath.Join(lower, "big")
-	if err := os.Mkdir(big, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	for i := range n {
-		f, err := os.Create(filepath.Join(big, "f"+strconv.Itoa(i)))
-		if err != nil {
-			t.Fatal(err)
-		}
-		f.Close()
-	}
+	lower := treetest.BigLower(t, n, 0)
 	base := t.TempDir()
 	os.Chmod(base, 0o755)
 	l, err := memfs.New(filepath.Join(base, "upper"), memfs.Options{Size: 1 << 30, Inodes: uint64(2*n + 1024)})

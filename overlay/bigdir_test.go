@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/csi-memfs/csi-memfs/internal/treetest"
 	"github.com/csi-memfs/csi-memfs/memfs"
 	"github.com/csi-memfs/csi-memfs/vfs"
 )
@@ -24,30 +25,6 @@ type countingLower struct {
 func (c *countingLower) ReadDir(path string) ([]LowerEntry, error) {
 	c.readDirs.Add(1)
 	return c.Lower.ReadDir(path)
-}
-
-// makeBigLower makes a lower tree whose directory "big" holds n empty
-// files and dirs directories.
-func makeBigLower(t testing.TB, n, dirs int) string {
-	t.Helper()
-	root := t.TempDir()
-	big := filepath.Join(root, "big")
-	if err := os.Mkdir(big, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	for i := range n {
-		f, err := os.Create(filepath.Join(big, "f"+strconv.Itoa(i)))
-		if err != nil {
-			t.Fatal(err)
-		}
-		f.Close()
-	}
-	for i := range dirs {
-		if err := os.Mkdir(filepath.Join(big, "d"+strconv.Itoa(i)), 0o755); err != nil {
-			t.Fatal(err)
-		}
-	}
-	return root
 }
 
 func bigOverlay(t testing.TB, root string) (*FS, *countingLower) {
@@ -84,7 +61,7 @@ func bigOverlay(t testing.TB, root string) (*FS, *countingLower) {
 // of times, however big it is.
 func TestBigDirectoryNoMergePerChange(t *testing.T) {
 	const files, dirs = 2000, 20
-	fs, cl := bigOverlay(t, makeBigLower(t, files, dirs))
+	fs, cl := bigOverlay(t, treetest.BigLower(t, files, dirs))
 	big, err := fs.Lookup(vfs.RootIno, "big")
 	if err != nil {
 		t.Fatal(err)
@@ -159,7 +136,7 @@ func TestBigDirectoryRate(t *testing.T) {
 	if n == 0 {
 		t.Skip("set CSI_MEMFS_BIG_DIR=N to time a directory of N lower entries")
 	}
-	root := makeBigLower(t, n, 0)
+	root := treetest.BigLower(t, n, 0)
 	if err := os.Mkdir(filepath.Join(root, "small"), 0o755); err != nil {
 		t.Fatal(err)
 	}
@@ -210,7 +187,7 @@ func TestBigDirectoryRate(t *testing.T) {
 // lower directory, each followed by a GETATTR of the directory.
 func BenchmarkBigDirectoryUnlink(b *testing.B) {
 	const n = 20000
-	root := makeBigLower(b, n, 0)
+	root := treetest.BigLower(b, n, 0)
 	b.ResetTimer()
 	for done := 0; done < b.N; {
 		b.StopTimer()
@@ -234,7 +211,7 @@ func BenchmarkBigDirectoryUnlink(b *testing.B) {
 // without merging either again.
 func TestRenameKeepsSubdirCounts(t *testing.T) {
 	const dirs = 5
-	fs, cl := bigOverlay(t, makeBigLower(t, 10, dirs))
+	fs, cl := bigOverlay(t, treetest.BigLower(t, 10, dirs))
 	big, err := fs.Lookup(vfs.RootIno, "big")
 	if err != nil {
 		t.Fatal(err)
@@ -316,7 +293,7 @@ func TestRenameKeepsSubdirCounts(t *testing.T) {
 // own inode (made by earlier versions) still hide their names; a name
 // created over a whiteout drops its link.
 func TestSharedWhiteout(t *testing.T) {
-	fs, _ := bigOverlay(t, makeBigLower(t, 10, 2))
+	fs, _ := bigOverlay(t, treetest.BigLower(t, 10, 2))
 	big, err := fs.Lookup(vfs.RootIno, "big")
 	if err != nil {
 		t.Fatal(err)
