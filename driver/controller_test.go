@@ -143,6 +143,7 @@ func TestProvisionedAttributesRoundTrip(t *testing.T) {
 	for _, a := range []map[string]string{
 		{},
 		{"image": "registry.example/app:1", "imagePath": "/data/", "imagePullPolicy": "Never", "seal": "x,y/*", "noswap": "true"},
+		{"kernelCache": "true"},
 	} {
 		p, err := parseParams(a, lim)
 		if err != nil {

@@ -370,6 +370,7 @@ func (d *Driver) volumeConfig(id string, spec publishSpec, lower string) volume.
 		Seal:               spec.Params.Seal,
 		Target:             spec.TargetPath,
 		ReadOnly:           spec.ReadOnly,
+		KernelCache:        spec.Params.KernelCache,
 		DisablePassthrough: d.cfg.DisablePassthrough,
 		Transport:          d.cfg.FUSETransport,
 		Observer:           d.metrics.fuse,

@@ -18,8 +18,11 @@ type VolumeInfo struct {
 	PublishedAt  time.Time `json:"publishedAt"`
 	// State is "published", or "lost" for a volume whose FUSE server died
 	// with a previous plugin process.
-	State          string   `json:"state"`
-	ReadOnly       bool     `json:"readOnly,omitempty"`
+	State    string `json:"state"`
+	ReadOnly bool   `json:"readOnly,omitempty"`
+	// KernelCache says the kernel opens and caches the volume's files
+	// without asking the plugin (the kernelCache attribute).
+	KernelCache    bool     `json:"kernelCache,omitempty"`
 	BytesUsed      uint64   `json:"bytesUsed"`
 	BytesLimit     uint64   `json:"bytesLimit"`
 	InodesUsed     uint64   `json:"inodesUsed"`
@@ -51,6 +54,7 @@ func (d *Driver) Volumes() []VolumeInfo {
 			PublishedAt:    e.rec.PublishedAt,
 			State:          "published",
 			ReadOnly:       e.rec.Spec.ReadOnly,
+			KernelCache:    e.rec.Spec.Params.KernelCache,
 			BytesUsed:      s.u.BytesUsed,
 			BytesLimit:     s.u.BytesLimit,
 			InodesUsed:     s.u.InodesUsed,

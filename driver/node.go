@@ -100,6 +100,11 @@ func (d *Driver) publishRequest(req *csi.NodePublishVolumeRequest) (string, publ
 		return "", spec, podInfo{}, err
 	}
 	spec.Params = params
+	if params.KernelCache && !spec.ReadOnly {
+		return "", spec, podInfo{}, errorf(codes.InvalidArgument,
+			"volumeAttributes.%s: \"true\" needs a read-only volume (readOnly: true in the pod's csi volume, "+
+				"or a SINGLE_NODE_READER_ONLY access mode): the kernel caches what it reads and would not see changes", attrKernelCache)
+	}
 	return id, spec, pod, nil
 }
 

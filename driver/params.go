@@ -25,6 +25,7 @@ const (
 	attrInodes          = "inodes"
 	attrSeal            = "seal"
 	attrNoSwap          = "noswap"
+	attrKernelCache     = "kernelCache"
 )
 
 // minVolumeSize is the smallest size a volume may have: below it, tmpfs
@@ -50,7 +51,7 @@ const (
 const LocalImagePrefix = "oci:"
 
 // knownAttrs lists the user-facing keys, in the order error messages name them.
-var knownAttrs = []string{attrImage, attrImagePullPolicy, attrImagePath, attrSize, attrInodes, attrSeal, attrNoSwap}
+var knownAttrs = []string{attrImage, attrImagePullPolicy, attrImagePath, attrSize, attrInodes, attrSeal, attrNoSwap, attrKernelCache}
 
 // PullPolicy says when an image is pulled: Kubernetes' imagePullPolicy,
 // parsed once (ParsePullPolicy) into what the image cache takes. The zero
@@ -165,6 +166,11 @@ type volumeParams struct {
 	Inodes uint64 `json:"inodes,omitempty"`
 	// NoSwap keeps the volume's pages out of swap.
 	NoSwap bool `json:"noSwap,omitempty"`
+	// KernelCache has the kernel open the files of a read-only volume
+	// without a FUSE request and keep what was read cached across opens
+	// (volume.Config.KernelCache). Only a read-only publish may ask for it
+	// (checkKernelCache).
+	KernelCache bool `json:"kernelCache,omitempty"`
 	// Seal lists the globs (path.Match syntax, relative to the volume root,
 	// cleaned) of files sealed at publish.
 	Seal []string `json:"seal,omitempty"`
@@ -180,6 +186,9 @@ func (p volumeParams) attributes() map[string]string {
 	if p.NoSwap {
 		a[attrNoSwap] = "true"
 	}
+	if p.KernelCache {
+		a[attrKernelCache] = "true"
+	}
 	if len(p.Seal) > 0 {
 		a[attrSeal] = strings.Join(p.Seal, ",")
 	}
@@ -194,7 +203,7 @@ func (p volumeParams) attributes() map[string]string {
 // equal says whether p and q describe the same volume.
 func (p volumeParams) equal(q volumeParams) bool {
 	return p.Image == q.Image && p.PullPolicy == q.PullPolicy && p.ImagePath == q.ImagePath &&
-		p.Size == q.Size && p.Inodes == q.Inodes && p.NoSwap == q.NoSwap && slices.Equal(p.Seal, q.Seal)
+		p.Size == q.Size && p.Inodes == q.Inodes && p.NoSwap == q.NoSwap && p.KernelCache == q.KernelCache && slices.Equal(p.Seal, q.Seal)
 }
 
 // podInfo names the pod a volume belongs to, from the attributes kubelet
@@ -295,6 +304,17 @@ func parseParams(attrs map[string]string, lim limits) (volumeParams, error) {
 			return volumeParams{}, errorf(codes.InvalidArgument,
 				"volumeAttributes.%s: %q; want \"true\" (keep the volume's memory out of swap; Linux 6.4 or later) or \"false\"",
 				attrNoSwap, v)
+		}
+	}
+	if v, ok := attrs[attrKernelCache]; ok {
+		switch v {
+		case "true":
+			p.KernelCache = true
+		case "false":
+		default:
+			return volumeParams{}, errorf(codes.InvalidArgument,
+				"volumeAttributes.%s: %q; want \"true\" (a read-only volume whose files the kernel opens and caches without asking the plugin) or \"false\"",
+				attrKernelCache, v)
 		}
 	}
 	if v, ok := attrs[attrSeal]; ok {

@@ -99,6 +99,13 @@ type Config struct {
 	Target string
 	// ReadOnly mounts the volume read-only.
 	ReadOnly bool
+	// KernelCache, with ReadOnly, has the kernel open the volume's files
+	// without asking this process and keep what was read in its page
+	// cache across opens (fusefs.Options.NoOpen): a file read again costs
+	// no FUSE request, and what was read is cached twice (above the
+	// memory layer's or lower file's own pages). Ignored without
+	// ReadOnly.
+	KernelCache bool
 	// DisablePassthrough serves every read and write through this
 	// process.
 	DisablePassthrough bool
@@ -214,6 +221,7 @@ func (v *Volume) fuseOptions() fusefs.Options {
 		FsName:             name,
 		Subtype:            v.cfg.Subtype,
 		ReadOnly:           v.cfg.ReadOnly,
+		NoOpen:             v.cfg.ReadOnly && v.cfg.KernelCache,
 		DisablePassthrough: v.cfg.DisablePassthrough,
 		Transport:          fusefs.Transport(v.cfg.Transport),
 		NoHandover:         v.cfg.NoHandover,

@@ -36,6 +36,7 @@ type mountFlags struct {
 	pullSecret    string
 	localImages   string
 	noPassthrough bool
+	kernelCache   bool
 	transport     string
 	debug         bool
 	mountpoint    string
@@ -117,6 +118,7 @@ func parseMountFlags(args []string, out io.Writer) (*mountFlags, error) {
 	fs.StringVar(&m.localImages, "local-images", "", "directory of local images an --image "+driver.LocalImagePrefix+"NAME[:TAG] names (OCI image layouts or image tarballs)")
 	fs.StringVar(&m.stateDir, "state-dir", os.TempDir(), "directory under which the volume's private tmpfs instance is mounted")
 	fs.BoolVar(&m.noPassthrough, "no-passthrough", false, "serve every read and write through the daemon instead of FUSE passthrough")
+	fs.BoolVar(&m.kernelCache, "kernel-cache", false, "with -o ro: the kernel opens files without asking the daemon and keeps what it read cached across opens (a file read again costs no FUSE request; its pages are cached twice)")
 	transportFlag(fs, &m.transport, "auto serves over io_uring where the kernel allows it (this command never hands its mount over), else /dev/fuse")
 	fs.BoolVar(&m.debug, "debug", false, "log every FUSE request")
 	fs.Func("o", "mount options, comma-separated (repeatable): "+mountOptionsHelp+"; fsname is the source df and /proc/mounts show, subtype makes the type fuse.TYPE", m.parseMountOption)
@@ -152,6 +154,9 @@ Flags:
 	m.mountpoint = fs.Arg(0)
 	if m.lower != "" && m.image != "" {
 		return nil, errors.New("--lower and --image are exclusive")
+	}
+	if m.kernelCache && !m.readOnly {
+		return nil, errors.New("--kernel-cache needs a read-only mount (-o ro): the kernel would not see changes to what it cached")
 	}
 	if m.image == "" {
 		var set []string
@@ -237,6 +242,7 @@ func serveMount(m *mountFlags) error {
 		FsName:             m.fsName,
 		Subtype:            m.subtype,
 		ReadOnly:           m.readOnly,
+		KernelCache:        m.kernelCache,
 		DisablePassthrough: m.noPassthrough,
 		Transport:          m.transport,
 		NoHandover:         true,

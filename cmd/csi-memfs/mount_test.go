@@ -55,6 +55,8 @@ func TestMountFlags(t *testing.T) {
 		{[]string{"-o", "max_read=4096", empty}, "unknown option", 0},
 		{[]string{"-o", "fsname=", empty}, "want a non-empty name", 0},
 		{[]string{"--fuse-transport", "ring", empty}, "want auto, io-uring or dev-fuse", 0},
+		{[]string{"--kernel-cache", "--lower", full, empty}, "--kernel-cache needs a read-only mount (-o ro)", 0},
+		{[]string{"--kernel-cache", "-o", "ro", "--lower", full, empty}, "", 64 << 20},
 		{[]string{"-o", "subtype=a/b", empty}, "want letters, digits", 0},
 	} {
 		var out bytes.Buffer

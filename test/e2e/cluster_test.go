@@ -754,6 +754,34 @@ func TestImageVolumeWithPullSecret(t *testing.T) {
 	waitEvent(t, "image-nosecret", regexp.MustCompile(`(?i)(unauthorized|denied|authentication|NotFound|PermissionDenied)[^\n]*`))
 }
 
+// TestKernelCacheImageVolume: a readOnly image volume with kernelCache
+// mounts read-only and reads the image, twice (the second time from the
+// kernel's cache); the same attribute on a writable volume is refused
+// with an event naming it.
+func TestKernelCacheImageVolume(t *testing.T) {
+	requireCluster(t)
+	reg := startRegistry(t)
+	ref := reg.push(t, "e2e/libs:v1", map[string]string{
+		"lib/a.py": "print('a')\n",
+		"lib/b.py": "print('b')\n",
+	})
+	reg.secret(t, "libs-creds")
+	runPod(t, pod{Name: "kernel-cache", SecretName: "libs-creds", ReadOnly: true,
+		Attrs: map[string]string{"image": ref, "kernelCache": "true"}})
+	for range 2 {
+		if out := mustExec(t, "kernel-cache", "cat /data/lib/a.py /data/lib/b.py"); out != "print('a')\nprint('b')\n" {
+			t.Errorf("image files read %q", out)
+		}
+	}
+	if out := mustExec(t, "kernel-cache", "grep ' /data ' /proc/mounts"); !strings.Contains(out, " ro,") && !strings.Contains(out, " ro ") {
+		t.Errorf("/data is not mounted read-only: %q", out)
+	}
+	createPod(t, pod{Name: "kernel-cache-rw", SecretName: "libs-creds",
+		Attrs: map[string]string{"image": ref, "kernelCache": "true"}})
+	t.Cleanup(func() { deletePod(t, "kernel-cache-rw") })
+	waitEvent(t, "kernel-cache-rw", regexp.MustCompile(`volumeAttributes\.kernelCache[^\n]*read-only volume`))
+}
+
 // imagesServed is set once an image volume was published.
 var imagesServed bool
 
