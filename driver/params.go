@@ -295,27 +295,11 @@ func parseParams(attrs map[string]string, lim limits) (volumeParams, error) {
 	} else if p.Inodes == 0 {
 		p.Inodes = min(max(uint64(p.Size)/4096, 1024), lim.MaxInodes)
 	}
-	if v, ok := attrs[attrNoSwap]; ok {
-		switch v {
-		case "true":
-			p.NoSwap = true
-		case "false":
-		default:
-			return volumeParams{}, errorf(codes.InvalidArgument,
-				"volumeAttributes.%s: %q; want \"true\" (keep the volume's memory out of swap; Linux 6.4 or later) or \"false\"",
-				attrNoSwap, v)
-		}
+	if p.NoSwap, err = boolAttr(attrs, attrNoSwap, "keep the volume's memory out of swap; Linux 6.4 or later"); err != nil {
+		return volumeParams{}, err
 	}
-	if v, ok := attrs[attrKernelCache]; ok {
-		switch v {
-		case "true":
-			p.KernelCache = true
-		case "false":
-		default:
-			return volumeParams{}, errorf(codes.InvalidArgument,
-				"volumeAttributes.%s: %q; want \"true\" (a read-only volume whose files the kernel opens and caches without asking the plugin) or \"false\"",
-				attrKernelCache, v)
-		}
+	if p.KernelCache, err = boolAttr(attrs, attrKernelCache, "a read-only volume whose files the kernel opens and caches without asking the plugin"); err != nil {
+		return volumeParams{}, err
 	}
 	if v, ok := attrs[attrSeal]; ok {
 		if p.Seal, err = parseSealGlobs(v); err != nil {
@@ -461,4 +445,17 @@ func validImageRef(ref string) bool {
 // quantityString prints n bytes as a binary Kubernetes quantity (64Mi).
 func quantityString(n int64) string {
 	return resource.NewQuantity(n, resource.BinarySI).String()
+}
+
+// boolAttr parses the boolean attribute key, false when absent; meaning
+// says what "true" asks for, in the error a bad value gets.
+func boolAttr(attrs map[string]string, key, meaning string) (bool, error) {
+	switch v, ok := attrs[key]; {
+	case !ok || v == "false":
+		return false, nil
+	case v == "true":
+		return true, nil
+	default:
+		return false, errorf(codes.InvalidArgument, "volumeAttributes.%s: %q; want \"true\" (%s) or \"false\"", key, v, meaning)
+	}
 }
