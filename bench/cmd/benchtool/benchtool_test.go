@@ -2,9 +2,11 @@ package main
 
 import (
 	"crypto/sha256"
+	"io"
 	"io/fs"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 )
@@ -100,5 +102,44 @@ func TestReadRawSkipsNA(t *testing.T) {
 	}
 	if got, want := d.param("rounds"), 2.0; got != want {
 		t.Errorf("param rounds: got %v, want %v", got, want)
+	}
+}
+
+// TestFiles runs the files walk on a small tree: one line per step and per
+// kind of context switch, each a number; an empty tree is an error.
+func TestFiles(t *testing.T) {
+	dir := t.TempDir()
+	for _, n := range []string{"a", "b", "d/c"} {
+		os.MkdirAll(filepath.Dir(filepath.Join(dir, n)), 0o755)
+		if err := os.WriteFile(filepath.Join(dir, n), []byte(n), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	stdout := os.Stdout
+	os.Stdout = w
+	err = cmdFiles([]string{"-dir", dir})
+	os.Stdout = stdout
+	w.Close()
+	out, _ := io.ReadAll(r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var keys []string
+	for _, line := range strings.Split(strings.TrimSpace(string(out)), "\n") {
+		k, v, ok := strings.Cut(line, "\t")
+		if _, perr := strconv.ParseFloat(v, 64); !ok || perr != nil {
+			t.Errorf("line %q: want NAME<TAB>NUMBER", line)
+		}
+		keys = append(keys, k)
+	}
+	if got := strings.Join(keys, " "); got != "open fstat read close voluntary involuntary" {
+		t.Errorf("keys %q", got)
+	}
+	if err := cmdFiles([]string{"-dir", t.TempDir()}); err == nil {
+		t.Errorf("an empty tree: no error")
 	}
 }

@@ -7,6 +7,7 @@
 //
 //	benchtool meta -dir D [-n 20000] [-dirs 20] [-size 100]
 //	benchtool gentree -dir D [-n 5000] [-seed 1]
+//	benchtool files -dir D
 //	benchtool append FILE
 //	benchtool rename OLD NEW
 //	benchtool fio FILE.json
@@ -26,6 +27,7 @@ func main() {
 	}
 	cmds := map[string]func([]string) error{
 		"meta":    cmdMeta,
+		"files":   cmdFiles,
 		"gentree": cmdGentree,
 		"append":  cmdAppend,
 		"rename":  cmdRename,
@@ -53,6 +55,6 @@ type exitError int
 func (e exitError) Error() string { return fmt.Sprintf("exit %d", int(e)) }
 
 func usage() {
-	fmt.Fprintln(os.Stderr, "usage: benchtool meta|gentree|append|rename|fio|meminfo|memback|report ... (see bench/README.md)")
+	fmt.Fprintln(os.Stderr, "usage: benchtool meta|files|gentree|append|rename|fio|meminfo|memback|report ... (see bench/README.md)")
 	os.Exit(2)
 }
