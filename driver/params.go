@@ -169,7 +169,7 @@ type volumeParams struct {
 	// KernelCache has the kernel open the files of a read-only volume
 	// without a FUSE request and keep what was read cached across opens
 	// (volume.Config.KernelCache). Only a read-only publish may ask for it
-	// (checkKernelCache).
+	// (publishRequest refuses it on a writable one).
 	KernelCache bool `json:"kernelCache,omitempty"`
 	// Seal lists the globs (path.Match syntax, relative to the volume root,
 	// cleaned) of files sealed at publish.
