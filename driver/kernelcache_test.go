@@ -8,7 +8,6 @@ import (
 	"path/filepath"
 	"syscall"
 	"testing"
-	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"golang.org/x/sys/unix"
@@ -140,6 +139,7 @@ func TestKernelCacheAcrossTakeover(t *testing.T) {
 
 	p2 := startServe(t, root)
 	waitMetric(t, p2, 1, "csi_memfs_takeovers_total", `from="handover"`)
+	waitMetric(t, p2, 1, "csi_memfs_volumes_recovered_total")
 	p1.cmd.Process.Signal(unix.SIGTERM)
 	if err := p1.cmd.Wait(); err != nil {
 		t.Errorf("the handed-over process exited with %v", err)
@@ -154,10 +154,7 @@ func TestKernelCacheAcrossTakeover(t *testing.T) {
 	p2.cmd.Wait()
 	p3 := startServe(t, root)
 	waitMetric(t, p3, 1, "csi_memfs_takeovers_total", `from="holder"`)
-	deadline := time.Now().Add(10 * time.Second)
-	for _, err := os.Stat(filepath.Join(target, "lib")); err != nil && time.Now().Before(deadline); _, err = os.Stat(filepath.Join(target, "lib")) {
-		time.Sleep(50 * time.Millisecond)
-	}
+	waitMetric(t, p3, 1, "csi_memfs_volumes_recovered_total")
 	readLibs(t, target, 0, n)
 	base = "http://" + p3.metrics
 	if o, rd := opCount(t, base, "OPEN"), opCount(t, base, "READ"); o != 0 || rd < n/3 {
