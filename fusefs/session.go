@@ -119,6 +119,10 @@ type session struct {
 	// _CLOSE), successful or not: what rawFS.backing saves.
 	backingOpens, backingCloses atomic.Uint64
 
+	// interruptsOff says the kernel took this server's ENOSYS to an
+	// INTERRUPT and sends no more on the connection (declineInterrupt).
+	interruptsOff atomic.Bool
+
 	// testHook, set by tests, sees every request: with skip the request
 	// is dropped unserved, with noReply it is served and its reply
 	// dropped, as a server that dies at that point would.
@@ -355,6 +359,12 @@ func (s *session) handle(in []byte) {
 			return
 		}
 	}
+	if len(in) >= inHeaderSize && binary.LittleEndian.Uint32(in[4:]) == opInterrupt {
+		if !noReply {
+			s.declineInterrupt(in)
+		}
+		return
+	}
 	outp := s.getBuf()
 	defer bufPool.Put(outp)
 	out := *outp
@@ -372,6 +382,37 @@ func (s *session) handle(in []byte) {
 	if _, err := unix.Write(s.devFd, out[:w]); err != nil && err != syscall.ENOENT && err != syscall.ENODEV {
 		// ENOENT: the caller was interrupted and gave up; ENODEV: the
 		// connection ended. Anything else is a malformed reply: a bug.
+		klog.ErrorS(err, "Writing a FUSE reply", "fsName", s.raw.opts.FsName)
+	}
+}
+
+// declineInterrupt answers the INTERRUPT request in with ENOSYS. No
+// handler here blocks or watches for cancellation, so an interrupted
+// request is answered as it would have been: an INTERRUPT carries nothing
+// this server can use. The kernel takes ENOSYS as "never send them again"
+// for the connection (fc->no_interrupt) once a reply finds the
+// interrupted request still in flight; one that comes after the
+// request's own reply fails with ENOENT, and a later INTERRUPT tries
+// again. Fatal signals end a caller's wait for a request not yet read
+// with or without interrupts.
+//
+// Left to go-fuse, an INTERRUPT was answered EAGAIN (its table of
+// requests in flight is its own loop's, which this one does not use), and
+// the kernel queues an INTERRUPT answered so again at once: a signalled
+// caller had the server spinning on INTERRUPTs until its request was
+// answered (TestInterruptDeclined counted 272 for two requests held a few
+// milliseconds), and a Go client, whose runtime preempts its threads with
+// signals, drew thousands in a metadata run (BENCHMARKS.md).
+func (s *session) declineInterrupt(in []byte) {
+	var out [outHeaderSize]byte
+	errorReply(out[:], binary.LittleEndian.Uint64(in[8:]), syscall.ENOSYS)
+	_, err := unix.Write(s.devFd, out[:])
+	switch err {
+	case nil:
+		s.interruptsOff.Store(true)
+	case syscall.ENOENT, syscall.ENODEV:
+		// Answered already; the connection ended.
+	default:
 		klog.ErrorS(err, "Writing a FUSE reply", "fsName", s.raw.opts.FsName)
 	}
 }
