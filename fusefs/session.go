@@ -379,11 +379,19 @@ func (s *session) handle(in []byte) {
 	if w == 0 {
 		return
 	}
-	if _, err := unix.Write(s.devFd, out[:w]); err != nil && err != syscall.ENOENT && err != syscall.ENODEV {
-		// ENOENT: the caller was interrupted and gave up; ENODEV: the
-		// connection ended. Anything else is a malformed reply: a bug.
+	s.reply(out[:w])
+}
+
+// reply writes the reply out to /dev/fuse and says whether the kernel took
+// it. ENOENT (the request was answered or given up already) and ENODEV
+// (the connection ended) are expected; anything else is a malformed
+// reply, a bug, and is logged.
+func (s *session) reply(out []byte) bool {
+	_, err := unix.Write(s.devFd, out)
+	if err != nil && err != syscall.ENOENT && err != syscall.ENODEV {
 		klog.ErrorS(err, "Writing a FUSE reply", "fsName", s.raw.opts.FsName)
 	}
+	return err == nil
 }
 
 // declineInterrupt answers the INTERRUPT request in with ENOSYS. No
@@ -392,8 +400,8 @@ func (s *session) handle(in []byte) {
 // this server can use. The kernel takes ENOSYS as "never send them again"
 // for the connection (fc->no_interrupt) once a reply finds the
 // interrupted request still in flight; one that comes after the
-// request's own reply fails with ENOENT, and a later INTERRUPT tries
-// again. Fatal signals end a caller's wait for a request not yet read
+// request's own reply fails with ENOENT (reply), and a later INTERRUPT
+// tries again. Fatal signals end a caller's wait for a request not yet read
 // with or without interrupts.
 //
 // Left to go-fuse, an INTERRUPT was answered EAGAIN (its table of
@@ -406,14 +414,8 @@ func (s *session) handle(in []byte) {
 func (s *session) declineInterrupt(in []byte) {
 	var out [outHeaderSize]byte
 	errorReply(out[:], binary.LittleEndian.Uint64(in[8:]), syscall.ENOSYS)
-	_, err := unix.Write(s.devFd, out[:])
-	switch err {
-	case nil:
+	if s.reply(out[:]) {
 		s.interruptsOff.Store(true)
-	case syscall.ENOENT, syscall.ENODEV:
-		// Answered already; the connection ended.
-	default:
-		klog.ErrorS(err, "Writing a FUSE reply", "fsName", s.raw.opts.FsName)
 	}
 }
 
