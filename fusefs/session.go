@@ -101,6 +101,14 @@ type session struct {
 	// Readers keep idle <= readers <= maxReaders (a moment's excess is
 	// harmless).
 	idle, readers atomic.Int32
+	// taken counts the requests readers have taken and waits the times
+	// a reader slept in epoll_wait, for the watch (readers.go).
+	taken, waits atomic.Uint64
+	// stuckHelpers and saturatedHelpers count the readers the watch
+	// started, by why.
+	stuckHelpers, saturatedHelpers atomic.Uint64
+	// spawnMu orders addReader against wakeAll.
+	spawnMu sync.Mutex
 	// endMu protects endErr.
 	endMu sync.Mutex
 	// endErr is why serving ended, if not stop: nil when the connection
@@ -237,8 +245,8 @@ func parseInitReply(out []byte) (fuse.InitOut, error) {
 
 // read reads one request into buf, waiting for one if none is queued.
 // It returns errStopped once stop has begun and no request is queued.
-// The caller counts itself in idle; if, with none queued, two other
-// readers wait too, read takes it out of idle and returns errSurplus.
+// The caller counts itself in idle; if, with none queued, another reader
+// waits too, read takes it out of idle and returns errSurplus.
 //
 // A reader ends only here, having found the queue empty: the device is
 // edge-triggered, so a reader that ended with a request queued, whose
@@ -260,7 +268,7 @@ func (s *session) read(buf []byte) (int, error) {
 			if s.stopping.Load() {
 				return 0, errStopped
 			}
-			if v := s.idle.Load(); v > 2 && s.idle.CompareAndSwap(v, v-1) {
+			if v := s.idle.Load(); v > 1 && s.idle.CompareAndSwap(v, v-1) {
 				return 0, errSurplus
 			}
 			if s.ring != nil && !paused {
@@ -274,6 +282,7 @@ func (s *session) read(buf []byte) (int, error) {
 				continue
 			}
 			paused = false
+			s.waits.Add(1)
 			if _, err := unix.EpollWait(s.epFd, ev[:], -1); err != nil && err != unix.EINTR {
 				return 0, os.NewSyscallError("epoll_wait", err)
 			}
@@ -287,9 +296,11 @@ func (s *session) read(buf []byte) (int, error) {
 func (s *session) serve() {
 	s.readers.Store(1)
 	s.wg.Add(1)
+	watch.add(s)
 	go s.reader()
 	go func() {
 		s.wg.Wait()
+		watch.remove(s)
 		s.endMu.Lock()
 		err := s.endErr
 		s.endMu.Unlock()
@@ -305,9 +316,9 @@ func (s *session) serve() {
 }
 
 // reader reads and serves requests until the connection ends or stop. A
-// reader that takes a request while no other waits starts another (up to
-// maxReaders), and one that finds no request while two others wait ends,
-// as go-fuse's own loop does.
+// session starts with one; the watch adds helpers while requests are slow,
+// and a reader that finds no request while another waits ends
+// (readers.go).
 func (s *session) reader() {
 	defer s.wg.Done()
 	defer s.readers.Add(-1)
@@ -337,13 +348,9 @@ func (s *session) reader() {
 			}
 			return
 		}
-		if idle == 0 && !s.stopping.Load() {
-			if s.readers.Add(1) <= maxReaders {
-				s.wg.Add(1)
-				go s.reader()
-			} else {
-				s.readers.Add(-1)
-			}
+		s.taken.Add(1)
+		if idle == 0 {
+			watch.busy()
 		}
 		s.handle((*in)[:n])
 	}
@@ -485,7 +492,9 @@ func opName(op uint32) string {
 // wakeAll makes stopFd readable for good, which wakes every reader
 // waiting and keeps any from waiting again. Readers then end.
 func (s *session) wakeAll() {
+	s.spawnMu.Lock()
 	s.stopping.Store(true)
+	s.spawnMu.Unlock()
 	one := [8]byte{1}
 	// An eventfd write fails only when its counter would overflow, which
 	// takes 2^64-2 writes.

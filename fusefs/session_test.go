@@ -12,35 +12,77 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// TestReadersGrowAndShrink: a burst of parallel requests adds readers; a
-// run of serial ones then lets the surplus end, and no request is left
-// unread on the way (the device is edge-triggered: a reader that ended
-// with a request queued, whose wake-up another had taken, stranded it).
-func TestReadersGrowAndShrink(t *testing.T) {
-	mnt, _, srv := testMount(t, 16<<20, Options{})
+// abortAfter aborts mnt's connection after d, which fails every request
+// in flight: a stranded request would otherwise hang the test and its
+// cleanup. The caller stops the timer.
+func abortAfter(t *testing.T, mnt string, d time.Duration) *time.Timer {
+	t.Helper()
 	var st unix.Stat_t
 	if err := unix.Stat(mnt, &st); err != nil {
 		t.Fatal(err)
 	}
-	// A stranded request would hang the test and its cleanup: abort the
-	// connection instead, which fails the request.
-	watchdog := time.AfterFunc(20*time.Second, func() {
+	return time.AfterFunc(d, func() {
 		abort := fmt.Sprintf("/sys/fs/fuse/connections/%d/abort", unix.Minor(st.Dev))
 		os.WriteFile(abort, []byte("1"), 0)
 	})
-	defer watchdog.Stop()
+}
 
-	f := mnt + "/f"
-	if err := os.WriteFile(f, nil, 0o644); err != nil {
-		t.Fatal(err)
-	}
+// TestReadersHelpers: one reader serves a connection's quick requests; a
+// request that holds it gets a helper, so the requests behind it are
+// answered; the helpers end once the slow request is; and no request is
+// left unread on the way (the device is edge-triggered: a reader that
+// ended with a request queued, whose wake-up another had taken, would
+// strand it).
+func TestReadersHelpers(t *testing.T) {
+	mnt, _, srv := testMount(t, 16<<20, Options{Transport: TransportDevFuse})
+	defer abortAfter(t, mnt, 30*time.Second).Stop()
+	// At most one saturated helper (GOMAXPROCS/2), whatever the machine.
+	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(2))
 	var sfs unix.Statfs_t
-	for round := range 5 {
+	readersAtMost := func(what string, n int32) {
+		t.Helper()
+		// A serial request lets a surplus reader find the queue empty.
+		for end := time.Now().Add(5 * time.Second); srv.sess.readers.Load() > n && time.Now().Before(end); {
+			if err := unix.Statfs(mnt, &sfs); err != nil {
+				t.Fatal(err)
+			}
+			time.Sleep(time.Millisecond)
+		}
+		if got := srv.sess.readers.Load(); got > n {
+			t.Errorf("%s: %d readers, want at most %d", what, got, n)
+		}
+	}
+
+	// held makes the server hold the next STATFS the hook sees until
+	// release is closed.
+	var armed atomic.Bool
+	entered := make(chan chan struct{})
+	hook := func(in []byte) (bool, bool) {
+		if uint32(in[4])|uint32(in[5])<<8 == opStatfs && armed.CompareAndSwap(true, false) {
+			release := make(chan struct{})
+			entered <- release
+			<-release
+		}
+		return false, false
+	}
+	srv.sess.testHook.Store(&hook)
+
+	for round := range 3 {
+		helpers := srv.sess.stuckHelpers.Load()
+		armed.Store(true)
+		slow := make(chan error, 1)
+		go func() {
+			var sfs unix.Statfs_t
+			slow <- unix.Statfs(mnt, &sfs)
+		}()
+		release := <-entered
+		// Requests behind the held one: parallel and serial, a close's
+		// RELEASE (sent in the background) among them.
 		var wg sync.WaitGroup
 		for range 8 {
 			wg.Go(func() {
 				var sfs unix.Statfs_t
-				for range 200 {
+				for range 100 {
 					if err := unix.Statfs(mnt, &sfs); err != nil {
 						t.Error(err)
 						return
@@ -49,30 +91,25 @@ func TestReadersGrowAndShrink(t *testing.T) {
 			})
 		}
 		wg.Wait()
-		grown := srv.sess.readers.Load()
-		// Serial, but a close's RELEASE is sent in the background, so it
-		// often arrives together with the next request.
-		for i := range 300 {
-			fd, err := unix.Open(f, unix.O_RDONLY, 0)
+		for i := range 100 {
+			fd, err := unix.Open(mnt, unix.O_RDONLY|unix.O_DIRECTORY, 0)
 			if err == nil {
 				unix.Close(fd)
 				err = unix.Statfs(mnt, &sfs)
 			}
 			if err != nil {
+				close(release)
 				t.Fatalf("round %d, serial request %d: %v", round, i, err)
 			}
 		}
-		// One at a time, each request lets a surplus reader end (readers
-		// started but not yet scheduled count too, for a while).
-		for end := time.Now().Add(5 * time.Second); srv.sess.readers.Load() > 3 && time.Now().Before(end); {
-			if err := unix.Statfs(mnt, &sfs); err != nil {
-				t.Fatal(err)
-			}
-			time.Sleep(time.Millisecond)
+		if srv.sess.stuckHelpers.Load() == helpers {
+			t.Errorf("round %d: requests answered behind a held one, but no helper reader started", round)
 		}
-		if n := srv.sess.readers.Load(); n > 3 {
-			t.Errorf("round %d: %d readers after serial requests (%d after the burst), want at most 3", round, n, grown)
+		close(release)
+		if err := <-slow; err != nil {
+			t.Fatalf("round %d: the held statfs: %v", round, err)
 		}
+		readersAtMost(fmt.Sprintf("round %d, after the held request", round), 1)
 	}
 }
 
@@ -151,4 +188,39 @@ func TestInterruptDeclined(t *testing.T) {
 	if n := interrupts.Load(); n != 1 {
 		t.Errorf("%d INTERRUPTs for two signalled requests, want 1 (none after the first's ENOSYS)", n)
 	}
+}
+
+// TestReadersSaturated: a connection whose requests keep its reader busy
+// for whole ticks gets helpers, up to half the CPUs the runtime uses,
+// although no request holds a reader long.
+func TestReadersSaturated(t *testing.T) {
+	mnt, _, srv := testMount(t, 16<<20, Options{Transport: TransportDevFuse})
+	defer abortAfter(t, mnt, 30*time.Second).Stop()
+	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(8))
+	// Each STATFS takes 100 us of the server's CPU: eight callers keep
+	// requests queued.
+	hook := func(in []byte) (bool, bool) {
+		if uint32(in[4])|uint32(in[5])<<8 == opStatfs {
+			for end := time.Now().Add(100 * time.Microsecond); time.Now().Before(end); {
+			}
+		}
+		return false, false
+	}
+	srv.sess.testHook.Store(&hook)
+	var stop atomic.Bool
+	var wg sync.WaitGroup
+	for range 8 {
+		wg.Go(func() {
+			var sfs unix.Statfs_t
+			for !stop.Load() {
+				if err := unix.Statfs(mnt, &sfs); err != nil {
+					t.Error(err)
+					return
+				}
+			}
+		})
+	}
+	waitFor(t, "a helper reader", func() bool { return srv.sess.saturatedHelpers.Load() > 0 })
+	stop.Store(true)
+	wg.Wait()
 }
