@@ -8,22 +8,26 @@ import (
 )
 
 // How many readers a session runs. One reader serves a connection's
-// requests one after another while they are quick; a reader that has sat on
-// one request for a tick of the process's watch (stuckTick) while no other
-// reader waits for the kernel gets a helper, up to maxReaders, so a slow
-// request (a copy-up, a large write through the daemon) holds up only its
-// caller. A reader that finds the queue empty while another already waits
-// ends (session.read), so helpers go when the slow requests are done.
+// requests one after another while they are quick. The process's watch
+// looks at the busy sessions every tick (stuckTick) and adds a helper
+// reader where:
+//   - one request has held every reader for the tick (stuck): up to
+//     maxReaders, so a slow request (a copy-up, a large write through the
+//     daemon) holds up only its caller;
+//   - requests kept every reader busy for the whole tick, none waiting
+//     for the kernel once (saturated): up to saturatedReaders.
+//
+// A reader that finds the queue empty while another already waits ends
+// (session.read), so helpers go when the burst is over.
 //
 // Why not a spare reader always waiting, as go-fuse and libfuse keep: on
-// this 2-CPU VM waking a second thread for a request that takes a few
-// microseconds costs more than the request. A close's RELEASE, sent in
-// the background, arrives with the caller's next request, so a spare woke
-// for about one request in three of a create loop, and the loop of
-// 0.1.x started and ended 26,000 readers in a metadata run of 180,000
-// requests. One reader served the same run with 0.9 context switches per
-// request instead of 1.6 and 20 us of CPU instead of 34; create, stat
-// and unlink ran 1.3-1.5x faster (BENCHMARKS.md, "Session 10").
+// this 2-CPU VM waking a second thread costs more than a quick request.
+// A close's RELEASE, sent in the background, comes with the caller's next
+// request, so the spare woke all the time; the loop of 0.1.x started and
+// ended 22,000-26,000 readers in a metadata run of 180,000 requests. One
+// reader served the same run with 0.9 context switches per request
+// instead of 1.6 and 20 us of CPU instead of 33 (BENCHMARKS.md,
+// "Session 10").
 
 // stuckTick is how often the watch looks at the sessions that have a
 // request in service: a request still held after one tick and at most two
@@ -34,10 +38,9 @@ const stuckTick = time.Millisecond
 // watch waits before it sleeps until the next request.
 const quietTicks = 10
 
-// readerWatch starts helper readers for sessions whose readers are all
-// held by requests. It ticks only while requests are being served, and a
-// process has one: its cost is one wake-up per tick however many volumes
-// are busy.
+// readerWatch starts helper readers for stuck and saturated sessions. It
+// ticks only while requests are being served, and a process has one: its
+// cost is one wake-up per tick however many volumes are busy.
 type readerWatch struct {
 	// mu protects sessions.
 	mu sync.Mutex
@@ -109,7 +112,7 @@ func (w *readerWatch) run() {
 			}
 			if quiet == quietTicks {
 				w.asleep.Store(true)
-				if w.look() && w.asleep.CompareAndSwap(true, false) {
+				if w.anyHeld() && w.asleep.CompareAndSwap(true, false) {
 					// A request was taken meanwhile, whose reader may
 					// have found the watch still awake: go on.
 					quiet = 0
@@ -120,9 +123,8 @@ func (w *readerWatch) run() {
 	}
 }
 
-// look starts a helper reader for each session whose readers are all
-// held by requests and which has taken none since the last look. It says
-// whether any session took a request or has one in service.
+// look starts a helper reader for each stuck or saturated session. It
+// says whether any session took a request or has one in service.
 func (w *readerWatch) look() bool {
 	w.mu.Lock()
 	defer w.mu.Unlock()
@@ -151,6 +153,18 @@ func (w *readerWatch) look() bool {
 // callers, whose every request costs them as much CPU in the kernel.
 func saturatedReaders() int32 {
 	return int32(max(1, min(maxReaders, runtime.GOMAXPROCS(0)/2)))
+}
+
+// anyHeld says whether a session has every reader in a request.
+func (w *readerWatch) anyHeld() bool {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	for s := range w.sessions {
+		if s.idle.Load() == 0 {
+			return true
+		}
+	}
+	return false
 }
 
 // addReader starts a reader and counts it in counter, unless limit run
