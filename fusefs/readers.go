@@ -24,7 +24,7 @@ import (
 // this 2-CPU VM waking a second thread costs more than a quick request.
 // A close's RELEASE, sent in the background, comes with the caller's next
 // request, so the spare woke all the time; the loop of 0.1.x started and
-// ended 22,000-26,000 readers in a metadata run of 180,000 requests. One
+// ended 18,000-20,000 readers in a metadata run of 180,000 requests. One
 // reader served the same run with 0.9 context switches per request
 // instead of 1.6 and 20 us of CPU instead of 33 (BENCHMARKS.md,
 // "Session 10").
