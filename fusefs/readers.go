@@ -15,8 +15,11 @@ import (
 //   - one request has held every reader for the tick (stuck): up to
 //     maxReaders, so a slow request (a copy-up, a large write through the
 //     daemon) holds up only its caller;
-//   - requests kept every reader busy for the whole tick, none waiting
-//     for the kernel once (saturated): up to saturatedReaders.
+//   - requests of more than one caller kept every reader busy for the
+//     whole tick, at least saturatedTakes of them and no reader finding
+//     the queue empty (saturated): up to saturatedReaders. One caller
+//     alone never counts: it waits for each answer, so a second reader
+//     would only take turns with the first.
 //
 // A reader that finds the queue empty while another already waits ends
 // (session.read), so helpers go when the burst is over.
@@ -42,6 +45,12 @@ const (
 	minTick = time.Millisecond
 	maxTick = 32 * time.Millisecond
 )
+
+// saturatedTakes is how many requests a saturated session has taken
+// between two looks, with at least two changes of caller among them. A
+// quick request takes 20-30 us, so a saturated session takes dozens a
+// tick.
+const saturatedTakes = 4
 
 // sleepAfter is how long the watch goes on ticking with no request taken
 // before it sleeps until the next request.
@@ -72,11 +81,11 @@ type readerWatch struct {
 var watch = readerWatch{sessions: map[*session]progress{}, kick: make(chan struct{}, 1)}
 
 // progress is a session's counts at a tick.
-type progress struct{ taken, waits uint64 }
+type progress struct{ taken, waits, callerChanges uint64 }
 
 // progressOf reads s's counts.
 func progressOf(s *session) progress {
-	return progress{taken: s.taken.Load(), waits: s.waits.Load()}
+	return progress{taken: s.taken.Load(), waits: s.waits.Load(), callerChanges: s.callerChanges.Load()}
 }
 
 // add makes s watched until remove.
@@ -155,9 +164,10 @@ func (w *readerWatch) look() (took, held bool) {
 			// Stuck: one request has held every reader since the last
 			// look.
 			s.addReader(maxReaders, &s.stuckHelpers)
-		case busy && now.waits == last.waits:
-			// Saturated: requests kept every reader busy since the
-			// last look.
+		case busy && now.waits == last.waits && now.taken-last.taken >= saturatedTakes &&
+			now.callerChanges-last.callerChanges >= 2:
+			// Saturated: requests of several callers kept every
+			// reader busy since the last look.
 			s.addReader(saturatedReaders(), &s.saturatedHelpers)
 		}
 		w.sessions[s] = now

@@ -101,9 +101,14 @@ type session struct {
 	// Readers keep idle <= readers <= maxReaders (a moment's excess is
 	// harmless).
 	idle, readers atomic.Int32
-	// taken counts the requests readers have taken and waits the times
-	// a reader slept in epoll_wait, for the watch (readers.go).
-	taken, waits atomic.Uint64
+	// taken counts the requests readers have taken, waits the waits for
+	// one they ended (having found the queue empty), and callerChanges
+	// the requests whose caller (the thread, by id) was not the previous
+	// request's, for the watch (readers.go). lastCaller is that previous
+	// caller; requests the kernel sends in the background (no caller,
+	// pid 0) leave both alone.
+	taken, waits, callerChanges atomic.Uint64
+	lastCaller                  atomic.Uint32
 	// stuckHelpers and saturatedHelpers count the readers the watch
 	// started, by why.
 	stuckHelpers, saturatedHelpers atomic.Uint64
@@ -279,13 +284,15 @@ func (s *session) read(buf []byte) (int, error) {
 				// BENCHMARKS.md, "FUSE over io_uring").
 				paused = true
 				time.Sleep(ringDevPause)
-				continue
+			} else {
+				paused = false
+				if _, err := unix.EpollWait(s.epFd, ev[:], -1); err != nil && err != unix.EINTR {
+					return 0, os.NewSyscallError("epoll_wait", err)
+				}
 			}
-			paused = false
+			// Counted once the wait ends: a reader that waited at the
+			// watch's last look was not busy all along since.
 			s.waits.Add(1)
-			if _, err := unix.EpollWait(s.epFd, ev[:], -1); err != nil && err != unix.EINTR {
-				return 0, os.NewSyscallError("epoll_wait", err)
-			}
 		default:
 			return 0, err
 		}
@@ -330,6 +337,16 @@ func (s *session) reader() {
 		if err == errSurplus {
 			return // read took it out of idle
 		}
+		if err == nil {
+			// Before idle: the watch must not see a reader busy and
+			// no request taken.
+			s.taken.Add(1)
+			if n >= inHeaderSize {
+				if pid := binary.LittleEndian.Uint32((*in)[32:]); pid != 0 && s.lastCaller.Swap(pid) != pid {
+					s.callerChanges.Add(1)
+				}
+			}
+		}
 		idle := s.idle.Add(-1)
 		if err != nil {
 			if err != errStopped {
@@ -348,7 +365,6 @@ func (s *session) reader() {
 			}
 			return
 		}
-		s.taken.Add(1)
 		if idle == 0 {
 			watch.busy()
 		}
