@@ -105,8 +105,8 @@ type session struct {
 	// one they ended (having found the queue empty), and callerChanges
 	// the requests whose caller (the thread, by id) was not the previous
 	// request's, for the watch (readers.go). lastCaller is that previous
-	// caller; requests the kernel sends in the background (no caller,
-	// pid 0) leave both alone.
+	// caller; requests that name none (pid 0: FORGETs, and what the
+	// kernel sends without credentials) leave both alone.
 	taken, waits, callerChanges atomic.Uint64
 	lastCaller                  atomic.Uint32
 	// stuckHelpers and saturatedHelpers count the readers the watch
