@@ -342,7 +342,9 @@ func (s *session) reader() {
 			// no request taken.
 			s.taken.Add(1)
 			if n >= inHeaderSize {
-				if pid := binary.LittleEndian.Uint32((*in)[32:]); pid != 0 && s.lastCaller.Swap(pid) != pid {
+				// Loaded first: a lone caller's requests write nothing.
+				if pid := binary.LittleEndian.Uint32((*in)[32:]); pid != 0 && s.lastCaller.Load() != pid {
+					s.lastCaller.Store(pid)
 					s.callerChanges.Add(1)
 				}
 			}
