@@ -217,6 +217,7 @@ func TestBackingFollowsCopyUp(t *testing.T) {
 		}
 		f.Close()
 		waitFor(t, "the writer's RELEASE", func() bool { return srv.RequestCounts()["RELEASE"] > r0 })
+		waitServed(t, srv)
 		return srv.sess.backingOpens.Load() - o0, srv.sess.backingCloses.Load() - c0
 	}
 	want := "lower+upper"

@@ -287,6 +287,7 @@ func TestReadDirPlusRefreshesStale(t *testing.T) {
 		before := srv.RequestCounts()["RELEASE"]
 		want := plusFiles(t, dir, n)
 		waitFor(t, "the writers' RELEASEs", func() bool { return srv.RequestCounts()["RELEASE"]-before >= n })
+		waitServed(t, srv)
 		lookups, list, stats := listThenStat(t, srv, c, dir, want)
 		t.Logf("listing %s, %d Lookups; stats %s", fmtCounts(list), lookups, fmtCounts(stats))
 		if lookups != n {
@@ -379,6 +380,21 @@ func TestReadDirPlusAcrossAdopt(t *testing.T) {
 			t.Error(err)
 		}
 	}
+}
+
+// waitServed waits until the requests srv has read are served: its
+// counts grow when a reader takes a request, before the reader serves it
+// (a RELEASE's invalidation and unregistration come after), and a reader
+// counts itself idle again only once it has. Requests that come over
+// io_uring are not the readers': srv must serve /dev/fuse.
+func waitServed(t *testing.T, srv *Server) {
+	t.Helper()
+	if srv.sess.ring != nil {
+		t.Fatal("waitServed: the ring's requests are served by its queues, not the readers")
+	}
+	waitFor(t, "the requests read to be served", func() bool {
+		return srv.sess.idle.Load() == srv.sess.readers.Load()
+	})
 }
 
 // waitFor waits up to 10 s for cond, polling; then fails the test, naming
