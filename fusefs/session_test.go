@@ -12,19 +12,16 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// abortAfter aborts mnt's connection after d, which fails every request
-// in flight: a stranded request would otherwise hang the test and its
-// cleanup. The caller stops the timer.
+// abortAfter aborts mnt's connection after d (abortConnection), which
+// fails every request in flight: a stranded request would otherwise hang
+// the test and its cleanup. The caller stops the timer.
 func abortAfter(t *testing.T, mnt string, d time.Duration) *time.Timer {
 	t.Helper()
-	var st unix.Stat_t
-	if err := unix.Stat(mnt, &st); err != nil {
-		t.Fatal(err)
+	dev := mountDev(mnt)
+	if dev == 0 {
+		t.Fatalf("%s is not a FUSE mount", mnt)
 	}
-	return time.AfterFunc(d, func() {
-		abort := fmt.Sprintf("/sys/fs/fuse/connections/%d/abort", unix.Minor(st.Dev))
-		os.WriteFile(abort, []byte("1"), 0)
-	})
+	return time.AfterFunc(d, func() { abortConnection(dev) })
 }
 
 // TestReadersHelpers: one reader serves a connection's quick requests; a
