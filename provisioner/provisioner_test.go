@@ -103,6 +103,26 @@ func TestCapacityPublisher(t *testing.T) {
 	lister := factory.Storage().V1().StorageClasses().Lister()
 	factory.Start(ctx.Done())
 	factory.WaitForCacheSync(ctx.Done())
+	// classes waits until the informer lists n classes.
+	classes := func(n int, what string) {
+		t.Helper()
+		for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+			if l, _ := lister.List(labels.Everything()); len(l) == n {
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("the informer did not see %s", what)
+			}
+		}
+	}
+	// The fake clientset's watch does not replay what happened before it
+	// started (its watches have no resource versions): a class made and
+	// seen proves the informer's watch is running before the deletion
+	// below depends on it.
+	if _, err := client.StorageV1().StorageClasses().Create(ctx, &storagev1.StorageClass{ObjectMeta: metav1.ObjectMeta{Name: "probe"}, Provisioner: "other.csi.dev"}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	classes(3, "a class created")
 	ctrl := &fakeController{free: 32 << 20}
 	owner := &metav1.OwnerReference{APIVersion: "v1", Kind: "Pod", Name: "csi-memfs-x", UID: "u"}
 	c := newCapacityPublisher(Config{Client: client, Controller: ctrl, DriverName: "memfs.csi.dev", NodeName: "n1",
@@ -138,12 +158,7 @@ func TestCapacityPublisher(t *testing.T) {
 	if err := client.StorageV1().StorageClasses().Delete(ctx, "memory", metav1.DeleteOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	for range 100 { // the informer sees the deletion
-		if l, _ := lister.List(labels.Everything()); len(l) == 1 {
-			break
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	classes(2, "a class deleted")
 	if objs := get(); len(objs) != 0 {
 		t.Errorf("objects of a deleted class = %+v, want none", objs)
 	}
