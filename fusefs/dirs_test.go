@@ -177,16 +177,18 @@ func listThenStat(t *testing.T, srv *Server, c *lookupCounter, dir string, want 
 }
 
 // plusFiles makes n files f000... in dir through whatever made dir, file
-// i holding i%7 bytes, and returns their names and sizes.
+// i holding 1+i%7 bytes, and returns their names and sizes. Each is
+// written: a write-only open marks its file stale at RELEASE, and only a
+// write has the kernel ask for the attributes that make it fresh again.
 func plusFiles(t *testing.T, dir string, n int) map[string]int64 {
 	t.Helper()
 	want := map[string]int64{}
 	for i := range n {
 		name := fmt.Sprintf("f%03d", i)
-		if err := os.WriteFile(filepath.Join(dir, name), make([]byte, i%7), 0o644); err != nil {
+		if err := os.WriteFile(filepath.Join(dir, name), make([]byte, 1+i%7), 0o644); err != nil {
 			t.Fatal(err)
 		}
-		want[name] = int64(i % 7)
+		want[name] = int64(1 + i%7)
 	}
 	return want
 }
@@ -254,7 +256,12 @@ func TestReadDirPlusHeld(t *testing.T) {
 		if err := os.Mkdir(dir, 0o755); err != nil {
 			t.Fatal(err)
 		}
+		before := srv.RequestCounts()["RELEASE"]
 		dirs[dir] = plusFiles(t, dir, n)
+		// Their RELEASEs before the stats: a write-only writer's
+		// marks its file stale (rawfs_stale.go), which a stat after it
+		// would have made fresh again.
+		waitReleased(t, srv, before, n)
 		if t.Name() == "TestReadDirPlusHeld/overlay" {
 			dirs[filepath.Join(mnt, "low")] = lowWant
 		}
@@ -272,10 +279,10 @@ func TestReadDirPlusHeld(t *testing.T) {
 	})
 }
 
-// TestReadDirPlusRefreshesStale: files just written, whose attributes
-// the kernel dropped at their last writer's RELEASE, are listed with full
-// answers although the kernel holds them, so that the stats (or opens)
-// after the listing send no GETATTR: find and cat after an untar.
+// TestReadDirPlusRefreshesStale: files just written, whose size and times
+// the kernel marked stale at their writes, are listed with full answers
+// although the kernel holds them, so that the stats after the listing
+// send no GETATTR: find and ls -l after cp.
 func TestReadDirPlusRefreshesStale(t *testing.T) {
 	requireFUSE(t)
 	const n = 40 // all in the first READDIRPLUS
@@ -286,8 +293,7 @@ func TestReadDirPlusRefreshesStale(t *testing.T) {
 		}
 		before := srv.RequestCounts()["RELEASE"]
 		want := plusFiles(t, dir, n)
-		waitFor(t, "the writers' RELEASEs", func() bool { return srv.RequestCounts()["RELEASE"]-before >= n })
-		waitServed(t, srv)
+		waitReleased(t, srv, before, n)
 		lookups, list, stats := listThenStat(t, srv, c, dir, want)
 		t.Logf("listing %s, %d Lookups; stats %s", fmtCounts(list), lookups, fmtCounts(stats))
 		if lookups != n {
@@ -395,6 +401,14 @@ func waitServed(t *testing.T, srv *Server) {
 	waitFor(t, "the requests read to be served", func() bool {
 		return srv.sess.idle.Load() == srv.sess.readers.Load()
 	})
+}
+
+// waitReleased waits until n RELEASEs more than before have been read and
+// served.
+func waitReleased(t *testing.T, srv *Server, before uint64, n int) {
+	t.Helper()
+	waitFor(t, "the writers' RELEASEs", func() bool { return srv.RequestCounts()["RELEASE"]-before >= uint64(n) })
+	waitServed(t, srv)
 }
 
 // waitFor waits up to 10 s for cond, polling; then fails the test, naming

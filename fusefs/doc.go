@@ -21,7 +21,7 @@
 // Metadata is bound by round trips, so: entry, attribute and negative-entry
 // timeouts of an hour (every change goes through this server; the one
 // exception, stores into shared mappings of a passthrough file, is why an
-// inode with writable passthrough opens gets a timeout of zero:
+// inode with read-write passthrough opens gets a timeout of zero:
 // rawfs_writers.go), no FLUSH handler, READDIRPLUS in the kernel's
 // automatic mode (no LOOKUP per entry listed), directories read without
 // OPENDIR and RELEASEDIR (dirs.go) and cached by the kernel across opens,
@@ -100,7 +100,7 @@
 //	rawFS.backingMu (passthrough backing files)
 //	  handleTable.mu (the open-handle table)
 //	  the file system's locks, through methods of a vfs.File (Fd, Handle)
-//	  rawFS.writersMu (inodes with passthrough writers; a leaf)
+//	  rawFS.rdwrMu (inodes with read-write passthrough opens; a leaf)
 //	rederiver.mu (one re-derivation at a time, across calls into the
 //	file system)
 //	  the file system's locks (a file system never calls back into fusefs)

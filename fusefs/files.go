@@ -91,7 +91,7 @@ func (r *rawFS) opened(of *openFile, flags uint32, out *fuse.OpenOut, withEntry 
 			if out.OpenFlags&fuse.FOPEN_PASSTHROUGH != 0 {
 				b := r.backing[of.ino]
 				of.backed = true
-				of.writer = isWriter(flags, true)
+				of.rdwr = isRDWR(flags, true)
 				rec.Backed, rec.BackingID, rec.BackingDev, rec.BackingIno = 1, b.id, b.file.dev, b.file.ino
 			}
 			fh, err := r.handles.add(of, rec)
@@ -102,8 +102,8 @@ func (r *rawFS) opened(of *openFile, flags uint32, out *fuse.OpenOut, withEntry 
 				return fuse.Status(err.(syscall.Errno))
 			}
 			out.Fh = fh
-			if of.writer {
-				r.writerOpened(of.ino, !withEntry)
+			if of.rdwr {
+				r.rdwrOpened(of.ino, !withEntry)
 			}
 			return fuse.OK
 		}
@@ -257,9 +257,9 @@ type openFile struct {
 	ino uint64
 	// backed says the open holds a reference on the inode's backing file.
 	backed bool
-	// writer says the open writes through passthrough (counted in
-	// rawFS.writers).
-	writer bool
+	// rdwr says the open reads and writes through passthrough, so a
+	// shared mapping of it can store unseen (counted in rawFS.rdwr).
+	rdwr bool
 }
 
 func (r *rawFS) Create(_ <-chan struct{}, in *fuse.CreateIn, name string, out *fuse.CreateOut) fuse.Status {
@@ -417,22 +417,30 @@ func (r *rawFS) Flush(_ <-chan struct{}, _ *fuse.FlushIn) fuse.Status {
 }
 
 func (r *rawFS) Release(_ <-chan struct{}, in *fuse.ReleaseIn) {
-	switch h := r.handles.remove(in.Fh).(type) {
+	h := r.handles.remove(in.Fh)
+	var ino uint64
+	var backed, rdwr bool
+	switch h := h.(type) {
 	case *openFile:
-		if h.backed {
-			r.releaseBacking(h.ino)
-		}
-		if h.writer {
-			r.writerReleased(h.ino)
-		}
-		h.Release()
+		ino, backed, rdwr = h.ino, h.backed, h.rdwr
 	case *deadHandle:
-		if h.backed {
-			r.releaseBacking(h.ino)
-		}
-		if h.writer {
-			r.writerReleased(h.ino)
-		}
+		ino, backed, rdwr = h.ino, h.backed, h.rdwr
+	default:
+		return
+	}
+	if backed {
+		r.releaseBacking(ino)
+	}
+	switch {
+	case rdwr:
+		r.rdwrReleased(ino)
+	case backed && in.Flags&unix.O_ACCMODE == unix.O_WRONLY:
+		// Its writes had the kernel mark the size and times stale
+		// (rawfs_writers.go): a listing's full answer refreshes them.
+		r.stale.add(ino)
+	}
+	if f, ok := h.(*openFile); ok {
+		f.Release()
 	}
 }
 

@@ -104,9 +104,9 @@ type deadHandle struct {
 	ino uint64
 	// backed says the handle holds a reference on ino's backing file.
 	backed bool
-	// writer says the handle writes through passthrough (counted in
-	// rawFS.writers).
-	writer bool
+	// rdwr says the handle reads and writes through passthrough, so a
+	// shared mapping of it can store unseen (counted in rawFS.rdwr).
+	rdwr bool
 }
 
 // newHandleTable makes an empty table in a new memory file.

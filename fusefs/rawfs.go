@@ -68,12 +68,12 @@ type rawFS struct {
 	// the options allow it, and no registration has failed.
 	passthrough bool
 
-	// writersMu serializes changes of writers.
-	writersMu sync.Mutex
-	// writers counts the writable passthrough opens of each inode that
+	// rdwrMu serializes changes of rdwr.
+	rdwrMu sync.Mutex
+	// rdwr counts the read-write passthrough opens of each inode that
 	// has some (rawfs_writers.go). The map is replaced, never changed in
-	// place, under writersMu, so that replies read it without a lock.
-	writers atomic.Pointer[map[uint64]int]
+	// place, under rdwrMu, so that replies read it without a lock.
+	rdwr atomic.Pointer[map[uint64]int]
 	// onRing is set once requests come over io_uring (acceptRing).
 	onRing atomic.Bool
 	// stale are the inodes whose attributes the kernel holds stale
@@ -180,7 +180,8 @@ func fillAttr(a *fuse.Attr, st *unix.Stat_t) {
 }
 
 // fillEntry fills an entry reply, its attribute timeout that of the
-// inode (attrTimeout: none cached while it has passthrough writers).
+// inode (attrTimeout: none cached while it has read-write passthrough
+// opens).
 func (r *rawFS) fillEntry(out *fuse.EntryOut, e *vfs.Entry) {
 	out.NodeId = e.Ino()
 	out.Generation = uint64(e.Gen)

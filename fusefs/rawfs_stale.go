@@ -15,6 +15,8 @@ import (
 // drop its attributes and `find | xargs cat` would then pay a GETATTR per
 // file. staleAttrs remembers the inodes whose attributes this server made
 // the kernel drop or doubt: the targets of its invalidation notices, the
+// files write-only passthrough opens have written (the kernel marks their
+// size and times stale at each write), the
 // directories its namespace operations changed (the kernel drops all of
 // a changed directory's attributes), the inodes whose links or xattrs
 // changed; an attribute reply with the hour-long timeout takes an inode

@@ -12,19 +12,26 @@ import (
 
 // Attributes of files written through passthrough.
 //
-// A write(2) through passthrough has the kernel mark the FUSE inode's
-// attributes stale; a store into a shared mapping does not, although
-// tmpfs moves the backing file's change and modification times. With the
-// hour-long attribute timeout, stat(2) would then show old times for an
-// hour. So while an inode has writable passthrough opens (an inode nobody
-// maps has them too, but the server cannot tell), the attributes the
-// server reports for it carry a timeout of zero, and the kernel asks for
-// them on each stat(2) and permission check; the first such open and the
-// last one's RELEASE tell the kernel to forget the attributes it holds
-// (FUSE_NOTIFY_INVAL_INODE), which were given for an hour. A reply costs
-// one atomic load and, while any file has writers, a lookup in a map
-// replaced on each writable open and release; figures in BENCHMARKS.md
-// ("Passthrough writers and attribute timeouts").
+// A write(2) through passthrough (splice and asynchronous writes too) has
+// the kernel mark the FUSE inode's size and times stale itself
+// (fuse_passthrough_end_write); a store into a shared mapping does not,
+// although tmpfs moves the backing file's change and modification times.
+// With the hour-long attribute timeout, stat(2) would then show old times
+// for an hour. Only a read-write open can be mapped shared and writable
+// (mmap(2) wants a descriptor open for reading, and mprotect(2) cannot
+// add write access to a shared mapping of a read-only one), so while an
+// inode has read-write passthrough opens (an inode nobody maps has them
+// too, but the server cannot tell), the attributes the server reports for
+// it carry a timeout of zero, and the kernel asks for them on each
+// stat(2) and permission check; the first such open and the last one's
+// RELEASE tell the kernel to forget the attributes it holds
+// (FUSE_NOTIFY_INVAL_INODE), which were given for an hour. Write-only
+// opens, what tar, cp and most writers use, keep the hour: the kernel
+// sees each of their changes, so an untarred file's attributes, refreshed
+// by its last SETATTR, stay cached past its close. A reply costs one
+// atomic load and, while any file has read-write opens, a lookup in a map
+// replaced on each such open and release; figures in BENCHMARKS.md
+// ("Passthrough writers and attribute timeouts", "Session 11").
 //
 // Served by the daemon (no passthrough), every write, mapped or not,
 // reaches memfs and its reply makes the kernel's attributes stale.
@@ -34,20 +41,20 @@ const notifyInvalInode = 2
 
 // attrTimeout is how long the kernel may keep ino's attributes.
 func (r *rawFS) attrTimeout(ino uint64) time.Duration {
-	if m := r.writers.Load(); m != nil && (*m)[ino] > 0 {
+	if m := r.rdwr.Load(); m != nil && (*m)[ino] > 0 {
 		return 0
 	}
 	return cacheTimeout
 }
 
-// addWriter adds d to ino's count of writable passthrough opens and
-// returns the new count. Writable opens are rare next to replies, so the
+// addRDWR adds d to ino's count of read-write passthrough opens and
+// returns the new count. Read-write opens are rare next to replies, so the
 // map is copied on change.
-func (r *rawFS) addWriter(ino uint64, d int) int {
-	r.writersMu.Lock()
-	defer r.writersMu.Unlock()
+func (r *rawFS) addRDWR(ino uint64, d int) int {
+	r.rdwrMu.Lock()
+	defer r.rdwrMu.Unlock()
 	m := map[uint64]int{}
-	if old := r.writers.Load(); old != nil {
+	if old := r.rdwr.Load(); old != nil {
 		for k, v := range *old {
 			m[k] = v
 		}
@@ -59,29 +66,29 @@ func (r *rawFS) addWriter(ino uint64, d int) int {
 		delete(m, ino)
 	}
 	if len(m) == 0 {
-		r.writers.Store(nil)
+		r.rdwr.Store(nil)
 	} else {
-		r.writers.Store(&m)
+		r.rdwr.Store(&m)
 	}
 	return n
 }
 
-// writerOpened counts a writable passthrough open of ino; the first has
+// rdwrOpened counts a read-write passthrough open of ino; the first has
 // the kernel forget ino's attributes, unless inval is false: a CREATE's
 // reply replaces them itself, with the writer's zero timeout (and for a
 // new inode, the kernel's usual case, the notice would only fail with
 // ENOENT, a write to /dev/fuse per create).
-func (r *rawFS) writerOpened(ino uint64, inval bool) {
-	if r.addWriter(ino, 1) == 1 && inval {
+func (r *rawFS) rdwrOpened(ino uint64, inval bool) {
+	if r.addRDWR(ino, 1) == 1 && inval {
 		r.stale.add(ino)
 		r.dev.invalAttr(ino)
 	}
 }
 
-// writerReleased uncounts a writable passthrough open of ino; the last
+// rdwrReleased uncounts a read-write passthrough open of ino; the last
 // has the kernel forget ino's attributes.
-func (r *rawFS) writerReleased(ino uint64) {
-	if r.addWriter(ino, -1) == 0 {
+func (r *rawFS) rdwrReleased(ino uint64) {
+	if r.addRDWR(ino, -1) == 0 {
 		r.stale.add(ino)
 		r.dev.invalAttr(ino)
 	}
@@ -89,24 +96,25 @@ func (r *rawFS) writerReleased(ino uint64) {
 
 // createdEmpty gives the attributes of a CREATE or TMPFILE reply the
 // hour-long timeout when the file is empty and has no other name, although
-// its writer is open: what the timeout of zero guards against, a store
-// into a shared mapping, cannot happen before something makes the file
-// longer (a store beyond the end of a file is SIGBUS), and each way to do
-// that either is a request whose reply carries the writer's zero timeout
+// it was opened read-write: what the timeout of zero guards against, a
+// store into a shared mapping, cannot happen before something makes the
+// file longer (a store beyond the end of a file is SIGBUS), and each way
+// to do that either is a request whose reply carries the zero timeout
 // (SETATTR, FALLOCATE, COPY_FILE_RANGE) or a passthrough write(2), after
 // which the kernel marks the size and times stale itself. It spares the
 // GETATTR that the open's permission check would send right after the
-// reply: one request in five of a create, one in ten of an untar.
+// reply: one request in five of a read-write create.
 func createdEmpty(out *fuse.EntryOut, st *unix.Stat_t, nlink uint64) {
 	if st.Size == 0 && uint64(st.Nlink) == nlink {
 		out.SetAttrTimeout(cacheTimeout)
 	}
 }
 
-// isWriter says whether an open with open(2) flags, backed by passthrough,
-// writes through passthrough.
-func isWriter(flags uint32, backed bool) bool {
-	return backed && flags&unix.O_ACCMODE != unix.O_RDONLY
+// isRDWR says whether an open with open(2) flags, backed by passthrough,
+// reads and writes through passthrough: whether a shared mapping of it
+// can store into the backing file unseen.
+func isRDWR(flags uint32, backed bool) bool {
+	return backed && flags&unix.O_ACCMODE == unix.O_RDWR
 }
 
 // invalAttr tells the kernel to forget the attributes of node id ino

@@ -152,9 +152,9 @@ func (r *rawFS) restore() error {
 	var reopened, dead int
 	err := r.handles.restore(func(fh uint64, rec handleRecord) any {
 		backed := rec.Backed != 0
-		writer := isWriter(rec.Flags, backed)
-		if writer {
-			r.writerOpened(rec.Ino, true)
+		rdwr := isRDWR(rec.Flags, backed)
+		if rdwr {
+			r.rdwrOpened(rec.Ino, true)
 		}
 		var h any
 		var err error
@@ -174,7 +174,7 @@ func (r *rawFS) restore() error {
 				}
 			}
 			if err == nil {
-				h = &openFile{File: f, ino: rec.Ino, backed: backed, writer: writer}
+				h = &openFile{File: f, ino: rec.Ino, backed: backed, rdwr: rdwr}
 			}
 		case recDir:
 			h, err = r.fs.OpenDir(rec.Ino)
@@ -210,7 +210,7 @@ func (r *rawFS) restore() error {
 			// and go on working; the rest of it fails with EIO.
 			klog.InfoS("Open file not reopened after a server change; its requests fail with EIO", "fsName", r.opts.FsName, "ino", rec.Ino, "fh", fh, "err", err)
 			dead++
-			return &deadHandle{ino: rec.Ino, backed: backed, writer: writer}
+			return &deadHandle{ino: rec.Ino, backed: backed, rdwr: rdwr}
 		}
 		reopened++
 		return h

@@ -177,3 +177,77 @@ func TestMmapWriteTimes(t *testing.T) {
 		}
 	})
 }
+
+// TestWriteOnlyAttributes: a write-only passthrough open, what tar and cp
+// use, cannot be mapped, so the kernel sees each of its changes: a stat
+// shows every write's size and times while it is open, and once it is
+// closed the file's attributes stay cached (an open and a stat after an
+// untar cost no attribute request).
+func TestWriteOnlyAttributes(t *testing.T) {
+	old := time.Date(2000, 1, 1, 0, 0, 0, 0, time.UTC)
+	eachParity(t, func(t *testing.T, dir string, v *parityVolume) {
+		f := filepath.Join(dir, "f")
+		w, err := os.OpenFile(f, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o644)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer w.Close()
+		stat := func() unix.Stat_t {
+			t.Helper()
+			var st unix.Stat_t
+			if err := unix.Stat(f, &st); err != nil {
+				t.Fatal(err)
+			}
+			return st
+		}
+		if _, err := w.Write(make([]byte, 1000)); err != nil {
+			t.Fatal(err)
+		}
+		first := stat()
+		if first.Size != 1000 {
+			t.Errorf("after writing 1000 bytes: size %d", first.Size)
+		}
+		time.Sleep(10 * time.Millisecond)
+		if _, err := w.WriteAt(make([]byte, 500), 1000); err != nil {
+			t.Fatal(err)
+		}
+		if st := stat(); st.Size != 1500 || st.Mtim == first.Mtim || st.Ctim == first.Ctim {
+			t.Errorf("after 500 bytes more: size %d, mtime %v, ctime %v; want 1500 and both moved from %v",
+				st.Size, time.Unix(st.Mtim.Unix()), time.Unix(st.Ctim.Unix()), time.Unix(first.Mtim.Unix()))
+		}
+		// As tar ends a file: mode and times through the descriptor.
+		if err := w.Chmod(0o600); err != nil {
+			t.Fatal(err)
+		}
+		ts := []unix.Timespec{unix.NsecToTimespec(old.UnixNano()), unix.NsecToTimespec(old.UnixNano())}
+		if err := unix.UtimesNanoAt(unix.AT_FDCWD, fmt.Sprintf("/proc/self/fd/%d", w.Fd()), ts, 0); err != nil {
+			t.Fatal(err)
+		}
+		if err := w.Close(); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(50 * time.Millisecond) // its RELEASE
+		want := func(st unix.Stat_t) {
+			t.Helper()
+			if st.Size != 1500 || st.Mode&0o7777 != 0o600 || st.Mtim.Sec != old.Unix() {
+				t.Errorf("after close: size %d, mode %o, mtime %v; want 1500, 600, %v", st.Size, st.Mode&0o7777, time.Unix(st.Mtim.Unix()), old)
+			}
+		}
+		if v == nil {
+			want(stat())
+			return
+		}
+		before := v.ops.count("GETATTR") + v.ops.count("STATX")
+		for i := 0; i < 20; i++ {
+			r, err := os.Open(f)
+			if err != nil {
+				t.Fatal(err)
+			}
+			r.Close()
+			want(stat())
+		}
+		if n := v.ops.count("GETATTR") + v.ops.count("STATX") - before; n > 0 {
+			t.Errorf("20 opens and stats of a file its write-only writer closed: %d attribute requests, want none", n)
+		}
+	})
+}
