@@ -10,20 +10,19 @@ import (
 // READDIRPLUS answers an entry whose inode the kernel holds with its name
 // alone (node id 0): the kernel keeps what it has. That is the right
 // answer only while what it has is fresh; otherwise the full answer is
-// cheaper than the GETATTR the next stat or open would send for it, as
-// after an untar, where each file's last writer's RELEASE made the kernel
-// drop its attributes and `find | xargs cat` would then pay a GETATTR per
-// file. staleAttrs remembers the inodes whose attributes this server made
-// the kernel drop or doubt: the targets of its invalidation notices, the
-// files write-only passthrough opens have written (the kernel marks their
-// size and times stale at each write), the
-// directories its namespace operations changed (the kernel drops all of
-// a changed directory's attributes), the inodes whose links or xattrs
-// changed; an attribute reply with the hour-long timeout takes an inode
-// off. What the kernel drops by itself, unseen (a passthrough read's
-// atime), is not known here: such an entry gets the short answer and, if
-// the caller then needs the attribute, a GETATTR. Either answer is
-// correct; this only picks the cheaper one.
+// cheaper than the GETATTR the next stat would send for it, as after cp,
+// whose writes had the kernel mark each file's size and times stale, and
+// `ls -l` would then pay a GETATTR per file. staleAttrs remembers the
+// inodes whose attributes this server made the kernel drop or doubt: the
+// targets of its invalidation notices, the files write-only passthrough
+// opens have written (the kernel marks their size and times stale at each
+// write), the directories its namespace operations changed (the kernel
+// drops all of a changed directory's attributes), the inodes whose links
+// or xattrs changed; an attribute reply with the hour-long timeout takes
+// an inode off. What the kernel drops by itself, unseen (a passthrough
+// read's atime), is not known here: such an entry gets the short answer
+// and, if the caller then needs the attribute, a GETATTR. Either answer
+// is correct; this only picks the cheaper one.
 type staleAttrs struct {
 	// n is len(m), read without mu on the reply path.
 	n atomic.Int64

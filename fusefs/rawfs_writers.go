@@ -75,7 +75,7 @@ func (r *rawFS) addRDWR(ino uint64, d int) int {
 
 // rdwrOpened counts a read-write passthrough open of ino; the first has
 // the kernel forget ino's attributes, unless inval is false: a CREATE's
-// reply replaces them itself, with the writer's zero timeout (and for a
+// reply replaces them itself, with the zero timeout (and for a
 // new inode, the kernel's usual case, the notice would only fail with
 // ENOENT, a write to /dev/fuse per create).
 func (r *rawFS) rdwrOpened(ino uint64, inval bool) {
