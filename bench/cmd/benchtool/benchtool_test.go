@@ -115,13 +115,33 @@ func TestFiles(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	if got := figureKeys(t, cmdFiles, "-dir", dir); got != "open fstat read close voluntary involuntary" {
+		t.Errorf("keys %q", got)
+	}
+	if err := cmdFiles([]string{"-dir", t.TempDir()}); err == nil {
+		t.Errorf("an empty tree: no error")
+	}
+}
+
+// TestMeta runs the metadata phases on a small set: one figure per phase,
+// both listings included (each checks that it saw every file).
+func TestMeta(t *testing.T) {
+	if got := figureKeys(t, cmdMeta, "-dir", t.TempDir(), "-n", "600", "-dirs", "3"); got != "create stat readdir readdir32 unlink" {
+		t.Errorf("keys %q", got)
+	}
+}
+
+// figureKeys runs cmd with args, checks that each line it prints is
+// NAME<TAB>NUMBER and returns the names, space-separated.
+func figureKeys(t *testing.T, cmd func([]string) error, args ...string) string {
+	t.Helper()
 	r, w, err := os.Pipe()
 	if err != nil {
 		t.Fatal(err)
 	}
 	stdout := os.Stdout
 	os.Stdout = w
-	err = cmdFiles([]string{"-dir", dir})
+	err = cmd(args)
 	os.Stdout = stdout
 	w.Close()
 	out, _ := io.ReadAll(r)
@@ -136,10 +156,5 @@ func TestFiles(t *testing.T) {
 		}
 		keys = append(keys, k)
 	}
-	if got := strings.Join(keys, " "); got != "open fstat read close voluntary involuntary" {
-		t.Errorf("keys %q", got)
-	}
-	if err := cmdFiles([]string{"-dir", t.TempDir()}); err == nil {
-		t.Errorf("an empty tree: no error")
-	}
+	return strings.Join(keys, " ")
 }
