@@ -2,8 +2,6 @@ package main
 
 import (
 	"bufio"
-	"bytes"
-	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"flag"
@@ -154,6 +152,7 @@ func countEntries(dir string, buf []byte) (int, error) {
 	}
 	defer syscall.Close(fd)
 	entries := 0
+	var names []string
 	for {
 		n, err := syscall.Getdents(fd, buf)
 		if err != nil {
@@ -162,19 +161,9 @@ func countEntries(dir string, buf []byte) (int, error) {
 		if n == 0 {
 			return entries, nil
 		}
-		// struct linux_dirent64: ino u64, off s64, reclen u16, type u8,
-		// then the name, NUL-terminated.
-		for b := buf[:n]; len(b) > 0; {
-			reclen := int(binary.NativeEndian.Uint16(b[16:]))
-			name := b[19:reclen]
-			if i := bytes.IndexByte(name, 0); i >= 0 {
-				name = name[:i]
-			}
-			if string(name) != "." && string(name) != ".." {
-				entries++
-			}
-			b = b[reclen:]
-		}
+		// ParseDirent leaves "." and ".." out.
+		_, _, names = syscall.ParseDirent(buf[:n], -1, names[:0])
+		entries += len(names)
 	}
 }
 
