@@ -172,15 +172,21 @@ func TestRequestCountsNoOpen(t *testing.T) {
 		"cold": {"FLUSH": 1, "OPEN": 1, "OPENDIR": 1, "READ": 200, "READDIR": 21, "READDIRPLUS": 21, "STATFS": 1},
 		"warm": {"STATFS": 1},
 	}
+	var cold uint64
 	for _, w := range []string{"cold", "warm"} {
 		got := countsDelta(t, srv, mnt, cat)
 		t.Logf("find+cat %s, read-only, no OPEN: %.2f requests per file: %s", w, float64(total(got))/float64(nfiles), fmtCounts(got))
-		if w == "warm" && !maps.Equal(got, want[w]) && total(got) <= 4 {
-			// Under load the kernel has been seen to drop one page or
-			// one directory's cache between the passes (1 run in 15
+		if w == "cold" {
+			cold = total(got)
+		}
+		if w == "warm" && !maps.Equal(got, want[w]) && total(got) <= cold/10 {
+			// Under load the kernel has been seen to drop a few pages
+			// or a directory's cache between the passes (1 run in 15
 			// beside two CPU-burning loops, before this test's code
-			// changed too); what it re-read is cached again, so a
-			// second warm pass must cost nothing.
+			// changed too; once 4 READs and one directory's listing,
+			// in CI); what it re-read is cached again, so a second
+			// warm pass must cost nothing. A pass that re-reads more
+			// than a tenth of the cold one is not retried.
 			got = countsDelta(t, srv, mnt, cat)
 			t.Logf("find+cat warm again: %s", fmtCounts(got))
 		}
