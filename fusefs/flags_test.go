@@ -120,6 +120,15 @@ func TestInodeFlags(t *testing.T) {
 		v.takeover()
 		immutableOps("after a takeover: ")
 		step("chattr -i f", setFlags(p("f"), 0))
+		ctimeMoves := func(what string, change func() error) {
+			var before, after unix.Stat_t
+			unix.Stat(p("f"), &before) // the kernel holds the attributes now
+			err := change()
+			unix.Stat(p("f"), &after)
+			step(fmt.Sprintf("%s: ctime moved %v", what, after.Ctim != before.Ctim), err)
+		}
+		ctimeMoves("chattr +d f", func() error { return setFlags(p("f"), flNodump) })
+		ctimeMoves("FSSETXATTR nodump f", func() error { _, err := fsxattr(p("f"), true, 0x80); return err })
 		step("chattr +c f", setFlags(p("f"), flCompr))
 		step("chattr +dA f", setFlags(p("f"), flNodump|flNoatime))
 		flags, err = getFlags(p("f"))

@@ -19,8 +19,10 @@ import (
 // append-only flag, CAP_LINUX_IMMUTABLE. The flags live on the backing
 // tmpfs inode (vfs.InodeFlags), which therefore enforces them on every
 // operation the file system makes for the kernel, and keeps them across a
-// takeover. The kernel itself knows nothing of them for a FUSE inode.
-// Other ioctls are ENOTTY.
+// takeover. The kernel itself knows nothing of them for a FUSE inode, nor
+// that setting them moves the file's ctime, as on tmpfs: a change has it
+// forget the file's attributes (xfstests generic/277). Other ioctls are
+// ENOTTY.
 
 // FS_IOC_FSGETXATTR and FS_IOC_FSSETXATTR, and the size of their struct
 // fsxattr (linux/fs.h), which x/sys/unix does not name.
@@ -45,6 +47,10 @@ var xflagBits = [...]struct{ xflag, flag uint32 }{
 func (r *rawFS) Ioctl(_ <-chan struct{}, in *fuse.IoctlIn, inbuf []byte, out *fuse.IoctlOut, outbuf []byte) fuse.Status {
 	start := r.now()
 	s := status("IOCTL", r.ioctl(in, inbuf, outbuf))
+	if s == fuse.OK && (in.Cmd == unix.FS_IOC_SETFLAGS || in.Cmd == iocFsSetXattr) {
+		r.stale.add(in.NodeId)
+		r.dev.invalAttr(in.NodeId)
+	}
 	r.observe("IOCTL", start, s)
 	return s
 }
