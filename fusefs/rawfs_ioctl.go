@@ -48,8 +48,7 @@ func (r *rawFS) Ioctl(_ <-chan struct{}, in *fuse.IoctlIn, inbuf []byte, out *fu
 	start := r.now()
 	s := status("IOCTL", r.ioctl(in, inbuf, outbuf))
 	if s == fuse.OK && (in.Cmd == unix.FS_IOC_SETFLAGS || in.Cmd == iocFsSetXattr) {
-		r.stale.add(in.NodeId)
-		r.dev.invalAttr(in.NodeId)
+		r.dropAttrs(in.NodeId)
 	}
 	r.observe("IOCTL", start, s)
 	return s

@@ -80,8 +80,7 @@ func (r *rawFS) addRDWR(ino uint64, d int) int {
 // ENOENT, a write to /dev/fuse per create).
 func (r *rawFS) rdwrOpened(ino uint64, inval bool) {
 	if r.addRDWR(ino, 1) == 1 && inval {
-		r.stale.add(ino)
-		r.dev.invalAttr(ino)
+		r.dropAttrs(ino)
 	}
 }
 
@@ -89,9 +88,15 @@ func (r *rawFS) rdwrOpened(ino uint64, inval bool) {
 // has the kernel forget ino's attributes.
 func (r *rawFS) rdwrReleased(ino uint64) {
 	if r.addRDWR(ino, -1) == 0 {
-		r.stale.add(ino)
-		r.dev.invalAttr(ino)
+		r.dropAttrs(ino)
 	}
+}
+
+// dropAttrs has the kernel forget ino's attributes, and notes them stale
+// for the next listing's READDIRPLUS (rawfs_stale.go).
+func (r *rawFS) dropAttrs(ino uint64) {
+	r.stale.add(ino)
+	r.dev.invalAttr(ino)
 }
 
 // createdEmpty gives the attributes of a CREATE or TMPFILE reply the
