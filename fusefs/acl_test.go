@@ -242,6 +242,88 @@ func TestParityLowerACLs(t *testing.T) {
 	})
 }
 
+// TestParityACLKillsSGID: setting a file's access ACL clears its
+// set-group-ID bit when the caller is neither in the file's group nor
+// privileged, and keeps it otherwise, as on tmpfs (xfstests generic/375),
+// on files and directories, and across a takeover.
+func TestParityACLKillsSGID(t *testing.T) {
+	eachParity(t, func(t *testing.T, dir string, v *parityVolume) {
+		f, d := filepath.Join(dir, "f"), filepath.Join(dir, "d")
+		if err := os.WriteFile(f, nil, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Mkdir(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		check := func(when string) {
+			for _, p := range []string{f, d} {
+				for _, c := range []struct {
+					gid  uint32
+					want uint32
+				}{
+					{100, 0o2777}, // in the file's group: kept
+					{101, 0o0777}, // not: cleared
+				} {
+					if err := os.Chown(p, 100, 100); err != nil {
+						t.Fatal(err)
+					}
+					if err := unix.Chmod(p, 0o2755); err != nil {
+						t.Fatal(err)
+					}
+					if err := asIDs(t, 100, c.gid, 0, "set-acl-rwx", p); err != 0 {
+						t.Fatalf("%s: setfacl of %s as gid %d: %v", when, filepath.Base(p), c.gid, err)
+					}
+					var st unix.Stat_t
+					if err := unix.Stat(p, &st); err != nil {
+						t.Fatal(err)
+					}
+					if got := st.Mode & 0o7777; got != c.want {
+						t.Errorf("%s: mode of %s after setfacl as gid %d: %o, want %o", when, filepath.Base(p), c.gid, got, c.want)
+					}
+				}
+			}
+		}
+		check("")
+		if v != nil {
+			v.takeover()
+			check("after a takeover")
+		}
+	})
+}
+
+// TestAdoptWithoutSetxattrExt: a successor serving a connection mounted
+// without FUSE_SETXATTR_EXT (by a server older than it) parses SETXATTR
+// as the kernel sends it, in the shorter form: xattrs and ACLs set after
+// the takeover are stored under their names.
+func TestAdoptWithoutSetxattrExt(t *testing.T) {
+	base, l := newTestLayer(t, 16<<20)
+	mnt, srv := mountUnmanaged(t, base, l, Options{disabledCaps: fuse.CAP_SETXATTR_EXT})
+	sess, err := srv.Stop()
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv2, err := Adopt(mnt, sess, adoptLayer(t, l), Options{}, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv2.Unmount()
+	f := filepath.Join(mnt, "f")
+	if err := os.WriteFile(f, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Setxattr(f, "user.name", []byte("value"), 0); err != nil {
+		t.Fatalf("setxattr: %v", err)
+	}
+	buf := make([]byte, 64)
+	if n, err := unix.Getxattr(f, "user.name", buf); err != nil || string(buf[:n]) != "value" {
+		t.Errorf("getxattr: %q, %v; want \"value\"", buf[:max(n, 0)], err)
+	}
+	if err := unix.Setxattr(f, aclAccess, fileACL(4, 0), 0); err != nil {
+		t.Fatalf("setting an ACL: %v", err)
+	}
+	wantACL(t, f, aclAccess, fileACL(4, 0))
+}
+
 // TestAdoptWithoutACLs: a successor serving a connection mounted without
 // FUSE_POSIX_ACL (by a server older than ACLs) refuses them, as that
 // server did: the kernel would not check access with them.

@@ -50,6 +50,11 @@ type Options struct {
 	// process (Session, Stop, Adopt), which a connection served over
 	// io_uring cannot be: only then does TransportAuto use io_uring.
 	NoHandover bool
+
+	// disabledCaps are capabilities Mount does not take although this
+	// version would: the tests mount as an older server did, to take the
+	// connection over with this one.
+	disabledCaps uint64
 }
 
 // DefaultUnmountGrace is the UnmountGrace of Options that set none.
@@ -104,8 +109,10 @@ func mountOptions(opts Options) *fuse.MountOptions {
 		Debug:                opts.Debug,
 	}
 	// File handles of forgotten inodes are decoded with LOOKUP of "." and
-	// ".." (rawfs_export.go).
-	mo.ExtraCapabilities |= fuse.CAP_EXPORT_SUPPORT
+	// ".." (rawfs_export.go). SETXATTR says when setting an access ACL
+	// clears the set-group-ID bit (rawFS.killSGID).
+	mo.ExtraCapabilities |= fuse.CAP_EXPORT_SUPPORT | fuse.CAP_SETXATTR_EXT
+	mo.DisabledCapabilities |= opts.disabledCaps
 	if opts.DisablePassthrough {
 		mo.DisabledCapabilities |= fuse.CAP_PASSTHROUGH
 		mo.MaxWrite = 1 << 20

@@ -41,6 +41,12 @@ type rawFS struct {
 	// server) refuses them: they would be stored and not enforced. Set
 	// once, before any request.
 	acls bool
+	// setxattrExt says SETXATTR requests carry flags of their own
+	// (FUSE_SETXATTR_EXT): the kernel tells which ACL changes clear the
+	// set-group-ID bit. A connection mounted without (by an older
+	// server) sends the shorter request, whose flags this server must not
+	// read. Set once, before any request.
+	setxattrExt bool
 
 	// handles are the open files and directories, by FUSE handle.
 	// Immutable.
@@ -128,6 +134,7 @@ func (r *rawFS) negotiated(flags uint64) {
 	defer r.backingMu.Unlock()
 	r.passthrough = !r.opts.DisablePassthrough && flags&fuse.CAP_PASSTHROUGH != 0
 	r.acls = flags&fuse.CAP_POSIX_ACL != 0
+	r.setxattrExt = flags&fuse.CAP_SETXATTR_EXT != 0
 }
 
 // status converts an error from the file system to a FUSE status. Anything
@@ -459,10 +466,30 @@ func (r *rawFS) SetXAttr(_ <-chan struct{}, in *fuse.SetXAttrIn, name string, va
 		time.Sleep(time.Millisecond)
 		err = r.fs.SetXattr(in.NodeId, name, value, int(in.Flags))
 	}
+	if err == nil && name == aclAccess && r.setxattrExt && in.SetXAttrFlags&fuse.SETXATTR_ACL_KILL_SGID != 0 {
+		err = r.killSGID(in.NodeId)
+	}
 	r.changed(err, in.NodeId)
 	s := status("SETXATTR", err)
 	r.observe("SETXATTR", start, s)
 	return s
+}
+
+// killSGID clears ino's set-group-ID bit after its access ACL was set by
+// a caller neither in the file's group nor holding CAP_FSETID, as Linux
+// does (posix_acl_update_mode); the kernel, which knows the caller's
+// groups, says so with FUSE_SETXATTR_ACL_KILL_SGID. It has the kernel
+// forget the mode it holds.
+func (r *rawFS) killSGID(ino uint64) error {
+	st, err := r.fs.GetAttr(ino)
+	if err != nil || st.Mode&unix.S_ISGID == 0 {
+		return err
+	}
+	if _, err := r.fs.SetAttr(ino, nil, vfs.SetAttr{Valid: vfs.SetMode, Mode: st.Mode & 0o7777 &^ unix.S_ISGID}); err != nil {
+		return err
+	}
+	r.dropAttrs(ino)
+	return nil
 }
 
 func (r *rawFS) RemoveXAttr(_ <-chan struct{}, h *fuse.InHeader, name string) fuse.Status {

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 
+	"github.com/hanwen/go-fuse/v2/fuse"
 	"golang.org/x/sys/unix"
 	"k8s.io/klog/v2"
 
@@ -224,9 +225,10 @@ func (r *rawFS) restore() error {
 // replayInit feeds the recorded INIT of a connection that another process
 // began (see session.init) into this session's ProtocolServer, which needs
 // it to parse requests, and drops the reply: the kernel had its answer
-// long ago. What counts is what that answer negotiated: its capabilities,
-// and its max_write, which sizes the request buffers. A server with other
-// options would have answered otherwise; that is logged.
+// long ago. What counts is what that answer negotiated: its capabilities
+// (the replayed request offers no others, see offering), and its
+// max_write, which sizes the request buffers. A server with other options
+// would have answered otherwise; that is logged.
 func (s *session) replayInit(init []byte) error {
 	if len(init) < 8 || binary.LittleEndian.Uint32(init[4:]) != opInit {
 		return errors.New("the recorded INIT request is not one")
@@ -236,8 +238,17 @@ func (s *session) replayInit(init []byte) error {
 		return errors.New("the recorded INIT request is cut short")
 	}
 	req, reply := init[:n], init[n:]
+	replayed := req
+	var kernel fuse.InitOut
+	if len(reply) > 0 {
+		var err error
+		if kernel, err = parseInitReply(reply); err != nil {
+			return fmt.Errorf("the recorded INIT reply: %w", err)
+		}
+		replayed = offering(req, kernel.Flags64())
+	}
 	out := make([]byte, s.bufSize)
-	w, st := s.serveRequest(req, out)
+	w, st := s.serveRequest(replayed, out)
 	if !st.Ok() || w == 0 {
 		return fmt.Errorf("replaying INIT: %v", st)
 	}
@@ -245,14 +256,10 @@ func (s *session) replayInit(init []byte) error {
 	if err != nil {
 		return err
 	}
-	kernel := ours
 	if len(reply) > 0 {
-		if kernel, err = parseInitReply(reply); err != nil {
-			return fmt.Errorf("the recorded INIT reply: %w", err)
-		}
 		s.bufSize = max(s.bufSize, int(kernel.MaxWrite)+64<<10+4096)
 	} else {
-		reply = out[:w]
+		kernel, reply = ours, out[:w]
 	}
 	if ours.Flags64() != kernel.Flags64() || ours.MaxWrite != kernel.MaxWrite {
 		klog.InfoS("This server's options differ from those the connection was mounted with; serving by the mount's",
@@ -262,6 +269,26 @@ func (s *session) replayInit(init []byte) error {
 	s.init = append(append([]byte(nil), req...), reply...)
 	s.raw.negotiated(kernel.Flags64())
 	return nil
+}
+
+// offering returns a copy of the INIT request req that offers only the
+// capabilities in flags, those the connection was mounted with. Replayed
+// into a server that would take more (a newer version's), its
+// ProtocolServer then parses requests as the kernel sends them: a
+// SETXATTR's size, for one, depends on FUSE_SETXATTR_EXT.
+func offering(req []byte, flags uint64) []byte {
+	// fuse_init_in after the header: major, minor, max_readahead, flags,
+	// then flags2 (the high half) from protocol 7.36 on.
+	const flagsAt = inHeaderSize + 12
+	req = append([]byte(nil), req...)
+	le := binary.LittleEndian
+	if len(req) >= flagsAt+4 {
+		le.PutUint32(req[flagsAt:], le.Uint32(req[flagsAt:])&uint32(flags))
+	}
+	if len(req) >= flagsAt+8 {
+		le.PutUint32(req[flagsAt+4:], le.Uint32(req[flagsAt+4:])&uint32(flags>>32))
+	}
+	return req
 }
 
 // stop stops reading requests and returns once every request read has

@@ -17,6 +17,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/csi-memfs/csi-memfs/internal/acltest"
 )
 
 // TestMain lets a test run a step as another user: the test binary re-runs
@@ -73,6 +75,11 @@ func childAction(action, path string) int {
 			bufio.NewReader(os.Stdin).ReadString('\n')
 			_, err = unix.Pread(fd, make([]byte, 16), 0)
 		}
+	case "set-acl-rwx":
+		err = unix.Setxattr(path, aclAccess, acltest.Encode(
+			acltest.Entry{Tag: acltest.UserObj, Perm: 7},
+			acltest.Entry{Tag: acltest.GroupObj, Perm: 7},
+			acltest.Entry{Tag: acltest.Other, Perm: 7}), 0)
 	case "set-immutable":
 		err = setFlags(path, flImmutable)
 	case "set-nodump":
@@ -127,16 +134,23 @@ func asUser(t *testing.T, action, path string) syscall.Errno {
 // returns its errno.
 func asCaller(t *testing.T, id, umask uint32, action, path string) syscall.Errno {
 	t.Helper()
+	return asIDs(t, id, id, umask, action, path)
+}
+
+// asIDs runs action on path as uid and gid (no supplementary groups),
+// with the umask, and returns its errno.
+func asIDs(t *testing.T, uid, gid, umask uint32, action, path string) syscall.Errno {
+	t.Helper()
 	cmd := exec.Command(helper(t), "-test.run=^$", path)
 	cmd.Env = append(os.Environ(), "FUSEFS_TEST_AS="+action, "FUSEFS_TEST_UMASK="+strconv.FormatUint(uint64(umask), 8))
-	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: id, Gid: id}}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uid, Gid: gid, Groups: []uint32{}}}
 	out, err := cmd.Output()
 	if err != nil {
-		t.Fatalf("%s as uid %d: %v", action, id, err)
+		t.Fatalf("%s as uid %d gid %d: %v", action, uid, gid, err)
 	}
 	n, err := strconv.Atoi(strings.TrimSpace(string(out)))
 	if err != nil {
-		t.Fatalf("%s as uid %d printed %q", action, id, out)
+		t.Fatalf("%s as uid %d gid %d printed %q", action, uid, gid, out)
 	}
 	return syscall.Errno(n)
 }
