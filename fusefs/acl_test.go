@@ -298,14 +298,7 @@ func TestParityACLKillsSGID(t *testing.T) {
 func TestAdoptWithoutSetxattrExt(t *testing.T) {
 	base, l := newTestLayer(t, 16<<20)
 	mnt, srv := mountUnmanaged(t, base, l, Options{disabledCaps: fuse.CAP_SETXATTR_EXT})
-	sess, err := srv.Stop()
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv2, err := Adopt(mnt, sess, adoptLayer(t, l), Options{}, false)
-	if err != nil {
-		t.Fatal(err)
-	}
+	srv2 := stopAndAdopt(t, mnt, srv, l)
 	defer srv2.Unmount()
 	f := filepath.Join(mnt, "f")
 	if err := os.WriteFile(f, nil, 0o644); err != nil {

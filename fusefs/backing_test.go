@@ -161,14 +161,7 @@ func TestBackingKeptWhileKernelHoldsInode(t *testing.T) {
 	}
 	waitCloses(srv, c0+1) // FORGET of x
 
-	sess, err := srv.Stop()
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv2, err := Adopt(mnt, sess, adoptLayer(t, l), Options{}, false)
-	if err != nil {
-		t.Fatal(err)
-	}
+	srv2 := stopAndAdopt(t, mnt, srv, l)
 	defer func() {
 		if err := srv2.Unmount(); err != nil {
 			t.Error(err)

@@ -28,6 +28,21 @@ func adoptLayer(t *testing.T, l *memfs.Layer) *memfs.Layer {
 	return l2
 }
 
+// stopAndAdopt stops srv, serving l on mnt, and returns the server, with
+// default options and l's files, that took its connection over.
+func stopAndAdopt(t *testing.T, mnt string, srv *Server, l *memfs.Layer) *Server {
+	t.Helper()
+	sess, err := srv.Stop()
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv2, err := Adopt(mnt, sess, adoptLayer(t, l), Options{}, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return srv2
+}
+
 // waitDone fails unless ch yields within d, and returns what it yields.
 func waitDone[T any](t *testing.T, what string, ch <-chan T, d time.Duration) T {
 	t.Helper()
@@ -242,14 +257,7 @@ func TestAdoptWithOtherOptions(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	sess, err := srv.Stop()
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv2, err := Adopt(mnt, sess, adoptLayer(t, l), Options{}, false)
-	if err != nil {
-		t.Fatal(err)
-	}
+	srv2 := stopAndAdopt(t, mnt, srv, l)
 	defer srv2.Unmount()
 	big := make([]byte, 1<<20)
 	for i := range big {
