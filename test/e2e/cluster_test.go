@@ -150,13 +150,22 @@ func kubectl(args ...string) (string, error) {
 	return kubectlIn(nil, args...)
 }
 
+// kubectlIn runs kubectl and returns its standard output, followed by its
+// standard error when it fails. kubectl's own log lines go to standard
+// error even when it succeeds (an exec's "Unknown stream id 1, discarding
+// message", once seen in CI), so they are kept out of a command's output.
 func kubectlIn(stdin io.Reader, args ...string) (string, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, filepath.Join(cl.bin, "kubectl"), append([]string{"--kubeconfig", cl.kubeconfig}, args...)...)
 	cmd.Stdin = stdin
-	out, err := cmd.CombinedOutput()
-	return string(out), err
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	err := cmd.Run()
+	if err != nil {
+		stdout.Write(stderr.Bytes())
+	}
+	return stdout.String(), err
 }
 
 func helmCmd(args ...string) (string, error) {
